@@ -1,0 +1,56 @@
+"""``fedsynth demo``: build DICOM hospitals from data that ships in packages, then federate them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("fedsynth.demo")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a small real federation on generated DICOM hospitals")
+    p.add_argument("--hospitals", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--local-steps", type=int, default=25)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--data-dir", type=Path, default=Path("demo-data"))
+    p.add_argument("--run-dir", type=Path, default=Path("runs"))
+    p.add_argument("--run-id", default="")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.demo_data import build_demo_hospitals
+    from fedsynth.simulation import run_simulated_federation
+    from server.federation import FederationConfig
+    from shared_models import ModelConfig, TrainConfig
+
+    t0 = time.monotonic()
+    log.info("writing %d demo hospitals (phantom MR + real clinical DICOM) to %s",
+             args.hospitals, args.data_dir)
+    folders = build_demo_hospitals(args.data_dir, args.hospitals)
+    cfg = FederationConfig(
+        model=ModelConfig(image_size=args.image_size),
+        train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size),
+        rounds=args.rounds, run_dir=str(args.run_dir), run_id=args.run_id,
+    )
+    hospitals = [{"data-dir": str(f.resolve()),
+                  "cache-dir": str((args.data_dir / ".cache" / f.name).resolve())}
+                 for f in folders]
+    log.info("federating %d hospitals for %d rounds on Flower's simulation engine",
+             len(hospitals), cfg.rounds)
+    root = run_simulated_federation(cfg, hospitals)
+    print(f"\nfedsynth demo finished in {time.monotonic() - t0:.0f} s")
+    print(f"  run folder    : {root}")
+    print(f"  sample grids  : {root / 'samples'}  (round-000.png = untrained, "
+          f"round-{cfg.rounds:03d}.png = last)")
+    print(f"  metrics       : {root / 'metrics.jsonl'}")
+    print(f"  checkpoint    : {root / 'checkpoints'}")
+    report = root / "report.html"
+    if report.exists():
+        print(f"  report        : {report}")
+    return 0

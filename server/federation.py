@@ -1,0 +1,175 @@
+"""The coordinator's round loop: train, aggregate, evaluate, write the run folder.
+
+fedsynth runs its own loop rather than ``Strategy.start`` because every round must end with a
+checkpoint and a metrics row written atomically, and a restarted coordinator must resume from its
+last completed round (Flower does not resume a run whose ServerApp died).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from fedsynth import protocol
+from shared_models import ModelConfig, TrainConfig, encode, get_family
+from shared_models.codec import decode_into
+
+from .run_folder import RunFolder, load_checkpoint
+from .strategy import GanStrategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One federation run, parsed once at the edge (CLI or Flower run config)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rounds: int = 5
+    run_dir: str = "runs"
+    run_id: str = ""  # empty: a time-stamped id is chosen
+    min_hospitals: int = 1  # a round waits until this many hospitals are connected
+    fraction_train: float = 1.0
+    round_timeout_s: float = 3600.0
+    num_samples: int = 16  # images in the fixed-noise sample grid
+    keep_checkpoints: int = 3
+    resume: bool = False
+
+    def resolved_run_id(self) -> str:
+        return self.run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
+        """From Flower's flat ``run_config`` (pyproject ``[tool.flwr.app.config]`` + overrides)."""
+        model = ModelConfig(
+            family=str(rc.get("family", "dcgan")),
+            image_size=int(rc.get("image-size", 32)),
+            latent_dim=int(rc.get("latent-dim", 64)),
+            width=int(rc.get("width", 32)),
+        )
+        train = TrainConfig(
+            local_steps=int(rc.get("local-steps", 20)),
+            batch_size=int(rc.get("batch-size", 16)),
+            lr_g=float(rc.get("lr-g", 2e-4)),
+            lr_d=float(rc.get("lr-d", 2e-4)),
+            wire_dtype=str(rc.get("wire-dtype", "float32")),
+            prox_mu=float(rc.get("prox-mu", 0.0)),
+        )
+        return cls(
+            model=model,
+            train=train,
+            rounds=int(rc.get("num-server-rounds", 5)),
+            run_dir=str(rc.get("run-dir", "runs")),
+            run_id=str(rc.get("run-id", "")),
+            min_hospitals=int(rc.get("min-hospitals", 1)),
+            fraction_train=float(rc.get("fraction-train", 1.0)),
+            round_timeout_s=float(rc.get("round-timeout", 3600.0)),
+            resume=bool(rc.get("resume", False)),
+        )
+
+
+@dataclass
+class RoundSummary:
+    """One finished round, as written to metrics.jsonl and handed to observers."""
+
+    round: int
+    seconds: float
+    selected: int
+    replied: int
+    failed: int
+    rejected: int
+    train: dict[str, float]
+    evaluate: dict[str, float]
+    server: dict[str, float]
+    hospitals: dict[str, dict[str, float]]
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Observer = Callable[[RoundSummary], None]
+
+
+def sample_diversity(images: np.ndarray) -> float:
+    """Mean pairwise L2 distance between samples: falls toward 0 under mode collapse."""
+    flat = images.reshape(images.shape[0], -1).astype(np.float64)
+    d = np.sqrt(((flat[:, None, :] - flat[None, :, :]) ** 2).mean(-1))
+    n = len(flat)
+    return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
+
+
+def run_federation(grid: Grid, cfg: FederationConfig,
+                   observers: tuple[Observer, ...] = ()) -> Path:
+    """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
+    family = get_family(cfg.model.family)
+    torch.manual_seed(cfg.train.seed)
+    nets = family.build(cfg.model)
+    folder = RunFolder(Path(cfg.run_dir) / cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
+    arrays = encode(nets)
+    start_round = 1
+    if cfg.resume and (ckpt := folder.latest_checkpoint()) is not None:
+        arrays, meta = load_checkpoint(ckpt)
+        start_round = int(meta["round"]) + 1
+        log.info("resuming %s after round %d", folder.root.name, start_round - 1)
+    folder.write_config({"model": asdict(cfg.model), "train": asdict(cfg.train),
+                         **{k: v for k, v in asdict(cfg).items() if k not in ("model", "train")},
+                         "run_id": folder.root.name})
+
+    noise_gen = torch.Generator().manual_seed(1234)  # fixed noise: grids comparable across rounds
+    noise = torch.randn(cfg.num_samples, cfg.model.latent_dim, generator=noise_gen)
+    labels = (torch.arange(cfg.num_samples) % cfg.model.num_classes
+              if cfg.model.num_classes else None)
+    if start_round == 1:
+        folder.save_samples(0, family.sample(nets, noise, labels).numpy())
+
+    strategy = GanStrategy(family.components, fraction_train=cfg.fraction_train,
+                           min_train_nodes=cfg.min_hospitals,
+                           min_available_nodes=cfg.min_hospitals)
+    for rnd in range(start_round, cfg.rounds + 1):
+        t0 = time.monotonic()
+        config = protocol.train_config(cfg.model, cfg.train, rnd)
+        record = protocol.to_record(arrays)
+        replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
+                                        timeout=cfg.round_timeout_s)
+        new_record, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_record is not None:
+            arrays = protocol.from_record(new_record)
+        train_report = strategy.last_train
+
+        eval_config = ConfigRecord(dict(config))
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(rnd, protocol.to_record(arrays), eval_config, grid),
+            timeout=cfg.round_timeout_s)
+        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+
+        decode_into(nets, arrays)
+        samples = family.sample(nets, noise, labels).numpy()
+        folder.save_samples(rnd, samples)
+        summary = RoundSummary(
+            round=rnd, seconds=time.monotonic() - t0,
+            selected=train_report.selected, replied=train_report.replied,
+            failed=train_report.failed, rejected=train_report.rejected,
+            train=dict(train_metrics or {}), evaluate=dict(eval_metrics or {}),
+            server={"sample-diversity": sample_diversity(samples)},
+            hospitals=train_report.per_hospital,
+        )
+        folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
+                                             "model": asdict(cfg.model)})
+        folder.append_metrics(summary.row())
+        log.info("round %d/%d done in %.1fs: %d/%d hospitals replied, loss-g %.3f, loss-d %.3f",
+                 rnd, cfg.rounds, summary.seconds, summary.replied, summary.selected,
+                 summary.train.get("loss-g", float("nan")),
+                 summary.train.get("loss-d", float("nan")))
+        for observe in observers:
+            observe(summary)
+    return folder.root

@@ -1,0 +1,85 @@
+"""DCGAN (Radford et al. 2016) for single-modality slice synthesis: components G and D.
+
+Loss: the non-saturating GAN loss of Goodfellow et al. 2014 (sec. 3), on logits:
+D maximises log D(x) + log(1 - D(G(z))); G maximises log D(G(z)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+from .config import ModelConfig, TrainConfig
+from .family import Nets, Optimizers, StepContext, register
+from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
+
+
+class DCGAN:
+    name = "dcgan"
+    components = ("generator", "discriminator")
+    batch_keys = ("image",)
+
+    def build(self, cfg: ModelConfig) -> Nets:
+        g = DCGANGenerator(cfg.spatial_dims, cfg.latent_dim, cfg.channels, cfg.image_size,
+                           cfg.width, cfg.num_classes)
+        d = DCGANDiscriminator(cfg.spatial_dims, cfg.channels, cfg.image_size, cfg.width,
+                               cfg.num_classes)
+        init_dcgan_weights(g)
+        init_dcgan_weights(d)
+        return {"generator": g, "discriminator": d}
+
+    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
+        betas = (train.beta1, train.beta2)
+        return {
+            "generator": torch.optim.Adam(nets["generator"].parameters(), train.lr_g, betas),
+            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), train.lr_d, betas),
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        g: nn.Module = nets["generator"]
+        d: nn.Module = nets["discriminator"]
+        real = batch["image"]
+        labels = batch.get("label")
+        z = torch.randn(real.shape[0], g.latent_dim, device=real.device)
+        ones = torch.ones(real.shape[0], device=real.device)
+        zeros = torch.zeros_like(ones)
+
+        # Discriminator: real -> 1, fake -> 0 (fake detached: G is not updated here).
+        with ctx.autocast():
+            fake = g(z, labels)
+            d_real = d(real, labels)
+            d_fake = d(fake.detach(), labels)
+            loss_d = bce(d_real.float(), ones) + bce(d_fake.float(), zeros)
+            loss_d = loss_d + ctx.prox_term("discriminator", d)
+        ctx.step(loss_d, opts["discriminator"])
+
+        # Generator: non-saturating loss, fake -> 1 through the updated D.
+        with ctx.autocast():
+            loss_g = bce(d(fake, labels).float(), ones) + ctx.prox_term("generator", g)
+        ctx.step(loss_g, opts["generator"])
+
+        return {
+            "loss-g": loss_g.detach(),
+            "loss-d": loss_d.detach(),
+            "d-real": torch.sigmoid(d_real.detach().float()).mean(),
+            "d-fake": torch.sigmoid(d_fake.detach().float()).mean(),
+        }
+
+    @torch.no_grad()
+    def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        g = nets["generator"]
+        was_training = g.training
+        g.eval()
+        try:
+            return g(noise, labels)
+        finally:
+            g.train(was_training)
+
+
+@register("dcgan")
+def _dcgan() -> DCGAN:
+    return DCGAN()
