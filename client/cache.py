@@ -1,0 +1,224 @@
+"""Local cache of preprocessed slices, so a hospital decodes its DICOM once.
+
+Each entry is two files in ``cache_dir``: ``<key>.npy`` (the images, memory-mapped
+on load) and ``<key>.json`` (per-slice metadata + scan report).  The key combines
+the settings' fingerprint with a hash of the folder's file listing (relative
+path, size, mtime_ns), so any added/removed/touched file or any settings change
+gives a new key and a rebuild.
+
+Writes are atomic: each file goes to a temp name in the same directory, is
+fsync'ed and then ``os.replace``'d.  The json is written last and is the commit
+marker: an ``.npy`` without its ``.json`` (crash mid-write) is never used.  The
+cache stays on the hospital's disk; nothing here is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client import dicom
+from client.dicom import DicomSettings, ScanReport, SliceSet, list_candidate_files, scan_folder
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_META_KEYS = ("modality", "series_description", "study_uid", "series_uid", "position", "file_index")
+
+
+_ORIGINAL_SCAN = scan_folder
+
+
+def _scan(folder: Path, settings: DicomSettings) -> SliceSet:
+    """Decode via ``scan_folder``; honours a test double patched into either module."""
+    fn = globals()["scan_folder"]
+    if fn is _ORIGINAL_SCAN:
+        fn = dicom.scan_folder
+    return fn(folder, settings)
+
+
+def default_cache_dir() -> Path:
+    """Per-user cache location used when the caller passes none."""
+    return Path.home() / ".cache" / "fedsynth"
+
+
+def _listing_hash(folder: Path, cache_dir: Path) -> str:
+    """Hash of (relative path, size, mtime_ns) of every candidate file.
+
+    Files inside ``cache_dir`` are left out, so a cache kept inside the scanned
+    folder does not invalidate itself on every write.
+    """
+    h = hashlib.sha256()
+    try:
+        cache_resolved = cache_dir.resolve()
+    except OSError:
+        cache_resolved = cache_dir
+    for path in list_candidate_files(folder):
+        try:
+            if path.resolve().is_relative_to(cache_resolved):
+                continue
+            st = path.stat()
+        except OSError:
+            continue  # vanished between listing and stat: the scan will see that too
+        rel = path.relative_to(folder).as_posix()
+        h.update(json.dumps([rel, st.st_size, st.st_mtime_ns]).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def cache_key(folder: Path, settings: DicomSettings, cache_dir: Path) -> str:
+    """Settings fingerprint + folder listing hash, as one short hex string."""
+    h = hashlib.sha256()
+    h.update(f"format={CACHE_FORMAT}\n".encode())
+    h.update(settings.fingerprint().encode())
+    h.update(b"\n")
+    h.update(_listing_hash(folder, cache_dir).encode())
+    return h.hexdigest()[:40]
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Write via ``write(fileobj)`` to a temp file next to ``target``, fsync, rename."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable (best effort; not supported everywhere)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _meta_to_json(meta: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for key in _META_KEYS:
+        values = meta[key]
+        if key == "position":
+            out[key] = [None if math.isnan(float(v)) else float(v) for v in values]
+        elif key == "file_index":
+            out[key] = [int(v) for v in values]
+        else:
+            out[key] = [str(v) for v in values]
+    return out
+
+
+def _report_to_json(report: ScanReport) -> dict[str, Any]:
+    return {
+        "folder_name": report.folder_name,
+        "files_seen": report.files_seen,
+        "usable_files": report.usable_files,
+        "slices": report.slices,
+        "usable_by_modality": dict(report.usable_by_modality),
+        "skipped": dict(report.skipped),
+        "skipped_files": [[p, r] for p, r in report.skipped_files],
+    }
+
+
+def _report_from_json(d: dict[str, Any]) -> ScanReport:
+    return ScanReport(
+        folder_name=str(d["folder_name"]),
+        files_seen=int(d["files_seen"]),
+        usable_files=int(d["usable_files"]),
+        slices=int(d["slices"]),
+        usable_by_modality={str(k): int(v) for k, v in d["usable_by_modality"].items()},
+        skipped={str(k): int(v) for k, v in d["skipped"].items()},
+        skipped_files=[(str(p), str(r)) for p, r in d["skipped_files"]],
+    )
+
+
+def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
+    npy_path = cache_dir / f"{key}.npy"
+    json_path = cache_dir / f"{key}.json"
+    images = np.ascontiguousarray(slices.images, dtype=np.float32)
+    _atomic_write(npy_path, lambda fh: np.save(fh, images, allow_pickle=False))
+    payload = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "npy_bytes": npy_path.stat().st_size,
+        "shape": list(images.shape),
+        "meta": _meta_to_json(slices.meta),
+        "report": _report_to_json(slices.report),
+    }
+    data = json.dumps(payload, allow_nan=False).encode("utf-8")
+    _atomic_write(json_path, lambda fh: fh.write(data))  # commit marker, last
+    _fsync_dir(cache_dir)
+
+
+def _read_entry(cache_dir: Path, key: str) -> SliceSet | None:
+    """The committed entry for ``key``, or None if absent/incomplete/corrupt."""
+    npy_path = cache_dir / f"{key}.npy"
+    json_path = cache_dir / f"{key}.json"
+    if not json_path.is_file() or not npy_path.is_file():
+        return None
+    try:
+        payload = json.loads(json_path.read_text(encoding="utf-8"))
+        if payload.get("format") != CACHE_FORMAT or payload.get("key") != key:
+            return None
+        if npy_path.stat().st_size != payload["npy_bytes"]:
+            return None
+        images = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+        if list(images.shape) != payload["shape"] or images.dtype != np.float32:
+            return None
+        lists = payload["meta"]
+        if any(len(lists[k]) != images.shape[0] for k in _META_KEYS):
+            return None
+        meta = dicom.meta_arrays({k: lists[k] for k in _META_KEYS})
+        report = _report_from_json(payload["report"])
+    except Exception:
+        logger.warning("ignoring unreadable cache entry %s", key, exc_info=True)
+        return None
+    return SliceSet(images=images, meta=meta, report=report)
+
+
+def load_slices(folder: Path, settings: DicomSettings, cache_dir: Path | None = None) -> SliceSet:
+    """Preprocessed slices for ``folder``, from the cache when the files are unchanged.
+
+    A hit decodes no DICOM and returns memory-mapped, read-only images.  A miss
+    runs :func:`client.dicom.scan_folder` (which may raise ``NoUsableDicomError``;
+    failures are not cached) and stores the result.  Old entries are left in place.
+    """
+    folder = Path(folder)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not folder.is_dir():
+        # Let the scanner produce the canonical error message.
+        return _scan(folder, settings)
+    key = cache_key(folder, settings, cache_dir)
+    cached = _read_entry(cache_dir, key)
+    if cached is not None:
+        logger.info("cache hit for %s: %s", folder.name, cached.report.summary())
+        return cached
+
+    slices = _scan(folder, settings)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _write_entry(cache_dir, key, slices)
+    except OSError:
+        # A read-only or full disk must not stop training; we just decode again next time.
+        logger.warning("could not write slice cache in %s", cache_dir, exc_info=True)
+    return slices
