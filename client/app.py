@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,8 +18,9 @@ from flwr.clientapp import ClientApp
 
 from fedsynth import protocol
 
-from .cache import load_slices
-from .dicom import DicomSettings
+from fedsynth.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
+
+from .datasets import LocalData, local_data
 from .settings import HospitalSettings
 from .trainer import LocalTrainer, pick_device
 
@@ -31,30 +31,7 @@ class HospitalError(RuntimeError):
     """Sent to the coordinator instead of the local exception (whose text stays at the site)."""
 
 
-@dataclass
-class LocalData:
-    train: torch.Tensor
-    holdout: torch.Tensor
-
-
-# Warm state of this process: in simulation a Ray actor serves many rounds; in a long-lived hospital
-# worker too. Keyed by everything that changes them.
-_DATA: dict[tuple, LocalData] = {}
-_TRAINERS: dict[tuple, LocalTrainer] = {}
-
-
-def local_data(hospital: HospitalSettings, image_size: int) -> LocalData:
-    key = (hospital, image_size)
-    if key not in _DATA:
-        settings = DicomSettings(image_size=image_size, modalities=hospital.modalities)
-        slices = load_slices(hospital.data_dir, settings, hospital.cache_dir)
-        log.info("%s: %s", hospital.name, slices.report.summary())
-        images = torch.from_numpy(slices.images.copy())
-        held = torch.zeros(len(images), dtype=torch.bool)
-        if len(images) >= 2 * hospital.holdout_every:
-            held[:: hospital.holdout_every] = True
-        _DATA[key] = LocalData(train=images[~held], holdout=images[held] if held.any() else images)
-    return _DATA[key]
+_TRAINERS: dict[tuple, LocalTrainer] = {}  # warm per process, keyed by what changes them
 
 
 def trainer_for(hospital: HospitalSettings, model) -> LocalTrainer:  # noqa: ANN001
@@ -81,15 +58,29 @@ def _private_errors(handler: Callable[[Message, Context], Message]
     return wrapper
 
 
+def check_signature(hospital: HospitalSettings, msg: Message) -> None:
+    """Refuse a global model that the pinned coordinator key did not sign (when one is pinned)."""
+    if hospital.model_public_key is None:
+        return
+    config = msg.content[protocol.CONFIG]
+    signature = config[SIGNATURE_KEY] if SIGNATURE_KEY in config else None
+    try:
+        verify(msg.content[protocol.ARRAYS], signature, load_public_key(hospital.model_public_key))
+    except SignatureError as exc:
+        log.error("REFUSED global model: %s", exc)
+        raise
+
+
 def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTrainer, LocalData,
                                                        object, int]:
     hospital = HospitalSettings.from_node_config(context.node_config)
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
+    check_signature(hospital, msg)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
     trainer = trainer_for(hospital, model)
     trainer.load(protocol.from_record(msg.content[protocol.ARRAYS]))
-    data = local_data(hospital, model.image_size)
+    data = local_data(hospital, model)
     return hospital, trainer, data, train, server_round
 
 

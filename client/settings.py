@@ -30,6 +30,8 @@ class HospitalSettings:
     modalities: tuple[str, ...] = ()
     holdout_every: int = 10  # every n-th slice is held out for local evaluation
     name: str = "hospital"
+    # Pinned Ed25519 public key of the coordinator; when set, unsigned or tampered models are refused.
+    model_public_key: Path | None = None
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
@@ -47,6 +49,8 @@ class HospitalSettings:
             modalities=tuple(mods),
             holdout_every=int(m.get("holdout-every", 10)),
             name=str(m.get("name", "hospital")),
+            model_public_key=(Path(str(m["model-public-key"])).expanduser()
+                              if m.get("model-public-key") else None),
         )
 
     @classmethod

@@ -78,44 +78,59 @@ class LocalTrainer:
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
                            prox_mu=train.prox_mu, anchor=anchor)
 
-    def fit(self, images: torch.Tensor, train: TrainConfig, seed: int) -> LocalResult:
-        """``train.local_steps`` steps on random batches of ``images`` (N, C, ...) in [-1, 1]."""
-        if len(images) == 0:
+    def fit(self, data: Mapping[str, torch.Tensor], train: TrainConfig, seed: int,
+            examples: Mapping[str, int] | None = None) -> LocalResult:
+        """``train.local_steps`` steps on random batches drawn from ``data``.
+
+        ``data`` maps batch keys to tensors of equal length (N, C, ...) in [-1, 1]; one index draw
+        serves every key, so paired keys stay paired. ``examples`` gives per-component example
+        counts for the aggregation weights (default: N for every component).
+        """
+        n = len(next(iter(data.values())))
+        if n == 0:
             raise ValueError("no training images")
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        data = images.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and data.ndim == 4:
-            data = data.contiguous(memory_format=torch.channels_last)
+        on_device = {k: self._to_device(v) for k, v in data.items()}
         opts = self.family.optimizers(self.nets, train)
         ctx = self._context(train)
         for net in self.nets.values():
             net.train()
-        batch = min(train.batch_size, len(data))
+        batch = min(train.batch_size, n)
         totals: dict[str, torch.Tensor] = {}
         for _ in range(train.local_steps):
-            idx = torch.randint(len(data), (batch,), device=self.device)
-            out = self.family.train_step({"image": data[idx]}, self.nets, opts, ctx)
+            idx = torch.randint(n, (batch,), device=self.device)
+            out = self.family.train_step({k: v[idx] for k, v in on_device.items()},
+                                         self.nets, opts, ctx)
             for k, v in out.items():
                 totals[k] = totals[k] + v if k in totals else v.clone()
         # the one host sync of the round
         keys = sorted(totals)
         means = (torch.stack([totals[k] for k in keys]) / train.local_steps).tolist()
         seconds = time.perf_counter() - t0
-        metrics = dict(zip(keys, means))
+        metrics: dict[str, float] = dict(zip(keys, means))
+        counts = {c: n for c in self.family.components} | dict(examples or {})
         metrics.update({
             "train-seconds": seconds,
             "steps": train.local_steps,
             "images-per-second": train.local_steps * batch / seconds,
-            protocol.NUM_EXAMPLES: len(images),
-            **{protocol.examples_key(c): len(images) for c in self.family.components},
+            protocol.NUM_EXAMPLES: n,
+            **{protocol.examples_key(c): counts[c] for c in self.family.components},
         })
         arrays = encode(self.nets, self.family.components, train.wire_dtype)
         return LocalResult(arrays=arrays, metrics=metrics)
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            t = t.pin_memory().to(self.device, non_blocking=True)
+            if t.ndim == 4 and t.is_floating_point():
+                t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
     @torch.no_grad()
-    def evaluate(self, images: torch.Tensor, seed: int) -> dict[str, float]:
+    def evaluate(self, holdout: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:
         """Quality on held-out local slices: D's view of real vs fake, feature distances."""
+        images = holdout["image"]
         gen = torch.Generator().manual_seed(seed)
         n = len(images)
         noise = torch.randn(max(n, 2), self.model.latent_dim, generator=gen).to(self.device)

@@ -16,15 +16,16 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from fedsynth import protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 
+from fedsynth.signing import SIGNATURE_KEY, load_private_key, sign
+
+from .presets import make_strategy
 from .run_folder import RunFolder, load_checkpoint
-from .strategy import GanStrategy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class FederationConfig:
     num_samples: int = 16  # images in the fixed-noise sample grid
     keep_checkpoints: int = 3
     resume: bool = False
+    preset: str = "fedgan"  # aggregation preset, see server/presets.py
+    signing_key: str = ""  # Ed25519 private key (PEM) that signs every global model sent
 
     def resolved_run_id(self) -> str:
         return self.run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
@@ -75,6 +78,8 @@ class FederationConfig:
             fraction_train=float(rc.get("fraction-train", 1.0)),
             round_timeout_s=float(rc.get("round-timeout", 3600.0)),
             resume=bool(rc.get("resume", False)),
+            preset=str(rc.get("preset", "fedgan")),
+            signing_key=str(rc.get("signing-key", "")),
         )
 
 
@@ -132,13 +137,16 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     if start_round == 1:
         folder.save_samples(0, family.sample(nets, noise, labels).numpy())
 
-    strategy = GanStrategy(family.components, fraction_train=cfg.fraction_train,
-                           min_train_nodes=cfg.min_hospitals,
-                           min_available_nodes=cfg.min_hospitals)
+    strategy = make_strategy(cfg.preset, family.components, fraction_train=cfg.fraction_train,
+                             min_train_nodes=cfg.min_hospitals,
+                             min_available_nodes=cfg.min_hospitals)
+    signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.monotonic()
         config = protocol.train_config(cfg.model, cfg.train, rnd)
         record = protocol.to_record(arrays)
+        if signing_key is not None:
+            config[SIGNATURE_KEY] = sign(record, signing_key)
         replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
                                         timeout=cfg.round_timeout_s)
         new_record, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -146,9 +154,12 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             arrays = protocol.from_record(new_record)
         train_report = strategy.last_train
 
-        eval_config = ConfigRecord(dict(config))
+        eval_config = protocol.train_config(cfg.model, cfg.train, rnd)
+        record = protocol.to_record(arrays)
+        if signing_key is not None:
+            eval_config[SIGNATURE_KEY] = sign(record, signing_key)
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(rnd, protocol.to_record(arrays), eval_config, grid),
+            strategy.configure_evaluate(rnd, record, eval_config, grid),
             timeout=cfg.round_timeout_s)
         eval_metrics = strategy.aggregate_evaluate(rnd, replies)
 
