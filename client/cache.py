@@ -20,17 +20,25 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from client import dicom
-from client.dicom import DicomSettings, ScanReport, SliceSet, list_candidate_files, scan_folder
+from client.dicom import (
+    DicomSettings,
+    ScanReport,
+    SeriesSummary,
+    SliceSet,
+    list_candidate_files,
+    scan_folder,
+)
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _META_KEYS = ("modality", "series_description", "study_uid", "series_uid", "position", "file_index")
 
 
@@ -137,6 +145,8 @@ def _report_to_json(report: ScanReport) -> dict[str, Any]:
         "usable_by_modality": dict(report.usable_by_modality),
         "skipped": dict(report.skipped),
         "skipped_files": [[p, r] for p, r in report.skipped_files],
+        "usable_by_size": dict(report.usable_by_size),
+        "series": [asdict(s) for s in report.series],
     }
 
 
@@ -149,6 +159,8 @@ def _report_from_json(d: dict[str, Any]) -> ScanReport:
         usable_by_modality={str(k): int(v) for k, v in d["usable_by_modality"].items()},
         skipped={str(k): int(v) for k, v in d["skipped"].items()},
         skipped_files=[(str(p), str(r)) for p, r in d["skipped_files"]],
+        usable_by_size={str(k): int(v) for k, v in d["usable_by_size"].items()},
+        series=[SeriesSummary(**s) for s in d["series"]],
     )
 
 

@@ -302,3 +302,100 @@ def test_fingerprint_stable_and_sensitive() -> None:
     assert a.fingerprint() != DicomSettings(image_size=32).fingerprint()
     assert a.fingerprint() != DicomSettings(ct_window=(50.0, 400.0)).fingerprint()
     assert a.fingerprint() != DicomSettings(modalities=("MR",)).fingerprint()
+
+
+# --------------------------------------------------------------------------- 3D volumes
+
+
+@pytest.fixture(scope="module")
+def phantom_hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedsynth.demo_data import build_demo_hospitals
+
+    return build_demo_hospitals(tmp_path_factory.mktemp("demo"), 1, include_real=False)[0]
+
+
+def test_volumes_from_phantom_series(phantom_hospital: Path) -> None:
+    from client.volumes import VolumeSettings, load_volumes
+
+    vs = load_volumes(phantom_hospital, VolumeSettings(spacing=(4.0, 4.0, 4.0), shape=(32, 64, 64)))
+    assert vs.volumes.shape == (2, 1, 32, 64, 64) and vs.volumes.dtype == np.float32
+    assert vs.volumes.min() >= -1.0 and vs.volumes.max() <= 1.0
+    assert vs.modalities == ["MR", "MR"] and vs.skipped_series == []
+    t1, t2 = vs.volumes[:, 0]
+    assert not np.allclose(t1, t2)  # two contrasts, two volumes
+    # ~115 mm of slices at 4 mm fill ~29 of 32 planes: the padding planes are background.
+    assert np.all(t1[0] == -1.0) and t1[16].max() > 0.0
+
+
+def test_volume_slices_sorted_by_position(phantom_hospital: Path, tmp_path: Path) -> None:
+    from client.dicom import normalise
+    from client.volumes import VolumeSettings, load_volumes
+
+    series = phantom_hospital / "phantom" / "T1w"
+    files = sorted(series.glob("*.dcm"))
+    # Shuffle the names so that file order says nothing about slice order.
+    shuffled = tmp_path / "t1"
+    shuffled.mkdir()
+    perm = np.random.default_rng(1).permutation(len(files))
+    for i, f in zip(perm, files):
+        shutil.copyfile(f, shuffled / f"x{i:03d}.dcm")
+    dss = [pydicom.dcmread(f) for f in files]
+    ref = np.stack([decode_frames(d)[0] for d in sorted(dss, key=lambda d: float(d.ImagePositionPatient[2]))])
+    dz = float(dss[1].ImagePositionPatient[2]) - float(dss[0].ImagePositionPatient[2])
+    dy, dx = (float(v) for v in dss[0].PixelSpacing)
+    native = VolumeSettings(spacing=(abs(dz), dy, dx), shape=ref.shape)
+    vol = load_volumes(shuffled, native).volumes[0, 0]
+    expected = normalise(ref[None], "MR", DicomSettings())[0]
+    np.testing.assert_allclose(vol, expected, atol=1e-3)
+
+
+def test_series_with_a_missing_slice_is_skipped(phantom_hospital: Path, tmp_path: Path) -> None:
+    from client.volumes import load_volumes
+
+    folder = tmp_path / "gap"
+    shutil.copytree(phantom_hospital / "phantom", folder)
+    middle = sorted((folder / "T2w").glob("*.dcm"))[5]
+    middle.unlink()
+    vs = load_volumes(folder)
+    assert vs.volumes.shape[0] == 1
+    assert [reason for _, reason in vs.skipped_series] == ["inconsistent-geometry"]
+    with pytest.raises(NoUsableDicomError):
+        load_volumes(folder / "T2w")
+
+
+def test_report_counts_are_integers_only(mixed_folder: Path) -> None:
+    rep = scan_folder(mixed_folder, DicomSettings(image_size=32)).report
+    counts = rep.counts()
+    assert all(isinstance(v, int) for v in counts.values())
+    assert counts["slices"] == 13 and counts["series"] == len(rep.series) and counts["studies"] >= 1
+    assert counts["slices_mr"] == 11 and counts["slices_ct"] == 1
+    assert counts["skipped_not_dicom"] == 0
+    # No UID, description or path can hide in a key.
+    text = " ".join(counts)
+    for s in rep.series:
+        assert s.series_uid not in text and s.study_uid not in text
+    odd = ScanReport("x", 1, 1, 3, usable_by_modality={"MY HOSPITAL XR": 3})
+    assert odd.counts()["slices_other"] == 3
+
+
+def test_headerless_and_missing_transfer_syntax_files(tmp_path: Path) -> None:
+    """Old preamble-less DICOM and files without a transfer syntax still decode."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    ds.save_as(folder / "no_meta.dcm", implicit_vr=True, little_endian=True, enforce_file_format=False)
+    result = scan_folder(folder, DicomSettings(image_size=64))
+    ref = scan_folder(_copy("MR_small.dcm", tmp_path / "ref").parent, DicomSettings(image_size=64))
+    np.testing.assert_array_equal(result.images, ref.images)
+
+
+def test_pixel_data_shorter_than_header_claims(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]  # a well-formed file, too few pixel bytes
+    folder = tmp_path / "short"
+    folder.mkdir()
+    ds.save_as(folder / "short.dcm")
+    _copy("CT_small.dcm", folder)
+    rep = scan_folder(folder, DicomSettings(image_size=32)).report
+    assert dict(rep.skipped_files) == {"short.dcm": "truncated-pixel-data"}
