@@ -1,0 +1,296 @@
+"""A hospital's Prometheus metrics, written by the ClientApp and served by the hospital daemon.
+
+The SuperNode starts a fresh ``flwr-clientapp`` process for every message, so the series live in
+prometheus-client's multiprocess mode: each ClientApp process writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (which must be in its environment before ``prometheus_client`` is
+imported: the daemon sets it for the SuperNode it starts), and the long-lived exporter started by
+``start_exporter`` merges those files on every scrape. Gauges use the ``mostrecent`` mode, so a
+value written by the process of the last message wins.
+
+Labels are bounded and private by construction: ``hospital`` is the hospital's own configured
+name (checked against ``NAME_PATTERN``), ``modality`` is one of a fixed list of DICOM modality
+codes, ``reason`` one of the scan's fixed skip reasons, ``device`` ``cpu``/``cuda``/``mps``. No
+path, file name or DICOM attribute beyond the modality code ever becomes a label.
+
+Recording never raises: a metrics problem is logged and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import multiprocess
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Simulation only: folder where each virtual hospital writes ``<node-id>.name`` so the
+# coordinator's exporter can label per-hospital series by name (server.metrics.HospitalNames).
+SIM_NAMES_ENV = "FEDSYNTH_SIM_NODE_NAMES"
+DEFAULT_HOST = "127.0.0.1"
+
+# A hospital name fit for a metric label: short, no path separators, no spaces.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+INVALID_NAME = "invalid-name"
+MODALITIES = ("CT", "MR", "CR", "DX", "MG", "US", "NM", "PT", "XA", "RF", "OT")
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid label value, else ``ValueError`` naming it."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"hospital name {name!r} is not a valid metric label: use 1-63 letters, "
+                         "digits, '.', '_' or '-' (no paths, no spaces)")
+    return name
+
+
+def label_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        log.warning("%s; metrics use %r", exc, INVALID_NAME)
+        return INVALID_NAME
+
+
+def modality_label(modality: str) -> str:
+    m = str(modality).strip().upper()
+    return m if m in MODALITIES else "other"
+
+
+def skip_reason_label(reason: str) -> str:
+    from .dicom import SKIP_REASONS
+
+    return reason if reason in SKIP_REASONS else "other"
+
+
+class _Series:
+    """The metric objects of one process; created on first use (after the env is final)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry
+        h = ["hospital"]
+        self.steps = Counter("fedsynth_hospital_local_steps", "Local GAN steps trained.", h,
+                             registry=r)
+        self.messages = Counter("fedsynth_hospital_messages", "Rounds handled, by kind and outcome.",
+                                h + ["kind", "outcome"], registry=r)
+        self.signature_failures = Counter(
+            "fedsynth_hospital_signature_failures",
+            "Global models refused because the pinned coordinator key did not sign them.", h,
+            registry=r)
+        self.images_per_second = Gauge("fedsynth_hospital_train_images_per_second",
+                                       "Training throughput of the last round.", h, registry=r,
+                                       multiprocess_mode="mostrecent")
+        self.step_seconds = Histogram("fedsynth_hospital_step_seconds",
+                                      "Mean wall time of one local step, once per round.", h,
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.train_seconds = Gauge("fedsynth_hospital_train_seconds",
+                                   "Wall time of the last round's local training.", h, registry=r,
+                                   multiprocess_mode="mostrecent")
+        self.memory = Gauge("fedsynth_hospital_device_memory_bytes",
+                            "Peak memory of the last training round on its device (CPU: peak "
+                            "resident set of the process).", h + ["device"], registry=r,
+                            multiprocess_mode="mostrecent")
+        self.loss = Gauge("fedsynth_hospital_train_loss", "Mean loss of the last training round.",
+                          h + ["component"], registry=r, multiprocess_mode="mostrecent")
+        self.eval_frechet = Gauge("fedsynth_hospital_eval_frechet_distance",
+                                  "Fréchet distance of the last local evaluation.", h, registry=r,
+                                  multiprocess_mode="mostrecent")
+        self.usable = Gauge("fedsynth_hospital_scan_usable_slices",
+                            "Usable slices in the local data scan, by modality.",
+                            h + ["modality"], registry=r, multiprocess_mode="mostrecent")
+        self.skipped = Gauge("fedsynth_hospital_scan_skipped_files",
+                             "Files the local data scan skipped, by reason.", h + ["reason"],
+                             registry=r, multiprocess_mode="mostrecent")
+        self.last_round = Gauge("fedsynth_hospital_last_successful_round",
+                                "Last round this hospital completed, by kind.", h + ["kind"],
+                                registry=r, multiprocess_mode="mostrecent")
+        self.last_success = Gauge("fedsynth_hospital_last_success_timestamp_seconds",
+                                  "Unix time this hospital last completed a round.", h,
+                                  registry=r, multiprocess_mode="mostrecent")
+
+
+_SERIES: _Series | None = None
+
+
+def series() -> _Series:
+    global _SERIES
+    if _SERIES is None:
+        from prometheus_client import REGISTRY
+
+        _SERIES = _Series(REGISTRY)
+    return _SERIES
+
+
+def _safely(fn: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - metrics must never sink a round
+            log.warning("hospital metrics: %s failed", fn.__name__, exc_info=True)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def reset_peak_memory(device: Any) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: Any) -> float:
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return float(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # KiB on Linux
+
+
+@_safely
+def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
+                 report: Any, device: Any) -> None:
+    """One finished training round: steps, throughput, step time, memory, losses, scan counts."""
+    s, name = series(), label_name(hospital)
+    steps = float(metrics.get("steps", 0))
+    s.steps.labels(name).inc(steps)
+    s.images_per_second.labels(name).set(float(metrics.get("images-per-second", float("nan"))))
+    seconds = float(metrics.get("train-seconds", float("nan")))
+    s.train_seconds.labels(name).set(seconds)
+    if steps > 0:
+        s.step_seconds.labels(name).observe(seconds / steps)
+    s.memory.labels(name, getattr(device, "type", "cpu")).set(peak_memory_bytes(device))
+    for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
+        if key in metrics:
+            s.loss.labels(name, component).set(float(metrics[key]))
+    record_scan(name, report)
+    _success(s, name, "train", server_round)
+    # Counters of rare events exist at 0 from the first round on, so "no failure" is a value.
+    s.signature_failures.labels(name).inc(0)
+    for kind in ("train", "evaluate"):
+        s.messages.labels(name, kind, "error").inc(0)
+
+
+@_safely
+def record_evaluate(hospital: str, server_round: int, metrics: Mapping[str, float]) -> None:
+    s, name = series(), label_name(hospital)
+    s.eval_frechet.labels(name).set(float(metrics.get("eval-frechet", float("nan"))))
+    _success(s, name, "evaluate", server_round)
+
+
+def _success(s: _Series, name: str, kind: str, server_round: int) -> None:
+    s.messages.labels(name, kind, "ok").inc()
+    s.last_round.labels(name, kind).set(server_round)
+    s.last_success.labels(name).set(time.time())
+
+
+def record_scan(hospital: str, report: Any) -> None:
+    """Scan counts by modality code and fixed skip reason (every reason shown, 0 included)."""
+    from .dicom import SKIP_REASONS
+
+    s, name = series(), label_name(hospital)
+    usable: dict[str, int] = {}
+    for modality, n in report.usable_by_modality.items():
+        usable[modality_label(modality)] = usable.get(modality_label(modality), 0) + int(n)
+    for modality, n in usable.items():
+        s.usable.labels(name, modality).set(n)
+    skipped = dict.fromkeys(SKIP_REASONS + ("other",), 0)
+    for reason, n in report.skipped.items():
+        skipped[skip_reason_label(reason)] += int(n)
+    for reason, n in skipped.items():
+        s.skipped.labels(name, reason).set(n)
+
+
+@_safely
+def record_failure(hospital: str, kind: str) -> None:
+    series().messages.labels(label_name(hospital), kind, "error").inc()
+
+
+@_safely
+def record_signature_failure(hospital: str) -> None:
+    series().signature_failures.labels(label_name(hospital)).inc()
+
+
+@_safely
+def note_identity(node_id: int, hospital: str) -> None:
+    """Simulation only: tell the coordinator's exporter which name this node id has."""
+    folder = os.environ.get(SIM_NAMES_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"{int(node_id)}.name"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(label_name(hospital))
+    os.replace(tmp, path)
+
+
+def prepare_multiproc_dir(path: Path | None = None) -> Path:
+    """Create (or empty) the multiprocess folder and export it for child processes.
+
+    Call it before the SuperNode starts: only processes started afterwards inherit it. Files of an
+    earlier daemon run are removed so stale values do not survive a restart.
+    """
+    raw = path or (Path(os.environ[MULTIPROC_ENV]) if os.environ.get(MULTIPROC_ENV) else None)
+    folder = Path(raw) if raw else Path(tempfile.mkdtemp(prefix="fedsynth-metrics-"))
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"metrics folder {folder} is not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.glob("*.db"):
+        f.unlink()
+    os.environ[MULTIPROC_ENV] = str(folder)
+    return folder
+
+
+class FedsynthOnly:
+    """Only the ``fedsynth_`` families of a collector.
+
+    Every library in a ClientApp process (and Ray's own processes in simulation) that uses
+    prometheus-client writes into the same multiprocess folder; only fedsynth's series, whose
+    labels this module bounds, are served.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def collect(self) -> Any:
+        return [m for m in self._inner.collect() if m.name.startswith("fedsynth_")]
+
+
+def start_exporter(port: int, host: str = DEFAULT_HOST, multiproc_dir: Path | None = None) -> Any:
+    """Serve the merged metrics of every ClientApp process at ``http://host:port/metrics``.
+
+    ``multiproc_dir`` (default: ``$PROMETHEUS_MULTIPROC_DIR``, else a new temporary folder) is
+    emptied and exported in this process's environment, so call this before starting the
+    SuperNode. Returns the HTTP server (``shutdown()`` stops it).
+    """
+    if not 0 <= port < 65536:
+        raise ValueError(f"metrics port {port} is not a TCP port (0-65535)")
+    folder = prepare_multiproc_dir(multiproc_dir)
+    registry = CollectorRegistry()
+    registry.register(FedsynthOnly(multiprocess.MultiProcessCollector(None, path=str(folder))))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve hospital metrics on {host}:{port}: {exc.strerror}") from exc
+    server.multiproc_dir = folder  # type: ignore[attr-defined]
+    log.info("hospital metrics on http://%s:%d/metrics (from %s)", host, server.server_port,
+             folder)
+    return server
+
+
+def cleanup(folder: Path) -> None:
+    """Remove a multiprocess folder made by ``prepare_multiproc_dir`` (daemon shutdown)."""
+    shutil.rmtree(folder, ignore_errors=True)

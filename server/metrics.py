@@ -1,0 +1,314 @@
+"""The coordinator's Prometheus metrics: an observer of finished rounds and a metered Grid.
+
+Flower exports no metrics of its own, so the coordinator does. Everything here follows
+Prometheus's naming conventions (``fedsynth_`` prefix, ``_total`` counters, base units in the
+name) and keeps label values bounded:
+
+* per-hospital series carry one label, ``hospital``, whose value is the hospital's *registered
+  name* (``HospitalNames``), never a Flower node id, a path, or anything a hospital sent;
+* a node id with no registered name is shown as ``unnamed-K`` (K in order of first appearance, at
+  most ``max_unnamed`` of them, then ``unnamed-overflow``), so a churn of unknown nodes cannot
+  blow up the series count;
+* reject reasons are mapped onto a fixed list (``REJECT_REASONS``).
+
+Names come from the coordinator's registry in deployment (``fedsynth coordinator`` knows which
+node id it registered under which name) and, in simulation, from a folder where each virtual
+hospital writes its own node id → name file (see ``client.metrics.note_identity``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from client.metrics import check_name  # one definition of a valid hospital label
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # a metrics endpoint is opened to the network only on purpose
+
+
+# RejectedReply.kind values of server/validation.py, plus "other" and "unclassified".
+REJECT_REASONS = ("missing-key", "extra-key", "shape", "dtype", "non-finite", "norm", "metric",
+                  "no-record", "other", "unclassified")
+
+ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+
+
+def reject_reason(text: str) -> str:
+    """A reject kind (or an older free-text reason, which may quote a hospital's key) as a
+    value of the fixed list ``REJECT_REASONS``."""
+    t = text.strip().lower()
+    if t in REJECT_REASONS:
+        return t
+    for prefix, reason in (("reply has no", "no-record"), ("missing key", "missing-key"),
+                           ("unexpected key", "extra-key"), ("metric ", "metric")):
+        if t.startswith(prefix):
+            return reason
+    return "other"
+
+
+class HospitalNames:
+    """Node id → registered hospital name, with a bounded fallback for unknown nodes.
+
+    ``registered`` comes from the coordinator's node registry; ``names_dir`` (simulation) holds
+    one ``<node-id>.name`` file per virtual hospital and is re-read when an unknown id shows up.
+    """
+
+    def __init__(self, registered: Mapping[int | str, str] | None = None,
+                 names_dir: Path | None = None, max_unnamed: int = 32) -> None:
+        self._names = {str(k): check_name(v) for k, v in (registered or {}).items()}
+        self._names_dir = names_dir
+        self._unnamed: dict[str, str] = {}
+        self._max_unnamed = max_unnamed
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: Path) -> "HospitalNames":
+        """From a JSON object ``{"<node id>": "<registered name>", ...}`` (the node registry)."""
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"hospital names file {path}: cannot read a JSON object ({exc})") \
+                from None
+        if not isinstance(data, dict):
+            raise ValueError(f"hospital names file {path}: expected a JSON object node id -> name")
+        return cls({str(k): str(v) for k, v in data.items()})
+
+    def watch(self, names_dir: Path) -> None:
+        """Read names from ``names_dir`` too (simulation: virtual hospitals write them there)."""
+        self._names_dir = Path(names_dir)
+
+    def _reload(self) -> None:
+        if self._names_dir is None or not self._names_dir.is_dir():
+            return
+        for f in self._names_dir.glob("*.name"):
+            try:
+                self._names.setdefault(f.stem, check_name(f.read_text().strip()))
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring hospital name file %s: %s", f.name, exc)
+
+    def __call__(self, node_id: int | str) -> str:
+        key = str(node_id)
+        with self._lock:
+            if key not in self._names:
+                self._reload()
+            if key in self._names:
+                return self._names[key]
+            if key not in self._unnamed:
+                k = len(self._unnamed) + 1
+                self._unnamed[key] = (f"unnamed-{k}" if k <= self._max_unnamed
+                                      else "unnamed-overflow")
+                log.warning("node %s has no registered name; its series are labelled %s",
+                            key, self._unnamed[key])
+            return self._unnamed[key]
+
+
+def record_nbytes(content: Any) -> int:
+    """Bytes of every array of a message's records, from shape and dtype (nothing decoded)."""
+    total = 0
+    for record in content.array_records.values():
+        for arr in record.values():
+            total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    return total
+
+
+def _finite_or_nan(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+class CoordinatorMetrics:
+    """All coordinator series on one registry; ``observe`` is a ``run_federation`` observer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 names: HospitalNames | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.names = names or HospitalNames()
+        r = self.registry
+        self.run_info = Gauge("fedsynth_run_info", "The running federation (value 1).",
+                              ["family", "preset"], registry=r)
+        self.rounds_planned = Gauge("fedsynth_rounds_planned", "Rounds this run will train.",
+                                    registry=r)
+        self.rounds = Counter("fedsynth_rounds_completed", "Rounds finished (checkpoint written).",
+                              registry=r)
+        self.current_round = Gauge("fedsynth_round", "Number of the last finished round.",
+                                   registry=r)
+        self.round_seconds = Histogram("fedsynth_round_duration_seconds",
+                                       "Wall time of a round: train, aggregate, evaluate, save.",
+                                       buckets=ROUND_BUCKETS, registry=r)
+        self.last_round_ts = Gauge("fedsynth_last_round_timestamp_seconds",
+                                   "Unix time the last round finished.", registry=r)
+        self.last_ckpt_ts = Gauge("fedsynth_last_checkpoint_timestamp_seconds",
+                                  "Unix time the last checkpoint was written.", registry=r)
+        self.since_ckpt = Gauge("fedsynth_seconds_since_last_checkpoint",
+                                "Seconds since the last checkpoint (-1 before the first).",
+                                registry=r)
+        self.since_ckpt.set_function(self._seconds_since_checkpoint)
+        self.hospitals = Gauge("fedsynth_round_hospitals",
+                               "Hospitals in the last round by outcome.", ["outcome"], registry=r)
+        self.hospitals_total = Counter("fedsynth_hospital_outcomes",
+                                       "Hospital train replies by outcome, over all rounds.",
+                                       ["outcome"], registry=r)
+        self.rejected = Counter("fedsynth_rejected_updates",
+                                "Train replies refused by validation, by reason.", ["reason"],
+                                registry=r)
+        self.loss = Gauge("fedsynth_loss", "Example-weighted mean training loss of the last round.",
+                          ["component"], registry=r)
+        self.d_score = Gauge("fedsynth_discriminator_score",
+                             "Mean D output on real / generated images in training.", ["on"],
+                             registry=r)
+        self.frechet = Gauge("fedsynth_eval_frechet_distance",
+                             "Fréchet distance, hospitals' held-out slices vs samples.", registry=r)
+        self.mmd = Gauge("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", registry=r)
+        self.diversity = Gauge("fedsynth_sample_diversity",
+                               "Mean pairwise L2 distance of the fixed-noise samples.", registry=r)
+        self.nonfinite = Counter("fedsynth_nonfinite_losses",
+                                 "Rounds whose aggregated loss was NaN or infinite.", ["component"],
+                                 registry=r)
+        self.h_rounds = Counter("fedsynth_hospital_rounds",
+                                "Rounds in which the hospital's update was aggregated.",
+                                ["hospital"], registry=r)
+        self.h_last = Gauge("fedsynth_hospital_last_round",
+                            "Last round in which the hospital's update was aggregated.",
+                            ["hospital"], registry=r)
+        self.h_ips = Gauge("fedsynth_hospital_images_per_second",
+                           "Training throughput the hospital reported in its last reply.",
+                           ["hospital"], registry=r)
+        self.h_loss = Gauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.",
+                            ["hospital", "component"], registry=r)
+        self.sent = Counter("fedsynth_sent_bytes", "Model bytes sent to hospitals.",
+                            ["hospital", "kind"], registry=r)
+        self.received = Counter("fedsynth_received_bytes", "Model bytes received from hospitals.",
+                                ["hospital", "kind"], registry=r)
+        for outcome in ("selected", "replied", "failed", "rejected"):
+            self.hospitals.labels(outcome)
+            self.hospitals_total.labels(outcome)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for component in ("generator", "discriminator"):
+            self.nonfinite.labels(component)
+
+    def _seconds_since_checkpoint(self) -> float:
+        last = self.last_ckpt_ts._value.get()  # noqa: SLF001 - prometheus_client has no getter
+        return time.time() - last if last > 0 else -1.0
+
+    def set_run(self, family: str, preset: str, rounds: int) -> None:
+        self.run_info.labels(family=family, preset=preset).set(1)
+        self.rounds_planned.set(rounds)
+
+    def observe(self, summary: Any) -> None:
+        """Export one ``RoundSummary`` (called after its checkpoint and metrics row are written)."""
+        now = time.time()
+        self.rounds.inc()
+        self.current_round.set(summary.round)
+        self.round_seconds.observe(summary.seconds)
+        self.last_round_ts.set(now)
+        self.last_ckpt_ts.set(now)
+        for outcome in ("selected", "replied", "failed", "rejected"):
+            n = int(getattr(summary, outcome))
+            self.hospitals.labels(outcome).set(n)
+            self.hospitals_total.labels(outcome).inc(n)
+        # Reject kinds come in summary.server["rejected-<kind>"] (or a rejected_reasons
+        # mapping); a rejection without a kind is still counted, as "unclassified".
+        reasons = dict(getattr(summary, "rejected_reasons", None) or {})
+        for key, n in summary.server.items():  # run_federation: server["rejected-<kind>"]
+            if key.startswith("rejected-"):
+                reasons[key[len("rejected-"):]] = reasons.get(key[len("rejected-"):], 0) + int(n)
+        for reason, n in reasons.items():
+            self.rejected.labels(reject_reason(reason)).inc(n)
+        if summary.rejected > sum(reasons.values()):
+            self.rejected.labels("unclassified").inc(summary.rejected - sum(reasons.values()))
+        # A value a round did not produce (no valid reply, no evaluation) keeps its last value;
+        # a NaN one is exported as NaN, which the NaN-loss alert looks for.
+        for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
+            if key in summary.train:
+                value = _finite_or_nan(summary.train[key])
+                self.loss.labels(component).set(value)
+                if math.isnan(value):
+                    self.nonfinite.labels(component).inc()
+        for key, gauge in (("d-real", self.d_score.labels("real")),
+                           ("d-fake", self.d_score.labels("fake"))):
+            if key in summary.train:
+                gauge.set(_finite_or_nan(summary.train[key]))
+        for section, key, gauge in (("evaluate", "eval-frechet", self.frechet),
+                                    ("evaluate", "eval-mmd", self.mmd),
+                                    ("server", "sample-diversity", self.diversity)):
+            values = getattr(summary, section)
+            if key in values:
+                gauge.set(_finite_or_nan(values[key]))
+        for node_id, m in summary.hospitals.items():
+            name = self.names(node_id)
+            self.h_rounds.labels(name).inc()
+            self.h_last.labels(name).set(summary.round)
+            self.h_ips.labels(name).set(_finite_or_nan(m.get("images-per-second", math.nan)))
+            self.h_loss.labels(name, "generator").set(_finite_or_nan(m.get("loss-g", math.nan)))
+            self.h_loss.labels(name, "discriminator").set(
+                _finite_or_nan(m.get("loss-d", math.nan)))
+
+    __call__ = observe
+
+    def count_sent(self, node_id: int | str, kind: str, nbytes: int) -> None:
+        self.sent.labels(self.names(node_id), kind).inc(nbytes)
+
+    def count_received(self, node_id: int | str, kind: str, nbytes: int) -> None:
+        self.received.labels(self.names(node_id), kind).inc(nbytes)
+
+
+class MeteredGrid:
+    """A Flower ``Grid`` that counts the model bytes of every message it sends and receives."""
+
+    def __init__(self, grid: Any, metrics: CoordinatorMetrics) -> None:
+        self._grid = grid
+        self._metrics = metrics
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None
+                         ) -> Iterable[Any]:
+        messages = list(messages)
+        sent = [(m.metadata.dst_node_id, _kind(m), record_nbytes(m.content)) for m in messages]
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        # Counted once the round's replies are in: a simulated hospital names itself on its
+        # first message, so its name is known by then.
+        for node_id, kind, nbytes in sent:
+            self._metrics.count_sent(node_id, kind, nbytes)
+        for msg in replies:
+            if not msg.has_error():
+                self._metrics.count_received(msg.metadata.src_node_id, _kind(msg),
+                                             record_nbytes(msg.content))
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def _kind(msg: Any) -> str:
+    kind = str(msg.metadata.message_type).split(".")[0]
+    return kind if kind in ("train", "evaluate", "query") else "other"
+
+
+def start_exporter(metrics: CoordinatorMetrics, port: int, host: str = DEFAULT_HOST) -> Any:
+    """Serve ``metrics`` at ``http://host:port/metrics`` from a daemon thread; returns the server.
+
+    Binds 127.0.0.1 unless told otherwise: Prometheus runs beside the coordinator, and a wider
+    bind is a deliberate choice of whoever deploys it.
+    """
+    if not 0 <= port < 65536:
+        raise ValueError(f"metrics port {port} is not a TCP port (0-65535)")
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve coordinator metrics on {host}:{port}: {exc.strerror}") from exc
+    log.info("coordinator metrics on http://%s:%d/metrics", host, server.server_port)
+    return server

@@ -1,0 +1,250 @@
+"""``report.html``: one self-contained page a person opens to see how a run went.
+
+Loss and quality curves are inline SVG drawn here (no plotting library, no script from the
+network), sample grids are embedded as base64 PNG, and participation is a table of rounds by
+hospital. Everything comes from the run folder: ``config.json``, ``metrics.jsonl`` and
+``samples/round-NNN.png``. A small inline script checks that every image decoded and marks the
+page (``<body data-render="ok">``), which the browser test reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
+MAX_GRIDS = 24  # sample grids shown; evenly spaced rounds beyond that, first and last kept
+
+Series = Mapping[str, Sequence[tuple[float, float]]]
+
+
+class ReportError(ValueError):
+    """The run folder cannot be reported on (the message names what is missing)."""
+
+
+def _fmt(v: float) -> str:
+    if v == 0 or not math.isfinite(v):
+        return "0" if v == 0 else str(v)
+    a = abs(v)
+    return f"{v:.3g}" if 1e-3 <= a < 1e4 else f"{v:.2e}"
+
+
+def line_chart(title: str, series: Series, *, width: int = 460, height: int = 240,
+               x_label: str = "round") -> str:
+    """An SVG line chart of ``series`` (name → (x, y) points); NaN/inf points leave gaps."""
+    pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
+    esc = html.escape
+    head = (f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{esc(title)}"><title>{esc(title)}</title>'
+            f'<text x="{width / 2}" y="16" text-anchor="middle" class="t">{esc(title)}</text>')
+    if not pts:
+        return head + (f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">'
+                       "no finite values</text></svg>")
+    left, right, top, bottom = 56, 12, 28, 40
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        pad = abs(y0) * 0.1 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    out = [head, f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot"/>']
+    for i in range(5):
+        yv = y0 + (y1 - y0) * i / 4
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" '
+                   f'class="grid"/><text x="{left - 4}" y="{py(yv) + 4:.1f}" '
+                   f'text-anchor="end">{_fmt(yv)}</text>')
+    for xv in sorted(set(xs)) if len(set(xs)) <= 12 else [x0 + (x1 - x0) * i / 6 for i in range(7)]:
+        out.append(f'<text x="{px(xv):.1f}" y="{top + ph + 14}" text-anchor="middle">'
+                   f'{_fmt(xv)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">'
+               f'{esc(x_label)}</text>')
+    for i, (name, s) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        runs: list[list[tuple[float, float]]] = [[]]
+        for x, y in sorted(s):
+            if math.isfinite(y):
+                runs[-1].append((px(x), py(y)))
+            elif runs[-1]:
+                runs.append([])
+        for run in runs:
+            if len(run) > 1:
+                d = " ".join(f"{x:.1f},{y:.1f}" for x, y in run)
+                out.append(f'<polyline points="{d}" fill="none" stroke="{color}" '
+                           'stroke-width="2" class="line"/>')
+            for x, y in run:
+                out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>')
+        lx = left + 8 + i * 110
+        out.append(f'<rect x="{lx}" y="{top + 6}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{lx + 14}" y="{top + 15}">{esc(name)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _series(rows: Sequence[Mapping[str, Any]], section: str, keys: Mapping[str, str]
+            ) -> dict[str, list[tuple[float, float]]]:
+    out: dict[str, list[tuple[float, float]]] = {}
+    for label, key in keys.items():
+        pts = []
+        for r in rows:
+            v = (r.get(section) or {}).get(key) if section else r.get(key)
+            if v is not None:
+                pts.append((float(r["round"]), float(v)))
+        if pts:
+            out[label] = pts
+    return out
+
+
+def hospital_names(root: Path) -> dict[str, str]:
+    """Node id → name where the run folder knows it (simulation writes ``node-names/``)."""
+    folder = root / "node-names"
+    if not folder.is_dir():
+        return {}
+    return {f.stem: f.read_text().strip() for f in folder.glob("*.name")}
+
+
+def _participation(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> str:
+    nodes = sorted({n for r in rows for n in (r.get("hospitals") or {})},
+                   key=lambda n: (names.get(n, "~"), n))
+    label = {n: names.get(n, f"node …{n[-4:]}") for n in nodes}
+    head = "".join(f"<th>{html.escape(label[n])}</th>" for n in nodes)
+    body = []
+    for r in rows:
+        hs = r.get("hospitals") or {}
+        cells = "".join(
+            f'<td class="ok" title="{_fmt(hs[n].get("images-per-second", float("nan")))} img/s">'
+            "✓</td>" if n in hs else '<td class="miss">–</td>' for n in nodes)
+        body.append(f"<tr><td>{r['round']}</td><td>{r.get('selected', '')}</td>"
+                    f"<td>{r.get('replied', '')}</td><td>{r.get('failed', '')}</td>"
+                    f"<td>{r.get('rejected', '')}</td><td>{_fmt(float(r.get('seconds', 0)))}</td>"
+                    f"{cells}</tr>")
+    return ('<table class="part"><tr><th>round</th><th>selected</th><th>replied</th>'
+            f'<th>failed</th><th>rejected</th><th>seconds</th>{head}</tr>'
+            + "".join(body) + "</table>")
+
+
+def _pick_grids(paths: Sequence[Path]) -> list[Path]:
+    if len(paths) <= MAX_GRIDS:
+        return list(paths)
+    step = (len(paths) - 1) / (MAX_GRIDS - 1)
+    return [paths[round(i * step)] for i in range(MAX_GRIDS)]
+
+
+def _grids(root: Path) -> str:
+    paths = _pick_grids(sorted((root / "samples").glob("round-*.png")))
+    figs = []
+    for p in paths:
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        rnd = p.stem.split("-")[-1].lstrip("0") or "0"
+        figs.append(f'<figure><img class="grid" alt="samples after round {rnd}" '
+                    f'src="data:image/png;base64,{data}"><figcaption>round {rnd}'
+                    f'{" (untrained)" if rnd == "0" else ""}</figcaption></figure>')
+    return '<div class="grids">' + "".join(figs) + "</div>" if figs else "<p>no sample grids</p>"
+
+
+_CSS = """
+body{font:14px system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+.charts{display:flex;flex-wrap:wrap;gap:12px}
+svg.chart{background:#fff;border:1px solid #ddd}svg text{font-size:11px;fill:#333}
+svg .t{font-size:13px;font-weight:600}svg .plot{fill:#fafafa;stroke:#bbb}
+svg .grid{stroke:#e4e4e4}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:center}
+td.ok{background:#d9f2d9}td.miss{background:#f8d7d7}
+.grids{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0}
+img.grid{image-rendering:pixelated;width:192px;border:1px solid #ccc}
+figcaption{text-align:center;font-size:12px}
+pre{background:#f4f4f4;padding:8px;max-height:240px;overflow:auto}
+"""
+
+# Marks the page once every image decoded and no script error happened (read by the e2e test).
+_SCRIPT = """
+window.addEventListener('error', function(){document.body.dataset.render='script-error';});
+window.addEventListener('load', function(){
+  var imgs=document.images, bad=0;
+  for (var i=0;i<imgs.length;i++){ if(!imgs[i].complete||imgs[i].naturalWidth===0){bad++;} }
+  var charts=document.querySelectorAll('svg.chart').length;
+  if (document.body.dataset.render!=='script-error'){
+    document.body.dataset.render = bad===0 ? 'ok' : 'broken-images';
+  }
+  document.body.dataset.images=imgs.length; document.body.dataset.charts=charts;
+  document.title = document.body.dataset.render + ' ' + document.title;
+});
+"""
+
+
+def build_report(root: Path) -> str:
+    """The HTML text of the report of run folder ``root``."""
+    root = Path(root)
+    metrics_path = root / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise ReportError(f"{root} is not a run folder: it has no metrics.jsonl")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["round"])
+    config = {}
+    if (root / "config.json").is_file():
+        config = json.loads((root / "config.json").read_text())
+    names = hospital_names(root)
+
+    charts = [
+        line_chart("Losses (example-weighted mean)",
+                   _series(rows, "train", {"generator": "loss-g", "discriminator": "loss-d"})),
+        line_chart("Discriminator output in training",
+                   _series(rows, "train", {"on real": "d-real", "on fake": "d-fake"})),
+        line_chart("Fréchet distance (held-out, lower is better)",
+                   _series(rows, "evaluate", {"frechet": "eval-frechet"})),
+        line_chart("MMD (held-out, lower is better)",
+                   _series(rows, "evaluate", {"mmd": "eval-mmd"})),
+        line_chart("Sample diversity (falls under mode collapse)",
+                   _series(rows, "server", {"diversity": "sample-diversity"})),
+        line_chart("Round duration", _series(rows, "", {"seconds": "seconds"})),
+    ]
+    per_h: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for node, m in (r.get("hospitals") or {}).items():
+            if "images-per-second" in m:
+                per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
+                    (float(r["round"]), float(m["images-per-second"])))
+    charts.append(line_chart("Hospital throughput (images/s)", dict(sorted(per_h.items()))))
+
+    model = config.get("model", {})
+    title = f"fedsynth run {config.get('run_id', root.name)}"
+    summary = (f"{len(rows)} rounds · family {model.get('family', '?')} · image size "
+               f"{model.get('image_size', '?')} · preset {config.get('preset', '?')}")
+    return (
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
+        f'<h2>Curves</h2><div class="charts">{"".join(charts)}</div>'
+        f"<h2>Participation</h2>{_participation(rows, names)}"
+        f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"
+        f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>"
+        f"<script>{_SCRIPT}</script></body></html>"
+    )
+
+
+def write_report(root: Path, out: Path | None = None) -> Path:
+    """Write ``report.html`` into the run folder (or ``out``); returns its path."""
+    from .run_folder import _atomic_write
+
+    out = Path(out) if out else Path(root) / "report.html"
+    _atomic_write(out, build_report(Path(root)).encode("utf-8"))
+    log.info("report written to %s", out)
+    return out

@@ -1,0 +1,127 @@
+"""``fedsynth report``: the page is self-contained and renders in a real browser.
+
+Headless Chromium (Debian's ``chromium``) opens report.html from disk with the network off; the
+page's own script marks ``<body data-render="ok">`` only when every image decoded and no script
+error happened. A screenshot is kept in the test's tmp dir and copied to
+``runs/test-artifacts/report-<name>.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedsynth.cli import main as cli_main
+from server.report import ReportError, build_report, line_chart
+from server.run_folder import RunFolder
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "runs" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars", "--virtual-time-budget=5000")
+
+
+def render_in_chromium(page: Path, tmp: Path, name: str) -> str:
+    """DOM after load (asserted rendered), and a screenshot kept under tmp and ARTIFACTS."""
+    if CHROMIUM is None:
+        pytest.skip("Debian package 'chromium' is not installed")
+    profile = tmp / "chromium-profile"
+    base = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}"]
+    url = page.resolve().as_uri()
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=60).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body, f"no DOM from chromium: {dom[:500]}"
+    assert 'data-render="ok"' in body.group(0), f"page did not render cleanly: {body.group(0)}"
+    shot = tmp / f"report-{name}.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1280,2200", url],
+                   capture_output=True, timeout=60)
+    assert shot.is_file() and shot.stat().st_size > 10_000, "no screenshot"
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10, "screenshot is blank"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / shot.name)
+    return dom
+
+
+@pytest.fixture()
+def run_folder(tmp_path: Path) -> Path:
+    """A run folder as run_federation writes it: 4 rounds, one NaN loss, a hospital dropping out."""
+    folder = RunFolder(tmp_path / "runs" / "r1")
+    folder.write_config({"run_id": "r1", "model": {"family": "dcgan", "image_size": 32},
+                         "preset": "fedgan", "rounds": 4})
+    rng = np.random.default_rng(0)
+    for rnd in range(0, 5):
+        folder.save_samples(rnd, rng.uniform(-1, 1, (16, 1, 32, 32)).astype(np.float32))
+    (folder.root / "node-names").mkdir()
+    (folder.root / "node-names" / "111.name").write_text("hospital-1")
+    for rnd in range(1, 5):
+        hospitals = {"111": {"images-per-second": 100.0 + rnd}}
+        if rnd < 3:
+            hospitals["222"] = {"images-per-second": 50.0}
+        folder.append_metrics({
+            "round": rnd, "seconds": 2.0 + rnd, "selected": 2, "replied": len(hospitals),
+            "failed": 2 - len(hospitals), "rejected": 0, "hospitals": hospitals,
+            "train": {"loss-g": float("nan") if rnd == 2 else 1.0 + rnd, "loss-d": 0.7 / rnd,
+                      "d-real": 0.6, "d-fake": 0.4},
+            "evaluate": {"eval-frechet": 10.0 / rnd, "eval-mmd": 0.1 / rnd},
+            "server": {"sample-diversity": 0.5},
+        })
+    return folder.root
+
+
+def test_report_holds_curves_table_and_every_grid(run_folder: Path) -> None:
+    page = build_report(run_folder)
+    assert page.count('<svg class="chart"') == 7
+    assert page.count("data:image/png;base64,") == 5
+    assert "hospital-1" in page and "node …222" in page  # unnamed node shown by a short id
+    assert 'class="miss"' in page  # hospital 222 missing from rounds 3 and 4
+    no_ns = page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "http://" not in no_ns and "https://" not in no_ns  # nothing fetched from a network
+    assert str(run_folder) not in page  # no local path in a page that may be shared
+
+
+def test_chart_leaves_gaps_for_nan_and_scales_to_the_data() -> None:
+    svg = line_chart("t", {"a": [(1, 1.0), (2, math.nan), (3, 3.0), (4, 4.0)]})
+    assert svg.count("<polyline") == 1  # 1 | gap | 3-4
+    assert svg.count("<circle") == 3
+    assert ">4<" in svg and ">1<" in svg  # y axis spans the data
+    assert "no finite values" in line_chart("t", {"a": [(1, math.nan)]})
+
+
+def test_cli_writes_report_and_names_a_bad_folder(run_folder: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["report", str(run_folder)]) == 0
+    assert (run_folder / "report.html").is_file()
+    assert cli_main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ReportError):
+        build_report(tmp_path)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(run_folder: Path, tmp_path: Path) -> None:
+    assert cli_main(["report", str(run_folder)]) == 0
+    dom = render_in_chromium(run_folder / "report.html", tmp_path, "synthetic")
+    assert 'data-images="5"' in dom and 'data-charts="7"' in dom
+
+
+@pytest.mark.slow
+def test_broken_image_is_caught(run_folder: Path, tmp_path: Path) -> None:
+    """The check can fail: a corrupt PNG makes the page report broken images."""
+    (run_folder / "samples" / "round-003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    page = run_folder / "report.html"
+    page.write_text(build_report(run_folder))
+    with pytest.raises(AssertionError, match="broken-images"):
+        render_in_chromium(page, tmp_path, "broken")
