@@ -22,8 +22,9 @@ from fedsynth import protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 
-from fedsynth.signing import SIGNATURE_KEY, load_private_key, sign
+from fedsynth.signing import load_private_key, sign
 
+from .aggregation import norm_state_keys
 from .presets import make_strategy
 from .run_folder import RunFolder, load_checkpoint
 
@@ -46,7 +47,25 @@ class FederationConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     preset: str = "fedgan"  # aggregation preset, see server/presets.py
+    reducer: str = ""  # "", mean, median, trimmed-mean: "" keeps the preset's (mean)
+    server_opt: str = ""  # "", avg, avgm, adam: "" keeps the preset's (avg)
+    server_lr: float = 0.0  # 0: the policy default (1.0)
+    sync_every: int = 0  # 0: the preset's (every round)
+    ua_fake_batch: int = 64  # ua-gan: generated images sent to the hospitals per round
     signing_key: str = ""  # Ed25519 private key (PEM) that signs every global model sent
+
+    def policy_overrides(self) -> dict[str, Any]:
+        """The ``ComponentPolicy`` fields this run sets for every shared component."""
+        out: dict[str, Any] = {}
+        if self.reducer:
+            out["reducer"] = self.reducer
+        if self.server_opt:
+            out["server_opt"] = self.server_opt
+        if self.server_lr:
+            out["server_lr"] = self.server_lr
+        if self.sync_every:
+            out["sync_every"] = self.sync_every
+        return out
 
     def resolved_run_id(self) -> str:
         return self.run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
@@ -79,6 +98,11 @@ class FederationConfig:
             round_timeout_s=float(rc.get("round-timeout", 3600.0)),
             resume=bool(rc.get("resume", False)),
             preset=str(rc.get("preset", "fedgan")),
+            reducer=str(rc.get("reducer", "")),
+            server_opt=str(rc.get("server-opt", "")),
+            server_lr=float(rc.get("server-lr", 0.0)),
+            sync_every=int(rc.get("sync-every", 0)),
+            ua_fake_batch=int(rc.get("ua-fake-batch", 64)),
             signing_key=str(rc.get("signing-key", "")),
         )
 
@@ -137,16 +161,21 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     if start_round == 1:
         folder.save_samples(0, family.sample(nets, noise, labels).numpy())
 
-    strategy = make_strategy(cfg.preset, family.components, fraction_train=cfg.fraction_train,
-                             min_train_nodes=cfg.min_hospitals,
-                             min_available_nodes=cfg.min_hospitals)
     signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
+    # The strategy signs what it sends: with local components or FedBN a hospital receives a
+    # subset of the global model, and the signature must cover exactly that subset.
+    signer = (lambda record: sign(record, signing_key)) if signing_key is not None else None
+    strategy = make_strategy(cfg.preset, family.components, overrides=cfg.policy_overrides(),
+                             model=cfg.model, train=cfg.train, norm_keys=norm_state_keys(nets),
+                             signer=signer, fraction_train=cfg.fraction_train,
+                             min_train_nodes=cfg.min_hospitals,
+                             min_available_nodes=cfg.min_hospitals,
+                             **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
+                                else {}))
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.monotonic()
         config = protocol.train_config(cfg.model, cfg.train, rnd)
         record = protocol.to_record(arrays)
-        if signing_key is not None:
-            config[SIGNATURE_KEY] = sign(record, signing_key)
         replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
                                         timeout=cfg.round_timeout_s)
         new_record, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -156,8 +185,6 @@ def run_federation(grid: Grid, cfg: FederationConfig,
 
         eval_config = protocol.train_config(cfg.model, cfg.train, rnd)
         record = protocol.to_record(arrays)
-        if signing_key is not None:
-            eval_config[SIGNATURE_KEY] = sign(record, signing_key)
         replies = grid.send_and_receive(
             strategy.configure_evaluate(rnd, record, eval_config, grid),
             timeout=cfg.round_timeout_s)
@@ -171,7 +198,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             selected=train_report.selected, replied=train_report.replied,
             failed=train_report.failed, rejected=train_report.rejected,
             train=dict(train_metrics or {}), evaluate=dict(eval_metrics or {}),
-            server={"sample-diversity": sample_diversity(samples)},
+            server={"sample-diversity": sample_diversity(samples),
+                    **{f"rejected-{kind}": float(n)
+                       for kind, n in train_report.rejected_reasons.items()}},
             hospitals=train_report.per_hospital,
         )
         folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,

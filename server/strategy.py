@@ -1,5 +1,10 @@
 """The component-aware GAN strategy: a Flower ``Strategy`` whose aggregation is per component.
 
+Each component has a ``ComponentPolicy`` (see ``aggregation.py``). A hospital learns what to send
+back from the round's ConfigRecord: ``reply-components`` (comma-separated) names the components
+whose arrays the reply must carry, and ``local-norm-components`` those whose normalisation entries
+stay at the hospital (FedBN); ``client.ua_gan.reply_plan`` turns both into the codec's arguments.
+
 It keeps Flower's four hooks (so it runs under ``Strategy.start`` as well as fedsynth's own round
 loop), validates every reply before it counts, and leaves aggregation math to ``aggregation.py``.
 """
@@ -10,7 +15,7 @@ import logging
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -18,9 +23,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsynth import protocol
+from fedsynth.signing import SIGNATURE_KEY
+from shared_models.codec import split_key
 
-from .aggregation import Update, aggregate
-from .validation import RejectedReply, validate_train_reply
+from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
+from .validation import NORM_OUTLIER_RATIO, RejectedReply, norm_outliers, validate_train_reply
 
 log = logging.getLogger(__name__)
 
@@ -37,51 +44,108 @@ class RoundReport:
     per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-class GanStrategy(Strategy):
-    """FedGAN-style aggregation of every component the family declares.
+# ConfigRecord entries that tell a hospital what to send back this round (move to
+# fedsynth.protocol when the lead next touches it): comma-separated component names.
+REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
+LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
 
-    ``fraction_train`` of the connected hospitals (at least ``min_train_nodes``) train each round;
-    the round waits until ``min_available_nodes`` are connected.
+Signer = Callable[[ArrayRecord], bytes]
+
+
+class GanStrategy(Strategy):
+    """Per-component federation of every component the family declares.
+
+    ``policies`` maps a component to its ``ComponentPolicy`` (default: FedGAN for all).
+    ``norm_keys`` lists the family's normalisation entries (``aggregation.norm_state_keys``),
+    needed when a policy keeps them local (FedBN). ``signer`` signs every array record sent, so the
+    signature covers exactly what a hospital receives. ``fraction_train`` of the connected
+    hospitals (at least ``min_train_nodes``) train each round; the round waits until
+    ``min_available_nodes`` are connected.
     """
 
     def __init__(
         self,
         components: tuple[str, ...],
         *,
+        policies: Mapping[str, ComponentPolicy] | None = None,
+        norm_keys: frozenset[str] = frozenset(),
+        signer: Signer | None = None,
+        norm_outlier_ratio: float = NORM_OUTLIER_RATIO,
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         fraction_evaluate: float = 1.0,
     ) -> None:
+        unknown = set(policies or {}) - set(components)
+        if unknown:
+            raise ValueError(f"policy for unknown component(s) {sorted(unknown)}; "
+                             f"the family has {components}")
         self.components = components
+        self.policies = {c: (policies or {}).get(c, ComponentPolicy()) for c in components}
+        self.norm_keys = norm_keys
+        self.signer = signer
+        self.norm_outlier_ratio = norm_outlier_ratio
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.fraction_evaluate = fraction_evaluate
         self._global: dict[str, np.ndarray] = {}
+        self._opt_state = ServerOptState()
+        self._last_round = 0
         self.last_train = RoundReport()
         self.last_evaluate = RoundReport()
 
+    # -- what travels ---------------------------------------------------------------------------
+    def _travels(self, key: str) -> bool:
+        """A key of a shared component that is not a hospital-local norm entry."""
+        component = split_key(key)[0]
+        policy = self.policies.get(component)
+        if policy is None or not policy.shared:
+            return False
+        return not (policy.local_norm and key in self.norm_keys)
+
+    def sent_keys(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> list[str]:
+        """Keys of the global model that go out at the start of ``server_round``."""
+        return [k for k in arrays if self._travels(k)
+                and self.policies[split_key(k)[0]].sends(server_round)]
+
+    def expected_keys(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> list[str]:
+        """Keys every hospital must send back in ``server_round``."""
+        return [k for k in arrays if self._travels(k)
+                and self.policies[split_key(k)[0]].collects(server_round)]
+
+    def _outgoing(self, keys: list[str], config: ConfigRecord) -> RecordDict:
+        record = protocol.to_record({k: self._global[k] for k in keys})
+        if self.signer is not None:
+            config[SIGNATURE_KEY] = self.signer(record)
+        return RecordDict({protocol.ARRAYS: record, protocol.CONFIG: config})
+
     # -- Flower hooks -------------------------------------------------------------------------
     def summary(self) -> None:
-        log.info("GanStrategy: components %s, fraction_train %.2f, min nodes %d",
-                 self.components, self.fraction_train, self.min_available_nodes)
+        for component, policy in self.policies.items():
+            log.info("GanStrategy %s: %s", component, policy)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = protocol.from_record(arrays)
+        self._last_round = server_round
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
         self.last_train = RoundReport(selected=len(nodes))
         config[protocol.SERVER_ROUND] = server_round
-        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+        config[REPLY_COMPONENTS] = ",".join(
+            c for c, p in self.policies.items() if p.collects(server_round))
+        config[LOCAL_NORM_COMPONENTS] = ",".join(
+            c for c, p in self.policies.items() if p.shared and p.local_norm)
+        content = self._outgoing(self.sent_keys(server_round, self._global), config)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n)
                 for n in nodes]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validated, per-component weighted means; ``None`` arrays when nothing valid came."""
+        """Validated, per-component aggregates; ``None`` arrays when nothing valid came."""
         report = self.last_train
-        updates: list[Update] = []
+        expected = {k: self._global[k] for k in self.expected_keys(server_round, self._global)}
+        valid: dict[str, tuple[Update, dict[str, float]]] = {}
         for msg in replies:
             hospital = str(msg.metadata.src_node_id)
             if msg.has_error():
@@ -90,23 +154,33 @@ class GanStrategy(Strategy):
                             msg.error.reason)
                 continue
             try:
-                update, metrics = validate_train_reply(msg.content, self._global, self.components)
+                valid[hospital] = validate_train_reply(msg.content, expected, self.components)
             except RejectedReply as exc:
-                report.rejected += 1
-                report.rejected_reasons[str(exc).split(":")[0]] += 1
-                log.warning("round %d: rejected reply of hospital %s: %s", server_round,
-                            hospital, exc)
-                continue
+                self._reject(report, server_round, hospital, exc)
+        outliers = norm_outliers({h: u for h, (u, _) in valid.items()}, expected,
+                                 self.norm_outlier_ratio)
+        for hospital, reason in outliers.items():
+            del valid[hospital]
+            self._reject(report, server_round, hospital, RejectedReply("norm", reason))
+        for hospital, (_, metrics) in valid.items():
             report.replied += 1
             report.per_hospital[hospital] = metrics
-            updates.append(update)
-        if not updates:
+        if not valid:
             log.warning("round %d: no valid reply, the global model is kept", server_round)
             return None, None
         merged = dict(self._global)
-        merged.update(aggregate(updates, self.components))
+        merged.update(aggregate([u for u, _ in valid.values()], self.components, self.policies,
+                                current=self._global, state=self._opt_state))
         self._global = merged
         return protocol.to_record(merged), MetricRecord(self._mean_metrics(report.per_hospital))
+
+    @staticmethod
+    def _reject(report: RoundReport, server_round: int, hospital: str,
+                exc: RejectedReply) -> None:
+        report.rejected += 1
+        report.rejected_reasons[exc.kind] += 1
+        log.warning("round %d: rejected reply of hospital %s (%s): %s", server_round, hospital,
+                    exc.kind, exc)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -115,7 +189,10 @@ class GanStrategy(Strategy):
         nodes = self._sample(grid, self.fraction_evaluate, 1)
         self.last_evaluate = RoundReport(selected=len(nodes))
         config[protocol.SERVER_ROUND] = server_round
-        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+        # Only what was just aggregated goes out: a hospital's own copy of a local component, or of
+        # one between syncs, must not be overwritten by the coordinator's stale copy.
+        self._global = protocol.from_record(arrays)
+        content = self._outgoing(self.expected_keys(server_round, self._global), config)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in nodes]
 
