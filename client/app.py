@@ -17,12 +17,15 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsynth import protocol
-
 from fedsynth.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
+from shared_models import encode
+from shared_models.codec import decode_into
 
+from . import metrics as hospital_metrics
 from .datasets import LocalData, local_data
 from .settings import HospitalSettings
 from .trainer import LocalTrainer, pick_device
+from .ua_gan import UA_ACTION, reply_plan, ua_train
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ def _private_errors(handler: Callable[[Message, Context], Message]
             return handler(msg, context)
         except Exception as exc:  # noqa: BLE001 - every local failure must be sanitised
             log.exception("round failed at this hospital")
+            hospital_metrics.record_failure(_name_of(context), handler.__name__)
             raise HospitalError(f"{handler.__name__} failed at the hospital "
                                 f"({type(exc).__name__}); see the hospital's log") from None
 
@@ -68,7 +72,16 @@ def check_signature(hospital: HospitalSettings, msg: Message) -> None:
         verify(msg.content[protocol.ARRAYS], signature, load_public_key(hospital.model_public_key))
     except SignatureError as exc:
         log.error("REFUSED global model: %s", exc)
+        hospital_metrics.record_signature_failure(hospital.name)
         raise
+
+
+def _name_of(context: Context) -> str:
+    """The hospital's configured name for metric labels ("unknown" if its settings are broken)."""
+    try:
+        return HospitalSettings.from_node_config(context.node_config).name
+    except Exception:  # noqa: BLE001 - the handler's own error is what gets reported
+        return "unknown"
 
 
 def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTrainer, LocalData,
@@ -76,12 +89,35 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
     hospital = HospitalSettings.from_node_config(context.node_config)
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
+    hospital_metrics.note_identity(context.node_id, hospital.name)
     check_signature(hospital, msg)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
     trainer = trainer_for(hospital, model)
-    trainer.load(protocol.from_record(msg.content[protocol.ARRAYS]))
+    restore_local(trainer, context, protocol.from_record(msg.content[protocol.ARRAYS]), train.seed)
     data = local_data(hospital, model)
     return hospital, trainer, data, train, server_round
+
+
+LOCAL_STATE = "fedsynth-local-weights"  # in context.state: this hospital's whole model
+
+
+def restore_local(trainer: LocalTrainer, context: Context, received: dict, seed: int) -> None:
+    """This hospital's own weights, overlaid with what the coordinator sent.
+
+    Components a preset keeps local (private discriminators, FedBN norm layers) never come from
+    the coordinator; they live in ``context.state``, which Flower keeps per hospital across
+    rounds (a trainer may be shared by several simulated hospitals in one process).
+    """
+    if LOCAL_STATE in context.state.array_records:
+        saved = protocol.from_record(context.state.array_records[LOCAL_STATE])
+        decode_into(trainer.nets, {k: v for k, v in saved.items() if k not in received})
+    else:
+        trainer.reset(seed)
+    trainer.load(received)
+
+
+def save_local(trainer: LocalTrainer, context: Context) -> None:
+    context.state[LOCAL_STATE] = protocol.to_record(encode(trainer.nets))
 
 
 app = ClientApp()
@@ -90,15 +126,26 @@ app = ClientApp()
 @app.train()
 @_private_errors
 def train(msg: Message, context: Context) -> Message:
-    _, trainer, data, train_cfg, server_round = _prepare(msg, context)
+    hospital, trainer, data, train_cfg, server_round = _prepare(msg, context)
     seed = train_cfg.seed * 1_000_003 + server_round * 1009 + context.node_id % 1000
-    result = trainer.fit(data.train, train_cfg, seed)
+    hospital_metrics.reset_peak_memory(trainer.device)
+    reply = reply_plan(msg.content[protocol.CONFIG], trainer.nets, trainer.family.components)
+    result = trainer.fit(data.train, train_cfg, seed, reply=reply)
+    save_local(trainer, context)
+    hospital_metrics.record_train(hospital.name, server_round, result.metrics, data.report,
+                                  trainer.device)
     return Message(protocol.train_reply(result.arrays, result.metrics), reply_to=msg)
 
 
 @app.evaluate()
 @_private_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    _, trainer, data, _, server_round = _prepare(msg, context)
+    hospital, trainer, data, _, server_round = _prepare(msg, context)
     metrics = trainer.evaluate(data.holdout, seed=server_round)
+    hospital_metrics.record_evaluate(hospital.name, server_round, metrics)
     return Message(protocol.evaluate_reply(metrics), reply_to=msg)
+
+
+# UA-GAN: the hospital trains its private discriminator and answers with its outputs on the
+# coordinator's generated images (server/ua_gan.py).
+app.train(UA_ACTION)(_private_errors(ua_train))

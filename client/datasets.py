@@ -1,23 +1,54 @@
 """What a hospital trains on: its cached DICOM slices turned into the tensors a family needs.
 
-Held-out slices (every ``holdout_every``-th) never train; they feed the local evaluation.
-Everything here stays at the hospital.
+The family's ``data_layout`` says which tensors:
+
+- ``image`` (DCGAN, WGAN-GP): every slice, key ``image``;
+- ``labelled`` (conditional DCGAN): ``image`` + int64 ``label``; the class of a slice comes from a
+  DICOM attribute (``series_description`` by default, or ``modality``...) matched against one regular
+  expression per class. The class ORDER is the federation's (index k must mean the same class at
+  every hospital); the patterns may be local (a site names its series its own way);
+- ``paired`` (pix2pix): ``a``/``b`` slices of domain A and B matched by study and slice position;
+- ``unpaired`` (CycleGAN): all A slices as ``a``, all B slices as ``b``, independently; either may be
+  empty (a hospital holding one domain only).
+
+With ``spatial_dims`` 3 the unit is a volume: the slices of one series sorted by position and
+resampled to an ``image_size`` cube; pairs are the A and B series of one study.
+
+Held-out units (every ``holdout_every``-th) never train; they feed the local evaluation (pairs for
+translation families, so SSIM/PSNR/MAE have ground truth). Everything here stays at the hospital.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from shared_models import ModelConfig
+from shared_models import ModelConfig, get_family
 
 from .cache import load_slices
 from .dicom import DicomSettings, ScanReport
 from .settings import HospitalSettings
 
 log = logging.getLogger(__name__)
+
+# Defaults until the federation config carries class / domain names (see the issue #4 report):
+# the demo hospitals' two MR contrasts.
+DEFAULT_CLASSES: tuple[str, ...] = ("T1w", "T2w")
+DEFAULT_DOMAINS: tuple[str, str] = ("T1w", "T2w")
+DEFAULT_ATTRIBUTE = "series_description"
+POSITION_DECIMALS = 2  # slice positions (mm) that agree to 0.01 mm are the same slice
+MIN_VOLUME_SLICES = 8  # 3D: a series with fewer slices is no volume (a lone radiograph, a scout)
+
+
+class DataSelectionError(ValueError):
+    """The hospital's slices do not give what the family needs; the message says what is missing."""
 
 
 @dataclass
@@ -30,25 +61,221 @@ class LocalData:
 
     @property
     def num_train(self) -> int:
-        return len(next(iter(self.train.values())))
+        return max((len(v) for v in self.train.values()), default=0)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which slices belong to which class (or domain): ``patterns[k]`` searched in ``attribute``."""
+
+    attribute: str
+    names: tuple[str, ...]
+    patterns: tuple[str, ...]
+
+    def classify(self, meta: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Class index per slice; -1 where no pattern (or more than one) matches."""
+        if self.attribute not in meta:
+            raise DataSelectionError(f"label attribute {self.attribute!r} is not one of "
+                                     f"{sorted(meta)}")
+        values = meta[self.attribute]
+        regexes = [re.compile(p, re.IGNORECASE) for p in self.patterns]
+        hits = np.array([[bool(r.search(str(v))) for r in regexes] for v in values],
+                        dtype=bool).reshape(len(values), len(regexes))
+        out = np.where(hits.sum(1) == 1, hits.argmax(1), -1)
+        ambiguous = int((hits.sum(1) > 1).sum())
+        if ambiguous:
+            log.warning("%d slices match more than one of %s: left out", ambiguous, self.names)
+        return out.astype(np.int64)
+
+
+def _names(value: object, default: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [x.strip() for x in value.split(",") if x.strip()]
+    names = tuple(str(x) for x in (value or ()))
+    return names or tuple(default)
+
+
+def _selector(hospital: HospitalSettings, names: tuple[str, ...]) -> Selector:
+    """Federation names + the hospital's own patterns (``label_patterns``: name -> regex)."""
+    local = dict(getattr(hospital, "label_patterns", None) or {})
+    attribute = str(getattr(hospital, "label_attribute", None) or DEFAULT_ATTRIBUTE)
+    return Selector(attribute, names, tuple(local.get(n, re.escape(n)) for n in names))
+
+
+def class_selector(hospital: HospitalSettings, model: ModelConfig) -> Selector:
+    """Classes of a conditional family: their order fixes the label indices federation-wide."""
+    names = _names(getattr(model, "class_names", ""), DEFAULT_CLASSES)
+    if len(names) != model.num_classes:
+        raise DataSelectionError(f"model num_classes is {model.num_classes} but the class list "
+                                 f"{list(names)} has {len(names)} names")
+    return _selector(hospital, names)
+
+
+def domain_selector(hospital: HospitalSettings, model: ModelConfig) -> Selector:
+    """Domains A and B of a translation family (e.g. T1w -> T2w, or MR -> CT)."""
+    names = (str(getattr(model, "domain_a", "") or DEFAULT_DOMAINS[0]),
+             str(getattr(model, "domain_b", "") or DEFAULT_DOMAINS[1]))
+    return _selector(hospital, names)
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def units(meta: Mapping[str, np.ndarray], rows: np.ndarray, spatial_dims: int
+          ) -> dict[tuple, np.ndarray]:
+    """Training units among slice ``rows``, keyed so that A and B units of one pair share a key.
+
+    2D: one slice, key (study, position); a repeated key keeps the first slice, a slice without a
+    position gets a key of its own (it can never pair). 3D: the slices of one series sorted by
+    position, key (study,) for the study's first series (further series of the same study get
+    their own keys); series of fewer than ``MIN_VOLUME_SLICES`` slices are left out.
+    """
+    out: dict[tuple, np.ndarray] = {}
+    study, pos = meta["study_uid"], meta["position"]
+    if spatial_dims == 2:
+        for i in rows:
+            p = float(pos[i])
+            key = ((str(study[i]), round(p, POSITION_DECIMALS)) if math.isfinite(p)
+                   else (str(study[i]), "no-position", int(i)))
+            out.setdefault(key, np.array([i]))
+        return out
+    series: dict[str, list[int]] = {}
+    for i in rows:
+        series.setdefault(str(meta["series_uid"][i]), []).append(int(i))
+    for uid, members in series.items():
+        if len(members) < MIN_VOLUME_SLICES:
+            continue
+        members.sort(key=lambda j: (math.isnan(pos[j]), pos[j]))
+        key: tuple = (str(study[members[0]]),)
+        if key in out:
+            key = (str(study[members[0]]), uid)
+        out[key] = np.array(members)
+    return out
+
+
+def stack(images: np.ndarray, groups: Sequence[np.ndarray], spatial_dims: int, size: int
+          ) -> torch.Tensor:
+    """(N, 1, S, S) slices, or (N, 1, S, S, S) volumes resampled along the slice axis."""
+    if spatial_dims == 2:
+        if not groups:
+            return torch.empty((0, 1, size, size))
+        return torch.from_numpy(np.ascontiguousarray(images[np.concatenate(groups)]))
+    vols = []
+    for g in groups:
+        vol = torch.from_numpy(np.ascontiguousarray(images[g]))[:, 0]  # (D, S, S)
+        vol = F.interpolate(vol[None, None], size=(size, size, size), mode="trilinear",
+                            align_corners=False)[0]
+        vols.append(vol)
+    return torch.stack(vols) if vols else torch.empty((0, 1, size, size, size))
+
+
+def _held(n: int, every: int) -> np.ndarray:
+    """Every ``every``-th unit held out, only when at least two would be."""
+    held = np.zeros(n, dtype=bool)
+    if every > 0 and n >= 2 * every:
+        held[::every] = True
+    return held
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: str,
+                  model: ModelConfig, holdout_every: int,
+                  selector: Selector | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(train, holdout) tensors of ``layout`` from slices ``images`` (N, 1, S, S) and their meta."""
+    dims, size = model.spatial_dims, model.image_size
+    every_row = np.arange(len(images))
+    if layout == "image":
+        groups = list(units(meta, every_row, dims).values()) if dims == 3 else [
+            np.array([i]) for i in every_row]
+        held = _held(len(groups), holdout_every)
+        train = stack(images, [g for g, h in zip(groups, held) if not h], dims, size)
+        hold = stack(images, [g for g, h in zip(groups, held) if h], dims, size)
+        return {"image": train}, {"image": hold if held.any() else train}
+
+    if selector is None:
+        raise ValueError(f"layout {layout!r} needs a class/domain selector")
+    cls = selector.classify(meta)
+
+    if layout == "labelled":
+        groups, labels = [], []
+        for k in range(len(selector.names)):
+            rows = np.flatnonzero(cls == k)
+            found = list(units(meta, rows, dims).values()) if dims == 3 else [
+                np.array([i]) for i in rows]
+            groups += found
+            labels += [k] * len(found)
+        if not groups:
+            raise DataSelectionError(f"no slice matches any class of {list(selector.names)} in "
+                                     f"attribute {selector.attribute!r}")
+        order = np.argsort([int(g[0]) for g in groups], kind="stable")  # scan order, mixed classes
+        groups = [groups[i] for i in order]
+        y = torch.tensor([labels[i] for i in order], dtype=torch.int64)
+        held = torch.from_numpy(_held(len(groups), holdout_every))
+        x = stack(images, groups, dims, size)
+        train = {"image": x[~held], "label": y[~held]}
+        hold = {"image": x[held], "label": y[held]} if held.any() else dict(train)
+        return train, hold
+
+    units_a = units(meta, np.flatnonzero(cls == 0), dims)
+    units_b = units(meta, np.flatnonzero(cls == 1), dims)
+    paired = [k for k in units_a if k in units_b]
+    held = _held(len(paired), holdout_every)
+    held_keys = {k for k, h in zip(paired, held) if h}
+    hold = {"a": stack(images, [units_a[k] for k in paired if k in held_keys], dims, size),
+            "b": stack(images, [units_b[k] for k in paired if k in held_keys], dims, size)}
+
+    if layout == "paired":
+        if not paired:
+            raise DataSelectionError(
+                f"no {selector.names[0]}/{selector.names[1]} pairs (same study and slice "
+                f"position) among {len(units_a)} {selector.names[0]} and {len(units_b)} "
+                f"{selector.names[1]} units")
+        train_keys = [k for k in paired if k not in held_keys]
+        train = {"a": stack(images, [units_a[k] for k in train_keys], dims, size),
+                 "b": stack(images, [units_b[k] for k in train_keys], dims, size)}
+        return train, (hold if held_keys else dict(train))
+
+    if layout == "unpaired":
+        if not units_a and not units_b:
+            raise DataSelectionError(f"no slice of domain {selector.names[0]} or "
+                                     f"{selector.names[1]} in attribute {selector.attribute!r}")
+        train = {"a": stack(images, [g for k, g in units_a.items() if k not in held_keys], dims,
+                            size),
+                 "b": stack(images, [g for k, g in units_b.items() if k not in held_keys], dims,
+                            size)}
+        if not held_keys:  # evaluate on the training pairs when too few to hold any out
+            hold = {"a": stack(images, [units_a[k] for k in paired], dims, size),
+                    "b": stack(images, [units_b[k] for k in paired], dims, size)}
+        return train, hold
+    raise ValueError(f"unknown data layout {layout!r}")
 
 
 _DATA: dict[tuple, LocalData] = {}  # warm per process: a Ray actor or a long-lived worker
 
 
 def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
-    """Load (once per process) the slices for ``model``'s image size and split off a hold-out."""
-    key = (hospital, model.image_size, model.family)
+    """Load (once per process) the slices for ``model`` and build the family's tensors."""
+    key = (hospital, model)
     if key in _DATA:
         return _DATA[key]
+    family = get_family(model.family)
     settings = DicomSettings(image_size=model.image_size, modalities=hospital.modalities)
     slices = load_slices(hospital.data_dir, settings, hospital.cache_dir)
     log.info("%s: %s", hospital.name, slices.report.summary())
-    images = torch.from_numpy(slices.images.copy())
-    held = torch.zeros(len(images), dtype=torch.bool)
-    if len(images) >= 2 * hospital.holdout_every:
-        held[:: hospital.holdout_every] = True
-    holdout = images[held] if held.any() else images
-    _DATA[key] = LocalData(train={"image": images[~held]}, holdout={"image": holdout},
-                           report=slices.report)
+    images = np.asarray(slices.images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    selector = None
+    if family.data_layout == "labelled":
+        selector = class_selector(hospital, model)
+    elif family.data_layout in ("paired", "unpaired"):
+        selector = domain_selector(hospital, model)
+    train, holdout = build_tensors(images, slices.meta, family.data_layout, model,
+                                   hospital.holdout_every, selector)
+    log.info("%s: %s training tensors %s, held out %s", hospital.name, family.name,
+             {k: len(v) for k, v in train.items()}, {k: len(v) for k, v in holdout.items()})
+    _DATA[key] = LocalData(train=train, holdout=holdout, report=slices.report)
     return _DATA[key]

@@ -63,3 +63,98 @@ class HospitalSettings:
             return cls.from_mapping(entries[int(node_config["partition-id"])])
         raise SettingsError("no hospital settings: node config has no 'data-dir' "
                             f"and {SIM_ENV} is not set")
+
+    def to_node_config(self) -> dict[str, Any]:
+        """The inverse of ``from_mapping``: what ``fedsynth hospital`` hands the SuperNode."""
+        out: dict[str, Any] = {"data-dir": str(self.data_dir), "device": self.device,
+                               "amp": self.amp, "threads": self.threads,
+                               "holdout-every": self.holdout_every, "name": self.name}
+        if self.cache_dir is not None:
+            out["cache-dir"] = str(self.cache_dir)
+        if self.modalities:
+            out["modalities"] = ",".join(self.modalities)
+        if self.model_public_key is not None:
+            out["model-public-key"] = str(self.model_public_key)
+        return out
+
+    def check_local(self) -> None:
+        """Fail at daemon start, with the setting's name, rather than in every round."""
+        if not self.data_dir.is_dir():
+            raise SettingsError(f"hospital data-dir '{self.data_dir}' is not a folder")
+        if self.model_public_key is not None:
+            try:
+                self.model_public_key.read_bytes()
+            except OSError as exc:
+                raise SettingsError(f"hospital model-public-key '{self.model_public_key}' "
+                                    f"cannot be read: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """``fedsynth hospital``'s settings file (TOML), overridable by flags.
+
+    ``[coordinator]`` address, root-certificates (or insecure = true); ``[node]`` key (OpenSSH EC
+    private key), port (local runtime port of the SuperNode), metrics-port (0: off);
+    ``[hospital]`` the ``HospitalSettings`` keys (data-dir, cache-dir, device, amp, threads,
+    modalities, name, model-public-key). Relative paths are relative to the file's folder.
+    """
+
+    coordinator: str
+    hospital: HospitalSettings
+    root_certificates: Path | None = None
+    insecure: bool = False
+    node_key: Path | None = None
+    port: int = 9094
+    metrics_port: int = 0
+
+    @classmethod
+    def load(cls, path: Path | None, overrides: Mapping[str, Any] | None = None
+             ) -> "DaemonSettings":
+        """Read ``path`` (optional), then apply ``overrides`` ("section.key" → value)."""
+        import tomllib
+
+        data: dict[str, dict[str, Any]] = {"coordinator": {}, "node": {}, "hospital": {}}
+        base = Path.cwd()
+        if path is not None:
+            path = Path(path)
+            try:
+                loaded = tomllib.loads(path.read_text())
+            except OSError as exc:
+                raise SettingsError(f"settings file '{path}' cannot be read: "
+                                    f"{exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"settings file '{path}' is not valid TOML: {exc}") from None
+            for section, values in loaded.items():
+                if section not in data or not isinstance(values, dict):
+                    raise SettingsError(f"settings file '{path}': unknown section [{section}] "
+                                        "(known: coordinator, node, hospital)")
+                data[section].update(values)
+            base = path.parent
+        for dotted, value in (overrides or {}).items():
+            section, _, key = dotted.partition(".")
+            if value is not None:
+                data[section][key] = value
+
+        def rel(value: Any) -> Path | None:
+            if value in (None, ""):
+                return None
+            p = Path(str(value)).expanduser()
+            return p if p.is_absolute() else base / p
+
+        hosp = dict(data["hospital"])
+        for key in ("data-dir", "cache-dir", "model-public-key"):
+            if hosp.get(key):
+                hosp[key] = str(rel(hosp[key]))
+        coord, node = data["coordinator"], data["node"]
+        if not coord.get("address"):
+            raise SettingsError("coordinator address is missing ([coordinator] address = "
+                                "\"HOST:PORT\" or --coordinator)")
+        insecure = bool(coord.get("insecure", False))
+        root = rel(coord.get("root-certificates"))
+        if root is None and not insecure:
+            raise SettingsError("coordinator root-certificates is missing (the CA file from "
+                                "the coordinator); set insecure = true only for a local test")
+        return cls(coordinator=str(coord["address"]), hospital=HospitalSettings.from_mapping(hosp),
+                   root_certificates=None if insecure else root, insecure=insecure,
+                   node_key=rel(node.get("key")), port=int(node.get("port", 9094)),
+                   metrics_port=int(node.get("metrics-port", 0)))

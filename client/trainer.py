@@ -1,8 +1,9 @@
 """The local trainer: a round's GAN work on the hospital's device, from received weights.
 
-The hot loop draws batches by index from a tensor already on the device and calls the family's
-``train_step``; losses stay on the device and are reduced with one host sync at the end, so the
-trainer adds nothing per step to a bare PyTorch loop (``make bench`` measures the ratio).
+The hot loop asks the family to draw a batch (by index, from tensors already on the device: one
+shared index for paired keys, one per domain for unpaired ones) and calls its ``train_step``;
+losses stay on the device and are reduced with one host sync at the end, so the trainer adds
+nothing per step to a bare PyTorch loop (``make bench`` measures the ratio).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
+from monai.metrics import PSNRMetric, SSIMMetric
 
 from fedsynth import protocol
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
@@ -22,6 +24,8 @@ from shared_models.family import GanFamily, Nets
 from shared_models.quality import FeatureNet, frechet_distance, mmd_rbf
 
 log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 32  # held-out images translated per forward pass (bounds device memory)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -70,6 +74,13 @@ class LocalTrainer:
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         decode_into(self.nets, arrays)
 
+    def reset(self, seed: int = 0) -> None:
+        """Fresh initial weights (same seed, same weights), e.g. for a hospital's first round."""
+        torch.manual_seed(seed)
+        fresh = self.family.build(self.model)
+        for name, net in self.nets.items():
+            net.load_state_dict(fresh[name].state_dict())
+
     def _context(self, train: TrainConfig) -> StepContext:
         anchor = None
         if train.prox_mu > 0:
@@ -79,15 +90,25 @@ class LocalTrainer:
                            prox_mu=train.prox_mu, anchor=anchor)
 
     def fit(self, data: Mapping[str, torch.Tensor], train: TrainConfig, seed: int,
-            examples: Mapping[str, int] | None = None) -> LocalResult:
-        """``train.local_steps`` steps on random batches drawn from ``data``.
+            examples: Mapping[str, int] | None = None,
+            reply: tuple[tuple[str, ...], Callable[[str, str], bool] | None] | None = None,
+            ) -> LocalResult:
+        """``train.local_steps`` steps on batches the family draws from ``data``.
 
-        ``data`` maps batch keys to tensors of equal length (N, C, ...) in [-1, 1]; one index draw
-        serves every key, so paired keys stay paired. ``examples`` gives per-component example
-        counts for the aggregation weights (default: N for every component).
+        ``data`` maps batch keys to tensors (N, C, ...) in [-1, 1] (labels: int64 (N,)). How a
+        batch is drawn is the family's: one shared index for paired keys, independent draws per
+        domain for unpaired ones (an empty domain is left out). ``examples`` overrides the
+        family's per-component counts (the aggregation weights; 0 for a component this hospital
+        could not train). ``reply`` = (components, include) says what goes back to the
+        coordinator (see ``client.ua_gan.reply_plan``); default: every component.
+        Losses stay on the device; one host sync at the end.
         """
-        n = len(next(iter(data.values())))
-        if n == 0:
+        counts = self.family.examples(data) | dict(examples or {})
+        unknown = set(counts) - set(self.family.components)
+        if unknown:
+            raise ValueError(f"examples for unknown component(s) {sorted(unknown)}; "
+                             f"family {self.family.name!r} has {list(self.family.components)}")
+        if not any(counts.values()):
             raise ValueError("no training images")
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -96,28 +117,30 @@ class LocalTrainer:
         ctx = self._context(train)
         for net in self.nets.values():
             net.train()
-        batch = min(train.batch_size, n)
+        data_seconds = time.perf_counter() - t0
+        images = 0
         totals: dict[str, torch.Tensor] = {}
         for _ in range(train.local_steps):
-            idx = torch.randint(n, (batch,), device=self.device)
-            out = self.family.train_step({k: v[idx] for k, v in on_device.items()},
-                                         self.nets, opts, ctx)
+            batch = self.family.draw(on_device, train.batch_size)
+            images += sum(len(batch[k]) for k in self.family.batch_keys if k in batch)
+            out = self.family.train_step(batch, self.nets, opts, ctx)
             for k, v in out.items():
                 totals[k] = totals[k] + v if k in totals else v.clone()
         # the one host sync of the round
         keys = sorted(totals)
-        means = (torch.stack([totals[k] for k in keys]) / train.local_steps).tolist()
+        means = (torch.stack([totals[k].float() for k in keys]) / train.local_steps).tolist()
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = dict(zip(keys, means))
-        counts = {c: n for c in self.family.components} | dict(examples or {})
         metrics.update({
             "train-seconds": seconds,
+            "data-seconds": data_seconds,
             "steps": train.local_steps,
-            "images-per-second": train.local_steps * batch / seconds,
-            protocol.NUM_EXAMPLES: n,
-            **{protocol.examples_key(c): counts[c] for c in self.family.components},
+            "images-per-second": images / seconds,
+            protocol.NUM_EXAMPLES: max(counts.values()),
+            **{protocol.examples_key(c): int(counts.get(c, 0)) for c in self.family.components},
         })
-        arrays = encode(self.nets, self.family.components, train.wire_dtype)
+        components, include = reply or (self.family.components, None)
+        arrays = encode(self.nets, components, train.wire_dtype, include)
         return LocalResult(arrays=arrays, metrics=metrics)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -129,24 +152,65 @@ class LocalTrainer:
 
     @torch.no_grad()
     def evaluate(self, holdout: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:
-        """Quality on held-out local slices: D's view of real vs fake, feature distances."""
+        """Quality on held-out local data, the way the field measures the family's task.
+
+        Translation: SSIM, PSNR and MAE of the translated ``a`` against its paired ``b`` (NaN and
+        0 examples when the hospital holds no pairs). Generation: D's view of real vs fake and
+        Fréchet distance / MMD on the fixed ``FeatureNet``'s features.
+        """
+        if self.family.task == "translation":
+            return self._evaluate_translation(holdout)
+        return self._evaluate_generation(holdout, seed)
+
+    def _evaluate_translation(self, holdout: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        a, b = holdout.get("a"), holdout.get("b")
+        if a is None or b is None or len(a) == 0 or len(a) != len(b):
+            return {"eval-ssim": float("nan"), "eval-psnr": float("nan"),
+                    "eval-mae": float("nan"), "eval-examples": 0}
+        dims = self.model.spatial_dims
+        win = min(11, self.model.image_size)
+        ssim = SSIMMetric(dims, data_range=2.0, win_size=win)  # images live in [-1, 1]
+        psnr = PSNRMetric(max_val=2.0)
+        abs_err = []
+        for start in range(0, len(a), EVAL_CHUNK):
+            x = a[start:start + EVAL_CHUNK].to(self.device)
+            y = b[start:start + EVAL_CHUNK].to(self.device).float()
+            fake = self.family.sample(self.nets, x).float()
+            ssim(fake, y)
+            psnr(fake, y)
+            abs_err.append((fake - y).abs().flatten(1).mean(1))
+        values = torch.stack([ssim.aggregate().float().reshape(()),
+                              psnr.aggregate().float().reshape(()),
+                              torch.cat(abs_err).mean()]).tolist()  # one host sync
+        return {"eval-ssim": values[0], "eval-psnr": values[1], "eval-mae": values[2],
+                "eval-examples": len(a)}
+
+    def _evaluate_generation(self, holdout: Mapping[str, torch.Tensor], seed: int
+                             ) -> dict[str, float]:
         images = holdout["image"]
+        labels = holdout.get("label")
         gen = torch.Generator().manual_seed(seed)
         n = len(images)
         noise = torch.randn(max(n, 2), self.model.latent_dim, generator=gen).to(self.device)
-        fake = self.family.sample(self.nets, noise).float().cpu()
+        if labels is not None:
+            labels = labels.to(self.device)
+            if n < 2:
+                labels = labels.repeat(2)[:2]
+        fake = self.family.sample(self.nets, noise, labels).float().cpu()
+        real_labels = labels[:n] if labels is not None else None
         d = self.nets["discriminator"]
         d.eval()
         try:
-            d_real = torch.sigmoid(d(images.to(self.device)).float()).mean().item()
-            d_fake = torch.sigmoid(d(fake.to(self.device)).float()).mean().item()
+            d_real = torch.sigmoid(d(images.to(self.device), real_labels).float()).mean()
+            d_fake = torch.sigmoid(d(fake.to(self.device), labels).float()).mean()
+            d_real_v, d_fake_v = torch.stack([d_real, d_fake]).tolist()
         finally:
             d.train()
         feat = FeatureNet(self.model.channels)
         fr, ff = feat(images.float().cpu()).numpy(), feat(fake).numpy()
         return {
-            "eval-d-real": d_real,
-            "eval-d-fake": d_fake,
+            "eval-d-real": d_real_v,
+            "eval-d-fake": d_fake_v,
             "eval-frechet": frechet_distance(fr, ff) if n >= 2 else float("nan"),
             "eval-mmd": mmd_rbf(fr, ff),
             "eval-examples": n,

@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from fedsynth import protocol
-from server.aggregation import norm_state_keys  # TODO(lead): move to shared_models.codec
-from server.strategy import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
+from fedsynth.protocol import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
+from shared_models.codec import norm_state_keys
 from server.ua_gan import FAKES, GRADS, LABELS, LOGITS, UA_ACTION
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def ua_discriminator_round(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
         d_real_sum += float(torch.sigmoid(out_real).mean())
         d_fake_sum += float(torch.sigmoid(out_fake).mean())
     d.eval()
@@ -110,7 +110,8 @@ _UA_OPTS: dict[int, torch.optim.Optimizer] = {}  # per warm trainer: D's Adam st
 
 def ua_train(msg: Message, context: Context) -> Message:
     """Flower handler of ``train.ua_gan``: one UA-GAN discriminator round at this hospital."""
-    from .app import check_signature, trainer_for  # late: client.app registers this handler
+    from .app import (check_signature, restore_local, save_local,  # late: client.app registers
+                      trainer_for)  # this handler
     from .datasets import local_data
     from .settings import HospitalSettings
 
@@ -120,6 +121,7 @@ def ua_train(msg: Message, context: Context) -> Message:
     check_signature(hospital, msg)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
     trainer = trainer_for(hospital, model)
+    restore_local(trainer, context, {}, train.seed)  # the private D of this hospital
     data = local_data(hospital, model)
     received = protocol.from_record(msg.content[protocol.ARRAYS])
     fakes = torch.from_numpy(np.asarray(received[FAKES], dtype=np.float32))
@@ -136,5 +138,6 @@ def ua_train(msg: Message, context: Context) -> Message:
     metrics.update({"train-seconds": time.perf_counter() - t0, "steps": train.local_steps,
                     protocol.NUM_EXAMPLES: len(real),
                     protocol.examples_key("discriminator"): len(real)})
+    save_local(trainer, context)
     log.info("UA-GAN round %d: D trained %d steps", server_round, train.local_steps)
     return Message(protocol.train_reply({LOGITS: logits, GRADS: grads}, metrics), reply_to=msg)

@@ -31,8 +31,14 @@ def examples_key(component: str) -> str:
 
 # Scalar metrics a hospital may report; anything else in a reply is rejected by the coordinator.
 TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
-                 "images-per-second", "data-seconds")
-EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples")
+                 "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
+                 "loss-cycle", "loss-identity")
+EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
+                "eval-ssim", "eval-psnr", "eval-mae")
+
+# ConfigRecord entries the strategy writes so a hospital knows what to send back.
+REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
+LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -20,7 +20,7 @@ from typing import Literal, Mapping, Sequence
 
 import numpy as np
 
-from shared_models.codec import split_key
+from shared_models.codec import norm_state_keys, split_key  # noqa: F401 (re-exported)
 
 Reducer = Literal["mean", "median", "trimmed-mean"]
 ServerOpt = Literal["avg", "avgm", "adam"]
@@ -203,24 +203,6 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
         if key in arrays and np.issubdtype(ref.dtype, np.floating):
             total += float(((arrays[key].astype(np.float64) - ref.astype(np.float64)) ** 2).sum())
     return float(np.sqrt(total))
-
-
-def norm_state_keys(nets: Mapping[str, "object"]) -> frozenset[str]:
-    """Prefixed state-dict keys of normalisation layers (weights, biases, running statistics).
-
-    FedBN keeps exactly these at the hospital. Batch, instance, group and layer norms count.
-    (Torch is imported here only; the rest of this module is numpy.)
-    """
-    from torch import nn
-
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    keys: set[str] = set()
-    for component, net in nets.items():
-        for mod_name, module in net.named_modules():  # type: ignore[attr-defined]
-            if isinstance(module, norm_types):
-                prefix = f"{component}.{mod_name}." if mod_name else f"{component}."
-                keys.update(prefix + name for name in module.state_dict())
-    return frozenset(keys)
 
 
 def _cast_like(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 from flwr.serverapp import Grid
 
 from fedsynth import protocol
-from shared_models import ModelConfig, TrainConfig, encode, get_family
+from shared_models import GanFamily, ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 
 from fedsynth.signing import load_private_key, sign
@@ -137,6 +137,39 @@ def sample_diversity(images: np.ndarray) -> float:
     return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
 
 
+def fixed_inputs(family: GanFamily, model: ModelConfig, n: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the sample grid is made from, fixed so that grids are comparable across rounds.
+
+    Generation families: seeded noise (and labels cycling through the classes). Translation
+    families: phantom T1-weighted slices from ``fedsynth.demo_data`` — synthetic inputs, because
+    the coordinator holds no patient image.
+    """
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    if getattr(family, "task", "generation") != "translation":
+        gen = torch.Generator().manual_seed(1234)
+        return torch.randn(n, model.latent_dim, generator=gen), labels
+    from fedsynth.demo_data import default_profiles, phantom_pair
+
+    profile = default_profiles(1)[0]
+    rng = np.random.default_rng(1234)
+    slices = np.stack([phantom_pair(profile, i % profile.slices, model.image_size, rng)[0]
+                       for i in range(n)])
+    x = torch.from_numpy(slices / max(float(slices.max()), 1e-6) * 2 - 1).float()[:, None]
+    if model.spatial_dims == 3:
+        x = x[:, :, None].expand(-1, -1, model.image_size, -1, -1).contiguous()
+    return x, labels
+
+
+def _grid_images(family: GanFamily, nets: dict, inputs: torch.Tensor,
+                 labels: torch.Tensor | None) -> np.ndarray:
+    """Samples for the grid; translation families show each input beside its translation."""
+    out = family.sample(nets, inputs, labels).float()
+    if getattr(family, "task", "generation") == "translation":
+        out = torch.stack([inputs, out], 1).flatten(0, 1)
+    return out.numpy()
+
+
 def run_federation(grid: Grid, cfg: FederationConfig,
                    observers: tuple[Observer, ...] = ()) -> Path:
     """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
@@ -154,12 +187,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                          **{k: v for k, v in asdict(cfg).items() if k not in ("model", "train")},
                          "run_id": folder.root.name})
 
-    noise_gen = torch.Generator().manual_seed(1234)  # fixed noise: grids comparable across rounds
-    noise = torch.randn(cfg.num_samples, cfg.model.latent_dim, generator=noise_gen)
-    labels = (torch.arange(cfg.num_samples) % cfg.model.num_classes
-              if cfg.model.num_classes else None)
+    noise, labels = fixed_inputs(family, cfg.model, cfg.num_samples)
     if start_round == 1:
-        folder.save_samples(0, family.sample(nets, noise, labels).numpy())
+        folder.save_samples(0, _grid_images(family, nets, noise, labels))
 
     signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
     # The strategy signs what it sends: with local components or FedBN a hospital receives a
@@ -191,7 +221,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         eval_metrics = strategy.aggregate_evaluate(rnd, replies)
 
         decode_into(nets, arrays)
-        samples = family.sample(nets, noise, labels).numpy()
+        samples = _grid_images(family, nets, noise, labels)
         folder.save_samples(rnd, samples)
         summary = RoundSummary(
             round=rnd, seconds=time.monotonic() - t0,

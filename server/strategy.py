@@ -46,8 +46,8 @@ class RoundReport:
 
 # ConfigRecord entries that tell a hospital what to send back this round (move to
 # fedsynth.protocol when the lead next touches it): comma-separated component names.
-REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
-LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
+REPLY_COMPONENTS = protocol.REPLY_COMPONENTS
+LOCAL_NORM_COMPONENTS = protocol.LOCAL_NORM_COMPONENTS
 
 Signer = Callable[[ArrayRecord], bytes]
 
@@ -224,12 +224,17 @@ class GanStrategy(Strategy):
     @staticmethod
     def _mean_metrics(per_hospital: dict[str, dict[str, float]],
                       weight_key: str = protocol.NUM_EXAMPLES) -> dict[str, float]:
-        """Example-weighted mean of every metric that all hospitals reported."""
-        keys = set.intersection(*(set(m) for m in per_hospital.values()))
+        """Example-weighted mean of each metric over the hospitals that reported it.
+
+        A CycleGAN hospital holding one domain reports no discriminator loss; the mean of
+        ``loss-d`` is then over the hospitals that trained a discriminator.
+        """
+        keys = set.union(*(set(m) for m in per_hospital.values()))
         out: dict[str, float] = {}
         for key in sorted(keys):
-            values = [m[key] for m in per_hospital.values()]
-            weights = [m.get(weight_key, 1.0) for m in per_hospital.values()]
+            having = [m for m in per_hospital.values() if key in m]
+            values = [m[key] for m in having]
+            weights = [m.get(weight_key, 1.0) for m in having]
             if key.startswith("num-examples") or key == weight_key:
                 out[key] = float(sum(values))
             elif sum(weights) > 0:

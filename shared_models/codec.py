@@ -98,3 +98,18 @@ def decode_into(
 def nbytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Payload bytes of an array set (the floor the wire is compared with)."""
     return sum(a.nbytes for a in arrays.values())
+
+
+def norm_state_keys(nets: Mapping[str, nn.Module]) -> frozenset[str]:
+    """Prefixed state-dict keys of normalisation layers (weights, biases, running statistics).
+
+    FedBN keeps exactly these at the hospital. Batch, instance, group and layer norms count.
+    """
+    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    keys: set[str] = set()
+    for component, net in nets.items():
+        for mod_name, module in net.named_modules():
+            if isinstance(module, norm_types):
+                prefix = f"{component}.{mod_name}." if mod_name else f"{component}."
+                keys.update(prefix + name for name in module.state_dict())
+    return frozenset(keys)

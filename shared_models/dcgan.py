@@ -11,14 +11,19 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig, TrainConfig
-from .family import Nets, Optimizers, StepContext, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, register
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
-class DCGAN:
+class DCGAN(FamilyBase):
+    """Unconditional (or, with ``num_classes``, projection-conditional) DCGAN."""
+
     name = "dcgan"
     components = ("generator", "discriminator")
     batch_keys = ("image",)
+    optional_keys = ("label",)
+    task = "generation"
+    data_layout = "image"
 
     def build(self, cfg: ModelConfig) -> Nets:
         g = DCGANGenerator(cfg.spatial_dims, cfg.latent_dim, cfg.channels, cfg.image_size,

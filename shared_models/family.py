@@ -7,7 +7,7 @@ metrics are generic over that declaration, so adding a family never touches them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -46,16 +46,22 @@ class StepContext:
         total = sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), self.anchor[component]))
         return 0.5 * self.prox_mu * total
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward and step, through the grad scaler when fp16 needs one."""
-        optimizer.zero_grad(set_to_none=True)
+    def step(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        """One backward, then a step of each optimiser (through the grad scaler under fp16).
+
+        Several optimisers share one backward when one loss trains several components (the two
+        CycleGAN generators)."""
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
+            for optimizer in optimizers:
+                self.scaler.step(optimizer)
             self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
 
 
 class GanFamily(Protocol):
@@ -65,10 +71,22 @@ class GanFamily(Protocol):
     components: tuple[str, ...]
     # which batch keys the family trains on, e.g. ("image",) or ("a", "b")
     batch_keys: tuple[str, ...]
+    # "generation" (noise [+ label] -> image) or "translation" (image of domain a -> domain b)
+    task: str
+    # how a hospital's slices become batches: "image", "labelled", "paired" or "unpaired"
+    data_layout: str
 
     def build(self, cfg: ModelConfig) -> Nets: ...
 
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers: ...
+
+    def examples(self, data: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Examples that train each component, for the per-component aggregation weights."""
+        ...
+
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+        """One training batch from the local tensors (index draws on their device, no sync)."""
+        ...
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
@@ -81,7 +99,47 @@ class GanFamily(Protocol):
         ...
 
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
-               ) -> torch.Tensor: ...
+               ) -> torch.Tensor:
+        """Generation: images from noise (+ labels). Translation: ``noise`` is the input batch."""
+        ...
+
+
+class FamilyBase:
+    """Defaults shared by the families: paired keys drawn with one index, one count for all."""
+
+    name = ""
+    components: tuple[str, ...] = ()
+    batch_keys: tuple[str, ...] = ()
+    optional_keys: tuple[str, ...] = ()  # drawn with the same index when the data has them
+    task = "generation"
+    data_layout = "image"
+
+    def examples(self, data: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        n = _length(data, self.batch_keys)
+        return {c: n for c in self.components}
+
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+        """Paired keys: ONE index draw serves every key, so pairs and labels stay aligned."""
+        n = _length(data, self.batch_keys)
+        if n == 0:
+            raise ValueError(f"family {self.name!r}: no training examples")
+        first = data[self.batch_keys[0]]
+        idx = torch.randint(n, (min(batch_size, n),), device=first.device)
+        keys = self.batch_keys + tuple(k for k in self.optional_keys
+                                       if k in data and len(data[k]) == n)
+        return {k: data[k][idx] for k in keys}
+
+
+def _length(data: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> int:
+    """Common length of the paired ``keys``; a missing key or unequal lengths is a caller error."""
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"training data lacks batch key(s) {missing}; has {sorted(data)}")
+    lengths = {len(data[k]) for k in keys}
+    if len(lengths) != 1:
+        raise ValueError(f"paired batch keys {keys} have unequal lengths "
+                         f"{[len(data[k]) for k in keys]}")
+    return lengths.pop()
 
 
 _REGISTRY: dict[str, Callable[[], GanFamily]] = {}
@@ -95,9 +153,14 @@ def register(name: str) -> Callable[[Callable[[], GanFamily]], Callable[[], GanF
     return deco
 
 
+def _load_families() -> None:
+    """Import the family modules (each registers itself on import)."""
+    from . import cdcgan, cyclegan, dcgan, pix2pix, wgan  # noqa: F401
+
+
 def get_family(name: str) -> GanFamily:
     """The family called ``name``; a clear error lists the known ones."""
-    from . import dcgan  # noqa: F401  (registers itself)
+    _load_families()
 
     if name not in _REGISTRY:
         raise ValueError(f"unknown GAN family {name!r}; known: {', '.join(sorted(_REGISTRY))}")
@@ -105,6 +168,6 @@ def get_family(name: str) -> GanFamily:
 
 
 def families() -> list[str]:
-    from . import dcgan  # noqa: F401
+    _load_families()
 
     return sorted(_REGISTRY)

@@ -16,6 +16,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 LEAKY = ("LEAKYRELU", {"negative_slope": 0.2})
+# Layer normalisation over (C, H, W[, D]) of each sample: GroupNorm with a single group.
+LAYER_NORM = ("GROUP", {"num_groups": 1})
 
 
 def _levels(image_size: int) -> int:
@@ -73,7 +75,9 @@ class DCGANDiscriminator(nn.Module):
     """image -> one logit per image (no sigmoid: the loss works on logits, stable under fp16).
 
     With ``num_classes`` > 0 it is a projection discriminator (Miyato & Koyama 2018): the class
-    embedding's inner product with the pooled features is added to the logit.
+    embedding's inner product with the pooled features is added to the logit. ``norm`` is batch
+    norm for DCGAN; a WGAN-GP critic needs a per-sample norm (``LAYER_NORM``), since its gradient
+    penalty is defined per sample (Gulrajani et al. 2017, sec. 4).
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class DCGANDiscriminator(nn.Module):
         image_size: int,
         width: int,
         num_classes: int = 0,
+        norm: str | tuple = "BATCH",
     ) -> None:
         super().__init__()
         levels = _levels(image_size)
@@ -94,7 +99,7 @@ class DCGANDiscriminator(nn.Module):
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             blocks.append(
                 Convolution(spatial_dims, c_in, c_out, strides=2, kernel_size=4, padding=1,
-                            act=LEAKY, norm="BATCH", bias=False)
+                            act=LEAKY, norm=norm, bias=False)
             )
         self.body = nn.Sequential(*blocks)
         self.head = nn.Linear(chans[-1] * 4**spatial_dims, 1)
@@ -117,6 +122,6 @@ def init_dcgan_weights(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)

@@ -1,0 +1,97 @@
+"""pix2pix (Isola et al. 2017): paired translation a -> b with a conditional PatchGAN.
+
+Objective (eq. 4): G* = arg min_G max_D L_cGAN(G, D) + lambda * L_L1(G), lambda = 100, where
+L_cGAN (eq. 1) = E[log D(a, b)] + E[log(1 - D(a, G(a)))] with D seeing the input concatenated to
+the real or translated image, and L_L1 (eq. 3) = E[||b - G(a)||_1]. D's loss is halved (sec. 3.3),
+G uses the non-saturating form. Losses work on logits (stable under fp16). No noise input: as in
+the paper, dropout would be the only stochasticity, and it is off here (small local batches).
+Batches hold paired ``a`` (input) and ``b`` (target) tensors, drawn with one shared index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+from .config import ModelConfig, TrainConfig
+from .family import FamilyBase, Nets, Optimizers, StepContext, register
+from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
+
+L1_WEIGHT = 100.0  # lambda of eq. 4
+
+
+class Pix2Pix(FamilyBase):
+    name = "pix2pix"
+    components = ("generator", "discriminator")
+    batch_keys = ("a", "b")
+    task = "translation"
+    data_layout = "paired"
+
+    def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
+        self.l1_weight = l1_weight
+
+    def build(self, cfg: ModelConfig) -> Nets:
+        g = UNetGenerator(cfg.spatial_dims, cfg.channels, cfg.channels, cfg.image_size, cfg.width)
+        d = PatchGAN(cfg.spatial_dims, 2 * cfg.channels, cfg.image_size, cfg.width)
+        init_normal(g)
+        init_normal(d)
+        return {"generator": g, "discriminator": d}
+
+    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
+        betas = (train.beta1, train.beta2)  # the paper: Adam, lr 2e-4, beta1 0.5
+        return {
+            "generator": torch.optim.Adam(nets["generator"].parameters(), train.lr_g, betas),
+            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), train.lr_d, betas),
+        }
+
+    def train_step(
+        self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
+    ) -> dict[str, torch.Tensor]:
+        g, d = nets["generator"], nets["discriminator"]
+        a, b = batch["a"], batch["b"]
+
+        # D: (a, b) -> real, (a, G(a)) -> fake; 0.5 * the sum, as in sec. 3.3.
+        with ctx.autocast():
+            fake = g(a)
+            d_real = d(torch.cat([a, b], 1)).float()
+            d_fake = d(torch.cat([a, fake.detach()], 1)).float()
+            loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real))
+                            + bce(d_fake, torch.zeros_like(d_fake)))
+            loss_d = loss_d + ctx.prox_term("discriminator", d)
+        ctx.step(loss_d, opts["discriminator"])
+
+        # G: fool the updated D + lambda * L1 to the target (eq. 4).
+        set_requires_grad([d], False)
+        try:
+            with ctx.autocast():
+                pred = d(torch.cat([a, fake], 1)).float()
+                loss_adv = bce(pred, torch.ones_like(pred))
+                loss_l1 = (fake.float() - b.float()).abs().mean()
+                loss_g = loss_adv + self.l1_weight * loss_l1 + ctx.prox_term("generator", g)
+            ctx.step(loss_g, opts["generator"])
+        finally:
+            set_requires_grad([d], True)
+        return {
+            "loss-g": loss_g.detach(),
+            "loss-d": loss_d.detach(),
+            "loss-l1": loss_l1.detach(),
+            "d-real": torch.sigmoid(d_real.detach()).mean(),
+            "d-fake": torch.sigmoid(d_fake.detach()).mean(),
+        }
+
+    @torch.no_grad()
+    def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """Translate the input batch ``noise`` (domain a images, in [-1, 1]) to domain b."""
+        g = nets["generator"]
+        was_training = g.training
+        g.eval()
+        try:
+            return g(noise)
+        finally:
+            g.train(was_training)
+
+
+@register("pix2pix")
+def _pix2pix() -> Pix2Pix:
+    return Pix2Pix()

@@ -1,0 +1,124 @@
+"""Image-to-image networks for pix2pix and CycleGAN, one class for 2D and 3D (``spatial_dims``).
+
+- ``UNetGenerator``: MONAI's ``UNet`` (skip connections, as in Isola et al. 2017, sec. 3.2.1) with a
+  tanh output, so translations live in [-1, 1] like the inputs.
+- ``ResnetGenerator``: the CycleGAN generator of Zhu et al. 2017 (appendix 7.2, after Johnson et al.
+  2016): c7s1-w, two stride-2 down-convolutions, ``n_blocks`` residual blocks, two up-convolutions,
+  c7s1-C with tanh; instance norm. MONAI has no such network, so it is written here from MONAI
+  ``Convolution`` blocks (zero padding instead of the paper's reflection padding: MONAI's block has
+  no padding mode, and at 32-128 px the border effect is small).
+- ``PatchGAN``: MONAI's ``PatchDiscriminator`` (a list of feature maps) reduced to its last map, the
+  grid of per-patch logits (Isola et al. 2017, sec. 3.2.2).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import PatchDiscriminator, UNet
+from torch import nn
+
+LEAKY = ("LEAKYRELU", {"negative_slope": 0.2})
+
+
+def unet_levels(image_size: int) -> int:
+    """Down-sampling stages of the UNet: down to 4 px at the bottom, at most 5 stages."""
+    levels = 0
+    size = image_size
+    while size > 4 and levels < 5:
+        size //= 2
+        levels += 1
+    return levels
+
+
+class UNetGenerator(nn.Module):
+    """(B, C_in, S, S[, S]) -> (B, C_out, ...) in [-1, 1]; channels double per level up to 8w."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, image_size: int,
+                 width: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        levels = unet_levels(image_size)
+        channels = tuple(min(width * 2**i, width * 8) for i in range(levels + 1))
+        self.net = UNet(spatial_dims, in_channels, out_channels, channels=channels,
+                        strides=(2,) * levels, kernel_size=3, up_kernel_size=3, num_res_units=0,
+                        act=LEAKY, norm="INSTANCE", dropout=dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(x))
+
+
+class _ResBlock(nn.Module):
+    """x + conv-norm-relu-conv-norm(x) at constant width (Zhu et al. 2017, appendix 7.2 "R")."""
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            Convolution(spatial_dims, channels, channels, kernel_size=3, act="RELU",
+                        norm="INSTANCE"),
+            Convolution(spatial_dims, channels, channels, kernel_size=3, act=None,
+                        norm="INSTANCE"),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """CycleGAN generator: (B, C_in, S, ...) -> (B, C_out, S, ...) in [-1, 1]; S divisible by 4."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, width: int,
+                 n_blocks: int = 6) -> None:
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = [
+            Convolution(spatial_dims, in_channels, w, kernel_size=7, act="RELU", norm="INSTANCE"),
+            Convolution(spatial_dims, w, 2 * w, strides=2, kernel_size=3, act="RELU",
+                        norm="INSTANCE"),
+            Convolution(spatial_dims, 2 * w, 4 * w, strides=2, kernel_size=3, act="RELU",
+                        norm="INSTANCE"),
+        ]
+        layers += [_ResBlock(spatial_dims, 4 * w) for _ in range(n_blocks)]
+        layers += [
+            Convolution(spatial_dims, 4 * w, 2 * w, strides=2, kernel_size=3, padding=1,
+                        output_padding=1, is_transposed=True, act="RELU", norm="INSTANCE"),
+            Convolution(spatial_dims, 2 * w, w, strides=2, kernel_size=3, padding=1,
+                        output_padding=1, is_transposed=True, act="RELU", norm="INSTANCE"),
+            Convolution(spatial_dims, w, out_channels, kernel_size=7, conv_only=True),
+        ]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.body(x))
+
+
+class PatchGAN(nn.Module):
+    """image(s) -> (B, 1, P, P[, P]) patch logits; ``num_layers_d`` 3 from 64 px up, else 2."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, image_size: int, width: int,
+                 norm: str = "BATCH") -> None:
+        super().__init__()
+        self.net = PatchDiscriminator(spatial_dims, channels=width, in_channels=in_channels,
+                                      out_channels=1, num_layers_d=3 if image_size >= 64 else 2,
+                                      norm=norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[-1]
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, 0.02) conv weights, as both papers initialise (Isola et al. 2017, sec. 3.3)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
+    """Freeze a discriminator while its generator steps (saves the D weight gradients)."""
+    for net in nets:
+        for p in net.parameters():
+            p.requires_grad_(flag)

@@ -1,0 +1,210 @@
+"""GAN families: shapes in 2D/3D, training moves the nets, no host sync inside a step."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from shared_models import ModelConfig, StepContext, TrainConfig, families, get_family
+from shared_models.cyclegan import CycleGAN
+
+CASES = [  # (family, spatial_dims, image_size, width)
+    ("dcgan", 2, 32, 8), ("dcgan", 3, 16, 4),
+    ("cdcgan", 2, 32, 8),
+    ("wgan-gp", 2, 32, 8), ("wgan-gp", 3, 16, 4),
+    ("pix2pix", 2, 32, 8), ("pix2pix", 3, 16, 4),
+    ("cyclegan", 2, 32, 8),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """One torch thread: the CI machine is small and shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(name: str, dims: int, size: int, width: int) -> ModelConfig:
+    return ModelConfig(family=name, image_size=size, width=width, latent_dim=16, spatial_dims=dims,
+                       num_classes=3 if name == "cdcgan" else 0)
+
+
+def _data(cfg: ModelConfig, n: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, cfg.channels) + (cfg.image_size,) * cfg.spatial_dims
+    # structured targets: b is a fixed function of a, so paired losses can fall
+    a = torch.rand(shape, generator=g) * 2 - 1
+    return {"image": a, "label": torch.randint(3, (n,), generator=g), "a": a, "b": -a}
+
+
+def test_registry_lists_every_family() -> None:
+    assert set(families()) >= {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan"}
+    with pytest.raises(ValueError, match="unknown GAN family 'nope'"):
+        get_family("nope")
+
+
+def test_gan_components_named_alike_for_generic_strategies() -> None:
+    for name in ("dcgan", "cdcgan", "wgan-gp", "pix2pix"):
+        assert get_family(name).components == ("generator", "discriminator")
+    assert get_family("cyclegan").components == ("g_ab", "g_ba", "d_a", "d_b")
+
+
+@pytest.mark.parametrize("name,dims,size,width", CASES)
+def test_build_shapes_and_sample(name: str, dims: int, size: int, width: int) -> None:
+    fam = get_family(name)
+    cfg = _cfg(name, dims, size, width)
+    nets = fam.build(cfg)
+    assert set(nets) == set(fam.components)
+    data = _data(cfg, 3)
+    if fam.task == "translation":
+        out = fam.sample(nets, data["a"])
+    else:
+        labels = data["label"] if cfg.num_classes else None
+        out = fam.sample(nets, torch.randn(3, cfg.latent_dim), labels)
+    assert out.shape == (3, 1) + (size,) * dims
+    assert out.abs().max() <= 1.0  # tanh outputs, the data's range
+
+
+@pytest.mark.parametrize("name,dims,size,width", CASES)
+def test_train_step_changes_every_trained_component(name: str, dims: int, size: int,
+                                                    width: int) -> None:
+    torch.manual_seed(0)
+    fam = get_family(name)
+    cfg = _cfg(name, dims, size, width)
+    nets = fam.build(cfg)
+    before = {c: copy.deepcopy(n.state_dict()) for c, n in nets.items()}
+    opts = fam.optimizers(nets, TrainConfig(lr_g=1e-3, lr_d=1e-3))
+    out = fam.train_step(fam.draw(_data(cfg), 4), nets, opts, StepContext())
+    for key, value in out.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad, key
+        assert torch.isfinite(value), key
+    for c, net in nets.items():
+        changed = any(not torch.equal(before[c][k], v) for k, v in net.state_dict().items()
+                      if v.is_floating_point())
+        assert changed, f"{name}: component {c} did not train"
+
+
+@pytest.mark.parametrize("name", ["pix2pix", "cyclegan"])
+def test_translation_loss_falls_on_a_fixed_batch(name: str) -> None:
+    torch.manual_seed(0)
+    fam = get_family(name)
+    cfg = _cfg(name, 2, 16, 8 if name == "pix2pix" else 4)
+    nets = fam.build(cfg)
+    opts = fam.optimizers(nets, TrainConfig(lr_g=2e-3, lr_d=2e-4))
+    batch = {k: v[:2] for k, v in _data(cfg).items() if k in ("a", "b")}
+    key = "loss-l1" if name == "pix2pix" else "loss-cycle"
+    first = fam.train_step(batch, nets, opts, StepContext())[key].item()
+    for _ in range(12):
+        last = fam.train_step(batch, nets, opts, StepContext())[key].item()
+    assert last < (0.7 if name == "pix2pix" else 0.85) * first, (first, last)
+
+
+def test_wgan_critic_separates_real_from_fake() -> None:
+    torch.manual_seed(0)
+    fam = get_family("wgan-gp")
+    cfg = _cfg("wgan-gp", 2, 16, 8)
+    nets = fam.build(cfg)
+    opts = fam.optimizers(nets, TrainConfig(lr_g=1e-5, lr_d=1e-3))
+    data = {"image": torch.ones(16, 1, 16, 16) * 0.8}  # a trivially recognisable "real" image
+    for _ in range(4):
+        out = fam.train_step(fam.draw(data, 4), nets, opts, StepContext())
+    assert out["w-distance"].item() > 0.5  # E[D(real)] - E[D(fake)] grows
+    assert out["loss-gp"].item() >= 0
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in nets["discriminator"].modules())  # Gulrajani et al. sec. 4
+
+
+def test_wgan_draw_gives_one_batch_per_critic_step() -> None:
+    fam = get_family("wgan-gp")
+    batch = fam.draw({"image": torch.zeros(10, 1, 16, 16)}, 4)
+    assert batch["image"].shape[0] == fam.n_critic * 4
+
+
+def test_paired_draw_keeps_pairs_and_labels_aligned() -> None:
+    x = torch.arange(20.0).view(20, 1, 1, 1)
+    batch = get_family("pix2pix").draw({"a": x, "b": -x}, 8)
+    assert torch.equal(batch["b"], -batch["a"])
+    labelled = get_family("cdcgan").draw({"image": x, "label": torch.arange(20)}, 8)
+    assert torch.equal(labelled["image"].flatten().long(), labelled["label"])
+    with pytest.raises(ValueError, match="unequal lengths"):
+        get_family("pix2pix").draw({"a": x, "b": x[:3]}, 4)
+
+
+def test_unpaired_draw_is_independent_and_skips_a_missing_domain() -> None:
+    torch.manual_seed(0)
+    fam = CycleGAN()
+    a, b = torch.arange(50.0).view(50, 1, 1, 1), torch.arange(50.0).view(50, 1, 1, 1)
+    batch = fam.draw({"a": a, "b": b}, 16)
+    assert not torch.equal(batch["a"], batch["b"])  # one shared index would make them equal
+    only_a = fam.draw({"a": a, "b": b[:0]}, 4)
+    assert set(only_a) == {"a"}
+    assert fam.examples({"a": a[:7], "b": b[:0]}) == {"g_ab": 7, "g_ba": 7, "d_a": 0, "d_b": 0}
+    assert fam.examples({"a": a[:7], "b": b[:5]}) == {"g_ab": 12, "g_ba": 12, "d_a": 7, "d_b": 5}
+
+
+def test_cyclegan_with_one_domain_trains_generators_only() -> None:
+    torch.manual_seed(0)
+    fam = get_family("cyclegan")
+    cfg = _cfg("cyclegan", 2, 16, 8)
+    nets = fam.build(cfg)
+    before = {c: copy.deepcopy(n.state_dict()) for c, n in nets.items()}
+    opts = fam.optimizers(nets, TrainConfig())
+    out = fam.train_step({"a": _data(cfg, 4)["a"]}, nets, opts, StepContext())
+    assert "loss-d" not in out and "loss-cycle" in out
+    for c, net in nets.items():
+        changed = any(not torch.equal(before[c][k], v) for k, v in net.state_dict().items())
+        assert changed == c.startswith("g_"), c
+
+
+def test_cdcgan_needs_classes_and_labels() -> None:
+    fam = get_family("cdcgan")
+    with pytest.raises(ValueError, match="num_classes"):
+        fam.build(ModelConfig(family="cdcgan", num_classes=0))
+    nets = fam.build(_cfg("cdcgan", 2, 32, 8))
+    with pytest.raises(ValueError, match="labels"):
+        fam.sample(nets, torch.randn(2, 16))
+
+
+def _forbid_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def guard(method: str) -> object:
+        original = getattr(torch.Tensor, method)
+
+        def refuse(self: torch.Tensor, *a: object, **k: object) -> object:
+            # torch.optim reads its step counter, which it keeps on the CPU by design (no sync)
+            if "torch/optim" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                return original(self, *a, **k)
+            raise AssertionError(f"host sync inside train_step: Tensor.{method}")
+
+        return refuse
+
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, method, guard(method))
+
+
+@pytest.mark.parametrize("name", ["dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan"])
+def test_no_host_sync_inside_a_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fam = get_family(name)
+    cfg = _cfg(name, 2, 16, 4)
+    nets = fam.build(cfg)
+    opts = fam.optimizers(nets, TrainConfig(prox_mu=0.1))
+    anchor = {c: [p.detach().clone() for p in n.parameters()] for c, n in nets.items()}
+    ctx = StepContext(prox_mu=0.1, anchor=anchor)
+    data = _data(cfg)
+    with monkeypatch.context() as m:
+        _forbid_sync(m)
+        batch = fam.draw(data, 4)
+        out = fam.train_step(batch, nets, opts, ctx)
+    assert out  # the patch is gone: the caller syncs once
+    assert all(torch.isfinite(v).item() for v in out.values())
+
+
+def test_forbid_sync_guard_really_fires(monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        _forbid_sync(m)
+        with pytest.raises(AssertionError, match="host sync"):
+            torch.ones(1).item()
