@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
 CYCLE_WEIGHT = 10.0  # lambda of eq. 3
@@ -155,13 +155,7 @@ class CycleGAN(FamilyBase):
         """Translate the input batch ``noise`` from domain a to b (``direction="ba"``: b to a)."""
         if direction not in ("ab", "ba"):
             raise ValueError(f"direction must be 'ab' or 'ba', got {direction!r}")
-        g = nets["g_" + direction]
-        was_training = g.training
-        g.eval()
-        try:
-            return g(noise)
-        finally:
-            g.train(was_training)
+        return eval_forward(nets["g_" + direction], noise)
 
 
 @register("cyclegan")

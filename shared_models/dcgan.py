@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
@@ -76,13 +76,7 @@ class DCGAN(FamilyBase):
     @torch.no_grad()
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
                ) -> torch.Tensor:
-        g = nets["generator"]
-        was_training = g.training
-        g.eval()
-        try:
-            return g(noise, labels)
-        finally:
-            g.train(was_training)
+        return eval_forward(nets["generator"], noise, labels)
 
 
 @register("dcgan")

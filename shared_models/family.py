@@ -171,3 +171,14 @@ def families() -> list[str]:
     _load_families()
 
     return sorted(_REGISTRY)
+
+
+@torch.no_grad()
+def eval_forward(net: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
+    """``net(*args)`` in eval mode (batch-norm running statistics), restoring the mode after."""
+    was_training = net.training
+    net.eval()
+    try:
+        return net(*args)
+    finally:
+        net.train(was_training)

@@ -14,7 +14,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of eq. 4
@@ -83,13 +83,7 @@ class Pix2Pix(FamilyBase):
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
                ) -> torch.Tensor:
         """Translate the input batch ``noise`` (domain a images, in [-1, 1]) to domain b."""
-        g = nets["generator"]
-        was_training = g.training
-        g.eval()
-        try:
-            return g(noise)
-        finally:
-            g.train(was_training)
+        return eval_forward(nets["generator"], noise)
 
 
 @register("pix2pix")

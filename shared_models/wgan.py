@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 GP_WEIGHT = 10.0  # lambda of eq. 3
@@ -116,13 +116,7 @@ class WGANGP(FamilyBase):
     @torch.no_grad()
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
                ) -> torch.Tensor:
-        g = nets["generator"]
-        was_training = g.training
-        g.eval()
-        try:
-            return g(noise)
-        finally:
-            g.train(was_training)
+        return eval_forward(nets["generator"], noise)
 
 
 @register("wgan-gp")
