@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample")
 
 
 class UserError(Exception):

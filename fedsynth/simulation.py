@@ -11,10 +11,13 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from client.settings import SIM_ENV
 from server.federation import FederationConfig, Observer, run_federation
+
+if TYPE_CHECKING:
+    from server.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +28,14 @@ def run_simulated_federation(
     *,
     observers: tuple[Observer, ...] = (),
     cpus: int | None = None,
+    metrics: "CoordinatorMetrics | None" = None,
 ) -> Path:
     """Run ``cfg`` with one virtual hospital per entry of ``hospitals``; returns the run folder.
 
     Each entry is a hospital settings mapping (``data-dir``, optional ``cache-dir``, ``threads``…).
     Every hospital trains with one torch thread: on a small machine several simulated hospitals
-    contend badly otherwise.
+    contend badly otherwise. With ``metrics``, the coordinator's series are exported (bytes
+    counted on the Grid, rounds observed) and per-hospital series carry the hospitals' names.
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -46,11 +51,23 @@ def run_simulated_federation(
     sim_file = run_root / "simulation-hospitals.json"
     sim_file.write_text(json.dumps(entries, indent=2, default=str))
     os.environ[SIM_ENV] = str(sim_file.resolve())
+    if metrics is not None:
+        from client.metrics import SIM_NAMES_ENV
+        from server.metrics import MeteredGrid
+
+        names_dir = run_root / "node-names"
+        names_dir.mkdir(exist_ok=True)
+        os.environ[SIM_NAMES_ENV] = str(names_dir.resolve())
+        metrics.names.watch(names_dir)
+        metrics.set_run(cfg.model.family, cfg.preset, cfg.rounds)
+        observers = (*observers, metrics.observe)
 
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if metrics is not None:
+            grid = MeteredGrid(grid, metrics)
         run_federation(grid, replace(cfg, min_hospitals=max(cfg.min_hospitals, len(entries))),
                        observers)
 

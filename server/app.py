@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .federation import FederationConfig, run_federation
+from .metrics import CoordinatorMetrics, HospitalNames, MeteredGrid, start_exporter
 
 
 def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
@@ -14,7 +17,23 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg or FederationConfig.from_run_config(context.run_config))
+        run_cfg = cfg or FederationConfig.from_run_config(context.run_config)
+        # The ServerApp process lives for the whole run: it serves the coordinator's metrics.
+        # run config: metrics-port (0: off), metrics-host (default 127.0.0.1).
+        port = int(context.run_config.get("metrics-port", 0))
+        if port <= 0:
+            run_federation(grid, run_cfg)
+            return
+        names_file = str(context.run_config.get("hospital-names", ""))  # node id -> name JSON
+        metrics = CoordinatorMetrics(
+            names=HospitalNames.from_file(Path(names_file)) if names_file else HospitalNames())
+        metrics.set_run(run_cfg.model.family, run_cfg.preset, run_cfg.rounds)
+        server = start_exporter(metrics, port,
+                                str(context.run_config.get("metrics-host", "127.0.0.1")))
+        try:
+            run_federation(MeteredGrid(grid, metrics), run_cfg, (metrics.observe,))
+        finally:
+            server.shutdown()
 
     return app
 

@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, default=Path("demo-data"))
     p.add_argument("--run-dir", type=Path, default=Path("runs"))
     p.add_argument("--run-id", default="")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve coordinator metrics on 127.0.0.1:PORT during the run (0: off)")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.demo_data import build_demo_hospitals
     from fedsynth.simulation import run_simulated_federation
     from server.federation import FederationConfig
+    from server.metrics import CoordinatorMetrics, start_exporter
+    from server.report import write_report
     from shared_models import ModelConfig, TrainConfig
 
     t0 = time.monotonic()
@@ -43,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
                  for f in folders]
     log.info("federating %d hospitals for %d rounds on Flower's simulation engine",
              len(hospitals), cfg.rounds)
-    root = run_simulated_federation(cfg, hospitals)
+    metrics = CoordinatorMetrics()  # also names the hospitals in the report
+    exporter = start_exporter(metrics, args.metrics_port) if args.metrics_port else None
+    try:
+        root = run_simulated_federation(cfg, hospitals, metrics=metrics)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
+    write_report(root)
     print(f"\nfedsynth demo finished in {time.monotonic() - t0:.0f} s")
     print(f"  run folder    : {root}")
     print(f"  sample grids  : {root / 'samples'}  (round-000.png = untrained, "

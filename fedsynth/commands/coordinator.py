@@ -1,0 +1,129 @@
+"""``fedsynth coordinator``: the Flower SuperLink with TLS, node authentication and a state database.
+
+It registers every hospital public key found in ``KEYS/nodes/*.pub`` (and ``--register`` files),
+keeps looking for new ones while it runs, and restarts the SuperLink with backoff if it dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from pathlib import Path
+
+log = logging.getLogger("fedsynth.coordinator")
+
+INSECURE_WARNING = ("RUNNING WITHOUT TLS AND WITHOUT NODE AUTHENTICATION: model weights travel in "
+                    "clear text and any machine that reaches this port can join. Use only for a "
+                    "local test.")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("coordinator", help="run the federation's SuperLink (TLS + node auth)")
+    p.add_argument("--keys", type=Path, help="folder from `fedsynth certs init` "
+                   "(ca.pem, coordinator.pem/.key, nodes/*.pub)")
+    p.add_argument("--address", default="0.0.0.0:8000",
+                   help="HOST:PORT the SuperLink listens on (Fleet, Control and runtime APIs)")
+    p.add_argument("--state", type=Path, default=Path("coordinator-state"),
+                   help="folder for the state database and the Flower CLI connection")
+    p.add_argument("--ca-cert", type=Path, help="override KEYS/ca.pem")
+    p.add_argument("--cert", type=Path, help="override KEYS/coordinator.pem")
+    p.add_argument("--key", type=Path, help="override KEYS/coordinator.key")
+    p.add_argument("--register", type=Path, action="append", default=[], metavar="PUB",
+                   help="a hospital's public node key to register (repeatable)")
+    p.add_argument("--register-dir", type=Path, action="append", default=[], metavar="DIR",
+                   help="a folder of hospitals' *.pub node keys to register (repeatable)")
+    p.add_argument("--rescan", type=float, default=15.0,
+                   help="seconds between looks for new keys in KEYS/nodes")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, no node authentication (local tests only; warns loudly)")
+    p.add_argument("--log-file", type=Path, help="copy the SuperLink's log here")
+    p.set_defaults(func=run)
+
+
+def _tls(args: argparse.Namespace):  # noqa: ANN202
+    from fedsynth.certs import CertError, FederationKeys, check_server_pair
+    from fedsynth.cli import UserError
+    from fedsynth.deployment import TLSFiles
+
+    keys = FederationKeys(args.keys) if args.keys else None
+    ca = args.ca_cert or (keys.ca_cert if keys else None)
+    cert = args.cert or (keys.server_cert if keys else None)
+    key = args.key or (keys.server_key if keys else None)
+    if ca is None or cert is None or key is None:
+        raise UserError("no TLS files: give --keys DIR (from `fedsynth certs init`) or "
+                        "--ca-cert/--cert/--key; --insecure runs without TLS for local tests")
+    try:
+        check_server_pair(ca, cert, key)
+    except CertError as exc:
+        raise UserError(str(exc)) from None
+    return TLSFiles(ca.resolve(), cert.resolve(), key.resolve())
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.certs import CertError, FederationKeys
+    from fedsynth.cli import UserError
+    from fedsynth.deployment import (DeploymentError, Supervisor, register_node_keys,
+                                     split_address, stop_on_signals, superlink_command,
+                                     wait_for_port, write_flwr_home)
+
+    tls = None
+    if args.insecure:
+        for _ in range(3):
+            log.warning(INSECURE_WARNING)
+    else:
+        tls = _tls(args)
+    try:
+        host, port = split_address(args.address)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    state = args.state.resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    flwr_home = state / "flwr"
+    write_flwr_home(flwr_home, f"{local}:{port}", tls.ca_cert if tls else None)
+
+    log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
+
+    def sink(line: str) -> None:
+        if log_fh is not None:
+            log_fh.write(line + "\n")
+        logging.getLogger("fedsynth.superlink").info("%s", line)
+
+    link = Supervisor("superlink", superlink_command(args.address, state / "state.db", tls,
+                                                    node_auth=tls is not None), sink=sink)
+    stop_on_signals(link.stop)
+    registered: set[Path] = set()
+
+    def pending() -> list[Path]:
+        keys = FederationKeys(args.keys).node_public_keys() if args.keys else []
+        extra = [p for d in args.register_dir for p in sorted(Path(d).glob("*.pub"))]
+        return [p for p in [*keys, *extra, *args.register] if p.resolve() not in registered]
+
+    def registrar() -> None:
+        """Register new hospital keys once the SuperLink answers; retry soon after a failure."""
+        while not link.stopping():
+            todo = pending() if tls is not None else []
+            ok = True
+            if todo and link.alive():
+                try:
+                    wait_for_port(local, port, 60, link.alive)
+                    for name, node in register_node_keys(todo, flwr_home).items():
+                        log.info("hospital key %s registered (node %s)", name, node)
+                    registered.update(p.resolve() for p in todo)
+                except (DeploymentError, CertError) as exc:
+                    log.error("%s", exc)
+                    ok = False
+            link.sleep(args.rescan if ok and not (todo and not link.alive()) else 2.0)
+
+    if tls is not None and not args.register and not (args.keys and
+                                                       FederationKeys(args.keys).nodes.is_dir()):
+        log.warning("no hospital keys to register yet: add KEYS/nodes/NAME.pub "
+                    "(`fedsynth certs node`) or --register")
+    threading.Thread(target=registrar, daemon=True).start()
+    log.info("coordinator listening on %s (%s); state in %s", args.address,
+             "TLS + node authentication" if tls else "INSECURE", state)
+    code = link.run_forever()
+    if log_fh is not None:
+        log_fh.close()
+    return 0 if link.stopping() else code

@@ -1,0 +1,159 @@
+"""``fedsynth hospital``: the hospital daemon, a supervised Flower SuperNode.
+
+One outbound TLS connection to the coordinator; the SuperNode's own runtime port binds 127.0.0.1.
+Settings come from one TOML file (see ``client.settings.DaemonSettings``); flags override it.
+Configuration mistakes end with one line and exit 2; a coordinator that is down, or a SuperNode
+that dies, is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger("fedsynth.hospital")
+
+REFUSED_HINT = ("the coordinator refused this hospital's node key (Flower exit code 305): it is "
+                "not registered; give the matching .pub file to the coordinator")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hospital", help="run this hospital's daemon (a Flower SuperNode)")
+    p.add_argument("config", type=Path, nargs="?", help="settings file (TOML)")
+    p.add_argument("--coordinator", help="coordinator HOST:PORT")
+    p.add_argument("--root-certificates", type=Path, help="the federation's CA (ca.pem)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="no TLS (local tests only)")
+    p.add_argument("--node-key", type=Path, help="this hospital's OpenSSH EC private key")
+    p.add_argument("--port", type=int, help="local runtime port of the SuperNode (127.0.0.1)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve this hospital's Prometheus metrics on this port (0: off)")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--modalities", help="comma separated, e.g. MR,CT")
+    p.add_argument("--name")
+    p.add_argument("--model-public-key", type=Path, help="the coordinator's model-signing.pub")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="give up after this many restarts (default: never)")
+    p.add_argument("--log-file", type=Path, help="copy the SuperNode's log here")
+    p.set_defaults(func=run)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    def s(v: object) -> object:
+        return str(v) if isinstance(v, Path) else v
+
+    return {"coordinator.address": args.coordinator,
+            "coordinator.root-certificates": s(args.root_certificates),
+            "coordinator.insecure": args.insecure,
+            "node.key": s(args.node_key), "node.port": args.port,
+            "node.metrics-port": args.metrics_port,
+            "hospital.data-dir": s(args.data_dir), "hospital.cache-dir": s(args.cache_dir),
+            "hospital.device": args.device, "hospital.threads": args.threads,
+            "hospital.modalities": args.modalities, "hospital.name": args.name,
+            "hospital.model-public-key": s(args.model_public_key)}
+
+
+def load_settings(args: argparse.Namespace):  # noqa: ANN201
+    """Settings checked before anything starts: each mistake is one ``UserError`` line."""
+    from client.settings import DaemonSettings, SettingsError
+    from fedsynth.certs import CertError, check_node_private_key, load_certificate
+    from fedsynth.cli import UserError
+
+    try:
+        settings = DaemonSettings.load(args.config, _overrides(args))
+        settings.hospital.check_local()
+        if settings.root_certificates is not None:
+            load_certificate(settings.root_certificates, "coordinator CA certificate")
+        if settings.node_key is not None:
+            check_node_private_key(settings.node_key)
+        elif not settings.insecure:
+            raise UserError("node key is missing ([node] key or --node-key): the coordinator "
+                            "only accepts registered hospitals")
+    except (SettingsError, CertError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    if settings.hospital.model_public_key is None:
+        log.warning("no model-public-key pinned: global models are loaded without checking "
+                    "the coordinator's signature")
+    return settings
+
+
+def start_metrics(port: int) -> dict[str, str]:
+    """Start the hospital's metrics exporter when ``client.metrics`` provides one.
+
+    Returns environment for the SuperNode (prometheus multiprocess folder), so that each
+    short-lived ClientApp process can record into it.
+    """
+    if not port:
+        return {}
+    if importlib.util.find_spec("client.metrics") is None:
+        log.warning("--metrics-port %d given but this fedsynth has no client.metrics module; "
+                    "metrics are off", port)
+        return {}
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")) or None
+    if folder is None:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="fedsynth-metrics-"))
+    shutil.rmtree(folder, ignore_errors=True)  # stale files from a previous daemon skew counters
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    from client import metrics  # type: ignore[attr-defined]
+
+    metrics.start_exporter(port)
+    log.info("hospital metrics on 127.0.0.1:%d", port)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.cli import UserError
+    from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, Supervisor, child_env,
+                                     probe_coordinator, stop_on_signals, supernode_command)
+
+    settings = load_settings(args)
+    env = child_env(start_metrics(settings.metrics_port))
+    log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
+    refused = {"seen": False}
+
+    def on_line(line: str) -> None:
+        if f"Exit Code: {NODE_REFUSED_CODE}" in line:
+            refused["seen"] = True
+            log.error("%s (%s)", REFUSED_HINT, settings.node_key)
+
+    def sink(line: str) -> None:
+        if log_fh is not None:
+            log_fh.write(line + "\n")
+        logging.getLogger("fedsynth.supernode").info("%s", line)
+
+    node = Supervisor(
+        "supernode",
+        supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
+                          settings.port, settings.hospital.to_node_config()),
+        env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts)
+    stop_on_signals(node.stop)
+
+    def preflight() -> None:
+        try:
+            probe_coordinator(settings.coordinator, settings.root_certificates)
+        except DeploymentError as exc:
+            if type(exc) is DeploymentError:  # wrong certificate: retrying cannot help
+                node.stop()
+                raise UserError(str(exc)) from None
+            raise
+
+    log.info("hospital %s → coordinator %s (%s)", settings.hospital.name, settings.coordinator,
+             "INSECURE" if settings.insecure else "TLS")
+    try:
+        code = node.run_forever(before_start=preflight)
+    finally:
+        if log_fh is not None:
+            log_fh.close()
+    if node.stopping():
+        return 0
+    return 3 if refused["seen"] else (code or 1)

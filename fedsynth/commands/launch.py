@@ -1,0 +1,108 @@
+"""``fedsynth launch CONFIG``: start (or ``--resume``) a federation run on the coordinator.
+
+CONFIG is TOML: ``[coordinator]`` address and root-certificates; ``[run]`` family, preset, rounds,
+local-steps, batch-size, image-size, min-hospitals, round-timeout, signing-key, run-dir, run-id…
+The run is submitted with ``flwr run`` and a code-free app (see ``fedsynth.deployment``).
+``--wait`` follows it to the end: ``flwr run --stream`` exits 0 even when the ServerApp crashed,
+so the outcome is read from the run's status instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("fedsynth.launch")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="start a federation run on the coordinator")
+    p.add_argument("config", type=Path, help="launch file (TOML)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue this run after its last completed round")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the run to end; exit 1 unless it completed")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="seconds to wait for a coordinator that is starting")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between status checks")
+    p.add_argument("--flwr-home", type=Path, help="Flower CLI folder (default ~/.fedsynth/flwr)")
+    p.set_defaults(func=run)
+
+
+def wait_for_run(flower_run_id: str, flwr_home: Path, poll: float) -> tuple[str, str]:
+    """Poll ``flwr ls RUN`` until the run is finished; returns (status, details)."""
+    from fedsynth.deployment import DeploymentError, flwr_json
+
+    while True:
+        try:
+            runs = flwr_json(["ls", "--run-id", flower_run_id], flwr_home)["runs"]
+            status, details = runs[0]["status"], runs[0].get("status-details", "")
+            if status.startswith("finished"):
+                return status, details
+        except DeploymentError as exc:  # the coordinator may be restarting
+            log.warning("%s", exc)
+        time.sleep(poll)
+
+
+def wait_for_coordinator(address: str, root_cert: Path | None, timeout: float) -> None:
+    """A coordinator that is (re)starting gets ``timeout`` seconds; a wrong CA fails at once."""
+    from fedsynth.cli import UserError
+    from fedsynth.deployment import CoordinatorUnreachable, DeploymentError, probe_coordinator
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            probe_coordinator(address, root_cert)
+            return
+        except CoordinatorUnreachable as exc:
+            if time.monotonic() >= deadline:
+                raise UserError(str(exc)) from None
+            log.info("%s; waiting", exc)
+            time.sleep(2.0)
+        except DeploymentError as exc:
+            raise UserError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.cli import UserError
+    from fedsynth.deployment import (CONNECTION, DeploymentError, LaunchConfig,
+                                     default_flwr_home, flwr_json, run_config_arg,
+                                     write_flwr_home, write_launch_app)
+
+    try:
+        cfg = LaunchConfig.load(args.config)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    run_cfg = dict(cfg.run)
+    if args.resume:
+        run_cfg["run-id"], run_cfg["resume"] = args.resume, True
+    elif not run_cfg.get("run-id"):
+        run_cfg["run-id"] = datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+    if cfg.root_certificates is not None and not run_cfg.get("signing-key"):
+        raise UserError(f"launch file '{args.config}': [run] signing-key is missing (the "
+                        "coordinator's model-signing.key; hospitals refuse unsigned models)")
+    if run_cfg.get("signing-key") and not Path(run_cfg["signing-key"]).is_file():
+        raise UserError(f"signing-key '{run_cfg['signing-key']}' does not exist "
+                        "(launch from the coordinator's machine)")
+    flwr_home = args.flwr_home or default_flwr_home()
+    write_flwr_home(flwr_home, cfg.address, cfg.root_certificates)
+    wait_for_coordinator(cfg.address, cfg.root_certificates, args.connect_timeout)
+    with tempfile.TemporaryDirectory(prefix="fedsynth-app-") as tmp:
+        app = write_launch_app(Path(tmp) / "app")
+        try:
+            out = flwr_json(["run", str(app), CONNECTION, "--run-config",
+                             run_config_arg(run_cfg)], flwr_home, timeout=300)
+        except DeploymentError as exc:
+            raise UserError(f"{exc} (coordinator {cfg.address})") from None
+    flower_id = str(out["run-id"])
+    print(f"run {run_cfg['run-id']} submitted (Flower run {flower_id}); "
+          f"resume with: fedsynth launch {args.config} --resume {run_cfg['run-id']}", flush=True)
+    if not args.wait:
+        return 0
+    status, details = wait_for_run(flower_id, flwr_home, args.poll)
+    print(f"run {run_cfg['run-id']}: {status} {details}".rstrip(), flush=True)
+    return 0 if status == "finished:completed" else 1
