@@ -11,11 +11,9 @@ import importlib
 import logging
 import sys
 
+from fedsynth.errors import UserError
+
 COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample")
-
-
-class UserError(Exception):
-    """A problem the person running the command can fix; shown as one line, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, init_federation
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
 
     try:
         keys = init_federation(args.dir, args.host, force=args.force)
@@ -39,7 +39,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 def run_node(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, new_node_key
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
 
     try:
         private, public = new_node_key(args.dir, args.name, force=args.force)

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _tls(args: argparse.Namespace):  # noqa: ANN202
     from fedsynth.certs import CertError, FederationKeys, check_server_pair
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import TLSFiles
 
     keys = FederationKeys(args.keys) if args.keys else None
@@ -62,7 +62,7 @@ def _tls(args: argparse.Namespace):  # noqa: ANN202
 
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import (DeploymentError, Supervisor, register_node_keys,
                                      split_address, stop_on_signals, superlink_command,
                                      wait_for_port, write_flwr_home)

@@ -69,7 +69,7 @@ def _print_text(report) -> None:  # type: ignore[no-untyped-def]
 
 def run_scan(args: argparse.Namespace) -> int:
     from client.dicom import DicomSettings, NoUsableDicomError, scan_folder
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
 
     if not args.verbose:  # every skip is reported below; pydicom's decoder tracebacks are noise here
         logging.getLogger("pydicom").setLevel(logging.CRITICAL)

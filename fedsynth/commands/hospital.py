@@ -64,7 +64,7 @@ def load_settings(args: argparse.Namespace):  # noqa: ANN201
     """Settings checked before anything starts: each mistake is one ``UserError`` line."""
     from client.settings import DaemonSettings, SettingsError
     from fedsynth.certs import CertError, check_node_private_key, load_certificate
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
 
     try:
         settings = DaemonSettings.load(args.config, _overrides(args))
@@ -112,7 +112,7 @@ def start_metrics(port: int) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, Supervisor, child_env,
                                      probe_coordinator, stop_on_signals, supernode_command)
 

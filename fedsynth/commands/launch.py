@@ -50,7 +50,7 @@ def wait_for_run(flower_run_id: str, flwr_home: Path, poll: float) -> tuple[str,
 
 def wait_for_coordinator(address: str, root_cert: Path | None, timeout: float) -> None:
     """A coordinator that is (re)starting gets ``timeout`` seconds; a wrong CA fails at once."""
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import CoordinatorUnreachable, DeploymentError, probe_coordinator
 
     deadline = time.monotonic() + timeout
@@ -68,7 +68,7 @@ def wait_for_coordinator(address: str, root_cert: Path | None, timeout: float) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import (CONNECTION, DeploymentError, LaunchConfig,
                                      default_flwr_home, flwr_json, run_config_arg,
                                      write_flwr_home, write_launch_app)

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from server.report import ReportError, write_report
 
     try:

@@ -63,7 +63,7 @@ def generate(family: Any, nets: dict[str, Any], cfg: Any, n: int, seed: int) -> 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.export import Provenance, write_dicom, write_png
 
     if args.n < 1:

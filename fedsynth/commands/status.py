@@ -41,7 +41,7 @@ def collect(cfg, flwr_home: Path) -> dict:  # noqa: ANN001
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.cli import UserError
+    from fedsynth.errors import UserError
     from fedsynth.deployment import (DeploymentError, LaunchConfig, default_flwr_home,
                                      write_flwr_home)
 
