@@ -32,14 +32,22 @@ def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` takes the first CUDA GPU when one answers, else the CPU."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} requested but no CUDA GPU is available")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"device {requested!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} requested but no CUDA GPU is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {requested!r}: only {torch.cuda.device_count()} GPU(s)")
     return device
 
 
 def pick_amp(device: torch.device, requested: str = "auto") -> torch.dtype | None:
     """Mixed precision on GPUs only: bf16 where supported (no scaler needed), else fp16."""
+    if requested not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"amp {requested!r}: use auto, off, bf16 or fp16")
     if requested == "off" or device.type != "cuda":
         return None
     if requested == "fp16":
@@ -62,14 +70,20 @@ class LocalTrainer:
         self.model = model
         self.family: GanFamily = get_family(model.family)
         self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # so bf16 support is asked of the chosen GPU
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")  # TF32 for Linear layers too
         self.amp_dtype = pick_amp(device, amp)
+        self.memory_format = (torch.channels_last if model.spatial_dims == 2
+                              else torch.channels_last_3d)
         self.nets: Nets = self.family.build(model)
         for net in self.nets.values():
             net.to(device)
-            if device.type == "cuda" and model.spatial_dims == 2:
-                net.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            if device.type == "cuda":
+                net.to(memory_format=self.memory_format)
+        # device copies of the (per-process cached) training tensors: uploaded once, not per round
+        self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         decode_into(self.nets, arrays)
@@ -144,11 +158,16 @@ class LocalTrainer:
         return LocalResult(arrays=arrays, metrics=metrics)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            t = t.pin_memory().to(self.device, non_blocking=True)
-            if t.ndim == 4 and t.is_floating_point():
-                t = t.contiguous(memory_format=torch.channels_last)
-        return t
+        if self.device.type != "cuda":
+            return t
+        hit = self._on_device.get(id(t))
+        if hit is not None and hit[0] is t:
+            return hit[1]
+        d = t.to(self.device)
+        if d.ndim == 2 + self.model.spatial_dims and d.is_floating_point():
+            d = d.contiguous(memory_format=self.memory_format)
+        self._on_device[id(t)] = (t, d)
+        return d
 
     @torch.no_grad()
     def evaluate(self, holdout: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:

@@ -115,7 +115,11 @@ class GanStrategy(Strategy):
                 and self.policies[split_key(k)[0]].collects(server_round)]
 
     def _outgoing(self, keys: list[str], config: ConfigRecord) -> RecordDict:
-        record = protocol.to_record({k: self._global[k] for k in keys})
+        """The round's message content; with fp16 transport the download is halved too."""
+        half = config.get("train.wire_dtype") == "float16"
+        record = protocol.to_record({
+            k: self._global[k].astype(np.float16)
+            if half and self._global[k].dtype == np.float32 else self._global[k] for k in keys})
         if self.signer is not None:
             config[SIGNATURE_KEY] = self.signer(record)
         return RecordDict({protocol.ARRAYS: record, protocol.CONFIG: config})

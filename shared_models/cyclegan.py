@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
 CYCLE_WEIGHT = 10.0  # lambda of eq. 3
@@ -77,7 +77,7 @@ class CycleGAN(FamilyBase):
 
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
         betas = (train.beta1, train.beta2)  # the paper: Adam, lr 2e-4, beta1 0.5
-        return {c: torch.optim.Adam(nets[c].parameters(),
+        return {c: adam(nets[c].parameters(),
                                     train.lr_g if c.startswith("g_") else train.lr_d, betas)
                 for c in self.components}
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
@@ -37,8 +37,8 @@ class DCGAN(FamilyBase):
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
         betas = (train.beta1, train.beta2)
         return {
-            "generator": torch.optim.Adam(nets["generator"].parameters(), train.lr_g, betas),
-            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), train.lr_d, betas),
+            "generator": adam(nets["generator"].parameters(), train.lr_g, betas),
+            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d, betas),
         }
 
     def train_step(

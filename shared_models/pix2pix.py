@@ -14,7 +14,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of eq. 4
@@ -40,8 +40,8 @@ class Pix2Pix(FamilyBase):
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
         betas = (train.beta1, train.beta2)  # the paper: Adam, lr 2e-4, beta1 0.5
         return {
-            "generator": torch.optim.Adam(nets["generator"].parameters(), train.lr_g, betas),
-            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), train.lr_d, betas),
+            "generator": adam(nets["generator"].parameters(), train.lr_g, betas),
+            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d, betas),
         }
 
     def train_step(

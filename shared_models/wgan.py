@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 GP_WEIGHT = 10.0  # lambda of eq. 3
@@ -61,8 +61,8 @@ class WGANGP(FamilyBase):
 
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
         return {
-            "generator": torch.optim.Adam(nets["generator"].parameters(), train.lr_g, ADAM_BETAS),
-            "discriminator": torch.optim.Adam(nets["discriminator"].parameters(), train.lr_d,
+            "generator": adam(nets["generator"].parameters(), train.lr_g, ADAM_BETAS),
+            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d,
                                               ADAM_BETAS),
         }
 
