@@ -190,7 +190,9 @@ class GanStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         if self.fraction_evaluate <= 0:
             return []
-        nodes = self._sample(grid, self.fraction_evaluate, 1)
+        # Evaluation takes whoever is connected: a hospital that dropped out mid-round must not
+        # hold the round (and its checkpoint) hostage until it comes back.
+        nodes = self._sample(grid, self.fraction_evaluate, 1, wait_for=1)
         self.last_evaluate = RoundReport(selected=len(nodes))
         config[protocol.SERVER_ROUND] = server_round
         # Only what was just aggregated goes out: a hospital's own copy of a local component, or of
@@ -216,13 +218,16 @@ class GanStrategy(Strategy):
         return MetricRecord(self._mean_metrics(report.per_hospital, "eval-examples"))
 
     # -- helpers ------------------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        """Wait for ``min_available_nodes`` connected hospitals, then take a fraction of them."""
+    def _sample(self, grid: Grid, fraction: float, minimum: int,
+                wait_for: int | None = None) -> list[int]:
+        """Wait for ``wait_for`` (default ``min_available_nodes``) connected hospitals, then take
+        a fraction of them."""
         from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
         available = len(list(grid.get_node_ids()))
         size = max(int(available * fraction), minimum)
-        nodes, _ = sample_nodes(grid, self.min_available_nodes, size)
+        wait = self.min_available_nodes if wait_for is None else wait_for
+        nodes, _ = sample_nodes(grid, wait, size)
         return list(nodes)
 
     @staticmethod
