@@ -43,6 +43,11 @@ def run_simulated_federation(
 
     from client.app import app as client_app
 
+    # Flower's import sets its logger to DEBUG; keep the person's terminal to our progress lines.
+    if not log.isEnabledFor(logging.DEBUG):
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
+
     cfg = replace(cfg, run_id=cfg.resolved_run_id())
     run_root = Path(cfg.run_dir) / cfg.run_id
     run_root.mkdir(parents=True, exist_ok=True)
