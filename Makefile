@@ -28,6 +28,7 @@ bench: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality
+	$(PY) -m bench.quality_extra
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache

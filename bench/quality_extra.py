@@ -1,0 +1,337 @@
+"""Quality rows beyond pix2pix: CycleGAN (SSIM/PSNR/MAE) and DCGAN / conditional DCGAN (Fréchet, TSTR).
+
+Same data, split and compute budget as ``bench.quality`` (4 phantom hospitals with different scanner
+profiles, every 4th slice held out, ``S = rounds x local_steps`` optimiser steps per hospital,
+centralized = ``S`` steps on the pooled data at ``hospitals x batch`` images, alone = ``S`` steps
+on one hospital's data at ``batch`` images), and the same in-process federation through the real
+``GanStrategy`` (``make_strategy``), ``protocol.train_reply`` and ``client.ua_gan.reply_plan``, with
+hospitals keeping their Adam state between rounds. Differences from ``bench.quality``:
+
+- batches come from ``family.draw`` and the reported examples from ``family.examples``, so
+  CycleGAN draws its two domains with independent indices (unpaired: the T1w/T2w pairing of the
+  phantom is never used in training; it is only the ground truth of the held-out score);
+- CycleGAN: ``sample(nets, a)`` = ``g_ab(a)``, scored against the true T2w with
+  ``bench.quality._metrics`` (SSIM, PSNR, MAE on [0, 1]). ``fedmed-gan`` = both generators shared,
+  both discriminators kept at each hospital.
+- DCGAN (unconditional) learns the mixture of T1w and T2w slices; the conditional DCGAN
+  (``num_classes=2``) learns them with the contrast as label (0 = T1w, 1 = T2w). Fréchet distance:
+  ``shared_models.quality.FeatureNet`` (fixed random conv features, ``FEATURE_SEED``), between
+  ``SAMPLES`` generated slices (half of each class for cdcgan) and the pooled held-out real T1w +
+  T2w slices. The held-out set is small (a few dozen slices for 176 feature dimensions), so the
+  distance is biased upward; the row "reference: real training slices" (real vs real) is its floor.
+- TSTR (cdcgan only): a tiny CNN (``SmallClassifier``) trained on ``SAMPLES`` generated slices with
+  the labels they were generated with, tested on the held-out real slices with their true contrast.
+  Chance is 0.5; "reference: train on real" trains it on the real training slices instead. Plain
+  DCGAN samples carry no label, so it gets the Fréchet distance only.
+
+Run: ``python -m bench.quality_extra`` (``--families``, ``--seeds``; default one seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message
+from torch import nn
+
+from bench.quality import (BenchConfig, _Grid, _metrics, hospital_data, mean_rows, task_identity)
+from client.ua_gan import reply_plan
+from fedsynth import protocol
+from server.aggregation import norm_state_keys
+from server.presets import make_strategy
+from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
+from shared_models.codec import decode_into
+from shared_models.quality import FeatureNet, frechet_distance
+
+log = logging.getLogger("bench.quality_extra")
+
+FAMILIES = ("cyclegan", "dcgan", "cdcgan")
+# row name -> preset, per family
+VARIANTS: dict[str, dict[str, str]] = {
+    "cyclegan": {"fedgan": "fedgan", "fedmed-gan (generators shared, D local)": "fedmed-gan"},
+    "dcgan": {"fedgan": "fedgan", "local-d": "local-d"},
+    "cdcgan": {"fedgan": "fedgan", "local-d": "local-d"},
+}
+UNTRAINED = "reference: untrained generator"
+SAMPLES = 128  # generated slices per Fréchet / TSTR evaluation
+Data = Mapping[str, torch.Tensor]
+Nets = dict[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class ExtraConfig:
+    """Sizes of the extra rows; ``bench`` carries the shared split and budget."""
+
+    bench: BenchConfig = BenchConfig(rounds=20, local_steps=5)
+    lr_generation: float = 5e-4  # DCGAN-family learning rate (G and D)
+
+    def model(self, family: str) -> ModelConfig:
+        b = self.bench
+        return ModelConfig(family=family, image_size=b.image_size, width=b.width,
+                           num_classes=2 if family == "cdcgan" else 0)
+
+    def train_config(self, family: str) -> TrainConfig:
+        b = self.bench
+        lr = b.lr if family == "cyclegan" else self.lr_generation
+        return TrainConfig(local_steps=b.local_steps, batch_size=b.batch, lr_g=lr, lr_d=lr,
+                           seed=b.seed)
+
+
+def family_data(family: str, train: Sequence[Data], held: Data
+                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Per-hospital training data in ``family``'s batch keys, and its held-out set."""
+    if family == "cyclegan":
+        return [dict(t) for t in train], dict(held)
+
+    def images(d: Data) -> dict[str, torch.Tensor]:
+        out = {"image": torch.cat([d["a"], d["b"]]),
+               "label": torch.cat([torch.zeros(len(d["a"]), dtype=torch.long),
+                                   torch.ones(len(d["b"]), dtype=torch.long)])}
+        if family == "dcgan":
+            del out["label"]
+        return out
+
+    return [images(t) for t in train], images(held) | {
+        "label": torch.cat([torch.zeros(len(held["a"]), dtype=torch.long),
+                            torch.ones(len(held["b"]), dtype=torch.long)])}
+
+
+class SmallClassifier(nn.Module):
+    """T1w-vs-T2w contrast classifier for TSTR: two strided convs and a linear layer."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Flatten(), nn.Linear(16 * (image_size // 4) ** 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tstr_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                  test_y: torch.Tensor, seed: int, steps: int = 150) -> float:
+    """Accuracy on (test_x, test_y) of a ``SmallClassifier`` trained on (train_x, train_y)."""
+    torch.manual_seed(seed)
+    clf = SmallClassifier(train_x.shape[-1])
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(len(train_x), (min(32, len(train_x)),))
+        loss = nn.functional.cross_entropy(clf(train_x[idx].float()), train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return float((clf(test_x.float()).argmax(1) == test_y).float().mean())
+
+
+def _features(x: torch.Tensor) -> np.ndarray:
+    return FeatureNet()(x.float().clamp(-1, 1)).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def _generate(family, nets: Nets, model: ModelConfig, seed: int  # noqa: ANN001
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator().manual_seed(seed + 4242)
+    z = torch.randn(SAMPLES, model.latent_dim, generator=gen)
+    labels = (torch.arange(SAMPLES) % 2).long() if model.num_classes else None
+    return family.sample(nets, z, labels), labels
+
+
+def score_nets(family_name: str, nets_list: Sequence[Nets], held: Data, model: ModelConfig,
+               seed: int) -> dict[str, float]:
+    """The family's metrics of each of ``nets_list``, averaged (one entry but for FedBN-like rows)."""
+    family = get_family(family_name)
+    scores = []
+    for nets in nets_list:
+        if family_name == "cyclegan":
+            scores.append(_metrics(family.sample(nets, held["a"]), held["b"]))
+            continue
+        fake, labels = _generate(family, nets, model, seed)
+        s = {"frechet": frechet_distance(_features(fake), _features(held["image"]))}
+        if labels is not None:
+            s["tstr"] = tstr_accuracy(fake, labels, held["image"], held["label"], seed)
+        scores.append(s)
+    return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+
+
+def _train(family, nets: Nets, opts, data: Data, steps: int, batch: int) -> None:  # noqa: ANN001
+    ctx = StepContext()
+    for _ in range(steps):
+        family.train_step(family.draw(data, batch), nets, opts, ctx)
+
+
+def _solo(family_name: str, cfg: ExtraConfig, data: Data, batch: int) -> Nets:
+    family, b = get_family(family_name), cfg.bench
+    torch.manual_seed(b.seed)
+    nets = family.build(cfg.model(family_name))
+    opts = family.optimizers(nets, cfg.train_config(family_name))
+    torch.manual_seed(b.seed * 1009 + 7)
+    _train(family, nets, opts, data, b.steps, batch)
+    return nets
+
+
+def federated(family_name: str, preset: str, cfg: ExtraConfig, train: Sequence[Data]
+              ) -> list[Nets]:
+    """Train ``preset`` in-process through the real strategy; the nets to score.
+
+    Returns the global model, or for a preset with local norm layers each hospital's own model.
+    """
+    family, b = get_family(family_name), cfg.bench
+    model, train_cfg = cfg.model(family_name), cfg.train_config(family_name)
+    torch.manual_seed(b.seed)
+    global_nets = family.build(model)
+    arrays = encode(global_nets)
+    sites = []
+    for i in range(b.hospitals):
+        torch.manual_seed(b.seed * 100 + i + 1)
+        sites.append(family.build(model))
+    site_opts = [family.optimizers(nets, train_cfg) for nets in sites]
+    strategy = make_strategy(preset, family.components, norm_keys=norm_state_keys(global_nets))
+    grid = _Grid(list(range(1, b.hospitals + 1)))
+    for rnd in range(1, b.rounds + 1):
+        msgs = list(strategy.configure_train(rnd, protocol.to_record(arrays),
+                                             protocol.train_config(model, train_cfg, rnd), grid))
+        replies = []
+        for msg in msgs:
+            i = msg.metadata.dst_node_id - 1
+            decode_into(sites[i], protocol.from_record(msg.content[protocol.ARRAYS]))
+            torch.manual_seed(b.seed * 1009 + rnd * 31 + i)
+            _train(family, sites[i], site_opts[i], train[i], b.local_steps, b.batch)
+            comps, include = reply_plan(msg.content[protocol.CONFIG], sites[i], family.components)
+            examples = family.examples(train[i])
+            metrics = {protocol.NUM_EXAMPLES: max(examples.values()),
+                       **{protocol.examples_key(c): n for c, n in examples.items()}}
+            replies.append(Message(protocol.train_reply(encode(sites[i], comps, include=include),
+                                                        metrics), reply_to=msg))
+        record, _ = strategy.aggregate_train(rnd, replies)
+        if record is not None:
+            arrays = protocol.from_record(record)
+        for msg in strategy.configure_evaluate(rnd, protocol.to_record(arrays),
+                                               ConfigRecord({}), grid):
+            decode_into(sites[msg.metadata.dst_node_id - 1],
+                        protocol.from_record(msg.content[protocol.ARRAYS]))
+    if preset == "fedbn":
+        return sites
+    decode_into(global_nets, arrays)
+    return [global_nets]
+
+
+def alone_rows(cfg: ExtraConfig) -> list[str]:
+    return [f"hospital-{i + 1} alone" for i in range(cfg.bench.hospitals)]
+
+
+def run_family(family_name: str, cfg: ExtraConfig,
+               variants: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """All rows of ``family_name``'s table for ``cfg.bench.seed``."""
+    variants = VARIANTS[family_name] if variants is None else variants
+    b = cfg.bench
+    model = cfg.model(family_name)
+    train, held = hospital_data(b)
+    train, held = family_data(family_name, train, held)
+
+    def scored(nets_list: Sequence[Nets]) -> dict[str, float]:
+        return score_nets(family_name, nets_list, held, model, b.seed)
+
+    t0 = time.perf_counter()
+    rows: dict[str, dict[str, float]] = {}
+    with task_identity():
+        if family_name == "cyclegan":
+            rows["reference: input T1w as is"] = _metrics(held["a"], held["b"])
+        else:
+            pooled = torch.cat([t["image"] for t in train])
+            real = {"frechet": frechet_distance(_features(pooled), _features(held["image"]))}
+            if model.num_classes:
+                labels = torch.cat([t["label"] for t in train])
+                real["tstr"] = tstr_accuracy(pooled, labels, held["image"], held["label"], b.seed)
+            rows["reference: real training slices"] = real
+        torch.manual_seed(b.seed)
+        rows[UNTRAINED] = scored([get_family(family_name).build(model)])
+        pooled_data = {k: torch.cat([t[k] for t in train]) for k in train[0]}
+        rows["centralized"] = scored([_solo(family_name, cfg, pooled_data, b.batch * b.hospitals)])
+        for i, name in enumerate(alone_rows(cfg)):
+            rows[name] = scored([_solo(family_name, cfg, train[i], b.batch)])
+        for name, preset in variants.items():
+            rows[name] = scored(federated(family_name, preset, cfg, train))
+        log.info("%s seed %d: %.0f s", family_name, b.seed, time.perf_counter() - t0)
+    return rows
+
+
+def run(family_name: str, cfg: ExtraConfig, seeds: Sequence[int],
+        variants: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Seed-averaged rows of ``family_name``."""
+    return mean_rows([run_family(family_name, replace(cfg, bench=replace(cfg.bench, seed=s)),
+                                 variants) for s in seeds])
+
+
+def table(family_name: str, rows: Mapping[str, Mapping[str, float]]) -> str:
+    if family_name == "cyclegan":
+        lines = ["| training | SSIM | PSNR (dB) | MAE |", "| --- | --- | --- | --- |"]
+        lines += [f"| {n} | {r['ssim']:.4f} | {r['psnr']:.2f} | {r['mae']:.4f} |"
+                  for n, r in rows.items()]
+        return "\n".join(lines)
+    lines = ["| training | Fréchet (FeatureNet) | TSTR accuracy |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {r['frechet']:.3f} | "
+              f"{'—' if 'tstr' not in r else format(r['tstr'], '.3f')} |" for n, r in rows.items()]
+    return "\n".join(lines)
+
+
+def summary(family_name: str, rows: Mapping[str, Mapping[str, float]], cfg: ExtraConfig,
+            variants: Sequence[str]) -> str:
+    """One line: best federated row vs centralized and vs the mean hospital alone."""
+    alone = alone_rows(cfg)
+    if family_name == "cyclegan":
+        key, better = "ssim", max
+    else:
+        key, better = "frechet", min
+    best = better(variants, key=lambda n: rows[n][key])
+    mean_alone = float(np.mean([rows[n][key] for n in alone]))
+    line = (f"{family_name}: best federated {key} ({best}) = {rows[best][key]:.4g}, "
+            f"centralized = {rows['centralized'][key]:.4g}, mean alone = {mean_alone:.4g}; "
+            f"best federated / centralized = {rows[best][key] / rows['centralized'][key]:.3f}")
+    if family_name == "cdcgan":
+        line += (f"; TSTR best federated = {max(rows[n]['tstr'] for n in variants):.3f}, "
+                 f"centralized = {rows['centralized']['tstr']:.3f}")
+    return line
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    d = ExtraConfig()
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--rounds", type=int, default=d.bench.rounds)
+    parser.add_argument("--local-steps", type=int, default=d.bench.local_steps)
+    parser.add_argument("--width", type=int, default=d.bench.width)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    torch.set_num_threads(args.threads)
+    cfg = replace(d, bench=replace(d.bench, rounds=args.rounds, local_steps=args.local_steps,
+                                   width=args.width))
+    b = cfg.bench
+    summaries = []
+    for fam in args.families:
+        t0 = time.perf_counter()
+        rows = run(fam, cfg, args.seeds)
+        lr = b.lr if fam == "cyclegan" else cfg.lr_generation
+        print(f"\n{fam}, {b.hospitals} hospitals, {b.image_size}px, width {b.width}, "
+              f"{b.rounds} rounds x {b.local_steps} local steps, batch {b.batch}, lr {lr:g}, "
+              f"seeds {args.seeds} (mean), {time.perf_counter() - t0:.0f} s")
+        print(table(fam, rows))
+        summaries.append(summary(fam, rows, cfg, list(VARIANTS[fam])))
+    print()
+    for line in summaries:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
