@@ -42,8 +42,8 @@ How each figure is taken (all ratios are side by side in one run; the machine is
   `ObjectTree`, then every object of the message tree deflated in its own Pull/PushObject
   request/response, gRPC 5-byte prefix and HTTP/2 DATA frame headers; HPACK headers and TLS not
   counted), over the floor 2 x fp32 shared parameter bytes x hospitals. Target <= 1.05 in fp32.
-  `fp16_reply` is what the code does with `wire-dtype = float16` today (the coordinator still
-  sends float32); `fp16_both` is the same with the global model sent in float16 too.
+  `fp16_reply` halves only the hospitals' replies; `fp16_both` also sends the global model in
+  float16, which is what `wire-dtype = float16` does since the strategy casts its downloads.
 - **scale_\\***: Flower's simulation engine, N virtual hospitals (2 Ray actors on 2 cores) on a
   tiny DCGAN (32 px, width 8, 1 local step of batch 4, 2 rounds, train + evaluate per round),
   sharing 3 demo DICOM folders and one slice cache. Seconds are the coordinator's own round time
