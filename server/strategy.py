@@ -15,7 +15,7 @@ import logging
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -30,6 +30,7 @@ from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
 from .validation import NORM_OUTLIER_RATIO, RejectedReply, norm_outliers, validate_train_reply
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -149,18 +150,8 @@ class GanStrategy(Strategy):
         """Validated, per-component aggregates; ``None`` arrays when nothing valid came."""
         report = self.last_train
         expected = {k: self._global[k] for k in self.expected_keys(server_round, self._global)}
-        valid: dict[str, tuple[Update, dict[str, float]]] = {}
-        for msg in replies:
-            hospital = str(msg.metadata.src_node_id)
-            if msg.has_error():
-                report.failed += 1
-                log.warning("round %d: hospital %s failed: %s", server_round, hospital,
-                            msg.error.reason)
-                continue
-            try:
-                valid[hospital] = validate_train_reply(msg.content, expected, self.components)
-            except RejectedReply as exc:
-                self._reject(report, server_round, hospital, exc)
+        valid = self._validated(server_round, replies, lambda content: validate_train_reply(
+            content, expected, self.components))
         outliers = norm_outliers({h: u for h, (u, _) in valid.items()}, expected,
                                  self.norm_outlier_ratio)
         for hospital, reason in outliers.items():
@@ -218,6 +209,24 @@ class GanStrategy(Strategy):
         return MetricRecord(self._mean_metrics(report.per_hospital, "eval-examples"))
 
     # -- helpers ------------------------------------------------------------------------------
+    def _validated(self, server_round: int, replies: Iterable[Message],
+                   validate: Callable[[RecordDict], T]) -> dict[str, T]:
+        """Each reply through ``validate``, keyed by hospital; failures and rejections counted."""
+        report = self.last_train
+        valid: dict[str, T] = {}
+        for msg in replies:
+            hospital = str(msg.metadata.src_node_id)
+            if msg.has_error():
+                report.failed += 1
+                log.warning("round %d: hospital %s failed: %s", server_round, hospital,
+                            msg.error.reason)
+                continue
+            try:
+                valid[hospital] = validate(msg.content)
+            except RejectedReply as exc:
+                self._reject(report, server_round, hospital, exc)
+        return valid
+
     def _sample(self, grid: Grid, fraction: float, minimum: int,
                 wait_for: int | None = None) -> list[int]:
         """Wait for ``wait_for`` (default ``min_available_nodes``) connected hospitals, then take

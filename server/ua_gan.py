@@ -136,18 +136,7 @@ class UaGanStrategy(GanStrategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the hospitals' (logits, grads), combine them, take one generator step."""
         report = self.last_train
-        valid: dict[str, tuple[np.ndarray, np.ndarray, float, dict[str, float]]] = {}
-        for msg in replies:
-            hospital = str(msg.metadata.src_node_id)
-            if msg.has_error():
-                report.failed += 1
-                log.warning("round %d: hospital %s failed: %s", server_round, hospital,
-                            msg.error.reason)
-                continue
-            try:
-                valid[hospital] = self._validate(msg.content)
-            except RejectedReply as exc:
-                self._reject(report, server_round, hospital, exc)
+        valid = self._validated(server_round, replies, self._validate)
         if len(valid) >= 3:
             norms = {h: float(np.linalg.norm(v[1])) for h, v in valid.items()}
             median = float(np.median(list(norms.values())))
