@@ -12,6 +12,10 @@ log = logging.getLogger("fedsynth.demo")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a small real federation on generated DICOM hospitals")
+    p.add_argument("--family", default="dcgan",
+                   help="GAN family: dcgan, cdcgan, wgan-gp, pix2pix (T1w->T2w), cyclegan")
+    p.add_argument("--preset", default="fedgan",
+                   help="aggregation preset: fedgan, fedmed-gan, fedbn, local-d, ua-gan")
     p.add_argument("--hospitals", type=int, default=3)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--local-steps", type=int, default=25)
@@ -33,14 +37,23 @@ def run(args: argparse.Namespace) -> int:
     from server.report import write_report
     from shared_models import ModelConfig, TrainConfig
 
+    from fedsynth.errors import UserError
+    from server.presets import PRESETS
+    from shared_models import families
+
+    if args.family not in families():
+        raise UserError(f"unknown family {args.family!r}; known: {', '.join(families())}")
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     t0 = time.monotonic()
     log.info("writing %d demo hospitals (phantom MR + real clinical DICOM) to %s",
              args.hospitals, args.data_dir)
     folders = build_demo_hospitals(args.data_dir, args.hospitals)
     cfg = FederationConfig(
-        model=ModelConfig(image_size=args.image_size),
+        model=ModelConfig(family=args.family, image_size=args.image_size,
+                          num_classes=2 if args.family == "cdcgan" else 0),
         train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size),
-        rounds=args.rounds, run_dir=str(args.run_dir), run_id=args.run_id,
+        rounds=args.rounds, run_dir=str(args.run_dir), run_id=args.run_id, preset=args.preset,
     )
     hospitals = [{"data-dir": str(f.resolve()),
                   "cache-dir": str((args.data_dir / ".cache" / f.name).resolve())}
