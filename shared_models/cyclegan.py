@@ -30,8 +30,8 @@ from typing import Mapping
 
 import torch
 
-from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
+from .config import ModelConfig
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
 CYCLE_WEIGHT = 10.0  # lambda of eq. 3
@@ -74,12 +74,6 @@ class CycleGAN(FamilyBase):
         for net in nets.values():
             init_normal(net)
         return nets
-
-    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        betas = (train.beta1, train.beta2)  # the paper: Adam, lr 2e-4, beta1 0.5
-        return {c: adam(nets[c].parameters(),
-                                    train.lr_g if c.startswith("g_") else train.lr_d, betas)
-                for c in self.components}
 
     def examples(self, data: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """See the module table: a discriminator counts only when both domains are present."""

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
+from .config import ModelConfig
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
@@ -33,13 +33,6 @@ class DCGAN(FamilyBase):
         init_dcgan_weights(g)
         init_dcgan_weights(d)
         return {"generator": g, "discriminator": d}
-
-    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        betas = (train.beta1, train.beta2)
-        return {
-            "generator": adam(nets["generator"].parameters(), train.lr_g, betas),
-            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d, betas),
-        }
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext

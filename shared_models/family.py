@@ -114,6 +114,17 @@ class FamilyBase:
     task = "generation"
     data_layout = "image"
 
+    def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
+        return (train.beta1, train.beta2)
+
+    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
+        """One Adam per component: generators (``generator``, ``g_*``) at ``lr_g``, the rest
+        (discriminators, critics) at ``lr_d``."""
+        return {c: adam(nets[c].parameters(),
+                        train.lr_g if c == "generator" or c.startswith("g_") else train.lr_d,
+                        self.adam_betas(train))
+                for c in self.components}
+
     def examples(self, data: Mapping[str, torch.Tensor]) -> dict[str, int]:
         n = _length(data, self.batch_keys)
         return {c: n for c in self.components}

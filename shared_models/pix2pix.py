@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
+from .config import ModelConfig
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of eq. 4
@@ -36,13 +36,6 @@ class Pix2Pix(FamilyBase):
         init_normal(g)
         init_normal(d)
         return {"generator": g, "discriminator": d}
-
-    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        betas = (train.beta1, train.beta2)  # the paper: Adam, lr 2e-4, beta1 0.5
-        return {
-            "generator": adam(nets["generator"].parameters(), train.lr_g, betas),
-            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d, betas),
-        }
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext

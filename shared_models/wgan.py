@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward, adam
+from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 GP_WEIGHT = 10.0  # lambda of eq. 3
@@ -59,12 +59,8 @@ class WGANGP(FamilyBase):
         init_dcgan_weights(d)
         return {"generator": g, "discriminator": d}
 
-    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        return {
-            "generator": adam(nets["generator"].parameters(), train.lr_g, ADAM_BETAS),
-            "discriminator": adam(nets["discriminator"].parameters(), train.lr_d,
-                                              ADAM_BETAS),
-        }
+    def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
+        return ADAM_BETAS  # the paper's (0, 0.9), whatever TrainConfig says
 
     def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
         """``n_critic`` independent batches stacked along dim 0: one per critic update."""
