@@ -53,7 +53,9 @@ How each figure is taken (all ratios are side by side in one run; the machine is
 - **GPU** (`bench/gpu.sh`, installs nothing, < 8 min on one H100): images/s of DCGAN-64 batch 128
   and CycleGAN-256 batch 4 in fp32 and mixed precision (bf16 where supported, else fp16 with a
   grad scaler), with the trainer / bare-loop ratio for each. Its Python part runs on a CPU with
-  `bench/gpu.sh --device cpu --quick` (tested); no GPU was available when this table was written.
+  `bench/gpu.sh --device cpu --quick` (tested); with `--probe CASE` it compares layouts and
+  precisions and prints the top CUDA kernels. The figures of a GPU run are kept as raw logs in
+  `bench/results/` and rendered into the `## GPU` section by `python -m bench.gpu_record`.
 """
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.scale_budget:.0f} s budget (see the measured trend)")
     if not trainer.available("cyclegan"):
         notes.append("CycleGAN family not registered when this ran: only DCGAN measured.")
-    notes.append("GPU: not measured in this run (no GPU); `bench/gpu.sh` prints the figures.")
+    notes.append("GPU: `make bench` runs on this CPU box; the lent-GPU figures are in ## GPU below.")
     if args.quick:
         return 0
     env = machine()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from fedsynth import protocol
+from fedsynth import keys as protocol  # names only: the trainer needs no Flower
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 from shared_models.family import GanFamily, Nets
@@ -69,6 +69,8 @@ class LocalTrainer:
     def __init__(self, model: ModelConfig, device: torch.device, amp: str = "auto") -> None:
         self.model = model
         self.family: GanFamily = get_family(model.family)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         if device.type == "cuda":
             torch.cuda.set_device(device)  # so bf16 support is asked of the chosen GPU

@@ -14,31 +14,11 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedsynth.keys import (  # noqa: F401  re-exported: protocol is the one place callers look
+    ARRAYS, CONFIG, EVAL_METRICS, LOCAL_NORM_COMPONENTS, METRICS, NUM_EXAMPLES, REPLY_COMPONENTS,
+    SERVER_ROUND, TRAIN_METRICS, examples_key,
+)
 from shared_models.config import ModelConfig, TrainConfig, from_flat, to_flat
-
-ARRAYS = "arrays"  # the one ArrayRecord: component-prefixed keys (see shared_models.codec)
-CONFIG = "config"
-METRICS = "metrics"
-
-NUM_EXAMPLES = "num-examples"  # Flower's own weighting key, kept for its stock strategies
-SERVER_ROUND = "server-round"
-
-
-def examples_key(component: str) -> str:
-    """Metric key: examples that trained ``component`` (a hospital without CT has 0 for a CT D)."""
-    return f"num-examples-{component}"
-
-
-# Scalar metrics a hospital may report; anything else in a reply is rejected by the coordinator.
-TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
-                 "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
-                 "loss-cycle", "loss-identity")
-EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
-                "eval-ssim", "eval-psnr", "eval-mae")
-
-# ConfigRecord entries the strategy writes so a hospital knows what to send back.
-REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
-LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

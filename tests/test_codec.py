@@ -61,8 +61,13 @@ def test_decode_rejects_wrong_shape_unknown_key_and_missing_entries() -> None:
         decode_into(nets, partial, strict_components=["generator", "discriminator"])
 
 
-def test_shared_models_does_not_import_flower() -> None:
-    code = ("import sys, shared_models; from shared_models import get_family;"
-            "get_family('dcgan'); import shared_models.quality;"
+@pytest.mark.parametrize("imports", [
+    "import shared_models; from shared_models import get_family; get_family('dcgan');"
+    "import shared_models.quality",
+    # the trainer and the GPU benchmark run on machines (a lent GPU box) that may lack Flower
+    "import client.trainer, bench.gpu",
+])
+def test_models_and_trainer_do_not_import_flower(imports: str) -> None:
+    code = (f"import sys; {imports};"
             "sys.exit(1 if any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

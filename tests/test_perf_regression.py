@@ -215,7 +215,7 @@ def test_process_tree_memory_includes_children() -> None:
 
 
 def test_gpu_bench_path_runs_on_cpu(monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                    capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """``bench/gpu.sh --device cpu --quick`` runs this code: figures come out as name: value."""
     from bench import gpu
 
@@ -231,6 +231,38 @@ def test_gpu_bench_path_runs_on_cpu(monkeypatch: pytest.MonkeyPatch,
     assert "gpu_dcgan32_fp32_trainer_vs_bare: " in out
     assert "mixed precision: skipped (CUDA only)" in out
     assert "max-weight-diff 0.00e+00" in out  # same arithmetic on both sides
+
+    # what gpu.sh printed renders into BENCHMARKS.md's GPU table, figure for figure
+    from bench import gpu_record
+
+    log = tmp_path / "gpu.log"
+    log.write_text("# 2026-01-01T00:00:00Z host nproc=2\n# device: cpu\n" + out)
+    body = gpu_record.render([gpu_record.parse(log)])
+    row = f"| dcgan32 | fp32 | {figures['gpu_dcgan32_fp32_trainer_images_per_s']:.1f} | "
+    assert row in body
+    assert f"{figures['gpu_dcgan32_fp32_trainer_vs_bare']:.3f}" in body
+
+
+def test_benchmarks_gpu_section_matches_its_logs(tmp_path: Path) -> None:
+    """The GPU table in BENCHMARKS.md is the committed logs rendered, not figures typed in."""
+    from bench import gpu_record
+
+    logs = sorted((REPO / "bench" / "results").glob("gpu-*.log"))
+    assert logs, "no bench/results/gpu-*.log"
+    section = gpu_record.render([gpu_record.parse(p) for p in logs])
+    text = (REPO / "BENCHMARKS.md").read_text()
+    for line in section.splitlines():
+        if line.startswith("| ") and "---" not in line:
+            assert line in text, f"BENCHMARKS.md lacks {line!r}; run python -m bench.gpu_record"
+
+
+def test_gpu_record_refuses_a_log_without_figures(tmp_path: Path) -> None:
+    from bench import gpu_record
+
+    bad = tmp_path / "x.log"
+    bad.write_text("Traceback: CUDA error\n")
+    with pytest.raises(ValueError, match="x.log: no 'name: value' figures"):
+        gpu_record.parse(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")

@@ -1,0 +1,31 @@
+"""The wire protocol's names: record keys, metric keys, config entries.
+
+Kept apart from ``fedsynth.protocol`` (which converts to and from Flower records) so the hospital's
+trainer and the GPU benchmark can use them without importing Flower.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"  # the one ArrayRecord: component-prefixed keys (see shared_models.codec)
+CONFIG = "config"
+METRICS = "metrics"
+
+NUM_EXAMPLES = "num-examples"  # Flower's own weighting key, kept for its stock strategies
+SERVER_ROUND = "server-round"
+
+
+def examples_key(component: str) -> str:
+    """Metric key: examples that trained ``component`` (a hospital without CT has 0 for a CT D)."""
+    return f"num-examples-{component}"
+
+
+# Scalar metrics a hospital may report; anything else in a reply is rejected by the coordinator.
+TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
+                 "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
+                 "loss-cycle", "loss-identity")
+EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
+                "eval-ssim", "eval-psnr", "eval-mae")
+
+# ConfigRecord entries the strategy writes so a hospital knows what to send back.
+REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
+LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
