@@ -12,13 +12,14 @@ import logging
 import os
 import platform
 import re
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from bench import scale, trainer, wire
+from bench import rounds, scale, trainer, wire
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,19 @@ How each figure is taken (all ratios are side by side in one run; the machine is
   counted), over the floor 2 x fp32 shared parameter bytes x hospitals. Target <= 1.05 in fp32.
   `fp16_reply` halves only the hospitals' replies; `fp16_both` also sends the global model in
   float16, which is what `wire-dtype = float16` does since the strategy casts its downloads.
+- **deployed_round_over_compute_\\***: `bench/rounds.py`. A real coordinator (SuperLink with TLS,
+  node authentication, signed models) and 3 hospital daemons run as processes on 127.0.0.1 on demo
+  DICOM folders, with local steps calibrated to ~30 s of one-core training (3 hospitals share 2
+  cores, so they report ~50 s). Figure: the coordinator's round time (metrics.jsonl) over the
+  slowest hospital's reported compute (train-seconds + eval-seconds), median over the training
+  rounds after the first (round 1 carries imports and the slice cache). `evaluate-every` is the
+  run's number of rounds, so the last round also evaluates: `deployed_eval_round_*` is that round.
+  `_flower` rows are the same federation, same bench, with the hospitals on Flower's stock path
+  (`[node] executor = "flower"`: stock `flower-supernode`, a fresh ClientApp process per message,
+  Flower's polls); the packed arrays and the coordinator's prompt grid apply to both rows.
+  What removed the overhead (each measured): the warm executor (`client/executor.py`), one packed
+  Array per message (`fedsynth/protocol.py`), finer object-pull retries and a 0.25 s SuperNode
+  poll (`fedsynth/flower_latency.py`), a 0.1 s reply poll at the coordinator (`server/grid.py`).
 - **scale_\\***: Flower's simulation engine, N virtual hospitals (2 Ray actors on 2 cores) on a
   tiny DCGAN (32 px, width 8, 1 local step of batch 4, 2 rounds, train + evaluate per round),
   sharing 3 demo DICOM folders and one slice cache. Seconds are the coordinator's own round time
@@ -87,6 +101,23 @@ def replace_section(text: str, body: str, title: str = SECTION) -> str:
     return text + sep + body
 
 
+def carried_rows(path: Path, prefixes: tuple[str, ...]) -> list[tuple[str, str, str, str]]:
+    """Rows of the existing Performance table whose figure starts with one of ``prefixes``."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    start = text.find(SECTION)
+    if start < 0:
+        return []
+    out = []
+    for line in text[start:].split("\n## ", 1)[0].splitlines():
+        m = re.match(r"^\| `([^`]+)` \| ([^|]*) \| ([^|]*) \| (.*) \|$", line)
+        if m and m[1].startswith(prefixes):
+            detail = m[4] if m[4].startswith("(previous run)") else f"(previous run) {m[4]}"
+            out.append((m[1], m[2].strip(), m[3].strip(), detail))
+    return out
+
+
 def render(rows: list[tuple[str, str, str, str]], env: dict[str, str], command: str,
            started: str, seconds: float, notes: list[str]) -> str:
     lines = [SECTION, "",
@@ -105,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes; BENCHMARKS.md is not written")
     p.add_argument("--skip-scale", action="store_true")
+    p.add_argument("--skip-rounds", action="store_true",
+                   help="skip the deployed-round overhead runs (real processes, ~20 min)")
     p.add_argument("--scale-budget", type=float, default=900.0,
                    help="seconds for the simulation scale runs together (larger N are skipped)")
     p.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -131,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         emit(w.name, w.ratio, ".4f", target[key],
              f"per hospital {w.down / 1e6:.3f} MB down + {w.up / 1e6:.3f} MB up vs floor "
              f"2 x {w.payload / 1e6:.3f} MB, x {w.hospitals} hospitals")
+    if not args.skip_rounds:
+        with tempfile.TemporaryDirectory(prefix="fedsynth-rounds-") as tmp:
+            results = rounds.measure(["dcgan32"] if args.quick else ["dcgan64", "cyclegan128"],
+                                     5.0 if args.quick else 30.0, 4, ("warm", "flower"),
+                                     Path(tmp), ("dcgan32", "dcgan64"))
+        for res in results:
+            stock = res.executor != "warm"
+            emit(rounds.figure_name(res), res.ratio, ".3f", "—" if stock else "<= 1.15",
+                 ("Flower's stock path, same federation: " if stock else "") + res.detail())
+            emit(rounds.figure_name(res).replace("_round_", "_eval_round_"), res.eval_ratio,
+                 ".3f", "—", "the last round, which also evaluates (second round trip)")
     if not args.skip_scale:
         ns = (2, 4) if args.quick else (10, 50, 100)
         points = scale.run_scale(ns, budget_s=args.scale_budget)
@@ -153,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             notes.append(f"scale: N = {skipped} skipped, they would have overrun the "
                          f"{args.scale_budget:.0f} s budget (see the measured trend)")
+    if args.skip_scale or args.skip_rounds:
+        skipped = (("scale_",) if args.skip_scale else ()) + (
+            ("deployed_",) if args.skip_rounds else ())
+        kept = carried_rows(args.output, skipped)
+        rows += kept
+        if kept:
+            notes.append(f"rows {', '.join(p + '*' for p in skipped)} were not re-measured in "
+                         "this run (--skip-*): carried over from the previous table, marked "
+                         "'(previous run)'.")
     if not trainer.available("cyclegan"):
         notes.append("CycleGAN family not registered when this ran: only DCGAN measured.")
     notes.append("GPU: `make bench` runs on this CPU box; the lent-GPU figures are in ## GPU below.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -141,7 +142,9 @@ def train(msg: Message, context: Context) -> Message:
 @_private_errors
 def evaluate(msg: Message, context: Context) -> Message:
     hospital, trainer, data, _, server_round = _prepare(msg, context)
+    t0 = time.perf_counter()
     metrics = trainer.evaluate(data.holdout, seed=server_round)
+    metrics["eval-seconds"] = time.perf_counter() - t0  # a round's compute = train + evaluate
     hospital_metrics.record_evaluate(hospital.name, server_round, metrics)
     return Message(protocol.evaluate_reply(metrics), reply_to=msg)
 

@@ -89,12 +89,17 @@ class HospitalSettings:
                                     f"cannot be read: {exc.strerror}") from None
 
 
+EXECUTORS = ("warm", "flower")
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     """``fedsynth hospital``'s settings file (TOML), overridable by flags.
 
     ``[coordinator]`` address, root-certificates (or insecure = true); ``[node]`` key (OpenSSH EC
-    private key), port (local runtime port of the SuperNode), metrics-port (0: off);
+    private key), port (local runtime port of the SuperNode), metrics-port (0: off), executor
+    ("warm": one long-lived process runs every task, see ``client.executor``; "flower": Flower's
+    own process per message, slower, kept for comparison and as a fallback);
     ``[hospital]`` the ``HospitalSettings`` keys (data-dir, cache-dir, device, amp, threads,
     modalities, name, model-public-key). Relative paths are relative to the file's folder.
     """
@@ -106,6 +111,7 @@ class DaemonSettings:
     node_key: Path | None = None
     port: int = 9094
     metrics_port: int = 0
+    executor: str = "warm"
 
     @classmethod
     def load(cls, path: Path | None, overrides: Mapping[str, Any] | None = None
@@ -154,7 +160,10 @@ class DaemonSettings:
         if root is None and not insecure:
             raise SettingsError("coordinator root-certificates is missing (the CA file from "
                                 "the coordinator); set insecure = true only for a local test")
+        executor = str(node.get("executor", "warm"))
+        if executor not in EXECUTORS:
+            raise SettingsError(f"[node] executor = {executor!r} is not one of {EXECUTORS}")
         return cls(coordinator=str(coord["address"]), hospital=HospitalSettings.from_mapping(hosp),
                    root_certificates=None if insecure else root, insecure=insecure,
                    node_key=rel(node.get("key")), port=int(node.get("port", 9094)),
-                   metrics_port=int(node.get("metrics-port", 0)))
+                   metrics_port=int(node.get("metrics-port", 0)), executor=executor)

@@ -53,6 +53,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "min-hospitals": 1,
     "fraction-train": 1.0,
     "round-timeout": 3600.0,
+    "evaluate-every": 1,
     "resume": False,
     "preset": "fedgan",
     "signing-key": "",
@@ -128,14 +129,23 @@ def format_node_config(values: Mapping[str, Any]) -> str:
 
 
 def supernode_command(superlink: str, root_cert: Path | None, node_key: Path | None,
-                      port: int, node_config: Mapping[str, Any]) -> list[str]:
-    cmd = [str(BIN_DIR / "flower-supernode"), "--superlink", superlink,
-           "--host", "127.0.0.1", "--port", str(port),
+                      port: int, node_config: Mapping[str, Any], warm: bool = True) -> list[str]:
+    """Flower's SuperNode; with ``warm`` it starts no SuperExec of its own (``client.executor``
+    runs the tasks) and polls the coordinator with a shorter idle sleep (``fedsynth.supernode``)."""
+    head = ([sys.executable, "-m", "fedsynth.supernode", "--isolation", "process"] if warm
+            else [str(BIN_DIR / "flower-supernode")])
+    cmd = [*head, "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
            "--node-config", format_node_config(node_config)]
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if node_key is not None:
         cmd += ["--auth-supernode-private-key", str(node_key)]
     return cmd
+
+
+def executor_command(port: int, parent_pid: int | None = None) -> list[str]:
+    """The warm task executor (``client.executor``) for the SuperNode's runtime port."""
+    cmd = [sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{port}"]
+    return cmd + (["--parent-pid", str(parent_pid)] if parent_pid else [])
 
 
 # ---- the Flower CLI connection and the launch app ----

@@ -24,7 +24,7 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
                  "loss-cycle", "loss-identity")
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
-                "eval-ssim", "eval-psnr", "eval-mae")
+                "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds")
 
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry

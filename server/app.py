@@ -8,6 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from .federation import FederationConfig, run_federation
+from .grid import PromptGrid
 from .metrics import CoordinatorMetrics, HospitalNames, MeteredGrid, start_exporter
 
 
@@ -17,6 +18,10 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedsynth import flower_latency
+
+        flower_latency.fast_object_pulls()  # replies' objects land just after the reply
+        grid = PromptGrid(grid)
         run_cfg = cfg or FederationConfig.from_run_config(context.run_config)
         # The ServerApp process lives for the whole run: it serves the coordinator's metrics.
         # run config: metrics-port (0: off), metrics-host (default 127.0.0.1).

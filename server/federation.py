@@ -43,6 +43,9 @@ class FederationConfig:
     min_hospitals: int = 1  # a round waits until this many hospitals are connected
     fraction_train: float = 1.0
     round_timeout_s: float = 3600.0
+    # Hospitals evaluate the global model every k rounds and in the last one. Each evaluation is
+    # a second message round trip with the whole model (~4 s of a localhost round, BENCHMARKS.md).
+    evaluate_every: int = 1
     num_samples: int = 16  # images in the fixed-noise sample grid
     keep_checkpoints: int = 3
     resume: bool = False
@@ -96,6 +99,7 @@ class FederationConfig:
             min_hospitals=int(rc.get("min-hospitals", 1)),
             fraction_train=float(rc.get("fraction-train", 1.0)),
             round_timeout_s=float(rc.get("round-timeout", 3600.0)),
+            evaluate_every=int(rc.get("evaluate-every", 1)),
             resume=bool(rc.get("resume", False)),
             preset=str(rc.get("preset", "fedgan")),
             reducer=str(rc.get("reducer", "")),
@@ -121,6 +125,7 @@ class RoundSummary:
     evaluate: dict[str, float]
     server: dict[str, float]
     hospitals: dict[str, dict[str, float]]
+    evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # per node: eval-*
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,17 +213,23 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         record = protocol.to_record(arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
                                         timeout=cfg.round_timeout_s)
+        t_train = time.monotonic()
         new_record, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_record is not None:
             arrays = protocol.from_record(new_record)
         train_report = strategy.last_train
 
-        eval_config = protocol.train_config(cfg.model, cfg.train, rnd)
-        record = protocol.to_record(arrays)
-        replies = grid.send_and_receive(
-            strategy.configure_evaluate(rnd, record, eval_config, grid),
-            timeout=cfg.round_timeout_s)
-        eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+        t_aggregate = time.monotonic()
+        eval_metrics, evaluated = None, {}
+        if rnd % max(1, cfg.evaluate_every) == 0 or rnd == cfg.rounds:
+            eval_config = protocol.train_config(cfg.model, cfg.train, rnd)
+            record = protocol.to_record(arrays)
+            replies = grid.send_and_receive(
+                strategy.configure_evaluate(rnd, record, eval_config, grid),
+                timeout=cfg.round_timeout_s)
+            eval_metrics = strategy.aggregate_evaluate(rnd, replies)
+            evaluated = strategy.last_evaluate.per_hospital
+        t_eval = time.monotonic()
 
         decode_into(nets, arrays)
         samples = _grid_images(family, nets, noise, labels)
@@ -228,10 +239,16 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             selected=train_report.selected, replied=train_report.replied,
             failed=train_report.failed, rejected=train_report.rejected,
             train=dict(train_metrics or {}), evaluate=dict(eval_metrics or {}),
+            # where the round's time went (the round overhead benchmark reads these)
             server={"sample-diversity": sample_diversity(samples),
+                    "train-phase-seconds": t_train - t0,
+                    "aggregate-seconds": t_aggregate - t_train,
+                    "evaluate-phase-seconds": t_eval - t_aggregate,
+                    "samples-seconds": time.monotonic() - t_eval,
                     **{f"rejected-{kind}": float(n)
                        for kind, n in train_report.rejected_reasons.items()}},
             hospitals=train_report.per_hospital,
+            evaluated=evaluated,
         )
         folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
                                              "model": asdict(cfg.model)})

@@ -23,7 +23,8 @@ import pytest
 from fedsynth.certs import init_federation, new_node_key
 from fedsynth.cli import main
 
-from deploy_helpers import (free_port, hospital_toml, metrics_rows, run, start, wait_for)
+from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
+                            wait_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,24 +51,11 @@ def test_deployed_federation_auth_resume_and_dropout(tmp_path: Path) -> None:
         for i, name in enumerate(("h1", "h2", "h3"))}
     procs = (coord, *hospitals.values())
     run_dir = tmp_path / "runs"
-    launch = tmp_path / "launch.toml"
-    launch.write_text(f"""\
-[coordinator]
-address = "{address}"
-root-certificates = "{keys.ca_cert}"
-
-[run]
-family = "dcgan"
-rounds = 4
-local-steps = 2
-batch-size = 4
-image-size = 32
-min-hospitals = 3
-round-timeout = 120
-signing-key = "{keys.signing_key}"
-run-dir = "{run_dir}"
-run-id = "deployed"
-""")
+    # 90 local steps: ~5 s of training, long enough to kill a hospital mid-round
+    launch = launch_toml(tmp_path / "launch.toml", address, keys.ca_cert, family="dcgan",
+                         rounds=4, local_steps=90, batch_size=4, image_size=32, min_hospitals=3,
+                         round_timeout=120, signing_key=keys.signing_key, run_dir=run_dir,
+                         run_id="deployed")
     flwr_home = ["--flwr-home", str(tmp_path / "flwr")]
     folder = run_dir / "deployed"
     try:
@@ -108,6 +96,7 @@ run-id = "deployed"
         wait_for("round 3 reaching h3", lambda: h3.text().count("Receiving: train message")
                  > before, 300, procs)
         h3.stop(signal.SIGKILL)
+        procs = (coord, hospitals["h1"], hospitals["h2"])  # h3 is down on purpose
         wait_for("round 3", lambda: len(metrics_rows(folder)) >= 3, 480, procs)
         # restarted, it takes part in the next round
         hospitals["h3"] = start("h3-restarted", ["hospital", str(tmp_path / "h3.toml")], tmp_path)

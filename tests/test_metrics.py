@@ -107,11 +107,14 @@ def test_metered_grid_counts_model_bytes_per_hospital() -> None:
     with task_identity():
         msgs = [server_message(RecordDict({protocol.ARRAYS: protocol.to_record(arrays)}), n,
                                MessageType.TRAIN) for n in (1, 2)]
-        assert record_nbytes(msgs[0].content) == 400 + 56
+        # the packed array that travels: the 400 + 56 tensor bytes plus its small index
+        carried = record_nbytes(msgs[0].content)
+        assert 400 + 56 < carried < 400 + 56 + 128
+        assert carried == msgs[0].content[protocol.ARRAYS][protocol.PACKED].shape[0]
         grid.send_and_receive(msgs, timeout=1)
     v = m.registry.get_sample_value
-    assert v("fedsynth_sent_bytes_total", {"hospital": "a", "kind": "train"}) == 456
-    assert v("fedsynth_received_bytes_total", {"hospital": "b", "kind": "train"}) == 456
+    assert v("fedsynth_sent_bytes_total", {"hospital": "a", "kind": "train"}) == carried
+    assert v("fedsynth_received_bytes_total", {"hospital": "b", "kind": "train"}) == carried
     assert list(grid.get_node_ids()) == [1, 2]  # everything else is the wrapped Grid's
 
 

@@ -24,13 +24,16 @@ def _record() -> ArrayRecord:
 
 
 def _flip_one_byte(record: ArrayRecord, key: str, index: int = 7) -> ArrayRecord:
-    arrays = {k: Array(dtype=v.dtype, shape=tuple(v.shape), stype=v.stype, data=bytes(v.data))
-              for k, v in record.items()}
-    data = bytearray(arrays[key].data)
-    data[index] ^= 0x01
-    arrays[key] = Array(dtype=arrays[key].dtype, shape=tuple(arrays[key].shape),
-                        stype=arrays[key].stype, data=bytes(data))
-    return ArrayRecord(array_dict=arrays)
+    """``record`` with one byte of tensor ``key`` flipped (or of the packed index, key "index")."""
+    if key == "index":  # the JSON index that names and shapes the tensors
+        packed = record[protocol.PACKED]
+        data = bytearray(packed.data)
+        data[150] ^= 0x01  # past the .npy header (128 B) and the 8-byte length: in the JSON
+        return ArrayRecord(array_dict={protocol.PACKED: Array(
+            dtype=packed.dtype, shape=tuple(packed.shape), stype=packed.stype, data=bytes(data))})
+    arrays = {k: v.copy() for k, v in protocol.from_record(record).items()}
+    arrays[key].reshape(-1).view(np.uint8)[index] ^= 0x01
+    return protocol.to_record(arrays)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_signature_round_trip_and_files(keys) -> None:
     assert len(signature) == 64
 
 
-@pytest.mark.parametrize("key", ["generator.w", "discriminator.b"])
+@pytest.mark.parametrize("key", ["generator.w", "discriminator.b", "index"])
 def test_one_flipped_byte_fails(keys, key: str) -> None:
     record = _record()
     signature = sign(record, load_private_key(keys.signing_key))
@@ -113,7 +116,7 @@ def test_clientapp_refuses_tampered_global_model(keys, tmp_path: Path, task_iden
     nets = get_family("dcgan").build(ModelConfig(image_size=32))
     record = protocol.to_record(encode(nets))
     signature = sign(record, load_private_key(keys.signing_key))
-    first = next(iter(record.keys()))
+    first = next(iter(encode(nets)))  # its first tensor
     msg = (_train_message(_flip_one_byte(record, first), signature) if tamper == "flipped-byte"
            else _train_message(record, None))
     data = tmp_path / "data"

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 log = logging.getLogger("fedsynth.hospital")
@@ -39,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", help="comma separated, e.g. MR,CT")
     p.add_argument("--name")
     p.add_argument("--model-public-key", type=Path, help="the coordinator's model-signing.pub")
+    p.add_argument("--executor", choices=("warm", "flower"),
+                   help="warm (default): one long-lived process runs every round's work; "
+                        "flower: a fresh process per message (slower)")
     p.add_argument("--max-restarts", type=int, default=None,
                    help="give up after this many restarts (default: never)")
     p.add_argument("--log-file", type=Path, help="copy the SuperNode's log here")
@@ -53,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
             "coordinator.root-certificates": s(args.root_certificates),
             "coordinator.insecure": args.insecure,
             "node.key": s(args.node_key), "node.port": args.port,
-            "node.metrics-port": args.metrics_port,
+            "node.metrics-port": args.metrics_port, "node.executor": args.executor,
             "hospital.data-dir": s(args.data_dir), "hospital.cache-dir": s(args.cache_dir),
             "hospital.device": args.device, "hospital.threads": args.threads,
             "hospital.modalities": args.modalities, "hospital.name": args.name,
@@ -114,7 +118,8 @@ def start_metrics(port: int) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
     from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, Supervisor, child_env,
-                                     probe_coordinator, stop_on_signals, supernode_command)
+                                     executor_command, probe_coordinator, stop_on_signals,
+                                     supernode_command)
 
     settings = load_settings(args)
     env = child_env(start_metrics(settings.metrics_port))
@@ -134,9 +139,23 @@ def run(args: argparse.Namespace) -> int:
     node = Supervisor(
         "supernode",
         supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
-                          settings.port, settings.hospital.to_node_config()),
+                          settings.port, settings.hospital.to_node_config(),
+                          warm=settings.executor == "warm"),
         env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts)
-    stop_on_signals(node.stop)
+    executor = None
+    if settings.executor == "warm":
+        # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if
+        # it dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
+        executor = Supervisor("executor", executor_command(settings.port, os.getpid()), env=env,
+                              sink=sink, max_restarts=args.max_restarts)
+        threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
+
+    def stop_all() -> None:
+        node.stop()
+        if executor is not None:
+            executor.stop()
+
+    stop_on_signals(stop_all)
 
     def preflight() -> None:
         try:
@@ -152,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = node.run_forever(before_start=preflight)
     finally:
+        if executor is not None:
+            executor.stop()
+            executor.terminate()
         if log_fh is not None:
             log_fh.close()
     if node.stopping():

@@ -1,7 +1,7 @@
 """``fedsynth launch CONFIG``: start (or ``--resume``) a federation run on the coordinator.
 
 CONFIG is TOML: ``[coordinator]`` address and root-certificates; ``[run]`` family, preset, rounds,
-local-steps, batch-size, image-size, min-hospitals, round-timeout, signing-key, run-dir, run-id…
+local-steps, batch-size, image-size, min-hospitals, round-timeout, evaluate-every, signing-key, run-dir, run-id…
 The run is submitted with ``flwr run`` and a code-free app (see ``fedsynth.deployment``).
 ``--wait`` follows it to the end: ``flwr run --stream`` exits 0 even when the ServerApp crashed,
 so the outcome is read from the run's status instead.

@@ -1,0 +1,201 @@
+"""The hospital's warm task executor: runs every ClientApp task in one long-lived process.
+
+Why: with Flower's default isolation the SuperNode's SuperExec starts a fresh ``flwr-clientapp``
+process for every message, which imports Flower, torch and MONAI, rebuilds the networks and reloads
+the slice cache before it trains (8-9 s of CPU on the demo box, per message, per hospital), and the
+SuperExec itself polls for tasks once a second. On a localhost deployment that was most of a
+round's overhead (BENCHMARKS.md, "deployed rounds").
+
+What: the hospital daemon starts its SuperNode with ``--isolation process`` (so the SuperNode
+starts no SuperExec of its own) and runs this executor beside it. The executor speaks Flower's own
+Runtime API on the SuperNode's loopback port, exactly as ``flower-superexec`` + ``flwr-clientapp``
+do: acquire a task, pull its message and context, run the ClientApp, push the reply and the
+updated context (where ``context.state`` keeps the hospital's local components). The difference is
+only that the process, its imports and the trainer/data caches of ``client.app`` survive between
+tasks. Tasks run one at a time: a hospital's device trains one model at a time anyway.
+
+The ClientApp is the one named by the run's FAB, loaded with Flower's own loader (a module import
+is cached, so a second task reuses it). fedsynth's launch FAB carries no code (see
+``fedsynth.deployment.write_launch_app``), so the executor runs the fedsynth this hospital installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("fedsynth.executor")
+
+POLL_S = 0.1  # an AcquireTask on loopback costs about a millisecond
+
+
+@dataclass
+class TaskResult:
+    task_id: int
+    ok: bool
+    seconds: float
+    details: str = ""
+
+
+class WarmExecutor:
+    """Acquire ClientApp tasks from a SuperNode's Runtime API and run them in this process."""
+
+    def __init__(self, runtime_api_address: str, poll_s: float = POLL_S) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: F401 - fail early if gone
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+
+        self.address = runtime_api_address
+        self.poll_s = poll_s
+        self.stop_event = threading.Event()
+        self.completed: list[TaskResult] = []
+        self._client = RuntimeHttpClient.from_server_address(
+            server_address=runtime_api_address, insecure=True, root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+            retry_invoker=make_simple_http_retry_invoker())
+
+    def acquire(self) -> tuple[str, object] | None:
+        """One task and its token, or None when the SuperNode has none."""
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest
+        from flwr.supercore.constant import TaskType
+
+        res = self._client.AcquireTask(AcquireTaskRequest(
+            supported_task_types=[str(TaskType.CLIENT_APP)], agentapp_fab_hashes=[]))
+        if res.HasField("task") and res.token:
+            return res.token, res.task
+        return None
+
+    def serve(self) -> None:
+        log.info("warm executor polling the SuperNode at %s every %.2fs", self.address,
+                 self.poll_s)
+        while not self.stop_event.is_set():
+            try:
+                got = self.acquire()
+            except Exception as exc:  # noqa: BLE001 - the SuperNode may be (re)starting
+                log.debug("SuperNode not answering (%s); retrying", type(exc).__name__)
+                self.stop_event.wait(1.0)
+                continue
+            if got is None:
+                self.stop_event.wait(self.poll_s)
+                continue
+            token, task = got
+            self.completed.append(run_task(self.address, token, task.task_id))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
+    """Flower's ``run_clientapp`` for one task, minus what only a throwaway process needs.
+
+    Kept: the task heartbeat, pulling message + context + run + FAB, installing the FAB, loading
+    the ClientApp with Flower's loader, an ``Error`` reply when the app raises, pushing the reply
+    and then the context with the final status. Left out: ``flwr_exit`` (this process stays), the
+    signal handlers (the executor's own handle stopping), runtime dependency installation
+    (the hospital installs fedsynth itself; the coordinator cannot install code at a hospital).
+    """
+    from flwr.app import Error, Message
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.config import get_project_dir
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
+                                             RuntimeVersionHttpInterceptor)
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
+                                                      push_task_output)
+
+    t0 = time.perf_counter()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=make_simple_http_retry_invoker())
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        heartbeat.start()
+        message, context, run, fab = pull_task_input(client)
+        t_pulled = time.perf_counter()
+        install_from_fab(fab.content, skip_prompt=True)
+        get_project_dir(run.fab_id, run.fab_version, fab.hash_str)  # raises if not installed
+        app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+            run.fab_id, run.fab_version, fab.hash_str)
+        t_loaded = time.perf_counter()
+        reply = app(message=message, context=context)
+        t_ran = time.perf_counter()
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower does
+        # client.app already replaced any local detail with a generic HospitalError, so the
+        # reason below carries no path or DICOM attribute (test_client_privacy checks the text).
+        log.error("task %d failed: %s", task_id, type(exc).__name__, exc_info=exc)
+        details = f"{type(exc)}:<'{exc}'>"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                            reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        except Exception as exc:  # noqa: BLE001
+            log.error("task %d: could not push the reply: %s", task_id, exc)
+            status, details = SubStatus.FAILED, "could not push the reply"
+        push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    seconds = time.perf_counter() - t0
+    ok = status == SubStatus.COMPLETED
+    if ok:
+        log.info("task %d done in %.2fs: pull %.2fs, load %.2fs, run %.2fs, push %.2fs", task_id,
+                 seconds, t_pulled - t0, t_loaded - t_pulled, t_ran - t_loaded,
+                 time.perf_counter() - t_ran)
+    else:
+        log.info("task %d FAILED after %.2fs", task_id, seconds)
+    return TaskResult(task_id, ok, seconds, details)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.splitlines()[0])
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
+    p.add_argument("--poll", type=float, default=POLL_S, help="seconds between idle polls")
+    p.add_argument("--parent-pid", type=int, help="exit when this process (the daemon) is gone")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("FEDSYNTH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.parent_pid:
+        from flwr.supercore.app_utils import start_parent_process_monitor
+
+        start_parent_process_monitor(args.parent_pid)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    from fedsynth import flower_latency
+
+    flower_latency.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
+    executor = WarmExecutor(args.runtime_api_address, args.poll)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: executor.stop())
+    # Import the ClientApp (torch, MONAI, pydicom) now, while the federation is idle, rather than
+    # inside the first round.
+    import client.app  # noqa: F401
+
+    try:
+        executor.serve()
+    finally:
+        executor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
