@@ -101,7 +101,20 @@ def calibrate(family: str, image_size: int, batch: int, seconds: float) -> int:
     from client.trainer import LocalTrainer
     from shared_models import ModelConfig, TrainConfig, get_family
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _steps_for(family, image_size, batch, seconds)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (run_all reports it)
+
+
+def _steps_for(family: str, image_size: int, batch: int, seconds: float) -> int:
+    import torch
+
+    from client.trainer import LocalTrainer
+    from shared_models import ModelConfig, TrainConfig, get_family
+
     model = ModelConfig(family=family, image_size=image_size)
     trainer = LocalTrainer(model, torch.device("cpu"), amp="off")
     gen = torch.Generator().manual_seed(0)
