@@ -12,7 +12,7 @@ Runtime API on the SuperNode's loopback port, exactly as ``flower-superexec`` + 
 do: acquire a task, pull its message and context, run the ClientApp, push the reply and the
 updated context (where ``context.state`` keeps the hospital's local components). The difference is
 only that the process, its imports and the trainer/data caches of ``client.app`` survive between
-tasks. Tasks run one at a time: a hospital's device trains one model at a time anyway.
+tasks. Tasks pull in their own threads but train one at a time (``RUN_LOCK``).
 
 The ClientApp is the one named by the run's FAB, loaded with Flower's own loader (a module import
 is cached, so a second task reuses it). fedsynth's launch FAB carries no code (see
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 log = logging.getLogger("fedsynth.executor")
 
 POLL_S = 0.1  # an AcquireTask on loopback costs about a millisecond
+RUN_LOCK = threading.Lock()  # one task at a time trains: the device is the hospital's one GPU/CPU
 
 
 @dataclass
@@ -85,7 +86,12 @@ class WarmExecutor:
                 self.stop_event.wait(self.poll_s)
                 continue
             token, task = got
-            self.completed.append(run_task(self.address, token, task.task_id))
+            # Each task in its own thread: a task whose message the SuperNode later drops (its
+            # run ended while the objects were in flight) waits in its pull, as a stuck Flower
+            # process would, without holding up the next task. Model work is serialised by
+            # RUN_LOCK inside run_task.
+            threading.Thread(target=lambda t=token, i=task.task_id: self.completed.append(
+                run_task(self.address, t, i)), name=f"task-{task.task_id}", daemon=True).start()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -113,6 +119,7 @@ def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
                                              RuntimeVersionHttpInterceptor)
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
 
@@ -129,13 +136,18 @@ def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         t_pulled = time.perf_counter()
-        install_from_fab(fab.content, skip_prompt=True)
-        get_project_dir(run.fab_id, run.fab_version, fab.hash_str)  # raises if not installed
-        app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-            run.fab_id, run.fab_version, fab.hash_str)
-        t_loaded = time.perf_counter()
-        reply = app(message=message, context=context)
-        t_ran = time.perf_counter()
+        with RUN_LOCK:
+            # Flower keeps the running task's identity in process globals, which another task's
+            # pull may have overwritten since: set them for this one while it runs.
+            TaskIdentity.task_id, TaskIdentity.run_id = task_id, context.run_id
+            TaskIdentity.node_id = context.node_id
+            install_from_fab(fab.content, skip_prompt=True)
+            get_project_dir(run.fab_id, run.fab_version, fab.hash_str)  # raises if not installed
+            app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
+                run.fab_id, run.fab_version, fab.hash_str)
+            t_loaded = time.perf_counter()
+            reply = app(message=message, context=context)
+            t_ran = time.perf_counter()
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower does
         # client.app already replaced any local detail with a generic HospitalError, so the
