@@ -164,6 +164,44 @@ class _Grid:
         return self.nodes
 
 
+def run_rounds(family: Any, strategy: Any, sites: list, site_opts: list, train: Sequence[Data],
+               arrays: dict[str, np.ndarray], model: Any, train_cfg: Any, cfg: "BenchConfig",
+               keep_optimizers: bool = True, local_train: Any = None) -> dict[str, np.ndarray]:
+    """``cfg.rounds`` rounds through ``strategy``: every hospital decodes its message, trains
+    ``cfg.local_steps`` steps, replies as ``client.app`` would; after aggregation the evaluate
+    message updates each hospital's copy. Returns the global arrays. ``local_train`` (default:
+    this module's paired-batch ``_train``) is one hospital's local work."""
+    local_train = local_train or _train
+    grid = _Grid(list(range(1, len(sites) + 1)))
+    for rnd in range(1, cfg.rounds + 1):
+        msgs = list(strategy.configure_train(rnd, protocol.to_record(arrays),
+                                             protocol.train_config(model, train_cfg, rnd), grid))
+        replies = []
+        for msg in msgs:
+            i = msg.metadata.dst_node_id - 1
+            nets = sites[i]
+            decode_into(nets, protocol.from_record(msg.content[protocol.ARRAYS]))
+            if not keep_optimizers:
+                site_opts[i] = family.optimizers(nets, train_cfg)
+            torch.manual_seed(cfg.seed * 1009 + rnd * 31 + i)
+            local_train(family, nets, site_opts[i], train[i], cfg.local_steps, cfg.batch)
+            comps, include = reply_plan(msg.content[protocol.CONFIG], nets, family.components)
+            examples = family.examples(train[i])
+            metrics = {protocol.NUM_EXAMPLES: max(examples.values()),
+                       **{protocol.examples_key(c): n for c, n in examples.items()}}
+            replies.append(Message(protocol.train_reply(encode(nets, comps, include=include),
+                                                        metrics), reply_to=msg))
+        record, _ = strategy.aggregate_train(rnd, replies)
+        if record is not None:
+            arrays = protocol.from_record(record)
+        # what a hospital receives after aggregation (the evaluate message) updates its copy
+        for msg in strategy.configure_evaluate(rnd, protocol.to_record(arrays),
+                                               ConfigRecord({}), grid):
+            decode_into(sites[msg.metadata.dst_node_id - 1],
+                        protocol.from_record(msg.content[protocol.ARRAYS]))
+    return arrays
+
+
 def federated(preset: str, cfg: BenchConfig, train: Sequence[Data], held: Data,
               overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Train ``preset`` (with policy ``overrides``) in-process through the real strategy."""
@@ -180,33 +218,8 @@ def federated(preset: str, cfg: BenchConfig, train: Sequence[Data], held: Data,
     site_opts = [family.optimizers(nets, train_cfg) for nets in sites]
     strategy = make_strategy(preset, family.components, overrides=overrides or None,
                              norm_keys=norm_state_keys(global_nets))
-    grid = _Grid(list(range(1, cfg.hospitals + 1)))
-    for rnd in range(1, cfg.rounds + 1):
-        msgs = list(strategy.configure_train(rnd, protocol.to_record(arrays),
-                                             protocol.train_config(model, train_cfg, rnd), grid))
-        replies = []
-        for msg in msgs:
-            i = msg.metadata.dst_node_id - 1
-            nets = sites[i]
-            decode_into(nets, protocol.from_record(msg.content[protocol.ARRAYS]))
-            if not cfg.keep_optimizers:
-                site_opts[i] = family.optimizers(nets, train_cfg)
-            torch.manual_seed(cfg.seed * 1009 + rnd * 31 + i)
-            _train(family, nets, site_opts[i], train[i], cfg.local_steps, cfg.batch)
-            comps, include = reply_plan(msg.content[protocol.CONFIG], nets, family.components)
-            out = encode(nets, comps, include=include)
-            metrics = {protocol.NUM_EXAMPLES: len(train[i]["a"]),
-                       **{protocol.examples_key(c): len(train[i]["a"])
-                          for c in family.components}}
-            replies.append(Message(protocol.train_reply(out, metrics), reply_to=msg))
-        record, _ = strategy.aggregate_train(rnd, replies)
-        if record is not None:
-            arrays = protocol.from_record(record)
-        # what a hospital receives after aggregation (the evaluate message) updates its copy
-        for msg in strategy.configure_evaluate(rnd, protocol.to_record(arrays),
-                                               ConfigRecord({}), grid):
-            decode_into(sites[msg.metadata.dst_node_id - 1],
-                        protocol.from_record(msg.content[protocol.ARRAYS]))
+    arrays = run_rounds(family, strategy, sites, site_opts, train, arrays, model, train_cfg,
+                        cfg, keep_optimizers=cfg.keep_optimizers)
     if preset == "fedbn":  # personalised norm layers: score every hospital's own model
         scores = [score(family, nets, held) for nets in sites]
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}

@@ -37,12 +37,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
 from torch import nn
 
-from bench.quality import (BenchConfig, _Grid, _metrics, hospital_data, mean_rows, task_identity)
-from client.ua_gan import reply_plan
-from fedsynth import protocol
+from bench.quality import (BenchConfig, _metrics, hospital_data, mean_rows, run_rounds,
+                           task_identity)
 from server.aggregation import norm_state_keys
 from server.presets import make_strategy
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
@@ -195,29 +193,8 @@ def federated(family_name: str, preset: str, cfg: ExtraConfig, train: Sequence[D
         sites.append(family.build(model))
     site_opts = [family.optimizers(nets, train_cfg) for nets in sites]
     strategy = make_strategy(preset, family.components, norm_keys=norm_state_keys(global_nets))
-    grid = _Grid(list(range(1, b.hospitals + 1)))
-    for rnd in range(1, b.rounds + 1):
-        msgs = list(strategy.configure_train(rnd, protocol.to_record(arrays),
-                                             protocol.train_config(model, train_cfg, rnd), grid))
-        replies = []
-        for msg in msgs:
-            i = msg.metadata.dst_node_id - 1
-            decode_into(sites[i], protocol.from_record(msg.content[protocol.ARRAYS]))
-            torch.manual_seed(b.seed * 1009 + rnd * 31 + i)
-            _train(family, sites[i], site_opts[i], train[i], b.local_steps, b.batch)
-            comps, include = reply_plan(msg.content[protocol.CONFIG], sites[i], family.components)
-            examples = family.examples(train[i])
-            metrics = {protocol.NUM_EXAMPLES: max(examples.values()),
-                       **{protocol.examples_key(c): n for c, n in examples.items()}}
-            replies.append(Message(protocol.train_reply(encode(sites[i], comps, include=include),
-                                                        metrics), reply_to=msg))
-        record, _ = strategy.aggregate_train(rnd, replies)
-        if record is not None:
-            arrays = protocol.from_record(record)
-        for msg in strategy.configure_evaluate(rnd, protocol.to_record(arrays),
-                                               ConfigRecord({}), grid):
-            decode_into(sites[msg.metadata.dst_node_id - 1],
-                        protocol.from_record(msg.content[protocol.ARRAYS]))
+    arrays = run_rounds(family, strategy, sites, site_opts, train, arrays, model, train_cfg, b,
+                        local_train=_train)  # family.draw: any family's batch layout
     if preset == "fedbn":
         return sites
     decode_into(global_nets, arrays)

@@ -57,9 +57,6 @@ class RoundsResult:
             per_node[node] = per_node.get(node, 0.0) + float(m.get("eval-seconds", 0.0))
         return max(per_node.values(), default=float("nan"))
 
-    def ratios(self) -> list[float]:
-        return [r["seconds"] / self.compute(r) for r in self.rows]
-
     @property
     def steady(self) -> list[dict]:
         """Rounds after the first (which carries imports, caches and cuDNN/oneDNN warm-up)."""

@@ -55,7 +55,6 @@ class WarmExecutor:
         self.address = runtime_api_address
         self.poll_s = poll_s
         self.stop_event = threading.Event()
-        self.completed: list[TaskResult] = []
         self._client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
@@ -90,8 +89,8 @@ class WarmExecutor:
             # run ended while the objects were in flight) waits in its pull, as a stuck Flower
             # process would, without holding up the next task. Model work is serialised by
             # RUN_LOCK inside run_task.
-            threading.Thread(target=lambda t=token, i=task.task_id: self.completed.append(
-                run_task(self.address, t, i)), name=f"task-{task.task_id}", daemon=True).start()
+            threading.Thread(target=run_task, args=(self.address, token, task.task_id),
+                             name=f"task-{task.task_id}", daemon=True).start()
 
     def stop(self) -> None:
         self.stop_event.set()
