@@ -7,7 +7,8 @@ minimal app folder ``flwr run`` ships (no code: hospitals run the fedsynth they 
 supervisor that restarts a dead child with exponential backoff.
 
 Flower facts this relies on (1.42): the SuperLink serves Fleet, Control and runtime APIs on one
-port; it and every SuperNode start ``flower-superexec`` (found on ``PATH``) in a new session, which
+port (plain HTTP/1.1 paths /v1/fleet, /v1/control, /v1/runtime; so ``fedsynth coordinator`` puts
+it on loopback behind nginx, see ``fedsynth.fleet_proxy``); it and every SuperNode start ``flower-superexec`` (found on ``PATH``) in a new session, which
 in turn starts ``flwr-serverapp`` / ``flwr-clientapp``; an unregistered node key makes the SuperNode
 log ``Exit Code: 305`` and exit.
 """
@@ -95,6 +96,17 @@ class TLSFiles:
     key: Path
 
 
+def superlink_env() -> dict[str, str]:
+    """The SuperLink's environment, without Flower's switches for its legacy gRPC servers (they
+    would bind Control and Fleet on 0.0.0.0:9093/9092, beside the proxy)."""
+    from flwr.common.constant import FLWR_INTERNAL_GRPC_CONTROL_API, FLWR_INTERNAL_GRPC_FLEET_API
+
+    env = child_env()
+    for name in (FLWR_INTERNAL_GRPC_CONTROL_API, FLWR_INTERNAL_GRPC_FLEET_API):
+        env.pop(name, None)
+    return env
+
+
 def superlink_command(address: str, database: Path, tls: TLSFiles | None,
                       node_auth: bool = True) -> list[str]:
     host, port = split_address(address)
@@ -142,9 +154,12 @@ def supernode_command(superlink: str, root_cert: Path | None, node_key: Path | N
     return cmd
 
 
-def executor_command(port: int, parent_pid: int | None = None) -> list[str]:
+def executor_command(port: int, parent_pid: int | None = None,
+                     approved_apps: Sequence[str] = ()) -> list[str]:
     """The warm task executor (``client.executor``) for the SuperNode's runtime port."""
     cmd = [sys.executable, "-m", "client.executor", "--runtime-api-address", f"127.0.0.1:{port}"]
+    for digest in approved_apps:
+        cmd += ["--approved-app", digest]
     return cmd + (["--parent-pid", str(parent_pid)] if parent_pid else [])
 
 

@@ -1,7 +1,16 @@
-"""``fedsynth coordinator``: the Flower SuperLink with TLS, node authentication and a state database.
+"""``fedsynth coordinator``: the Flower SuperLink with TLS, node authentication and a state database,
+behind nginx so that only the Fleet API faces the network.
 
 It registers every hospital public key found in ``KEYS/nodes/*.pub`` (and ``--register`` files),
-keeps looking for new ones while it runs, and restarts the SuperLink with backoff if it dies.
+keeps looking for new ones while it runs, and restarts the SuperLink and nginx with backoff if
+either dies.
+
+Why nginx: Flower 1.42's SuperLink serves the Fleet API (hospitals), the Control API (``flwr
+run``/``ls``, node registration) and the runtime API on one port, has no flag to split them, and
+its Control API authenticates no one by default. So the SuperLink listens on 127.0.0.1 only
+(``--superlink-port``) and nginx (``fedsynth.fleet_proxy``) listens on ``--address``: from the
+network it forwards the Fleet routes alone; on 127.0.0.1 (this host) it forwards everything, so
+``fedsynth launch``/``status`` keep working from the coordinator's machine.
 """
 
 from __future__ import annotations
@@ -23,7 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", type=Path, help="folder from `fedsynth certs init` "
                    "(ca.pem, coordinator.pem/.key, nodes/*.pub)")
     p.add_argument("--address", default="0.0.0.0:8000",
-                   help="HOST:PORT the SuperLink listens on (Fleet, Control and runtime APIs)")
+                   help="HOST:PORT hospitals dial (nginx: from the network only Flower's Fleet "
+                        "API passes; on 127.0.0.1 this host also reaches run submission)")
+    p.add_argument("--superlink-port", type=int, default=0, metavar="PORT",
+                   help="loopback port of the SuperLink behind the proxy (default: a free one, "
+                        "chosen at start)")
     p.add_argument("--state", type=Path, default=Path("coordinator-state"),
                    help="folder for the state database and the Flower CLI connection")
     p.add_argument("--ca-cert", type=Path, help="override KEYS/ca.pem")
@@ -37,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds between looks for new keys in KEYS/nodes")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no node authentication (local tests only; warns loudly)")
-    p.add_argument("--log-file", type=Path, help="copy the SuperLink's log here")
+    p.add_argument("--log-file", type=Path, help="copy the SuperLink's and nginx's log here")
     p.set_defaults(func=run)
 
 
@@ -60,12 +73,21 @@ def _tls(args: argparse.Namespace):  # noqa: ANN202
     return TLSFiles(ca.resolve(), cert.resolve(), key.resolve())
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
     from fedsynth.errors import UserError
     from fedsynth.deployment import (DeploymentError, Supervisor, register_node_keys,
                                      split_address, stop_on_signals, superlink_command,
-                                     wait_for_port, write_flwr_home)
+                                     superlink_env, wait_for_port, write_flwr_home)
+    from fedsynth.fleet_proxy import ProxyError, ProxyTLS, write_proxy
 
     tls = None
     if args.insecure:
@@ -79,20 +101,40 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     state = args.state.resolve()
     state.mkdir(parents=True, exist_ok=True)
-    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    # The SuperLink (all of Flower's APIs) answers on loopback only; nginx owns --address.
+    local = "127.0.0.1"
+    link_port = args.superlink_port or _free_loopback_port()
+    if link_port == port:
+        raise UserError(f"--superlink-port {link_port} is the port of --address {args.address}")
+    try:
+        proxy = write_proxy(state / "proxy", (host, port), link_port,
+                            ProxyTLS(tls.ca_cert, tls.cert, tls.key) if tls else None)
+    except ProxyError as exc:
+        raise UserError(str(exc)) from None
+    proxy.stop_stale()
+    # The coordinator's own flwr connection and key registration go straight to the SuperLink.
     flwr_home = state / "flwr"
-    write_flwr_home(flwr_home, f"{local}:{port}", tls.ca_cert if tls else None)
+    write_flwr_home(flwr_home, f"{local}:{link_port}", tls.ca_cert if tls else None)
 
     log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
 
-    def sink(line: str) -> None:
-        if log_fh is not None:
-            log_fh.write(line + "\n")
-        logging.getLogger("fedsynth.superlink").info("%s", line)
+    def sink_for(name: str):  # noqa: ANN202
+        def sink(line: str) -> None:
+            if log_fh is not None:
+                log_fh.write(line + "\n")
+            logging.getLogger(f"fedsynth.{name}").info("%s", line)
+        return sink
 
-    link = Supervisor("superlink", superlink_command(args.address, state / "state.db", tls,
-                                                    node_auth=tls is not None), sink=sink)
-    stop_on_signals(link.stop)
+    link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", state / "state.db",
+                                                    tls, node_auth=tls is not None),
+                      env=superlink_env(), sink=sink_for("superlink"))
+    front = Supervisor("fleet-proxy", proxy.command(), sink=sink_for("proxy"))
+
+    def stop() -> None:
+        link.stop()
+        front.stop()
+
+    stop_on_signals(stop)
     registered: set[Path] = set()
 
     def pending() -> list[Path]:
@@ -107,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             ok = True
             if todo and link.alive():
                 try:
-                    wait_for_port(local, port, 60, link.alive)
+                    wait_for_port(local, link_port, 60, link.alive)
                     for name, node in register_node_keys(todo, flwr_home).items():
                         log.info("hospital key %s registered (node %s)", name, node)
                     registered.update(p.resolve() for p in todo)
@@ -120,10 +162,16 @@ def run(args: argparse.Namespace) -> int:
                                                        FederationKeys(args.keys).nodes.is_dir()):
         log.warning("no hospital keys to register yet: add KEYS/nodes/NAME.pub "
                     "(`fedsynth certs node`) or --register")
+    front_thread = threading.Thread(target=front.run_forever, daemon=True)
+    front_thread.start()
     threading.Thread(target=registrar, daemon=True).start()
-    log.info("coordinator listening on %s (%s); state in %s", args.address,
-             "TLS + node authentication" if tls else "INSECURE", state)
+    log.info("coordinator listening on %s (%s; Fleet API only from the network, nginx config "
+             "%s); SuperLink on %s:%d; state in %s", args.address,
+             "TLS + node authentication" if tls else "INSECURE", proxy.config, local, link_port,
+             state)
     code = link.run_forever()
+    front.stop()
+    front_thread.join(timeout=30)
     if log_fh is not None:
         log_fh.close()
     return 0 if link.stopping() else code
