@@ -53,28 +53,115 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={PACKED: Array.from_numpy_ndarray(blob)})
 
 
+_MAX_DIMS = 32
+
+
+def _shape_of(value: Any, key: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) > _MAX_DIMS:
+        raise ValueError(f"packed array {key[:80]!r}: shape is not a list of at most "
+                         f"{_MAX_DIMS} dimensions")
+    if not all(type(d) is int and 0 <= d < 2**63 for d in value):
+        raise ValueError(f"packed array {key[:80]!r}: shape has a negative, huge or "
+                         f"non-integer dimension")
+    return tuple(value)
+
+
+def _dtype_of(value: Any, key: str) -> np.dtype:
+    """A plain numeric dtype (float, int, uint, bool) from an index entry; anything else refused."""
+    code = value[1:] if isinstance(value, str) and value[:1] in ("<", ">", "|", "=") else value
+    if not (isinstance(code, str) and len(code) == 2 and code[0] in "fiub" and code[1] in "1248"):
+        raise ValueError(f"packed array {key[:80]!r}: dtype refused")
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        raise ValueError(f"packed array {key[:80]!r}: dtype refused") from None
+    if dt.hasobject or dt.shape != () or dt.fields is not None or dt.kind not in "fiub":
+        raise ValueError(f"packed array {key[:80]!r}: dtype refused")
+    return dt
+
+
+def _plain_array(key: Any, value: Any) -> np.ndarray:
+    """One Flower Array of a non-packed record, its .npy header checked before anything is
+    allocated (``np.load`` would allocate whatever shape the header claims)."""
+    import io
+
+    from numpy.lib import format as npy
+
+    if not isinstance(key, str):
+        raise ValueError("array record key is not a string")
+    data = getattr(value, "data", None)
+    if not isinstance(data, bytes):
+        raise ValueError(f"array {key[:80]!r}: no byte payload")
+    fh = io.BytesIO(data)
+    try:
+        version = npy.read_magic(fh)
+        if version == (1, 0):
+            shape, _fortran, dt = npy.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _fortran, dt = npy.read_array_header_2_0(fh)
+        else:
+            raise ValueError("unsupported .npy version")
+    except (ValueError, TypeError, SyntaxError, OverflowError, RecursionError, MemoryError):
+        raise ValueError(f"array {key[:80]!r}: unreadable .npy header") from None
+    dt = _dtype_of(dt.str, key)
+    shape = _shape_of(list(shape), key)
+    if math.prod(shape) * dt.itemsize > len(data) - fh.tell():
+        raise ValueError(f"array {key[:80]!r}: shape {shape} does not fit its bytes")
+    try:
+        out = value.numpy()
+    except Exception:  # noqa: BLE001 - whatever np.load makes of hostile bytes
+        raise ValueError(f"array {key[:80]!r}: cannot be decoded") from None
+    if not isinstance(out, np.ndarray) or out.dtype.hasobject:
+        raise ValueError(f"array {key[:80]!r}: not a numeric array")
+    return out
+
+
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """The arrays of a record made by ``to_record`` (or a plain one Array per tensor)."""
-    if list(record.keys()) != [PACKED]:
-        return {k: v.numpy() for k, v in record.items()}
-    blob = record[PACKED].numpy()
+    """The arrays of a record made by ``to_record`` (or a plain one Array per tensor).
+
+    A record from a hospital is hostile input: anything that does not decode to plain numeric
+    arrays (an unreadable or non-list index, a non-string or duplicate key, a dtype other than
+    float/int/uint/bool, a negative or huge dimension, a size beyond the bytes that came) raises
+    ``ValueError``, and nothing is allocated beyond the bytes received.
+    """
+    try:
+        keys = list(record.keys())
+    except Exception:  # noqa: BLE001
+        raise ValueError("array record is malformed") from None
+    if keys != [PACKED]:
+        out_plain: dict[str, np.ndarray] = {}
+        for key in keys:
+            out_plain[key] = _plain_array(key, record[key])
+        return out_plain
+    blob = _plain_array(PACKED, record[PACKED])
     if blob.dtype != np.uint8 or blob.ndim != 1 or len(blob) < 8:
         raise ValueError("packed array record is malformed")
     n = int.from_bytes(blob[:8].tobytes(), "little")
+    if n > len(blob) - 8:
+        raise ValueError("packed array record: index longer than the record")
     try:
         index = json.loads(blob[8:8 + n].tobytes())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("packed array record has an unreadable index") from None
+    if not isinstance(index, list):
+        raise ValueError("packed array record: index is not a list")
     out: dict[str, np.ndarray] = {}
     at = 8 + n + _pad(n)
-    for key, dtype, shape in index:
-        dt = np.dtype(dtype)
-        if dt.hasobject:
-            raise ValueError(f"packed array {key!r}: object dtype refused")
-        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    for entry in index:
+        if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+            raise ValueError("packed array record: index entry is not [name, dtype, shape]")
+        key = entry[0]
+        if key in out:
+            raise ValueError(f"packed array record: duplicate key {key[:80]!r}")
+        dt = _dtype_of(entry[1], key)
+        shape = _shape_of(entry[2], key)
+        size = math.prod(shape) * dt.itemsize  # Python ints: no overflow
         if at + size > len(blob):
-            raise ValueError(f"packed array record is truncated at {key!r}")
-        out[key] = blob[at:at + size].view(dt).reshape(shape)
+            raise ValueError(f"packed array record is truncated at {key[:80]!r}")
+        try:
+            out[key] = blob[at:at + size].view(dt).reshape(shape)
+        except (ValueError, TypeError):
+            raise ValueError(f"packed array {key[:80]!r}: shape {shape} refused") from None
         at += size + _pad(size)
     return out
 

@@ -93,15 +93,23 @@ class ServerOptState:
     v: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+class NonFiniteAggregate(ArithmeticError):
+    """An aggregate that overflowed its dtype or is not finite: the caller keeps the old copy."""
+
+
 def weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """Weighted mean in float64, returned in the first array's dtype.
 
-    Integer buffers (``num_batches_tracked``) are rounded back to integers.
+    Weights are normalised by their largest first, so counts up to float64's maximum cannot
+    overflow the sum. Integer buffers (``num_batches_tracked``) are rounded back to integers.
     """
     w = np.asarray(weights, dtype=np.float64)
-    if w.sum() <= 0:
-        raise ValueError("weights sum to zero")
-    acc = sum(a.astype(np.float64) * wi for a, wi in zip(arrays, w / w.sum()))
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be finite, >= 0 and not all zero")
+    w = w / w.max()
+    w = w / w.sum()
+    with np.errstate(over="ignore", invalid="ignore"):
+        acc = sum(a.astype(np.float64) * wi for a, wi in zip(arrays, w))
     return _cast_like(np.asarray(acc), arrays[0].dtype)
 
 
@@ -149,6 +157,12 @@ def server_step(key: str, current: np.ndarray, aggregate_: np.ndarray, policy: C
         return aggregate_
     x = current.astype(np.float64)
     delta = aggregate_.astype(np.float64) - x
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _cast_like(_step(key, x, delta, policy, state), current.dtype)
+
+
+def _step(key: str, x: np.ndarray, delta: np.ndarray, policy: ComponentPolicy,
+          state: ServerOptState) -> np.ndarray:
     if policy.server_opt == "avg":
         step = delta
     elif policy.server_opt == "avgm":
@@ -162,7 +176,7 @@ def server_step(key: str, current: np.ndarray, aggregate_: np.ndarray, policy: C
         v = policy.adam_beta2 * v + (1 - policy.adam_beta2) * delta**2
         state.m[key], state.v[key] = m, v
         step = m / (np.sqrt(v) + policy.adam_tau)
-    return (x + policy.server_lr * step).astype(current.dtype)
+    return x + policy.server_lr * step
 
 
 def aggregate(
@@ -171,14 +185,18 @@ def aggregate(
     policies: Mapping[str, ComponentPolicy] | None = None,
     current: Mapping[str, np.ndarray] | None = None,
     state: ServerOptState | None = None,
+    refused: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per component, the reduced update over the replies that trained it (weight > 0).
 
     ``policies`` defaults to FedGAN for every component; a server optimizer other than plain
     averaging needs ``current`` (the global arrays before the round) and a ``state``. A component
-    that no update trained is absent from the result (the caller keeps the old one).
+    that no update trained is absent from the result (the caller keeps the old one), and so is
+    one whose aggregate is not finite in its dtype: its name is appended to ``refused``.
+    Server-optimizer state is only kept for components whose aggregate is accepted.
     """
     out: dict[str, np.ndarray] = {}
+    state = state if state is not None else ServerOptState()
     for component in components:
         policy = (policies or {}).get(component, ComponentPolicy())
         carriers = [u for u in updates if u.examples.get(component, 0) > 0
@@ -187,12 +205,24 @@ def aggregate(
             continue
         keys = [k for k in carriers[0].arrays if split_key(k)[0] == component]
         weights = [u.examples[component] for u in carriers]
-        for key in keys:
-            merged = reduce([u.arrays[key] for u in carriers], weights, policy)
-            if current is not None and key in current:
-                merged = server_step(key, current[key], merged, policy,
-                                     state if state is not None else ServerOptState())
-            out[key] = merged
+        trial = ServerOptState({k: v for k, v in state.momentum.items() if k in keys},
+                               {k: v for k, v in state.m.items() if k in keys},
+                               {k: v for k, v in state.v.items() if k in keys})
+        merged_c: dict[str, np.ndarray] = {}
+        try:
+            for key in keys:
+                merged = reduce([u.arrays[key] for u in carriers], weights, policy)
+                if current is not None and key in current:
+                    merged = server_step(key, current[key], merged, policy, trial)
+                merged_c[key] = merged
+        except NonFiniteAggregate:
+            if refused is not None:
+                refused.append(component)
+            continue
+        out.update(merged_c)
+        state.momentum.update(trial.momentum)
+        state.m.update(trial.m)
+        state.v.update(trial.v)
     return out
 
 
@@ -206,6 +236,19 @@ def update_norm(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.nda
 
 
 def _cast_like(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``acc`` (float64) in ``dtype``; ``NonFiniteAggregate`` if it is not finite there."""
+    acc = np.asarray(acc, dtype=np.float64)
+    if not np.isfinite(acc).all():
+        raise NonFiniteAggregate("aggregate is not finite")
     if not np.issubdtype(dtype, np.floating):
         acc = np.rint(acc)
-    return np.asarray(acc, dtype=dtype)
+        info = np.iinfo(dtype)
+        # float64 of iinfo.max rounds up past it; stay a margin inside the range
+        if (acc < float(info.min)).any() or (acc >= float(info.max)).any():
+            raise NonFiniteAggregate(f"aggregate out of the range of {np.dtype(dtype)}")
+        return acc.astype(dtype)
+    with np.errstate(over="ignore"):
+        out = acc.astype(dtype)
+    if not np.isfinite(out).all():
+        raise NonFiniteAggregate(f"aggregate overflows {np.dtype(dtype)}")
+    return out

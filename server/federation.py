@@ -26,7 +26,8 @@ from fedsynth.signing import load_private_key, sign
 
 from .aggregation import norm_state_keys
 from .presets import make_strategy
-from .run_folder import RunFolder, load_checkpoint
+from .run_folder import RunFolder, check_run_id, load_checkpoint
+from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,17 @@ class FederationConfig:
     sync_every: int = 0  # 0: the preset's (every round)
     ua_fake_batch: int = 64  # ua-gan: generated images sent to the hospitals per round
     signing_key: str = ""  # Ed25519 private key (PEM) that signs every global model sent
+    # What a hospital may claim (server/validation.py): example counts clipped to K x the others'
+    # median and an absolute cap; a reply moving a component beyond R x (||global|| + floor) is
+    # rejected whatever the other replies are.
+    examples_ratio: float = EXAMPLES_RATIO
+    max_examples: float = MAX_EXAMPLES
+    update_norm_ratio: float = UPDATE_NORM_RATIO
+    norm_floor_rms: float = NORM_FLOOR_RMS
+
+    def __post_init__(self) -> None:
+        if self.run_id:
+            check_run_id(self.run_id)
 
     def policy_overrides(self) -> dict[str, Any]:
         """The ``ComponentPolicy`` fields this run sets for every shared component."""
@@ -71,7 +83,8 @@ class FederationConfig:
         return out
 
     def resolved_run_id(self) -> str:
-        return self.run_id or datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+        return check_run_id(self.run_id) if self.run_id else \
+            datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
@@ -181,7 +194,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     family = get_family(cfg.model.family)
     torch.manual_seed(cfg.train.seed)
     nets = family.build(cfg.model)
-    folder = RunFolder(Path(cfg.run_dir) / cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
+    folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
     arrays = encode(nets)
     start_round = 1
     if cfg.resume and (ckpt := folder.latest_checkpoint()) is not None:
@@ -205,6 +218,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                              signer=signer, fraction_train=cfg.fraction_train,
                              min_train_nodes=cfg.min_hospitals,
                              min_available_nodes=cfg.min_hospitals,
+                             examples_ratio=cfg.examples_ratio, max_examples=cfg.max_examples,
+                             update_norm_ratio=cfg.update_norm_ratio,
+                             norm_floor_rms=cfg.norm_floor_rms,
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
     for rnd in range(start_round, cfg.rounds + 1):
@@ -246,7 +262,11 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                     "evaluate-phase-seconds": t_eval - t_aggregate,
                     "samples-seconds": time.monotonic() - t_eval,
                     **{f"rejected-{kind}": float(n)
-                       for kind, n in train_report.rejected_reasons.items()}},
+                       for kind, n in train_report.rejected_reasons.items()},
+                    # metric keys dropped, example counts clipped, aggregates refused
+                    **train_report.notes(),
+                    "dropped-eval-metric-keys": float(strategy.last_evaluate.dropped_metric_keys
+                                                      if eval_metrics is not None else 0)},
             hospitals=train_report.per_hospital,
             evaluated=evaluated,
         )

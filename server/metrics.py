@@ -36,8 +36,8 @@ DEFAULT_HOST = "127.0.0.1"  # a metrics endpoint is opened to the network only o
 
 
 # RejectedReply.kind values of server/validation.py, plus "other" and "unclassified".
-REJECT_REASONS = ("missing-key", "extra-key", "shape", "dtype", "non-finite", "norm", "metric",
-                  "no-record", "other", "unclassified")
+REJECT_REASONS = ("decode", "missing-key", "extra-key", "shape", "dtype", "non-finite",
+                  "norm-stats", "norm", "metric", "no-record", "other", "unclassified")
 
 ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 
@@ -200,12 +200,31 @@ class CoordinatorMetrics:
             self.rejected.labels(reason)
         for component in ("generator", "discriminator"):
             self.nonfinite.labels(component)
+        # what the coordinator refused to take from hospitals short of rejecting a reply
+        self.dropped_keys = Counter("fedsynth_dropped_metric_keys",
+                                    "Metric keys of hospital replies outside the protocol, not "
+                                    "kept.", registry=r)
+        self.capped = Counter("fedsynth_capped_example_counts",
+                              "Per-component example counts clipped to the coordinator's cap.",
+                              registry=r)
+        self.refused = Counter("fedsynth_refused_aggregates",
+                               "Component aggregates refused as non-finite (previous kept).",
+                               registry=r)
 
     def _seconds_since_checkpoint(self) -> float:
         last = self.last_ckpt_ts._value.get()  # noqa: SLF001 - prometheus_client has no getter
         return time.time() - last if last > 0 else -1.0
 
     def set_run(self, family: str, preset: str, rounds: int) -> None:
+        """Label the run: ``family`` and ``preset`` are checked against the known ones first, so a
+        label value is never an arbitrary string from a run config (``ValueError`` otherwise)."""
+        from shared_models import get_family
+
+        from .presets import PRESETS
+
+        get_family(family)  # ValueError naming the known families
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {str(preset)[:80]!r}; known: {', '.join(PRESETS)}")
         self.run_info.labels(family=family, preset=preset).set(1)
         self.rounds_planned.set(rounds)
 
@@ -229,6 +248,13 @@ class CoordinatorMetrics:
                 reasons[key[len("rejected-"):]] = reasons.get(key[len("rejected-"):], 0) + int(n)
         for reason, n in reasons.items():
             self.rejected.labels(reject_reason(reason)).inc(n)
+        for key, counter in (("dropped-metric-keys", self.dropped_keys),
+                             ("dropped-eval-metric-keys", self.dropped_keys),
+                             ("capped-example-counts", self.capped),
+                             ("refused-aggregates", self.refused)):
+            n = _finite_or_nan(summary.server.get(key, 0))
+            if n > 0:
+                counter.inc(n)
         if summary.rejected > sum(reasons.values()):
             self.rejected.labels("unclassified").inc(summary.rejected - sum(reasons.values()))
         # A value a round did not produce (no valid reply, no evaluation) keeps its last value;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,6 +16,19 @@ from typing import Any, Mapping
 import numpy as np
 
 from .images import save_grid
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHECKPOINT_NAME = re.compile(r"round-[0-9]{3,9}\.npz")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a plain folder name (letters, digits, ``.``, ``_``, ``-``; at most 64,
+    not starting with a dot or dash); otherwise ``ValueError``: a run id never names a path."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) \
+            or set(run_id) == {"."}:
+        raise ValueError(f"run id {str(run_id)[:80]!r} is not a plain name: use 1-64 letters, "
+                         f"digits, '.', '_' or '-', starting with a letter or digit")
+    return run_id
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -39,6 +53,11 @@ class RunFolder:
         self.keep = keep
         for sub in ("samples", "checkpoints"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_run(cls, run_dir: Path | str, run_id: str, keep: int = 3) -> "RunFolder":
+        """``run_dir/run_id``, refusing a run id that is not a plain name (``check_run_id``)."""
+        return cls(Path(run_dir) / check_run_id(run_id), keep=keep)
 
     @property
     def metrics_path(self) -> Path:
@@ -89,11 +108,28 @@ class RunFolder:
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        marker = self.root / "checkpoints" / "latest.json"
+        """The checkpoint ``latest.json`` names, or None when there is none yet.
+
+        The marker may only name a ``round-NNN.npz`` file directly inside this run's
+        ``checkpoints/`` (no path, no link out of it): anything else raises ``ValueError`` rather
+        than resuming from, or silently restarting over, some other file.
+        """
+        folder = self.root / "checkpoints"
+        marker = folder / "latest.json"
         if not marker.exists():
             return None
-        path = self.root / "checkpoints" / json.loads(marker.read_text())["file"]
-        return path if path.exists() else None
+        try:
+            name = json.loads(marker.read_text())["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"{marker}: not a checkpoint marker ({{\"round\": N, \"file\": "
+                             f"\"round-NNN.npz\"}})") from None
+        if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+            raise ValueError(f"{marker}: 'file' must name a round-NNN.npz in {folder}, "
+                             f"got {str(name)[:80]!r}")
+        path = folder / name
+        if path.is_symlink() or (path.exists() and path.resolve().parent != folder.resolve()):
+            raise ValueError(f"{marker}: {name} is not a file inside {folder}")
+        return path if path.is_file() else None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

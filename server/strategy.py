@@ -12,6 +12,7 @@ loop), validates every reply before it counts, and leaves aggregation math to ``
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +28,11 @@ from fedsynth.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
 from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
-from .validation import NORM_OUTLIER_RATIO, RejectedReply, norm_outliers, validate_train_reply
+from .validation import (
+    DROPPED_METRIC_KEYS, EVAL_METRIC_KEYS, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS,
+    NORM_OUTLIER_RATIO, UPDATE_NORM_RATIO, RejectedReply, cap_examples, check_norm_stats,
+    known_metrics, norm_outliers, update_bound, validate_train_reply,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +48,15 @@ class RoundReport:
     rejected: int = 0
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
+    dropped_metric_keys: int = 0  # metric keys outside the protocol, not kept
+    capped_examples: int = 0  # (hospital, component) example counts clipped
+    refused_aggregates: int = 0  # components whose aggregate was not finite: previous kept
+
+    def notes(self) -> dict[str, float]:
+        """The counters above, for the ``server`` section of metrics.jsonl."""
+        return {"dropped-metric-keys": float(self.dropped_metric_keys),
+                "capped-example-counts": float(self.capped_examples),
+                "refused-aggregates": float(self.refused_aggregates)}
 
 
 # ConfigRecord entries that tell a hospital what to send back this round (move to
@@ -62,6 +76,11 @@ class GanStrategy(Strategy):
     signature covers exactly what a hospital receives. ``fraction_train`` of the connected
     hospitals (at least ``min_train_nodes``) train each round; the round waits until
     ``min_available_nodes`` are connected.
+
+    Bounds on what a hospital may claim (``server/validation.py``): ``update_norm_ratio`` R and
+    ``norm_floor_rms`` reject a reply moving a component c beyond R x (||global_c|| + floor x
+    sqrt(n_c)); ``examples_ratio`` K and ``max_examples`` clip each example count to K x the
+    median of the other replies' and to an absolute cap.
     """
 
     def __init__(
@@ -76,7 +95,15 @@ class GanStrategy(Strategy):
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
         fraction_evaluate: float = 1.0,
+        update_norm_ratio: float = UPDATE_NORM_RATIO,
+        norm_floor_rms: float = NORM_FLOOR_RMS,
+        examples_ratio: float = EXAMPLES_RATIO,
+        max_examples: float = MAX_EXAMPLES,
     ) -> None:
+        if not (update_norm_ratio > 0 and norm_floor_rms >= 0 and examples_ratio >= 1
+                and max_examples >= 1):
+            raise ValueError("update_norm_ratio must be > 0, norm_floor_rms >= 0, "
+                             "examples_ratio >= 1 and max_examples >= 1")
         unknown = set(policies or {}) - set(components)
         if unknown:
             raise ValueError(f"policy for unknown component(s) {sorted(unknown)}; "
@@ -90,6 +117,10 @@ class GanStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.min_available_nodes = min_available_nodes
         self.fraction_evaluate = fraction_evaluate
+        self.update_norm_ratio = update_norm_ratio
+        self.norm_floor_rms = norm_floor_rms
+        self.examples_ratio = examples_ratio
+        self.max_examples = max_examples
         self._global: dict[str, np.ndarray] = {}
         self._opt_state = ServerOptState()
         self._last_round = 0
@@ -147,13 +178,22 @@ class GanStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validated, per-component aggregates; ``None`` arrays when nothing valid came."""
+        """Validated, per-component aggregates; ``None`` arrays when nothing valid came.
+
+        A component whose aggregate is not finite (or has unusable norm statistics) keeps its
+        previous global copy; the round counts it in ``refused_aggregates``.
+        """
         report = self.last_train
+        notes: Counter[str] = Counter()
         expected = {k: self._global[k] for k in self.expected_keys(server_round, self._global)}
         valid = self._validated(server_round, replies, lambda content: validate_train_reply(
-            content, expected, self.components))
-        outliers = norm_outliers({h: u for h, (u, _) in valid.items()}, expected,
-                                 self.norm_outlier_ratio)
+            content, expected, self.components, norm_keys=self.norm_keys, notes=notes))
+        report.dropped_metric_keys += notes[DROPPED_METRIC_KEYS]
+        updates = {h: u for h, (u, _) in valid.items()}
+        outliers = norm_outliers(updates, expected, self.norm_outlier_ratio)
+        outliers.update({h: r for h, r in update_bound(
+            updates, expected, self.update_norm_ratio, self.norm_floor_rms).items()
+            if h not in outliers})
         for hospital, reason in outliers.items():
             del valid[hospital]
             self._reject(report, server_round, hospital, RejectedReply("norm", reason))
@@ -163,9 +203,35 @@ class GanStrategy(Strategy):
         if not valid:
             log.warning("round %d: no valid reply, the global model is kept", server_round)
             return None, None
+        updates, clipped = cap_examples({h: u for h, (u, _) in valid.items()},
+                                        self.examples_ratio, self.max_examples)
+        for hospital, component, claimed, kept in clipped:
+            log.warning("round %d: hospital %s claims %.3g examples for %s; weighted as %.3g "
+                        "(<= %g x the others' median, <= %.3g)", server_round, hospital,
+                        claimed, component, kept, self.examples_ratio, self.max_examples)
+        report.capped_examples += len(clipped)
         merged = dict(self._global)
-        merged.update(aggregate([u for u, _ in valid.values()], self.components, self.policies,
-                                current=self._global, state=self._opt_state))
+        refused: list[str] = []
+        try:
+            fresh = aggregate(list(updates.values()), self.components, self.policies,
+                              current=self._global, state=self._opt_state, refused=refused)
+        except (ValueError, ArithmeticError) as exc:  # defensive: validation should prevent it
+            log.error("round %d: aggregation failed (%s); the global model is kept",
+                      server_round, exc)
+            fresh, refused = {}, [c for c, p in self.policies.items()
+                                  if p.collects(server_round)]
+        for component in {split_key(k)[0] for k in fresh}:
+            part = {k: v for k, v in fresh.items() if split_key(k)[0] == component}
+            try:
+                check_norm_stats(part, self.norm_keys)
+            except RejectedReply:
+                refused.append(component)
+                continue
+            merged.update(part)
+        for component in refused:
+            log.error("round %d: the aggregate of %s is not finite or not usable; its previous "
+                      "global copy is kept", server_round, component)
+        report.refused_aggregates += len(refused)
         self._global = merged
         return protocol.to_record(merged), MetricRecord(self._mean_metrics(report.per_hospital))
 
@@ -200,10 +266,15 @@ class GanStrategy(Strategy):
             if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
                 report.failed += 1
                 continue
+            try:
+                metrics, dropped = known_metrics(msg.content.metric_records[protocol.METRICS],
+                                                 EVAL_METRIC_KEYS)
+            except RejectedReply:
+                report.failed += 1
+                continue
             report.replied += 1
-            report.per_hospital[str(msg.metadata.src_node_id)] = {
-                k: float(v) for k, v in msg.content.metric_records[protocol.METRICS].items()
-                if isinstance(v, (int, float))}
+            report.dropped_metric_keys += dropped
+            report.per_hospital[str(msg.metadata.src_node_id)] = metrics
         if not report.per_hospital:
             return None
         return MetricRecord(self._mean_metrics(report.per_hospital, "eval-examples"))
@@ -225,6 +296,9 @@ class GanStrategy(Strategy):
                 valid[hospital] = validate(msg.content)
             except RejectedReply as exc:
                 self._reject(report, server_round, hospital, exc)
+            except Exception as exc:  # noqa: BLE001 - a reply that fails to decode ends nothing
+                self._reject(report, server_round, hospital, RejectedReply(
+                    "decode", f"reply does not decode ({type(exc).__name__})"))
         return valid
 
     def _sample(self, grid: Grid, fraction: float, minimum: int,
@@ -253,9 +327,11 @@ class GanStrategy(Strategy):
             having = [m for m in per_hospital.values() if key in m]
             values = [m[key] for m in having]
             weights = [m.get(weight_key, 1.0) for m in having]
+            if not all(math.isfinite(w) and w >= 0 for w in weights):
+                weights = [1.0] * len(having)  # a hostile count must not make every mean NaN
             if key.startswith("num-examples") or key == weight_key:
                 out[key] = float(sum(values))
-            elif sum(weights) > 0:
+            elif 0 < sum(weights) < math.inf:
                 out[key] = float(sum(v * w for v, w in zip(values, weights)) / sum(weights))
             else:
                 out[key] = float(statistics.fmean(values))

@@ -19,7 +19,9 @@ One round (message type ``train.ua_gan``):
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections import Counter
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -32,8 +34,12 @@ from fedsynth.signing import SIGNATURE_KEY
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 
+from .aggregation import Update
 from .strategy import GanStrategy, RoundReport, Signer
-from .validation import NORM_OUTLIER_RATIO, RejectedReply
+from .validation import (
+    EXAMPLES_RATIO, MAX_EXAMPLES, NORM_OUTLIER_RATIO, RejectedReply, cap_examples, known_metrics,
+    train_metric_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +94,8 @@ class UaGanStrategy(GanStrategy):
         fraction_train: float = 1.0,
         min_train_nodes: int = 1,
         min_available_nodes: int = 1,
+        examples_ratio: float = EXAMPLES_RATIO,
+        max_examples: float = MAX_EXAMPLES,
         **_: object,
     ) -> None:
         if model.family not in UA_FAMILIES:
@@ -97,7 +105,8 @@ class UaGanStrategy(GanStrategy):
         super().__init__(family.components, signer=signer,
                          norm_outlier_ratio=norm_outlier_ratio, fraction_train=fraction_train,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes,
-                         fraction_evaluate=0.0)
+                         fraction_evaluate=0.0, examples_ratio=examples_ratio,
+                         max_examples=max_examples)
         self.model = model
         self.family = family
         self.fake_batch = fake_batch
@@ -136,7 +145,10 @@ class UaGanStrategy(GanStrategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate the hospitals' (logits, grads), combine them, take one generator step."""
         report = self.last_train
-        valid = self._validated(server_round, replies, self._validate)
+        notes: Counter[str] = Counter()
+        valid = self._validated(server_round, replies,
+                                lambda content: self._validate(content, notes))
+        report.dropped_metric_keys += sum(notes.values())
         if len(valid) >= 3:
             norms = {h: float(np.linalg.norm(v[1])) for h, v in valid.items()}
             median = float(np.median(list(norms.values())))
@@ -152,27 +164,55 @@ class UaGanStrategy(GanStrategy):
         if not valid:
             log.warning("round %d: no valid reply, the generator is kept", server_round)
             return None, None
+        capped, clipped = cap_examples(
+            {h: Update(arrays={}, examples={"discriminator": v[2]}) for h, v in valid.items()},
+            self.examples_ratio, self.max_examples)
+        report.capped_examples += len(clipped)
+        for hospital, _, claimed, kept in clipped:
+            log.warning("round %d: hospital %s claims %.3g examples; weighted as %.3g",
+                        server_round, hospital, claimed, kept)
         logits = np.stack([v[0] for v in valid.values()])
         grads = np.stack([v[1] for v in valid.values()])
-        examples = np.array([v[2] for v in valid.values()])
-        dx, loss, d_ua = generator_input_grad(logits, grads, examples)
+        examples = np.array([capped[h].examples["discriminator"] for h in valid])
+        metrics = self._mean_metrics(report.per_hospital)
+        with np.errstate(all="ignore"):
+            dx, loss, d_ua = generator_input_grad(logits, grads, examples)
+        if not (np.isfinite(dx).all() and self._generator_step(dx)):
+            # keep the previous generator (and its optimizer state), count it
+            log.error("round %d: the generator step is not finite; the generator is kept",
+                      server_round)
+            report.refused_aggregates += 1
+            return protocol.to_record(self._global), MetricRecord(metrics)
+        self._global.update(encode(self.nets, ("generator",)))
+        metrics.update({"loss-g": loss, "d-fake-ua": d_ua})
+        return protocol.to_record(self._global), MetricRecord(metrics)
+
+    def _generator_step(self, dx: np.ndarray) -> bool:
+        """One generator step along ``dx``; False (and nothing changed) if it is not finite."""
         g = self.nets["generator"]
+        saved = ({k: v.detach().clone() for k, v in g.state_dict().items()},
+                 copy.deepcopy(self.opt_g.state_dict()))
         g.train()
         fake = g(self._z, self._labels)
         self.opt_g.zero_grad(set_to_none=True)
         fake.backward(torch.from_numpy(dx).to(fake.dtype))
         self.opt_g.step()
-        self._global.update(encode(self.nets, ("generator",)))
-        metrics = self._mean_metrics(report.per_hospital)
-        metrics.update({"loss-g": loss, "d-fake-ua": d_ua})
-        return protocol.to_record(self._global), MetricRecord(metrics)
+        if all(bool(torch.isfinite(v).all()) for v in g.state_dict().values()
+               if v.is_floating_point()):
+            return True
+        g.load_state_dict(saved[0])
+        self.opt_g.load_state_dict(saved[1])
+        return False
 
-    def _validate(self, content: RecordDict) -> tuple[np.ndarray, np.ndarray, float,
-                                                       dict[str, float]]:
+    def _validate(self, content: RecordDict, notes: Counter[str] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
         if protocol.ARRAYS not in content.array_records or \
                 protocol.METRICS not in content.metric_records:
             raise RejectedReply("no-record", "reply lacks its arrays or metrics record")
-        arrays = protocol.from_record(content.array_records[protocol.ARRAYS])
+        try:
+            arrays = protocol.from_record(content.array_records[protocol.ARRAYS])
+        except ValueError as exc:
+            raise RejectedReply("decode", f"arrays do not decode: {exc}") from None
         if set(arrays) != {LOGITS, GRADS}:
             kind = "missing-key" if not {LOGITS, GRADS} <= set(arrays) else "extra-key"
             raise RejectedReply(kind, f"keys {sorted(arrays)} != {[GRADS, LOGITS]}")
@@ -185,8 +225,10 @@ class UaGanStrategy(GanStrategy):
                 raise RejectedReply("dtype", f"key {name!r}: dtype {a.dtype} is not float")
             if not np.isfinite(a).all():
                 raise RejectedReply("non-finite", f"key {name!r}: contains NaN or Inf")
-        metrics = {k: float(v) for k, v in content.metric_records[protocol.METRICS].items()
-                   if isinstance(v, (int, float))}
+        metrics, dropped = known_metrics(content.metric_records[protocol.METRICS],
+                                         train_metric_keys(("discriminator",)))
+        if notes is not None and dropped:
+            notes["dropped-metric-keys"] += dropped
         n = metrics.get(protocol.examples_key("discriminator"),
                         metrics.get(protocol.NUM_EXAMPLES, 0.0))
         if not np.isfinite(n) or n <= 0:

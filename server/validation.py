@@ -1,28 +1,50 @@
 """Reply validation: nothing reaches the aggregate unless it fits the global model exactly.
 
 A rejected reply is logged with its reason and counted; the round goes on with the rest.
+
+Beyond shape and dtype, what a hospital claims is bounded by what the coordinator knows:
+
+* its update per component may move that component at most ``UPDATE_NORM_RATIO`` x (the global
+  component's norm + ``NORM_FLOOR_RMS`` per element) away from the global model (works with one or
+  two replies, where the median-based ``norm_outliers`` cannot say who is "far beyond the others");
+* normalisation statistics must be usable: ``running_var`` finite and >= 0, ``running_mean``
+  finite, ``num_batches_tracked`` in [0, 2**53];
+* its example count per component is clipped (``cap_examples``) to ``EXAMPLES_RATIO`` x the median
+  of the other replies' counts for that component and to ``MAX_EXAMPLES``;
+* only metric keys of the protocol are kept (``known_metrics``), the others are counted.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+import statistics
+from collections import Counter
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from fedsynth import protocol
 from flwr.app import RecordDict
+from shared_models.codec import split_key
 
 from .aggregation import Update, update_norm
 
 NORM_OUTLIER_RATIO = 10.0  # a reply moving the model > 10x the median reply's distance is dropped
+UPDATE_NORM_RATIO = 10.0  # ||reply_c - global_c|| <= R x (||global_c|| + floor x sqrt(n_c))
+NORM_FLOOR_RMS = 1.0  # the floor, per element: a zero-initialised component may still move
+EXAMPLES_RATIO = 3.0  # a reply's example count <= K x the median count of the others
+MAX_EXAMPLES = 100_000_000  # and never more than this, whatever the others claim
+MAX_BATCHES_TRACKED = 2**53  # num_batches_tracked beyond this no longer round-trips float64
+
+DROPPED_METRIC_KEYS = "dropped-metric-keys"  # ``notes`` counter: metric keys not kept
 
 
 class RejectedReply(ValueError):
     """Why one hospital's reply was not aggregated (the message names the key or value).
 
-    ``kind`` is a short fixed label (``missing-key``, ``extra-key``, ``shape``, ``dtype``,
-    ``non-finite``, ``norm``, ``metric``, ``no-record``) for counters and metric labels: it never
-    carries text from the reply itself.
+    ``kind`` is a short fixed label (``decode``, ``missing-key``, ``extra-key``, ``shape``,
+    ``dtype``, ``non-finite``, ``norm-stats``, ``norm``, ``metric``, ``no-record``) for counters
+    and metric labels: it never carries text from the reply itself.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -30,21 +52,105 @@ class RejectedReply(ValueError):
         self.kind = kind
 
 
+def number(value: Any) -> float | None:
+    """A metric value as a float (an int beyond float range becomes +-inf); None if not a number."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
+    return None
+
+
+def train_metric_keys(components: Iterable[str]) -> frozenset[str]:
+    """Metric keys a train reply may carry: the protocol's list and the example counts."""
+    return frozenset((*protocol.TRAIN_METRICS, protocol.NUM_EXAMPLES,
+                      *(protocol.examples_key(c) for c in components)))
+
+
+EVAL_METRIC_KEYS = frozenset((*protocol.EVAL_METRICS, protocol.NUM_EXAMPLES))
+
+
+def known_metrics(record: Any, allowed: frozenset[str]) -> tuple[dict[str, float], int]:
+    """The numeric metrics of ``record`` whose key is in ``allowed``, and how many were dropped.
+
+    A key a hospital invented (or a value that is not a number) never reaches metrics.jsonl.
+    """
+    out: dict[str, float] = {}
+    dropped = 0
+    try:
+        items = list(record.items())
+    except Exception:  # noqa: BLE001 - a hostile record
+        raise RejectedReply("decode", "metrics record cannot be read") from None
+    for key, value in items:
+        v = number(value)
+        if not isinstance(key, str) or key not in allowed or v is None:
+            dropped += 1
+            continue
+        out[key] = v
+    return out, dropped
+
+
+def _stat_name(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def check_norm_stats(arrays: Mapping[str, np.ndarray], norm_keys: frozenset[str] = frozenset()
+                     ) -> None:
+    """Normalisation buffers a BatchNorm can use: raises ``RejectedReply("norm-stats")``.
+
+    A key counts when it is in ``norm_keys`` (``shared_models.codec.norm_state_keys``) or, when
+    none are given, by its name (``running_var``, ``running_mean``, ``num_batches_tracked``).
+    A ``running_var`` of 0 is accepted: float16 transport flushes tiny variances to 0 and
+    BatchNorm adds its eps; a negative one makes NaN.
+    """
+    for key, a in arrays.items():
+        if norm_keys and key not in norm_keys:
+            continue
+        name = _stat_name(key)
+        if name == "running_var":
+            if not (np.isfinite(a).all() and (a >= 0).all()):
+                raise RejectedReply("norm-stats", f"key {key!r}: running_var not finite and >= 0")
+        elif name == "running_mean":
+            if not np.isfinite(a).all():
+                raise RejectedReply("norm-stats", f"key {key!r}: running_mean not finite")
+        elif name == "num_batches_tracked":
+            if not ((a >= 0).all() and (a <= MAX_BATCHES_TRACKED).all()):
+                raise RejectedReply("norm-stats", f"key {key!r}: num_batches_tracked out of "
+                                                  f"[0, 2**53]")
+
+
 def validate_train_reply(
     content: RecordDict,
     expected: Mapping[str, np.ndarray],
     components: tuple[str, ...],
+    *,
+    norm_keys: frozenset[str] = frozenset(),
+    notes: Counter[str] | None = None,
 ) -> tuple[Update, dict[str, float]]:
     """Check a train reply against the expected arrays; return the update and its metrics.
 
     ``expected`` maps each key the hospital must send to an array of the right shape and a float
-    or integer dtype. Floating arrays may come as float32 or float16 (the wire format).
+    or integer dtype. Floating arrays may come as float32 or float16 (the wire format). Metric keys
+    outside the protocol are dropped (counted in ``notes["dropped-metric-keys"]``).
     """
-    if protocol.ARRAYS not in content.array_records:
+    try:
+        has_arrays = protocol.ARRAYS in content.array_records
+        has_metrics = protocol.METRICS in content.metric_records
+    except Exception:  # noqa: BLE001
+        raise RejectedReply("decode", "reply content cannot be read") from None
+    if not has_arrays:
         raise RejectedReply("no-record", "reply has no arrays record")
-    if protocol.METRICS not in content.metric_records:
+    if not has_metrics:
         raise RejectedReply("no-record", "reply has no metrics record")
-    arrays = protocol.from_record(content.array_records[protocol.ARRAYS])
+    try:
+        arrays = protocol.from_record(content.array_records[protocol.ARRAYS])
+    except ValueError as exc:
+        raise RejectedReply("decode", f"arrays do not decode: {exc}") from None
     missing = set(expected) - set(arrays)
     extra = set(arrays) - set(expected)
     if missing:
@@ -52,7 +158,7 @@ def validate_train_reply(
                             f"missing key {sorted(missing)[0]!r} ({len(missing)} missing)")
     if extra:
         raise RejectedReply("extra-key",
-                            f"unexpected key {sorted(extra)[0]!r} ({len(extra)} extra)")
+                            f"unexpected key {sorted(extra)[0][:80]!r} ({len(extra)} extra)")
     for key, ref in expected.items():
         got = arrays[key]
         if got.shape != ref.shape:
@@ -66,8 +172,11 @@ def validate_train_reply(
             arrays[key] = got.astype(ref.dtype)
         elif got.dtype != ref.dtype:
             raise RejectedReply("dtype", f"key {key!r}: dtype {got.dtype} != {ref.dtype}")
-    metrics = {k: float(v) for k, v in content.metric_records[protocol.METRICS].items()
-               if isinstance(v, (int, float))}
+    check_norm_stats({k: arrays[k] for k in expected}, norm_keys)
+    metrics, dropped = known_metrics(content.metric_records[protocol.METRICS],
+                                     train_metric_keys(components))
+    if notes is not None and dropped:
+        notes[DROPPED_METRIC_KEYS] += dropped
     examples = {}
     for component in components:
         n = metrics.get(protocol.examples_key(component), metrics.get(protocol.NUM_EXAMPLES, 0.0))
@@ -86,7 +195,8 @@ def norm_outliers(
     """Replies whose update norm is more than ``ratio`` x the median of all replies' norms.
 
     Returns ``{hospital: reason}``. Needs at least three replies (with two, neither is "far beyond
-    the others"); a median of 0 (nobody moved) flags any reply that moved at all.
+    the others"; ``update_bound`` covers that case); a median of 0 (nobody moved) flags any reply
+    that moved at all.
     """
     if len(updates) < 3:
         return {}
@@ -94,3 +204,62 @@ def norm_outliers(
     median = float(np.median(list(norms.values())))
     return {h: f"update norm {n:.3g} > {ratio:g} x median {median:.3g}"
             for h, n in norms.items() if n > ratio * median}
+
+
+def update_bound(
+    updates: Mapping[str, Update],
+    reference: Mapping[str, np.ndarray],
+    ratio: float = UPDATE_NORM_RATIO,
+    floor_rms: float = NORM_FLOOR_RMS,
+) -> dict[str, str]:
+    """Replies that move some component c further than ``ratio`` x (||global_c|| + floor x
+    sqrt(n_c)) from the global model; ``{hospital: reason}``. Needs no other reply."""
+    by_component: dict[str, list[str]] = {}
+    for key, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            by_component.setdefault(split_key(key)[0], []).append(key)
+    bounds = {}
+    for component, keys in by_component.items():
+        size = sum(reference[k].size for k in keys)
+        norm = math.sqrt(sum(float(np.square(reference[k], dtype=np.float64).sum())
+                             for k in keys))
+        bounds[component] = ratio * (norm + floor_rms * math.sqrt(size))
+    out: dict[str, str] = {}
+    for hospital, update in updates.items():
+        for component, keys in by_component.items():
+            moved = update_norm({k: update.arrays[k] for k in keys if k in update.arrays},
+                                {k: reference[k] for k in keys})
+            if not moved <= bounds[component]:
+                out[hospital] = (f"component {component!r} moved {moved:.3g} > bound "
+                                 f"{bounds[component]:.3g} ({ratio:g} x (global norm + floor))")
+                break
+    return out
+
+
+def cap_examples(
+    updates: Mapping[str, Update],
+    ratio: float = EXAMPLES_RATIO,
+    absolute: float = MAX_EXAMPLES,
+) -> tuple[dict[str, Update], list[tuple[str, str, float, float]]]:
+    """Each reply's per-component example count clipped to ``absolute`` and to ``ratio`` x the
+    median of the other replies' (already clipped) counts for that component.
+
+    Only replies that trained the component (count > 0) are "others". Returns the updates with
+    their weights clipped and ``[(hospital, component, claimed, kept)]`` for each clip.
+    """
+    capped = {h: dict(u.examples) for h, u in updates.items()}
+    clipped: list[tuple[str, str, float, float]] = []
+    components = {c for u in updates.values() for c in u.examples}
+    for component in sorted(components):
+        base = {h: min(float(u.examples.get(component, 0.0)), absolute)
+                for h, u in updates.items()}
+        carriers = {h: n for h, n in base.items() if n > 0}
+        for hospital, n in carriers.items():
+            others = [m for h, m in carriers.items() if h != hospital]
+            kept = min(n, ratio * statistics.median(others)) if others else n
+            capped[hospital][component] = kept
+            claimed = float(updates[hospital].examples.get(component, 0.0))
+            if kept < claimed:
+                clipped.append((hospital, component, claimed, kept))
+    return ({h: Update(arrays=u.arrays, examples=capped[h]) for h, u in updates.items()},
+            clipped)
