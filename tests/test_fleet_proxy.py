@@ -239,3 +239,25 @@ def test_stale_nginx_of_a_killed_coordinator_is_stopped(tmp_path: Path) -> None:
         if old.poll() is None:
             _stop(old)
         upstream.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_deploy_files_run_the_proxy(tmp_path: Path) -> None:
+    """The coordinator image installs nginx; the systemd unit for the coordinator verifies."""
+    docker = (ROOT / "deploy" / "docker" / "Dockerfile.coordinator").read_text()
+    assert "apt-get install -y --no-install-recommends nginx" in docker
+    unit = ROOT / "deploy" / "systemd" / "fedsynth-coordinator.service"
+    text = unit.read_text()
+    assert "fedsynth coordinator" in text and "Restart=" in text
+    assert "apt-get install" in (ROOT / ".ci" / "run").read_text() and \
+        "nginx iproute2" in (ROOT / ".ci" / "run").read_text()
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    fake = tmp_path / unit.name
+    fake.write_text(text.replace("/opt/fedsynth/venv/bin/fedsynth", shutil.which("true")))
+    out = subprocess.run([tool, "verify", str(fake)], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
