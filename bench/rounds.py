@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="local compute per round")
     p.add_argument("--rounds", type=int, default=4,
                    help="rounds per federation (>= 3): round 1 warms up, the last evaluates")
-    p.add_argument("--executors", default="warm,flower")
+    p.add_argument("--executors", default="warm",
+                   help="warm only: Flower's stock executor imports the run bundle's code and is no "
+                        "longer offered (client/bundle.py)")
     p.add_argument("--compare", default="dcgan64",
                    help="cases also run with Flower's stock executor, side by side")
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -53,7 +53,7 @@ How each figure is taken (all ratios are side by side in one run; the machine is
   rounds after the first (round 1 carries imports and the slice cache). `evaluate-every` is the
   run's number of rounds, so the last round also evaluates: `deployed_eval_round_*` is that round.
   `_flower` rows are the same federation, same bench, with the hospitals on Flower's stock path
-  (`[node] executor = "flower"`: stock `flower-supernode`, a fresh ClientApp process per message,
+  (`[node] executor = "flower"`, since removed: it imported the run bundle's code; stock `flower-supernode`, a fresh ClientApp process per message,
   Flower's polls); the packed arrays and the coordinator's prompt grid apply to both rows.
   What removed the overhead (each measured): the warm executor (`client/executor.py`), one packed
   Array per message (`fedsynth/protocol.py`), finer object-pull retries and a 0.25 s SuperNode
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_rounds:
         with tempfile.TemporaryDirectory(prefix="fedsynth-rounds-") as tmp:
             results = rounds.measure(["dcgan32"] if args.quick else ["dcgan64", "cyclegan128"],
-                                     5.0 if args.quick else 30.0, 4, ("warm", "flower"),
+                                     5.0 if args.quick else 30.0, 4, ("warm",),
                                      Path(tmp), ("dcgan32", "dcgan64"))
         for res in results:
             stock = res.executor != "warm"

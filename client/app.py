@@ -11,19 +11,20 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsynth import protocol
 from fedsynth.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
-from shared_models import encode
+from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
 from . import metrics as hospital_metrics
-from .datasets import LocalData, local_data
+from .datasets import LocalData, clear_local_data, local_data
 from .settings import HospitalSettings
 from .trainer import LocalTrainer, pick_device
 from .ua_gan import UA_ACTION, reply_plan, ua_train
@@ -35,15 +36,60 @@ class HospitalError(RuntimeError):
     """Sent to the coordinator instead of the local exception (whose text stays at the site)."""
 
 
-_TRAINERS: dict[tuple, LocalTrainer] = {}  # warm per process, keyed by what changes them
+class RunState:
+    """What this process keeps for one Flower run: warm trainers and UA-GAN optimisers.
+
+    State belongs to a run and goes when the next run starts (``run_state``): a long-lived
+    executor serving run after run, each with other settings, must not grow without bound, and
+    nothing of one run (an optimiser's learning rate or step count) may leak into the next.
+    """
+
+    MAX_TRAINERS = 2  # per run: the coordinator's config rarely changes within a run
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.trainers: "OrderedDict[tuple, LocalTrainer]" = OrderedDict()
+        self.ua: dict[object, object] = {}  # client.ua_gan: per hospital, its private D + Adam
 
 
-def trainer_for(hospital: HospitalSettings, model) -> LocalTrainer:  # noqa: ANN001
+_RUNS: "OrderedDict[int, RunState]" = OrderedDict()
+MAX_RUNS = 1  # one run at a time at a hospital; simulation runs one per process too
+
+
+def run_state(run_id: int) -> RunState:
+    """This run's state; starting a new run drops every other run's trainers and data."""
+    state = _RUNS.get(run_id)
+    if state is None:
+        while len(_RUNS) >= MAX_RUNS:
+            old_id, _old = _RUNS.popitem(last=False)
+            log.info("run %s state released (a new run started)", old_id)
+        clear_local_data()
+        state = _RUNS[run_id] = RunState(run_id)
+    _RUNS.move_to_end(run_id)
+    return state
+
+
+def trainer_for(hospital: HospitalSettings, model, run_id: int = 0) -> LocalTrainer:  # noqa: ANN001
     device = pick_device(hospital.device)
     key = (model, str(device), hospital.amp)
-    if key not in _TRAINERS:
-        _TRAINERS[key] = LocalTrainer(model, device, hospital.amp)
-    return _TRAINERS[key]
+    trainers = run_state(run_id).trainers
+    if key not in trainers:
+        while len(trainers) >= RunState.MAX_TRAINERS:
+            trainers.popitem(last=False)
+        trainers[key] = LocalTrainer(model, device, hospital.amp)
+    trainers.move_to_end(key)
+    return trainers[key]
+
+
+def forget_trainer(trainer: LocalTrainer, run_id: int) -> None:
+    """Drop a trainer that failed to take a model (a wrong family or shape): no cache of junk."""
+    trainers = run_state(run_id).trainers
+    for key in [k for k, t in trainers.items() if t is trainer]:
+        del trainers[key]
+
+
+class PolicyRefused(RuntimeError):
+    """The hospital's own settings forbid what a message asks (the message says which)."""
 
 
 def _private_errors(handler: Callable[[Message, Context], Message]
@@ -63,18 +109,60 @@ def _private_errors(handler: Callable[[Message, Context], Message]
     return wrapper
 
 
-def check_signature(hospital: HospitalSettings, msg: Message) -> None:
-    """Refuse a global model that the pinned coordinator key did not sign (when one is pinned)."""
-    if hospital.model_public_key is None:
-        return
+SEEN_ROUNDS = "fedsynth-seen-rounds"  # in context.state: message type -> last round acted on
+
+
+def check_signature(hospital: HospitalSettings, msg: Message, context: Context | None = None
+                    ) -> None:
+    """Act only on what the pinned coordinator key signed, for this run, once per round.
+
+    The signature covers arrays, config, message type and run (``fedsynth.signing``); the round
+    is in the signed config, and a round at or below the last one acted on for that message type
+    is a replay. Without a pinned key only an explicit ``accept-unsigned-models`` lets a message
+    through (simulation sets it: there coordinator and hospitals are one process).
+    """
     config = msg.content[protocol.CONFIG]
-    signature = config[SIGNATURE_KEY] if SIGNATURE_KEY in config else None
-    try:
-        verify(msg.content[protocol.ARRAYS], signature, load_public_key(hospital.model_public_key))
-    except SignatureError as exc:
-        log.error("REFUSED global model: %s", exc)
-        hospital_metrics.record_signature_failure(hospital.name)
-        raise
+    if hospital.model_public_key is None:
+        if not hospital.accept_unsigned_models:
+            _refuse(hospital, "unsigned", SignatureError(
+                "no model-public-key is pinned and accept-unsigned-models is off"))
+    else:
+        arrays = (msg.content.array_records[protocol.ARRAYS]
+                  if protocol.ARRAYS in msg.content.array_records else None)
+        try:
+            verify(load_public_key(hospital.model_public_key), arrays, config,
+                   str(msg.metadata.message_type), int(msg.metadata.run_id))
+        except SignatureError as exc:
+            hospital_metrics.record_signature_failure(hospital.name)
+            _refuse(hospital, "signature", exc)
+    if context is None:
+        return
+    kind = str(msg.metadata.message_type)
+    server_round = int(config.get(protocol.SERVER_ROUND, 0))
+    seen = (context.state.config_records[SEEN_ROUNDS]
+            if SEEN_ROUNDS in context.state.config_records else ConfigRecord())
+    last = int(seen.get(kind, 0)) if kind in seen else None
+    if last is not None and server_round <= last:
+        _refuse(hospital, "replay", SignatureError(
+            f"{kind} message for round {server_round} replayed (this hospital already acted on "
+            f"round {last} of run {context.run_id})"))
+    seen[kind] = server_round
+    context.state[SEEN_ROUNDS] = seen
+
+
+def _refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:
+    log.error("REFUSED message (%s): %s", reason, exc)
+    hospital_metrics.record_refusal(hospital.name, reason)
+    raise exc
+
+
+def check_never_send(hospital: HospitalSettings, components: tuple[str, ...]) -> None:
+    """Refuse a round that asks for a component this hospital's settings keep at home."""
+    forbidden = sorted(set(components) & set(hospital.never_send))
+    if forbidden:
+        _refuse(hospital, "never-send", PolicyRefused(
+            f"the coordinator asked for {', '.join(forbidden)}, which this hospital's "
+            "never-send setting keeps at home"))
 
 
 def _name_of(context: Context) -> str:
@@ -91,10 +179,16 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
     hospital_metrics.note_identity(context.node_id, hospital.name)
-    check_signature(hospital, msg)
+    check_signature(hospital, msg, context)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
-    trainer = trainer_for(hospital, model)
-    restore_local(trainer, context, protocol.from_record(msg.content[protocol.ARRAYS]), train.seed)
+    get_family(model.family)  # an unknown family is refused before anything is built
+    received = protocol.from_record(msg.content[protocol.ARRAYS])
+    trainer = trainer_for(hospital, model, context.run_id)
+    try:
+        restore_local(trainer, context, received, train.seed)
+    except Exception:
+        forget_trainer(trainer, context.run_id)
+        raise
     data = local_data(hospital, model)
     return hospital, trainer, data, train, server_round
 
@@ -131,6 +225,7 @@ def train(msg: Message, context: Context) -> Message:
     seed = train_cfg.seed * 1_000_003 + server_round * 1009 + context.node_id % 1000
     hospital_metrics.reset_peak_memory(trainer.device)
     reply = reply_plan(msg.content[protocol.CONFIG], trainer.nets, trainer.family.components)
+    check_never_send(hospital, reply[0])
     result = trainer.fit(data.train, train_cfg, seed, reply=reply)
     save_local(trainer, context)
     hospital_metrics.record_train(hospital.name, server_round, result.metrics, data.report,

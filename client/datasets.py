@@ -253,7 +253,13 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
     raise ValueError(f"unknown data layout {layout!r}")
 
 
-_DATA: dict[tuple, LocalData] = {}  # warm per process: a Ray actor or a long-lived worker
+_DATA: dict[tuple, LocalData] = {}  # warm per process and run: a Ray actor or the executor
+MAX_DATA_PER_HOSPITAL = 2  # model configs kept warm per hospital (image size, family, ...)
+
+
+def clear_local_data() -> None:
+    """Forget every loaded data set (``client.app.run_state`` calls it when a new run starts)."""
+    _DATA.clear()
 
 
 def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
@@ -262,7 +268,8 @@ def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
     if key in _DATA:
         return _DATA[key]
     family = get_family(model.family)
-    settings = DicomSettings(image_size=model.image_size, modalities=hospital.modalities)
+    settings = DicomSettings(image_size=model.image_size, modalities=hospital.modalities,
+                             max_decoded_mb=hospital.max_decoded_mb)
     slices = load_slices(hospital.data_dir, settings, hospital.cache_dir)
     log.info("%s: %s", hospital.name, slices.report.summary())
     images = np.asarray(slices.images, dtype=np.float32)
@@ -277,5 +284,8 @@ def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
                                    hospital.holdout_every, selector)
     log.info("%s: %s training tensors %s, held out %s", hospital.name, family.name,
              {k: len(v) for k, v in train.items()}, {k: len(v) for k, v in holdout.items()})
+    mine = [k for k in _DATA if k[0] == hospital]
+    for stale in mine[:max(0, len(mine) - MAX_DATA_PER_HOSPITAL + 1)]:
+        del _DATA[stale]  # oldest first: dicts keep insertion order
     _DATA[key] = LocalData(train=train, holdout=holdout, report=slices.report)
     return _DATA[key]

@@ -14,9 +14,11 @@ updated context (where ``context.state`` keeps the hospital's local components).
 only that the process, its imports and the trainer/data caches of ``client.app`` survive between
 tasks. Tasks pull in their own threads but train one at a time (``RUN_LOCK``).
 
-The ClientApp is the one named by the run's FAB, loaded with Flower's own loader (a module import
-is cached, so a second task reuses it). fedsynth's launch FAB carries no code (see
-``fedsynth.deployment.write_launch_app``), so the executor runs the fedsynth this hospital installed.
+The ClientApp is always the installed ``client.app``: the run's app bundle (FAB) is checked by
+``client.bundle.check_bundle`` (fedsynth's code-free launch bundle, or the run is refused with one
+log line, a metric and an error reply) and is never extracted, installed or imported. This is why
+``[node] executor = "flower"`` (Flower's own SuperExec and ``flwr-clientapp``, which import the
+bundle's code) is no longer offered.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class TaskResult:
 class WarmExecutor:
     """Acquire ClientApp tasks from a SuperNode's Runtime API and run them in this process."""
 
-    def __init__(self, runtime_api_address: str, poll_s: float = POLL_S) -> None:
+    def __init__(self, runtime_api_address: str, poll_s: float = POLL_S,
+                 approved_apps: tuple[str, ...] = ()) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: F401 - fail early if gone
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -54,6 +57,7 @@ class WarmExecutor:
 
         self.address = runtime_api_address
         self.poll_s = poll_s
+        self.approved_apps = approved_apps
         self.stop_event = threading.Event()
         self._client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address, insecure=True, root_certificates=None,
@@ -89,7 +93,8 @@ class WarmExecutor:
             # run ended while the objects were in flight) waits in its pull, as a stuck Flower
             # process would, without holding up the next task. Model work is serialised by
             # RUN_LOCK inside run_task.
-            threading.Thread(target=run_task, args=(self.address, token, task.task_id),
+            threading.Thread(target=run_task,
+                             args=(self.address, token, task.task_id, self.approved_apps),
                              name=f"task-{task.task_id}", daemon=True).start()
 
     def stop(self) -> None:
@@ -99,19 +104,19 @@ class WarmExecutor:
         self._client.close()
 
 
-def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
-    """Flower's ``run_clientapp`` for one task, minus what only a throwaway process needs.
+def run_task(runtime_api_address: str, token: str, task_id: int,
+             approved_apps: tuple[str, ...] = ()) -> TaskResult:
+    """Flower's ``run_clientapp`` for one task, minus what only a throwaway process needs, and
+    minus everything that would run the coordinator's code.
 
-    Kept: the task heartbeat, pulling message + context + run + FAB, installing the FAB, loading
-    the ClientApp with Flower's loader, an ``Error`` reply when the app raises, pushing the reply
-    and then the context with the final status. Left out: ``flwr_exit`` (this process stays), the
-    signal handlers (the executor's own handle stopping), runtime dependency installation
-    (the hospital installs fedsynth itself; the coordinator cannot install code at a hospital).
+    Kept: the task heartbeat, pulling message + context + run + FAB, an ``Error`` reply when the
+    app raises, pushing the reply and then the context with the final status. Replaced: installing
+    the FAB and loading the ClientApp it names (``client.bundle`` checks the FAB is fedsynth's
+    code-free launch bundle; the app is the installed ``client.app``). Left out: ``flwr_exit``
+    (this process stays), the signal handlers (the executor's own handle stopping), runtime
+    dependency installation.
     """
     from flwr.app import Error, Message
-    from flwr.cli.install import install_from_fab
-    from flwr.clientapp.utils import get_load_client_app_fn
-    from flwr.common.config import get_project_dir
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
     from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
@@ -121,6 +126,9 @@ def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
                                                       push_task_output)
+
+    from client import metrics as hospital_metrics
+    from client.bundle import BundleRefused, check_bundle
 
     t0 = time.perf_counter()
     client = RuntimeHttpClient.from_server_address(
@@ -140,14 +148,25 @@ def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
             # pull may have overwritten since: set them for this one while it runs.
             TaskIdentity.task_id, TaskIdentity.run_id = task_id, context.run_id
             TaskIdentity.node_id = context.node_id
-            install_from_fab(fab.content, skip_prompt=True)
-            get_project_dir(run.fab_id, run.fab_version, fab.hash_str)  # raises if not installed
-            app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
-                run.fab_id, run.fab_version, fab.hash_str)
+            try:
+                check_bundle(run.fab_id, run.fab_version, fab.hash_str, fab.content,
+                             approved_apps)
+            except BundleRefused as exc:
+                log.error("REFUSED run %d: its app bundle is not the fedsynth app this hospital "
+                          "installed (%s); nothing from it was run", context.run_id, exc)
+                hospital_metrics.record_refusal(_hospital_name(context), f"bundle-{exc.reason}")
+                raise
+            from client.app import app  # the installed fedsynth ClientApp, never the bundle's
+
             t_loaded = time.perf_counter()
             reply = app(message=message, context=context)
             t_ran = time.perf_counter()
         status, details = SubStatus.COMPLETED, ""
+    except BundleRefused as exc:
+        details = f"refused by the hospital: the run's app bundle is not approved ({exc.reason})"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                            reply_to=message)
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower does
         # client.app already replaced any local detail with a generic HospitalError, so the
         # reason below carries no path or DICOM attribute (test_client_privacy checks the text).
@@ -178,11 +197,23 @@ def run_task(runtime_api_address: str, token: str, task_id: int) -> TaskResult:
     return TaskResult(task_id, ok, seconds, details)
 
 
+def _hospital_name(context: object) -> str:
+    try:
+        from client.settings import HospitalSettings
+
+        return HospitalSettings.from_node_config(context.node_config).name  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
     p.add_argument("--poll", type=float, default=POLL_S, help="seconds between idle polls")
     p.add_argument("--parent-pid", type=int, help="exit when this process (the daemon) is gone")
+    p.add_argument("--approved-app", action="append", default=[], metavar="SHA256",
+                   help="serve only app bundles with this hash (repeatable; default: any "
+                        "code-free fedsynth launch bundle)")
     args = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FEDSYNTH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -194,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedsynth import flower_latency
 
     flower_latency.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
-    executor = WarmExecutor(args.runtime_api_address, args.poll)
+    executor = WarmExecutor(args.runtime_api_address, args.poll, tuple(args.approved_app))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: executor.stop())
     # Import the ClientApp (torch, MONAI, pydicom) now, while the federation is idle, rather than

@@ -85,6 +85,10 @@ class _Series:
             "fedsynth_hospital_signature_failures",
             "Global models refused because the pinned coordinator key did not sign them.", h,
             registry=r)
+        self.refusals = Counter(
+            "fedsynth_hospital_refused_messages",
+            "Messages this hospital refused by its own policy (reason: unsigned, signature, "
+            "replay, never-send, ua-policy, bundle-*).", h + ["reason"], registry=r)
         self.images_per_second = Gauge("fedsynth_hospital_train_images_per_second",
                                        "Training throughput of the last round.", h, registry=r,
                                        multiprocess_mode="mostrecent")
@@ -222,6 +226,18 @@ def record_signature_failure(hospital: str) -> None:
     series().signature_failures.labels(label_name(hospital)).inc()
 
 
+REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
+                   "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
+                   "bundle-code", "bundle-malformed", "bundle-components")
+
+
+@_safely
+def record_refusal(hospital: str, reason: str) -> None:
+    """A message refused by the hospital's policy; ``reason`` is one of ``REFUSAL_REASONS``."""
+    series().refusals.labels(label_name(hospital),
+                             reason if reason in REFUSAL_REASONS else "other").inc()
+
+
 @_safely
 def note_identity(node_id: int, hospital: str) -> None:
     """Simulation only: tell the coordinator's exporter which name this node id has."""
@@ -237,19 +253,22 @@ def note_identity(node_id: int, hospital: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_multiproc_dir(path: Path | None = None) -> Path:
-    """Create (or empty) the multiprocess folder and export it for child processes.
+def prepare_multiproc_dir(parent: Path | None = None) -> Path:
+    """A NEW, empty multiprocess folder of this daemon's own, exported for child processes.
 
-    Call it before the SuperNode starts: only processes started afterwards inherit it. Files of an
-    earlier daemon run are removed so stale values do not survive a restart.
+    Call it before the SuperNode starts: only processes started afterwards inherit it. It is
+    always a fresh ``fedsynth-metrics-*`` folder, made inside ``parent`` (default:
+    ``$PROMETHEUS_MULTIPROC_DIR`` when set, else the system's temporary folder), so stale values of
+    an earlier run cannot survive and nothing that the daemon did not create is ever emptied or
+    removed (``cleanup`` removes only this folder).
     """
-    raw = path or (Path(os.environ[MULTIPROC_ENV]) if os.environ.get(MULTIPROC_ENV) else None)
-    folder = Path(raw) if raw else Path(tempfile.mkdtemp(prefix="fedsynth-metrics-"))
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"metrics folder {folder} is not a directory")
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in folder.glob("*.db"):
-        f.unlink()
+    raw = parent or (Path(os.environ[MULTIPROC_ENV]) if os.environ.get(MULTIPROC_ENV) else None)
+    if raw is not None:
+        raw = Path(raw)
+        if raw.exists() and not raw.is_dir():
+            raise ValueError(f"metrics folder {raw} is not a directory")
+        raw.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="fedsynth-metrics-", dir=raw))
     os.environ[MULTIPROC_ENV] = str(folder)
     return folder
 
@@ -292,5 +311,19 @@ def start_exporter(port: int, host: str = DEFAULT_HOST, multiproc_dir: Path | No
 
 
 def cleanup(folder: Path) -> None:
-    """Remove a multiprocess folder made by ``prepare_multiproc_dir`` (daemon shutdown)."""
-    shutil.rmtree(folder, ignore_errors=True)
+    """Remove a multiprocess folder made by ``prepare_multiproc_dir`` (daemon shutdown).
+
+    Only a folder named as ``prepare_multiproc_dir`` names its own, holding nothing but
+    prometheus-client's ``*.db`` files: anything else is left where it is.
+    """
+    folder = Path(folder)
+    if not folder.name.startswith("fedsynth-metrics-") or not folder.is_dir():
+        log.warning("not removing metrics folder %s: not one this daemon created", folder)
+        return
+    for f in folder.iterdir():
+        if f.is_file() and not f.is_symlink() and f.suffix == ".db":
+            f.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("metrics folder %s holds files that are not metrics; left in place", folder)

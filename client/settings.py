@@ -20,6 +20,22 @@ class SettingsError(ValueError):
     """A hospital setting is missing or wrong; the message names it."""
 
 
+DEFAULT_MAX_DECODED_MB = 256.0
+
+
+def _max_decoded_mb(m: Mapping[str, Any]) -> float:
+    """``max-decoded-mb``: the decompression-bomb budget, a number of MB > 0."""
+    value = m.get("max-decoded-mb", DEFAULT_MAX_DECODED_MB)
+    try:
+        mb = float(value)
+    except (TypeError, ValueError):
+        mb = float("nan")
+    if not 0 < mb < float("inf"):
+        raise SettingsError(f"hospital setting 'max-decoded-mb' must be a number of MB > 0, "
+                            f"got {value!r}")
+    return mb
+
+
 @dataclass(frozen=True)
 class HospitalSettings:
     data_dir: Path
@@ -30,8 +46,25 @@ class HospitalSettings:
     modalities: tuple[str, ...] = ()
     holdout_every: int = 10  # every n-th slice is held out for local evaluation
     name: str = "hospital"
-    # Pinned Ed25519 public key of the coordinator; when set, unsigned or tampered models are refused.
+    # Pinned Ed25519 public key of the coordinator: unsigned, tampered or replayed messages are
+    # refused. Without one, a deployed hospital refuses every message unless
+    # accept_unsigned_models is set (a loudly named flag, for local tests only).
     model_public_key: Path | None = None
+    # Decompression-bomb budget (client/dicom.py): the most decoded pixel MB (rows x columns x
+    # frames x samples x bytes) one DICOM file may declare or encode; larger: "too-large".
+    max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
+    accept_unsigned_models: bool = False
+    # What may never leave this hospital, whatever a message asks: component names (e.g.
+    # "discriminator", "d_a", "d_b") and "ua-gan" (UA-GAN's logits and input gradients).
+    never_send: tuple[str, ...] = ()
+    # UA-GAN's hospital-side floor (client/ua_gan.py): each step sees at least ua_min_batch real
+    # slices, the discriminator's learning rate is at most ua_max_lr, a round runs between
+    # ua_min_steps and ua_max_steps steps and answers for at most ua_max_fakes images.
+    ua_min_batch: int = 16
+    ua_max_lr: float = 1e-3
+    ua_min_steps: int = 5
+    ua_max_steps: int = 500
+    ua_max_fakes: int = 256
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
@@ -49,8 +82,17 @@ class HospitalSettings:
             modalities=tuple(mods),
             holdout_every=int(m.get("holdout-every", 10)),
             name=str(m.get("name", "hospital")),
+            max_decoded_mb=_max_decoded_mb(m),
             model_public_key=(Path(str(m["model-public-key"])).expanduser()
                               if m.get("model-public-key") else None),
+            accept_unsigned_models=_flag(m.get("accept-unsigned-models", False),
+                                         "accept-unsigned-models"),
+            never_send=_names(m.get("never-send", ())),
+            ua_min_batch=int(m.get("ua-min-batch", 16)),
+            ua_max_lr=float(m.get("ua-max-lr", 1e-3)),
+            ua_min_steps=int(m.get("ua-min-steps", 5)),
+            ua_max_steps=int(m.get("ua-max-steps", 500)),
+            ua_max_fakes=int(m.get("ua-max-fakes", 256)),
         )
 
     @classmethod
@@ -75,6 +117,15 @@ class HospitalSettings:
             out["modalities"] = ",".join(self.modalities)
         if self.model_public_key is not None:
             out["model-public-key"] = str(self.model_public_key)
+        if self.max_decoded_mb != DEFAULT_MAX_DECODED_MB:
+            out["max-decoded-mb"] = self.max_decoded_mb
+        if self.accept_unsigned_models:
+            out["accept-unsigned-models"] = True
+        if self.never_send:
+            out["never-send"] = ",".join(self.never_send)
+        out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
+                    "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
+                    "ua-max-fakes": self.ua_max_fakes})
         return out
 
     def check_local(self) -> None:
@@ -89,7 +140,25 @@ class HospitalSettings:
                                     f"cannot be read: {exc.strerror}") from None
 
 
-EXECUTORS = ("warm", "flower")
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise SettingsError(f"hospital setting {name!r} must be true or false, got {value!r}")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A list setting given as a TOML list or a comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(x).strip() for x in items if str(x).strip())
+
+
+# "flower" (Flower's own SuperExec + flwr-clientapp) imported the run's app bundle, i.e. ran the
+# coordinator's code at the hospital: refused since the trust review (client/bundle.py).
+EXECUTORS = ("warm",)
 
 
 @dataclass(frozen=True)
@@ -112,6 +181,8 @@ class DaemonSettings:
     port: int = 9094
     metrics_port: int = 0
     executor: str = "warm"
+    approved_apps: tuple[str, ...] = ()  # sha256 of app bundles this hospital serves (empty: any
+    #                                      code-free fedsynth launch bundle, see client/bundle.py)
 
     @classmethod
     def load(cls, path: Path | None, overrides: Mapping[str, Any] | None = None
@@ -161,9 +232,14 @@ class DaemonSettings:
             raise SettingsError("coordinator root-certificates is missing (the CA file from "
                                 "the coordinator); set insecure = true only for a local test")
         executor = str(node.get("executor", "warm"))
+        if executor == "flower":
+            raise SettingsError('[node] executor = "flower" is no longer offered: Flower\'s own '
+                                "ClientApp process imports the code of the run's app bundle; "
+                                'the warm executor serves only the installed fedsynth')
         if executor not in EXECUTORS:
             raise SettingsError(f"[node] executor = {executor!r} is not one of {EXECUTORS}")
         return cls(coordinator=str(coord["address"]), hospital=HospitalSettings.from_mapping(hosp),
                    root_certificates=None if insecure else root, insecure=insecure,
                    node_key=rel(node.get("key")), port=int(node.get("port", 9094)),
-                   metrics_port=int(node.get("metrics-port", 0)), executor=executor)
+                   metrics_port=int(node.get("metrics-port", 0)), executor=executor,
+                   approved_apps=_names(node.get("approved-apps", ())))

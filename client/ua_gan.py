@@ -7,12 +7,24 @@ so a hospital never sends a component the coordinator keeps local, nor its FedBN
 ``ua_train`` answers a ``train.ua_gan`` message (see ``server/ua_gan.py``): train the local
 discriminator on local real slices vs the received generated images, then reply with its logits on
 those images and their input gradients. Nothing else leaves: no weight, no real pixel.
-Register it in ``client/app.py`` with ``app.train(UA_ACTION)(_private_errors(ua_train))``.
+
+Why the UA discriminator is built the way it is (the trust review's finding 5): a coordinator that
+knows a hospital's discriminator, and chooses its steps, batch and learning rate, can solve the
+returned input gradients for the real slice that trained it (one step, batch 1, lr 1 gave a
+correlation of 0.99999). So the UA discriminator is created at the hospital from a secret seed
+(``secrets``) that never leaves, lives only in its own slot of ``context.state`` (never loaded
+from any message: a TRAIN message that plants weights reaches the ordinary model, not this one),
+draws its real batches with that secret too, and trains by the hospital's own floor
+(``HospitalSettings.ua_*``: at least ``ua_min_batch`` real slices per step, a learning rate of
+at most ``ua_max_lr``, ``ua_min_steps``..``ua_max_steps`` steps, at most ``ua_max_fakes`` images,
+Adam with fixed betas). What this does not bound: the gradients still depend on the real slices;
+differential privacy on this discriminator (the privacy issue) is what bounds that.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from typing import Callable, Mapping
 
@@ -23,9 +35,14 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from fedsynth import protocol
+from fedsynth.keys import UA_ACTION, UA_FAKES as FAKES, UA_GRADS as GRADS, UA_LABELS as LABELS
+from fedsynth.keys import UA_LOGITS as LOGITS
 from fedsynth.protocol import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
-from shared_models.codec import norm_state_keys
-from server.ua_gan import FAKES, GRADS, LABELS, LOGITS, UA_ACTION
+from shared_models import encode, get_family
+from shared_models.codec import decode_into, norm_state_keys
+
+# families whose discriminator outputs the logit of a probability (server/ua_gan.py: the same)
+UA_FAMILIES = ("dcgan", "cdcgan")
 
 log = logging.getLogger(__name__)
 
@@ -105,39 +122,114 @@ def ua_discriminator_round(
     return (logits.detach().float().cpu().numpy(), grads.float().cpu().numpy(), metrics)
 
 
-_UA_OPTS: dict[int, torch.optim.Optimizer] = {}  # per warm trainer: D's Adam state across rounds
+UA_STATE = "fedsynth-ua-discriminator"  # context.state: this hospital's private UA D
+UA_SECRET = "fedsynth-ua-secret"  # context.state: the secret seed of that D and of its batches
+UA_BETAS = (0.5, 0.999)  # the hospital's, not the message's
+
+
+class _UaState:
+    """One hospital's UA discriminator and its optimiser for this run (``client.app.RunState``)."""
+
+    def __init__(self, d: nn.Module, lr: float) -> None:
+        self.d = d
+        self.opt = torch.optim.Adam(d.parameters(), lr, UA_BETAS)
+
+
+def _secret(context: Context) -> int:
+    from flwr.app import ConfigRecord
+
+    if UA_SECRET not in context.state.config_records:
+        context.state[UA_SECRET] = ConfigRecord({"seed": secrets.randbits(62)})
+    return int(context.state.config_records[UA_SECRET]["seed"])
+
+
+def _ua_discriminator(context: Context, model, lr: float, device: torch.device,  # noqa: ANN001
+                      store: dict) -> _UaState:
+    """This hospital's UA discriminator: from this run's memory, its saved state, or new."""
+    state = store.get(context.node_id)
+    if state is None:
+        family = get_family(model.family)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_secret(context))
+            d = family.build(model)["discriminator"]
+        if UA_STATE in context.state.array_records:
+            decode_into({"discriminator": d},
+                        protocol.from_record(context.state.array_records[UA_STATE]))
+        state = store[context.node_id] = _UaState(d.to(device), lr)
+    for group in state.opt.param_groups:
+        group["lr"] = lr
+    return state
+
+
+def _checked_fakes(received: Mapping[str, np.ndarray], model, max_fakes: int  # noqa: ANN001
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The coordinator's generated images, refused unless they are images of this model."""
+    extra = sorted(set(received) - {FAKES, LABELS})
+    if FAKES not in received or extra:
+        raise ValueError(f"UA-GAN message must hold {FAKES!r} (and {LABELS!r}) only")
+    fakes = np.asarray(received[FAKES])
+    spatial = (model.image_size,) * model.spatial_dims
+    if (fakes.ndim != 2 + model.spatial_dims or fakes.shape[2:] != spatial
+            or fakes.shape[1] != model.channels or not 1 <= len(fakes) <= max_fakes):
+        raise ValueError(f"UA-GAN fakes of shape {fakes.shape} are not 1..{max_fakes} images of "
+                         f"{model.channels}x{spatial}")
+    if not np.issubdtype(fakes.dtype, np.floating) or not np.isfinite(fakes).all():
+        raise ValueError("UA-GAN fakes must be finite floating-point images")
+    labels = None
+    if LABELS in received:
+        lab = np.asarray(received[LABELS])
+        if (lab.shape != (len(fakes),) or not np.issubdtype(lab.dtype, np.integer)
+                or (len(lab) and (lab.min() < 0 or lab.max() >= max(model.num_classes, 1)))):
+            raise ValueError("UA-GAN labels must be one class index per fake")
+        labels = torch.from_numpy(lab.astype(np.int64))
+    return torch.from_numpy(np.clip(fakes.astype(np.float32), -1.0, 1.0)), labels
 
 
 def ua_train(msg: Message, context: Context) -> Message:
     """Flower handler of ``train.ua_gan``: one UA-GAN discriminator round at this hospital."""
-    from .app import (check_signature, restore_local, save_local,  # late: client.app registers
-                      trainer_for)  # this handler
-    from .datasets import local_data
+    from .app import PolicyRefused, _refuse, check_signature, run_state  # late: client.app
+    from .datasets import local_data  # registers this handler
     from .settings import HospitalSettings
+    from .trainer import pick_device
 
     hospital = HospitalSettings.from_node_config(context.node_config)
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
-    check_signature(hospital, msg)
+    check_signature(hospital, msg, context)
+    if "ua-gan" in hospital.never_send:
+        _refuse(hospital, "never-send", PolicyRefused(
+            "this hospital's never-send setting refuses UA-GAN rounds"))
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
-    trainer = trainer_for(hospital, model)
-    restore_local(trainer, context, {}, train.seed)  # the private D of this hospital
+    if model.family not in UA_FAMILIES:
+        raise ValueError(f"UA-GAN needs a family in {UA_FAMILIES}, got {model.family!r}")
+    try:
+        fakes, fake_labels = _checked_fakes(protocol.from_record(msg.content[protocol.ARRAYS]),
+                                            model, hospital.ua_max_fakes)
+    except ValueError as exc:
+        _refuse(hospital, "ua-policy", PolicyRefused(str(exc)))
     data = local_data(hospital, model)
-    received = protocol.from_record(msg.content[protocol.ARRAYS])
-    fakes = torch.from_numpy(np.asarray(received[FAKES], dtype=np.float32))
-    fake_labels = torch.from_numpy(received[LABELS]).long() if LABELS in received else None
-    d = trainer.nets["discriminator"]
-    opt = _UA_OPTS.setdefault(id(trainer), torch.optim.Adam(
-        d.parameters(), train.lr_d, (train.beta1, train.beta2)))
-    t0 = time.perf_counter()
     real = data.train["image"].float()
+    if len(real) < hospital.ua_min_batch:
+        _refuse(hospital, "ua-policy", PolicyRefused(
+            f"{len(real)} training slices are fewer than ua-min-batch = {hospital.ua_min_batch}: "
+            "a UA-GAN reply would reveal too much about each"))
+    steps = min(max(train.local_steps, hospital.ua_min_steps), hospital.ua_max_steps)
+    batch = max(train.batch_size, hospital.ua_min_batch)
+    lr = min(train.lr_d, hospital.ua_max_lr)
+    if (steps, batch, lr) != (train.local_steps, train.batch_size, train.lr_d):
+        log.warning("UA-GAN round %d within this hospital's floor: %d steps (asked %d), batch "
+                    "%d (asked %d), lr %.3g (asked %.3g)", server_round, steps,
+                    train.local_steps, batch, train.batch_size, lr, train.lr_d)
+    ua = _ua_discriminator(context, model, lr, pick_device(hospital.device),
+                           run_state(context.run_id).ua)
+    t0 = time.perf_counter()
     logits, grads, metrics = ua_discriminator_round(
-        d, opt, real, fakes, steps=train.local_steps, batch_size=train.batch_size,
+        ua.d, ua.opt, real, fakes, steps=steps, batch_size=batch,
         real_labels=data.train.get("label"), fake_labels=fake_labels,
-        seed=train.seed * 1_000_003 + server_round)
-    metrics.update({"train-seconds": time.perf_counter() - t0, "steps": train.local_steps,
+        seed=(_secret(context) + server_round) % 2**62)
+    metrics.update({"train-seconds": time.perf_counter() - t0, "steps": steps,
                     protocol.NUM_EXAMPLES: len(real),
                     protocol.examples_key("discriminator"): len(real)})
-    save_local(trainer, context)
-    log.info("UA-GAN round %d: D trained %d steps", server_round, train.local_steps)
+    context.state[UA_STATE] = protocol.to_record(encode({"discriminator": ua.d}))
+    log.info("UA-GAN round %d: D trained %d steps", server_round, steps)
     return Message(protocol.train_reply({LOGITS: logits, GRADS: grads}, metrics), reply_to=msg)

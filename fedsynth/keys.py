@@ -29,3 +29,16 @@ EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
 LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
+
+# The app bundle ``fedsynth launch`` ships (``fedsynth.deployment.write_launch_app``): it holds no
+# code, and hospitals serve no other (``client.bundle``).
+LAUNCH_APP_PUBLISHER = "fedsynth"
+LAUNCH_APP_NAME = "fedsynth-run"
+LAUNCH_APP_VERSION = "1.0.0"
+
+# UA-GAN (server/ua_gan.py, client/ua_gan.py): the message action and its array names.
+UA_ACTION = "ua_gan"  # hospitals register ``@app.train(UA_ACTION)``
+UA_FAKES = "fakes"
+UA_LABELS = "labels"
+UA_LOGITS = "logits"
+UA_GRADS = "grads"

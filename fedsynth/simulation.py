@@ -51,8 +51,10 @@ def run_simulated_federation(
     cfg = replace(cfg, run_id=cfg.resolved_run_id())
     run_root = Path(cfg.run_dir) / cfg.run_id
     run_root.mkdir(parents=True, exist_ok=True)
-    entries = [{"threads": 1, "name": f"hospital-{i + 1}", **dict(h)}
-               for i, h in enumerate(hospitals)]
+    # Simulation runs coordinator and hospitals in one process: nothing crosses a trust boundary,
+    # so the virtual hospitals accept the (unsigned) messages unless a key is given.
+    entries = [{"threads": 1, "name": f"hospital-{i + 1}", "accept-unsigned-models": True,
+                **dict(h)} for i, h in enumerate(hospitals)]
     sim_file = run_root / "simulation-hospitals.json"
     sim_file.write_text(json.dumps(entries, indent=2, default=str))
     os.environ[SIM_ENV] = str(sim_file.resolve())

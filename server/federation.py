@@ -188,6 +188,14 @@ def _grid_images(family: GanFamily, nets: dict, inputs: torch.Tensor,
     return out.numpy()
 
 
+def _flower_run_id(grid: Grid) -> int:
+    """The run id Flower stamps on every message of this run (0 where the grid has none)."""
+    try:
+        return int(grid.run.run_id)
+    except Exception:  # noqa: BLE001 - a test double or an old grid without ``run``
+        return 0
+
+
 def run_federation(grid: Grid, cfg: FederationConfig,
                    observers: tuple[Observer, ...] = ()) -> Path:
     """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
@@ -212,7 +220,12 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
     # The strategy signs what it sends: with local components or FedBN a hospital receives a
     # subset of the global model, and the signature must cover exactly that subset.
-    signer = (lambda record: sign(record, signing_key)) if signing_key is not None else None
+    # The run id (Flower's, given by the SuperLink) is part of every signature, so a message of
+    # this run means nothing in another.
+    run_id = _flower_run_id(grid)
+    signer = ((lambda record, config, message_type: sign(signing_key, record, config,
+                                                         message_type, run_id))
+              if signing_key is not None else None)
     strategy = make_strategy(cfg.preset, family.components, overrides=cfg.policy_overrides(),
                              model=cfg.model, train=cfg.train, norm_keys=norm_state_keys(nets),
                              signer=signer, fraction_train=cfg.fraction_train,

@@ -64,7 +64,8 @@ class RoundReport:
 REPLY_COMPONENTS = protocol.REPLY_COMPONENTS
 LOCAL_NORM_COMPONENTS = protocol.LOCAL_NORM_COMPONENTS
 
-Signer = Callable[[ArrayRecord], bytes]
+# (arrays, config, message type) -> signature; the signer binds the run id (server/federation.py)
+Signer = Callable[[ArrayRecord, ConfigRecord, str], bytes]
 
 
 class GanStrategy(Strategy):
@@ -146,14 +147,17 @@ class GanStrategy(Strategy):
         return [k for k in arrays if self._travels(k)
                 and self.policies[split_key(k)[0]].collects(server_round)]
 
-    def _outgoing(self, keys: list[str], config: ConfigRecord) -> RecordDict:
-        """The round's message content; with fp16 transport the download is halved too."""
+    def _outgoing(self, keys: list[str], config: ConfigRecord, message_type: str) -> RecordDict:
+        """The round's message content; with fp16 transport the download is halved too.
+
+        The signature covers the arrays, every config entry and the message type (and, through the
+        signer, the run): a hospital acts on nothing that is not signed."""
         half = config.get("train.wire_dtype") == "float16"
         record = protocol.to_record({
             k: self._global[k].astype(np.float16)
             if half and self._global[k].dtype == np.float32 else self._global[k] for k in keys})
         if self.signer is not None:
-            config[SIGNATURE_KEY] = self.signer(record)
+            config[SIGNATURE_KEY] = self.signer(record, config, message_type)
         return RecordDict({protocol.ARRAYS: record, protocol.CONFIG: config})
 
     # -- Flower hooks -------------------------------------------------------------------------
@@ -172,7 +176,8 @@ class GanStrategy(Strategy):
             c for c, p in self.policies.items() if p.collects(server_round))
         config[LOCAL_NORM_COMPONENTS] = ",".join(
             c for c, p in self.policies.items() if p.shared and p.local_norm)
-        content = self._outgoing(self.sent_keys(server_round, self._global), config)
+        content = self._outgoing(self.sent_keys(server_round, self._global), config,
+                                 MessageType.TRAIN)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n)
                 for n in nodes]
 
@@ -255,7 +260,8 @@ class GanStrategy(Strategy):
         # Only what was just aggregated goes out: a hospital's own copy of a local component, or of
         # one between syncs, must not be overwritten by the coordinator's stale copy.
         self._global = protocol.from_record(arrays)
-        content = self._outgoing(self.expected_keys(server_round, self._global), config)
+        content = self._outgoing(self.expected_keys(server_round, self._global), config,
+                                 MessageType.EVALUATE)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in nodes]
 

@@ -136,7 +136,7 @@ class UaGanStrategy(GanStrategy):
         record = protocol.to_record(out)
         config[protocol.SERVER_ROUND] = server_round
         if self.signer is not None:
-            config[SIGNATURE_KEY] = self.signer(record)
+            config[SIGNATURE_KEY] = self.signer(record, config, UA_MESSAGE_TYPE)
         content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: config})
         return [Message(content=content, message_type=UA_MESSAGE_TYPE, dst_node_id=n)
                 for n in nodes]

@@ -52,7 +52,8 @@ def _wire_bytes(content: RecordDict) -> bytes:
 
 def test_replies_hold_only_model_arrays_and_scalar_metrics(identified_hospital: Path,
                                                            tmp_path: Path) -> None:
-    node = {"data-dir": str(identified_hospital), "cache-dir": str(tmp_path / "cache")}
+    node = {"data-dir": str(identified_hospital), "cache-dir": str(tmp_path / "cache"),
+            "accept-unsigned-models": True}
     with task_identity():
         msg, sent = _round_message()
         reply = app(msg, client_context(7, node))
@@ -89,7 +90,8 @@ def test_no_pixel_array_leaves_even_shaped_like_an_image(identified_hospital: Pa
     from client.cache import load_slices
     from client.dicom import DicomSettings
 
-    node = {"data-dir": str(identified_hospital), "cache-dir": str(tmp_path / "cache")}
+    node = {"data-dir": str(identified_hospital), "cache-dir": str(tmp_path / "cache"),
+            "accept-unsigned-models": True}
     with task_identity():
         msg, _ = _round_message()
         reply = app(msg, client_context(7, node))
@@ -105,7 +107,7 @@ def test_local_failure_reaches_coordinator_without_path(tmp_path: Path) -> None:
     with task_identity():
         msg, _ = _round_message()
         with pytest.raises(Exception) as info:
-            app(msg, client_context(7, {"data-dir": str(missing)}))
+            app(msg, client_context(7, {"data-dir": str(missing), "accept-unsigned-models": True}))
     text = f"{type(info.value)}:<'{info.value}'>"  # what Flower puts in the error reply
     assert "HospitalError" in text
     assert "Hospital_St_Elsewhere" not in text and "DOE" not in text and str(tmp_path) not in text

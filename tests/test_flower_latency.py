@@ -163,7 +163,9 @@ def test_hospital_executor_setting(tmp_path) -> None:
     base = {"coordinator.address": "127.0.0.1:9", "coordinator.insecure": True,
             "hospital.data-dir": str(tmp_path / "data")}
     assert DaemonSettings.load(None, base).executor == "warm"
-    assert DaemonSettings.load(None, {**base, "node.executor": "flower"}).executor == "flower"
+    # Flower's own ClientApp process imports the run bundle's code: refused (client/bundle.py)
+    with pytest.raises(SettingsError, match="no longer offered"):
+        DaemonSettings.load(None, {**base, "node.executor": "flower"})
     with pytest.raises(SettingsError, match="executor = 'fast' is not one of"):
         DaemonSettings.load(None, {**base, "node.executor": "fast"})
     warm = supernode_command("127.0.0.1:9", None, None, 9094, {}, warm=True)
@@ -172,3 +174,4 @@ def test_hospital_executor_setting(tmp_path) -> None:
         "flower-supernode")
     assert executor_command(9094, 42)[-4:] == ["--runtime-api-address", "127.0.0.1:9094",
                                                "--parent-pid", "42"]
+    assert executor_command(9094, None, ["ab" * 32])[-2:] == ["--approved-app", "ab" * 32]

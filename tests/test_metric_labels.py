@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 from client.dicom import SKIP_REASONS
-from client.metrics import MODALITIES, NAME_PATTERN
+from client.metrics import MODALITIES, NAME_PATTERN, REFUSAL_REASONS
 from server.metrics import REJECT_REASONS, CoordinatorMetrics, HospitalNames
 
 SECRETS = ("DOE^JANE", "DOE", "PID-8812345", "ACC-77441", "Oncology", "St_Elsewhere")
@@ -31,7 +31,8 @@ ALLOWED: dict[str, re.Pattern[str] | frozenset[str]] = {
     "hospital": NAME_PATTERN,
     "component": frozenset({"generator", "discriminator"}),
     "outcome": frozenset({"selected", "replied", "failed", "rejected", "ok", "error"}),
-    "reason": frozenset(REJECT_REASONS) | frozenset(SKIP_REASONS) | {"other"},
+    "reason": (frozenset(REJECT_REASONS) | frozenset(SKIP_REASONS) | frozenset(REFUSAL_REASONS)
+               | {"other"}),
     "kind": frozenset({"train", "evaluate", "query", "other"}),
     "on": frozenset({"real", "fake"}),
     "modality": frozenset(MODALITIES) | {"other"},
@@ -158,9 +159,11 @@ def test_hospital_labels_from_real_handlers(tmp_path: Path, demo_hospitals: list
     key.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     nodes = [
-        {"data-dir": str(folder), "cache-dir": str(tmp_path / "cache"), "name": "st-elsewhere-1"},
+        {"data-dir": str(folder), "cache-dir": str(tmp_path / "cache"), "name": "st-elsewhere-1",
+         "accept-unsigned-models": True},
         # a hospital named like a path, and one that refuses the (unsigned) model
-        {"data-dir": str(folder), "cache-dir": str(tmp_path / "cache"), "name": str(folder)},
+        {"data-dir": str(folder), "cache-dir": str(tmp_path / "cache"), "name": str(folder),
+         "accept-unsigned-models": True},
         {"data-dir": str(folder), "cache-dir": str(tmp_path / "cache"), "name": "pinned",
          "model-public-key": str(key)},
     ]

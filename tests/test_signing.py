@@ -1,4 +1,10 @@
-"""Signed global models: Ed25519 over the exact wire bytes; hospitals refuse anything else."""
+"""Signed coordinator messages: Ed25519 over arrays, config, message type and run; hospitals refuse
+anything else, refuse replays, and never send what their own settings keep at home.
+
+Trust review finding 4: an edited ``reply-components`` made a ``fedmed-gan`` hospital send its
+private discriminator under a valid signature (only the arrays were signed); a round-1 model
+replayed as a round-50 evaluate was accepted; unsigned models were accepted after a warning.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,18 @@ from fedsynth.certs import init_federation
 from fedsynth.signing import (SIGNATURE_KEY, SignatureError, load_private_key, load_public_key,
                               sign, verify)
 
+RUN = 4242
+
 
 def _record() -> ArrayRecord:
     rng = np.random.default_rng(0)
     return protocol.to_record({"generator.w": rng.standard_normal((4, 3)).astype(np.float32),
                                "discriminator.b": rng.standard_normal(5).astype(np.float32)})
+
+
+def _config(**extra) -> ConfigRecord:
+    return ConfigRecord({"server-round": 3, "train.lr_d": 2e-4, "reply-components": "generator",
+                         **extra})
 
 
 def _flip_one_byte(record: ArrayRecord, key: str, index: int = 7) -> ArrayRecord:
@@ -41,32 +54,68 @@ def keys(tmp_path_factory: pytest.TempPathFactory):
     return init_federation(tmp_path_factory.mktemp("keys"))
 
 
+def _signed(keys, record, config, kind="train", run=RUN) -> ConfigRecord:
+    config[SIGNATURE_KEY] = sign(load_private_key(keys.signing_key), record, config, kind, run)
+    return config
+
+
 def test_signature_round_trip_and_files(keys) -> None:
-    record = _record()
-    signature = sign(record, load_private_key(keys.signing_key))
-    verify(record, signature, load_public_key(keys.signing_pub))  # no exception
-    assert len(signature) == 64
+    record, config = _record(), _config()
+    _signed(keys, record, config)
+    verify(load_public_key(keys.signing_pub), record, config, "train", RUN)  # no exception
+    assert len(config[SIGNATURE_KEY]) == 64
 
 
 @pytest.mark.parametrize("key", ["generator.w", "discriminator.b", "index"])
 def test_one_flipped_byte_fails(keys, key: str) -> None:
-    record = _record()
-    signature = sign(record, load_private_key(keys.signing_key))
+    record, config = _record(), _config()
+    _signed(keys, record, config)
     with pytest.raises(SignatureError, match="does not verify"):
-        verify(_flip_one_byte(record, key), signature, load_public_key(keys.signing_pub))
+        verify(load_public_key(keys.signing_pub), _flip_one_byte(record, key), config, "train",
+               RUN)
+
+
+@pytest.mark.parametrize("edit", [
+    ("reply-components", "generator,discriminator"),  # ask for the private D
+    ("server-round", 50),  # replay an old round as a new one
+    ("train.lr_d", 1.0),
+    ("server-round", 3.0),  # same number, other type
+    ("extra-key", "x"),  # an added entry
+])
+def test_every_config_entry_is_signed(keys, edit) -> None:
+    record, config = _record(), _config()
+    _signed(keys, record, config)
+    config[edit[0]] = edit[1]
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify(load_public_key(keys.signing_pub), record, config, "train", RUN)
+
+
+def test_message_type_and_run_are_bound(keys) -> None:
+    record, config = _record(), _config()
+    _signed(keys, record, config, "train", RUN)
+    public = load_public_key(keys.signing_pub)
+    with pytest.raises(SignatureError):
+        verify(public, record, config, "evaluate", RUN)  # a train message replayed as evaluate
+    with pytest.raises(SignatureError):
+        verify(public, record, config, "train", RUN + 1)  # replayed into another run
+    removed = ConfigRecord({k: v for k, v in config.items() if k != "train.lr_d"})
+    with pytest.raises(SignatureError):
+        verify(public, record, removed, "train", RUN)  # an entry dropped
 
 
 def test_unsigned_renamed_and_foreign_key_fail(keys) -> None:
     record = _record()
     public = load_public_key(keys.signing_pub)
     with pytest.raises(SignatureError, match="not signed"):
-        verify(record, None, public)
-    signature = sign(record, load_private_key(keys.signing_key))
+        verify(public, record, _config(), "train", RUN)
+    config = _signed(keys, record, _config())
     renamed = ArrayRecord(array_dict={("x" + k): v for k, v in record.items()})
     with pytest.raises(SignatureError):
-        verify(renamed, signature, public)
+        verify(public, renamed, config, "train", RUN)
+    foreign = _config()
+    foreign[SIGNATURE_KEY] = sign(Ed25519PrivateKey.generate(), record, foreign, "train", RUN)
     with pytest.raises(SignatureError):
-        verify(record, sign(record, Ed25519PrivateKey.generate()), public)
+        verify(public, record, foreign, "train", RUN)
 
 
 def test_unreadable_keys_name_the_file(tmp_path: Path, keys) -> None:
@@ -85,59 +134,115 @@ def test_unreadable_keys_name_the_file(tmp_path: Path, keys) -> None:
         load_public_key(ec_pem)
 
 
+# ---------------------------------------------------------------- at the hospital (ClientApp)
+
 @pytest.fixture
 def task_identity():
     """Flower needs a task identity to build a Message outside its processes (as its tests do)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN, 1, 1
     yield
     TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None  # noqa: SLF001
 
 
-def _train_message(record: ArrayRecord, signature: bytes | None) -> Message:
-    from shared_models import ModelConfig, TrainConfig
+def _message(keys, nets, server_round=1, kind="train", reply="generator,discriminator",
+             sign_it=True, arrays_from=None) -> Message:
+    from shared_models import ModelConfig, TrainConfig, encode
 
-    config: ConfigRecord = protocol.train_config(ModelConfig(image_size=32),
-                                                 TrainConfig(local_steps=1, batch_size=4), 1)
-    if signature is not None:
-        config[SIGNATURE_KEY] = signature
+    record = protocol.to_record(encode(arrays_from or nets))
+    config = protocol.train_config(ModelConfig(image_size=32),
+                                   TrainConfig(local_steps=1, batch_size=4), server_round)
+    config[protocol.REPLY_COMPONENTS] = reply
+    if sign_it:
+        _signed(keys, record, config, kind, RUN)
     return Message(RecordDict({protocol.ARRAYS: record, protocol.CONFIG: config}),
-                   dst_node_id=1, message_type="train")
+                   dst_node_id=1, message_type=kind)
 
 
-@pytest.mark.parametrize("tamper", ["flipped-byte", "unsigned"])
-def test_clientapp_refuses_tampered_global_model(keys, tmp_path: Path, task_identity, tamper: str,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def _context(data: Path, **settings) -> Context:
+    return Context(run_id=RUN, node_id=1, state=RecordDict(), run_config={},
+                   node_config={"data-dir": str(data), **settings})
+
+
+@pytest.fixture(scope="module")
+def nets():
+    from shared_models import ModelConfig, get_family
+
+    return get_family("dcgan").build(ModelConfig(image_size=32))
+
+
+@pytest.mark.parametrize("tamper", ["flipped-byte", "unsigned", "edited-reply-components"])
+def test_clientapp_refuses_tampered_message(keys, tmp_path: Path, task_identity, nets, tamper: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     """The ClientApp's train handler refuses before loading, logs it, and sends only a reason."""
     import client.app as clientapp
-    from shared_models import ModelConfig, encode, get_family
 
-    nets = get_family("dcgan").build(ModelConfig(image_size=32))
-    record = protocol.to_record(encode(nets))
-    signature = sign(record, load_private_key(keys.signing_key))
-    first = next(iter(encode(nets)))  # its first tensor
-    msg = (_train_message(_flip_one_byte(record, first), signature) if tamper == "flipped-byte"
-           else _train_message(record, None))
+    msg = _message(keys, nets, reply="generator", sign_it=tamper != "unsigned")
+    if tamper == "flipped-byte":
+        first = next(iter(protocol.from_record(msg.content[protocol.ARRAYS])))
+        msg.content[protocol.ARRAYS] = _flip_one_byte(msg.content[protocol.ARRAYS], first)
+    elif tamper == "edited-reply-components":  # fedmed-gan asked for G only; now it asks for D
+        msg.content[protocol.CONFIG][protocol.REPLY_COMPONENTS] = "generator,discriminator"
     data = tmp_path / "data"
     data.mkdir()
-    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
-                      node_config={"data-dir": str(data),
-                                   "model-public-key": str(keys.signing_pub)})
+    context = _context(data, **{"model-public-key": str(keys.signing_pub)})
     with caplog.at_level(logging.ERROR), pytest.raises(clientapp.HospitalError) as err:
         clientapp.train(msg, context)
-    assert "REFUSED global model" in caplog.text
+    assert "REFUSED message (signature)" in caplog.text
     assert str(data) not in str(err.value)  # the reply names no hospital path
     assert "SignatureError" in str(err.value)
 
 
-def test_clientapp_accepts_signed_model_signature_check(keys, task_identity) -> None:
-    """The intact, signed model passes the same check (so the refusal above is not blanket)."""
+def test_hospital_without_pinned_key_refuses_unless_flagged(keys, tmp_path: Path, task_identity,
+                                                            nets, caplog) -> None:
+    """Unsigned messages used to be accepted after a start-up warning; now only with the flag."""
     from client.app import check_signature
     from client.settings import HospitalSettings
-    from shared_models import ModelConfig, encode, get_family
 
-    nets = get_family("dcgan").build(ModelConfig(image_size=32))
-    record = protocol.to_record(encode(nets))
-    msg = _train_message(record, sign(record, load_private_key(keys.signing_key)))
-    check_signature(HospitalSettings(data_dir=Path("."), model_public_key=keys.signing_pub), msg)
+    msg = _message(keys, nets, sign_it=False)
+    with caplog.at_level(logging.ERROR), pytest.raises(SignatureError, match="no model-public-key"):
+        check_signature(HospitalSettings(data_dir=tmp_path), msg)
+    assert "REFUSED message (unsigned)" in caplog.text
+    check_signature(HospitalSettings(data_dir=tmp_path, accept_unsigned_models=True), msg)
+
+
+def test_replayed_rounds_are_refused(keys, tmp_path: Path, task_identity, nets) -> None:
+    """A validly signed message acted on once is refused the second time, and so is an older
+    round after a newer one; the evaluate of the same round is its own message type."""
+    from client.app import check_signature
+    from client.settings import HospitalSettings
+
+    hospital = HospitalSettings(data_dir=tmp_path, model_public_key=keys.signing_pub)
+    context = _context(tmp_path)
+    round1 = _message(keys, nets, 1)
+    check_signature(hospital, round1, context)
+    with pytest.raises(SignatureError, match="replayed"):
+        check_signature(hospital, round1, context)  # the same message again
+    check_signature(hospital, _message(keys, nets, 5), context)
+    with pytest.raises(SignatureError, match="replayed"):
+        check_signature(hospital, _message(keys, nets, 4), context)  # an older, signed round
+    check_signature(hospital, _message(keys, nets, 5, kind="evaluate"), context)
+    # a train message of round 1 cannot pass as a round-50 evaluate: the type is signed
+    evil = _message(keys, nets, 1)
+    evil.metadata.__dict__["_message_type"] = "evaluate"
+    with pytest.raises(SignatureError, match="does not verify"):
+        check_signature(hospital, evil, _context(tmp_path))
+
+
+def test_never_send_wins_over_a_signed_request(keys, tmp_path: Path, task_identity, nets,
+                                               demo_hospitals, caplog) -> None:
+    """Even a validly signed message cannot make a hospital send what its settings keep home."""
+    import client.app as clientapp
+
+    msg = _message(keys, nets, reply="generator,discriminator")
+    context = _context(demo_hospitals[0], **{"model-public-key": str(keys.signing_pub),
+                                             "never-send": "discriminator,d_a,d_b"})
+    with caplog.at_level(logging.ERROR), pytest.raises(clientapp.HospitalError,
+                                                       match="PolicyRefused"):
+        clientapp.train(msg, context)
+    assert "never-send" in caplog.text and "discriminator" in caplog.text
+    ok = _message(keys, nets, server_round=2, reply="generator")
+    reply = clientapp.train(ok, context)
+    sent = protocol.from_record(reply.content[protocol.ARRAYS])
+    assert sent and all(k.startswith("generator.") for k in sent)

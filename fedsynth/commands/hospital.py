@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -40,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", help="comma separated, e.g. MR,CT")
     p.add_argument("--name")
     p.add_argument("--model-public-key", type=Path, help="the coordinator's model-signing.pub")
-    p.add_argument("--executor", choices=("warm", "flower"),
-                   help="warm (default): one long-lived process runs every round's work; "
-                        "flower: a fresh process per message (slower)")
+    p.add_argument("--insecure-accept-unsigned-models", action="store_true", default=None,
+                   help="act on UNSIGNED coordinator messages (no model-public-key; local tests "
+                        "only, warns loudly)")
+    p.add_argument("--never-send", help="components that never leave this hospital, comma "
+                   "separated (e.g. discriminator,d_a,d_b; ua-gan refuses UA-GAN rounds)")
     p.add_argument("--max-restarts", type=int, default=None,
                    help="give up after this many restarts (default: never)")
     p.add_argument("--log-file", type=Path, help="copy the SuperNode's log here")
@@ -57,7 +58,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
             "coordinator.root-certificates": s(args.root_certificates),
             "coordinator.insecure": args.insecure,
             "node.key": s(args.node_key), "node.port": args.port,
-            "node.metrics-port": args.metrics_port, "node.executor": args.executor,
+            "node.metrics-port": args.metrics_port,
+            "hospital.accept-unsigned-models": args.insecure_accept_unsigned_models,
+            "hospital.never-send": args.never_send,
             "hospital.data-dir": s(args.data_dir), "hospital.cache-dir": s(args.cache_dir),
             "hospital.device": args.device, "hospital.threads": args.threads,
             "hospital.modalities": args.modalities, "hospital.name": args.name,
@@ -83,36 +86,37 @@ def load_settings(args: argparse.Namespace):  # noqa: ANN201
     except (SettingsError, CertError, ValueError) as exc:
         raise UserError(str(exc)) from None
     if settings.hospital.model_public_key is None:
-        log.warning("no model-public-key pinned: global models are loaded without checking "
-                    "the coordinator's signature")
+        if not settings.hospital.accept_unsigned_models:
+            raise UserError("no model-public-key pinned ([hospital] model-public-key or "
+                            "--model-public-key, the coordinator's model-signing.pub): this "
+                            "hospital would act on messages anyone could have written. For a "
+                            "local test only: --insecure-accept-unsigned-models")
+        for _ in range(3):
+            log.warning("INSECURE: accepting UNSIGNED messages from the coordinator "
+                        "(accept-unsigned-models): anyone who reaches this hospital's "
+                        "connection decides what it trains and sends. Local tests only.")
     return settings
 
 
-def start_metrics(port: int) -> dict[str, str]:
-    """Start the hospital's metrics exporter when ``client.metrics`` provides one.
+def start_metrics(port: int) -> tuple[dict[str, str], Path | None]:
+    """Start the hospital's metrics exporter; returns (environment for the SuperNode, folder).
 
-    Returns environment for the SuperNode (prometheus multiprocess folder), so that each
-    short-lived ClientApp process can record into it.
+    The prometheus multiprocess folder is always a new one of the daemon's own
+    (``client.metrics.prepare_multiproc_dir``), made inside ``$PROMETHEUS_MULTIPROC_DIR`` when
+    that is set: the daemon never empties or removes a folder it did not create (an unset
+    variable once made it empty its working directory).
     """
     if not port:
-        return {}
+        return {}, None
     if importlib.util.find_spec("client.metrics") is None:
         log.warning("--metrics-port %d given but this fedsynth has no client.metrics module; "
                     "metrics are off", port)
-        return {}
-    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")) or None
-    if folder is None:
-        import tempfile
+        return {}, None
+    from client import metrics
 
-        folder = Path(tempfile.mkdtemp(prefix="fedsynth-metrics-"))
-    shutil.rmtree(folder, ignore_errors=True)  # stale files from a previous daemon skew counters
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
-    from client import metrics  # type: ignore[attr-defined]
-
-    metrics.start_exporter(port)
-    log.info("hospital metrics on 127.0.0.1:%d", port)
-    return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    server = metrics.start_exporter(port)
+    folder = Path(server.multiproc_dir)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}, folder
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
                                      supernode_command)
 
     settings = load_settings(args)
-    env = child_env(start_metrics(settings.metrics_port))
+    try:
+        metrics_env, metrics_dir = start_metrics(settings.metrics_port)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    env = child_env(metrics_env)
     log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
     refused = {"seen": False}
 
@@ -146,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if settings.executor == "warm":
         # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if
         # it dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
-        executor = Supervisor("executor", executor_command(settings.port, os.getpid()), env=env,
+        executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
+                                                           settings.approved_apps), env=env,
                               sink=sink, max_restarts=args.max_restarts)
         threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
 
@@ -176,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
             executor.terminate()
         if log_fh is not None:
             log_fh.close()
+        if metrics_dir is not None:
+            from client import metrics
+
+            metrics.cleanup(metrics_dir)
     if node.stopping():
         return 0
     return 3 if refused["seen"] else (code or 1)
