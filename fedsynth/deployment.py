@@ -8,9 +8,10 @@ supervisor that restarts a dead child with exponential backoff.
 
 Flower facts this relies on (1.42): the SuperLink serves Fleet, Control and runtime APIs on one
 port (plain HTTP/1.1 paths /v1/fleet, /v1/control, /v1/runtime; so ``fedsynth coordinator`` puts
-it on loopback behind nginx, see ``fedsynth.fleet_proxy``); it and every SuperNode start ``flower-superexec`` (found on ``PATH``) in a new session, which
-in turn starts ``flwr-serverapp`` / ``flwr-clientapp``; an unregistered node key makes the SuperNode
-log ``Exit Code: 305`` and exit.
+it on loopback behind nginx, see ``fedsynth.fleet_proxy``); it and every SuperNode start
+``flower-superexec`` (found on ``PATH``) in a new session, which in turn starts
+``flwr-serverapp`` / ``flwr-clientapp``; an unregistered node key makes the SuperNode log
+``Exit Code: 305`` and exit.
 """
 
 from __future__ import annotations

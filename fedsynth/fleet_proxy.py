@@ -129,7 +129,7 @@ class FleetProxy:
                           f"    ssl_certificate_key {self.tls.key};\n"
                           "    ssl_protocols TLSv1.2 TLSv1.3;\n"
                           "    ssl_session_cache shared:fedsynth_tls:1m;\n")
-            tls_upstream = ("    # the SuperLink keeps its own TLS; nginx checks it against the CA\n"
+            tls_upstream = ("    # the SuperLink keeps its own TLS; nginx checks it (CA)\n"
                             f"    proxy_ssl_trusted_certificate {self.tls.ca_cert};\n"
                             "    proxy_ssl_verify on;\n"
                             f"    proxy_ssl_name {TLS_NAME};\n"

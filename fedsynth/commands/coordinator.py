@@ -1,5 +1,5 @@
-"""``fedsynth coordinator``: the Flower SuperLink with TLS, node authentication and a state database,
-behind nginx so that only the Fleet API faces the network.
+"""``fedsynth coordinator``: the Flower SuperLink with TLS, node authentication and a state
+database, behind nginx so that only the Fleet API faces the network.
 
 It registers every hospital public key found in ``KEYS/nodes/*.pub`` (and ``--register`` files),
 keeps looking for new ones while it runs, and restarts the SuperLink and nginx with backoff if
