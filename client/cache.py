@@ -28,12 +28,13 @@ import numpy as np
 
 from client import dicom
 from client.dicom import (
+    TRANSIENT_SKIP_REASONS,
     DicomSettings,
     ScanReport,
     SeriesSummary,
     SliceSet,
-    list_candidate_files,
     scan_folder,
+    walk_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -61,22 +62,28 @@ def default_cache_dir() -> Path:
 def _listing_hash(folder: Path, cache_dir: Path) -> str:
     """Hash of (relative path, size, mtime_ns) of every candidate file.
 
-    Files inside ``cache_dir`` are left out, so a cache kept inside the scanned
-    folder does not invalidate itself on every write.
+    Entries the scan cannot read (special files, links leading outside the folder,
+    unlistable subfolders) enter as (relative path, reason).  Files inside ``cache_dir``
+    are left out, so a cache kept inside the scanned folder does not invalidate itself
+    on every write.
     """
     h = hashlib.sha256()
     try:
         cache_resolved = cache_dir.resolve()
     except OSError:
         cache_resolved = cache_dir
-    for path in list_candidate_files(folder):
+    for rel, path, problem in walk_folder(folder):
+        if problem or path is None:
+            h.update(json.dumps([rel, problem]).encode("utf-8"))
+            h.update(b"\n")
+            continue
+        path = folder / rel  # the link path for a symlink inside the folder (stat follows it)
         try:
             if path.resolve().is_relative_to(cache_resolved):
                 continue
             st = path.stat()
         except OSError:
             continue  # vanished between listing and stat: the scan will see that too
-        rel = path.relative_to(folder).as_posix()
         h.update(json.dumps([rel, st.st_size, st.st_mtime_ns]).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
@@ -227,6 +234,13 @@ def load_slices(folder: Path, settings: DicomSettings, cache_dir: Path | None = 
         return cached
 
     slices = _scan(folder, settings)
+    transient = sorted(set(slices.report.skipped) & TRANSIENT_SKIP_REASONS)
+    if transient:
+        # Files or folders the scan could not read may be readable next time: do not freeze
+        # this partial view into the cache.
+        logger.warning("not caching the scan of %s: %s", folder.name,
+                       ", ".join(f"{r} {slices.report.skipped[r]}" for r in transient))
+        return slices
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _write_entry(cache_dir, key, slices)

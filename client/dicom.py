@@ -34,8 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import io
 import os
 import re
+import stat
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,6 +68,11 @@ TRUNCATED_PIXEL_DATA = "truncated-pixel-data"
 TOO_SMALL = "too-small"
 FILTERED_OUT = "filtered-out"
 INCONSISTENT_GEOMETRY = "inconsistent-geometry"
+TOO_LARGE = "too-large"  # declared (or encoded) decoded size over DicomSettings.max_decoded_mb
+UNREADABLE = "unreadable"  # the file exists but cannot be opened or read (permissions, I/O error)
+UNREADABLE_FOLDER = "unreadable-folder"  # a subfolder that cannot be listed: its files are unseen
+OUTSIDE_DATA_DIR = "outside-data-dir"  # a symlink resolving outside the data folder: not followed
+NOT_A_FILE = "not-a-file"  # FIFO, socket, device, dangling symlink: never opened
 
 SKIP_REASONS: tuple[str, ...] = (
     NOT_DICOM,
@@ -78,7 +86,16 @@ SKIP_REASONS: tuple[str, ...] = (
     TOO_SMALL,
     FILTERED_OUT,
     INCONSISTENT_GEOMETRY,
+    TOO_LARGE,
+    UNREADABLE,
+    UNREADABLE_FOLDER,
+    OUTSIDE_DATA_DIR,
+    NOT_A_FILE,
 )
+
+# Reasons that say the scan could not see everything (not what a file holds): a result with
+# one of these is not cached, so fixing permissions takes effect on the next run.
+TRANSIENT_SKIP_REASONS = frozenset({UNREADABLE, UNREADABLE_FOLDER})
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
 
@@ -133,16 +150,25 @@ class DicomSettings:
     min_size: int = 16
     ct_window: tuple[float, float] = (40.0, 400.0)
     mr_percentiles: tuple[float, float] = (1.0, 99.0)
+    # Decompression-bomb budget: the most decoded pixel bytes one file may produce (Rows x
+    # Columns x Frames x SamplesPerPixel x BitsAllocated / 8), checked before any decode.
+    max_decoded_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.min_size < 1:
             raise ValueError(f"image_size and min_size must be >= 1, got {self.image_size}, {self.min_size}")
+        if not self.max_decoded_mb > 0:
+            raise ValueError(f"max_decoded_mb must be > 0, got {self.max_decoded_mb}")
         if self.series_pattern:
             try:
                 re.compile(self.series_pattern)
             except re.error as exc:
                 raise ValueError(f"series_pattern {self.series_pattern!r} is not a valid regular "
                                  f"expression: {exc}") from exc
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        return int(self.max_decoded_mb * 1024 * 1024)
 
     def fingerprint(self) -> str:
         """Stable hash of every field (plus the pipeline version) for cache keys."""
@@ -266,23 +292,81 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def list_candidate_files(folder: Path) -> list[Path]:
-    """Every regular file under ``folder``, recursively, sorted by relative path.
+def walk_folder(folder: Path) -> list[tuple[str, Path | None, str]]:
+    """Every entry under ``folder`` the scan must account for, sorted by relative path.
 
-    DICOM files often have no suffix, so nothing is filtered by name; DICOMDIRs and
-    non-DICOM files are recognised by content later.  Symlinked directories are not
-    followed (avoids loops).
+    Returns ``(rel, path, reason)``: ``reason`` is ``""`` for a regular file to read (``path``
+    then names it, a symlink already resolved to its target inside the folder), else one of
+    :data:`UNREADABLE_FOLDER`, :data:`OUTSIDE_DATA_DIR`, :data:`NOT_A_FILE` (``path`` None).
+    Nothing here opens a file: entries are classified by ``lstat`` (FIFOs would block an open).
+    Symlinked directories are not followed (avoids loops; a link to a folder inside the data
+    folder is scanned under its real path), symlinked files are followed only when they
+    resolve inside the data folder.
     """
     folder = Path(folder)
-    found: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
-        for name in files:
-            p = Path(root) / name
-            if p.is_file():
-                found.append(p)
-    found.sort(key=lambda p: p.relative_to(folder).as_posix())
-    return found
+    try:
+        root_real = Path(os.path.realpath(folder))
+    except OSError:
+        root_real = folder
+    out: list[tuple[str, Path | None, str]] = []
+
+    def inside(target: str) -> bool:
+        t = Path(target)
+        return t == root_real or t.is_relative_to(root_real)
+
+    def visit(directory: Path, rel_dir: str) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            logger.debug("cannot list %s: %s", directory, exc)
+            out.append((rel_dir or ".", None, UNREADABLE_FOLDER))
+            return
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    real = os.path.realpath(path)
+                    if not inside(real):
+                        out.append((rel, None, OUTSIDE_DATA_DIR))
+                        continue
+                    try:
+                        st = os.stat(real)
+                    except OSError:  # dangling link (or a loop)
+                        out.append((rel, None, NOT_A_FILE))
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        continue  # not followed; its contents are listed under their real path
+                    if stat.S_ISREG(st.st_mode):
+                        out.append((rel, Path(real), ""))
+                    else:
+                        out.append((rel, None, NOT_A_FILE))
+                elif entry.is_dir(follow_symlinks=False):
+                    visit(path, rel)
+                elif entry.is_file(follow_symlinks=False):
+                    out.append((rel, path, ""))
+                else:
+                    out.append((rel, None, NOT_A_FILE))
+            except OSError as exc:  # the entry vanished or cannot be stat'ed
+                logger.debug("cannot stat %s: %s", path, exc)
+                out.append((rel, None, UNREADABLE))
+
+    visit(folder, "")
+    out.sort(key=lambda item: item[0])
+    return out
+
+
+def list_candidate_files(folder: Path) -> list[Path]:
+    """Every regular file under ``folder`` (see :func:`walk_folder`), sorted by relative path.
+
+    DICOM files often have no suffix, so nothing is filtered by name; DICOMDIRs and
+    non-DICOM files are recognised by content later.  A symlinked file inside the folder
+    is listed under its link path; symlinks leading outside, special files and unreadable
+    subfolders are left out (the scan reports them).
+    """
+    folder = Path(folder)
+    return [folder / rel for rel, _, reason in walk_folder(folder) if not reason]
 
 
 # --------------------------------------------------------------------------- reading
@@ -299,18 +383,98 @@ def _looks_like_dicom(ds: Dataset) -> bool:
     return known >= 3
 
 
-def _read_dataset(path: Path) -> Dataset:
-    """Read the whole file once; ``force`` only for preamble-less (old or headerless) DICOM."""
-    if path.stat().st_size == 0:
-        raise _Skip(EMPTY_FILE)
+_MIB = 1024 * 1024
+_DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+def _file_limit(settings: DicomSettings) -> int:
+    """Largest file read into memory: the pixel budget plus room for a large header."""
+    budget = settings.max_decoded_bytes
+    return budget + budget // 4 + 16 * _MIB
+
+
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The whole file in one read, or a _Skip: never blocks on a FIFO, never follows a link.
+
+    ``path`` is a regular file (or a symlink's resolved target) from :func:`walk_folder`;
+    ``O_NOFOLLOW``/``O_NONBLOCK`` and the ``fstat`` re-check cover an entry swapped for a
+    symlink or a FIFO between listing and reading.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(
+        os, "O_CLOEXEC", 0)
     try:
-        return pydicom.dcmread(path, force=False)
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _Skip(UNREADABLE, f"{type(exc).__name__}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Skip(NOT_A_FILE)
+        if st.st_size == 0:
+            raise _Skip(EMPTY_FILE)
+        if st.st_size > limit:
+            raise _Skip(TOO_LARGE, f"file of {st.st_size} bytes > {limit}")
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise _Skip(UNREADABLE, f"{type(exc).__name__}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if not data:
+        raise _Skip(EMPTY_FILE)
+    if len(data) > limit:
+        raise _Skip(TOO_LARGE, f"file grew past {limit} bytes while read")
+    return data
+
+
+def _check_deflate(data: bytes, budget: int) -> None:
+    """A deflated data set is inflated whole by pydicom at read time: bound it first (1 MiB steps)."""
+    if _DEFLATED_UID not in data[:65536]:
+        return
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fp = DicomBytesIO(data)
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:
+        return  # pydicom fails on it the same way, without inflating
+    if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED_UID.decode():
+        return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = data[fp.tell():], 0
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, _MIB))
+            if total > budget:
+                raise _Skip(TOO_LARGE, f"deflated data set inflates past {budget} bytes")
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return  # pydicom reports the corrupt stream
+
+
+def _read_dataset(path: Path, settings: DicomSettings | None = None) -> Dataset:
+    """Read the whole file once; ``force`` only for preamble-less (old or headerless) DICOM."""
+    return _read_file(path, settings or DicomSettings())[0]
+
+
+def _read_file(path: Path, settings: DicomSettings) -> tuple[Dataset, bytes]:
+    """The dataset and the bytes it was parsed from (one read of the file, bounded in size)."""
+    data = _read_bytes(path, _file_limit(settings))
+    _check_deflate(data, settings.max_decoded_bytes)
+    return _parse(data), data
+
+
+def _parse(data: bytes) -> Dataset:
+    try:
+        return pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError:
         pass
     except Exception as exc:  # has a preamble but fails: corrupt header or cut-off pixel data
-        raise _classify_read_failure(path, exc) from exc
+        raise _classify_read_failure(data, exc) from exc
     try:
-        ds = pydicom.dcmread(path, force=True, defer_size="1 MB")
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, defer_size="1 MB")
         if _looks_like_dicom(ds):
             ds.get("SOPClassUID")  # touch: deferred parse errors surface here
             ds.get("Rows")
@@ -320,25 +484,20 @@ def _read_dataset(path: Path) -> Dataset:
     raise _Skip(NOT_DICOM)
 
 
-def _classify_read_failure(path: Path, exc: Exception) -> _Skip:
+def _classify_read_failure(data: bytes, exc: Exception) -> _Skip:
     """A file with a DICOM preamble failed to read: header fine -> pixel data is the problem."""
     detail = f"{type(exc).__name__}: {exc}"
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
     except Exception:
         return _Skip(NOT_DICOM, detail)
-    if "Rows" in header and _file_has_pixel_tag(path):
+    if "Rows" in header and _has_pixel_tag(data):
         return _Skip(TRUNCATED_PIXEL_DATA, detail)
     return _Skip(UNDECODABLE, detail)
 
 
-def _file_has_pixel_tag(path: Path, limit: int = 256 * 1024 * 1024) -> bool:
+def _has_pixel_tag(data: bytes) -> bool:
     """Whether the raw bytes hold a Pixel Data tag (only called for files already in trouble)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit)
-    except OSError:
-        return False
     return any(tag in data for tag in _PIXEL_TAG_BYTES)
 
 
@@ -404,6 +563,176 @@ def _check_header(ds: Dataset, settings: DicomSettings, series_re: re.Pattern[st
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     if rows > 0 and cols > 0 and (rows < settings.min_size or cols < settings.min_size):
         raise _Skip(TOO_SMALL, f"{rows}x{cols}")
+
+
+# --------------------------------------------------------------------------- bomb checks
+#
+# A few kB of compressed pixel data can declare (or encode) a 16384 x 16384 x N image: the
+# decoder would allocate gigabytes before anything could reject it.  Everything below looks
+# at the header and at the codestream headers only, before any decoder runs.
+
+_J2K_SYNTAXES = frozenset(pydicom.uid.JPEG2000TransferSyntaxes)
+_JPEG_SYNTAXES = frozenset(pydicom.uid.JPEGTransferSyntaxes) | frozenset(
+    pydicom.uid.JPEGLSTransferSyntaxes)
+_RLE_SYNTAX = pydicom.uid.RLELossless
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+# SOFn markers of ISO 10918 (baseline, extended, progressive, lossless; no DHT/JPG/DAC) and
+# SOF55 of JPEG-LS.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF, 0xF7})
+
+
+def declared_decoded_bytes(ds: Dataset) -> int:
+    """Rows x Columns x Frames x SamplesPerPixel x bytes per sample (BitsAllocated) of ``ds``."""
+    rows, cols = max(_int(ds, "Rows"), 0), max(_int(ds, "Columns"), 0)
+    frames = max(_int(ds, "NumberOfFrames", 1), 1)
+    samples = max(_int(ds, "SamplesPerPixel", 1), 1)
+    if "PixelData" in ds:
+        bits = max(_int(ds, "BitsAllocated", 16), 1)
+    else:
+        bits = 32 if "FloatPixelData" in ds else 64
+    return rows * cols * frames * samples * ((bits + 7) // 8)
+
+
+def _fragments(value: bytes) -> Iterator[memoryview]:
+    """Fragments of encapsulated pixel data (Basic Offset Table left out), without copying."""
+    view = memoryview(value)
+    pos, first = 0, True
+    while pos + 8 <= len(view):
+        tag = bytes(view[pos : pos + 4])
+        length = int.from_bytes(view[pos + 4 : pos + 8], "little")
+        if tag != b"\xfe\xff\x00\xe0" or length == 0xFFFFFFFF:
+            return  # sequence delimiter or garbage: the decoder deals with it
+        if not first:
+            yield view[pos + 8 : pos + 8 + length]
+        first = False
+        pos += 8 + length
+
+
+def _j2k_size(frag: memoryview) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bytes per component) from a J2K/JP2 start, else None."""
+    head = bytes(frag[:4096])
+    if head.startswith(b"\xff\x4f\xff\x51"):
+        at = 2
+    elif head.startswith(_JP2_SIGNATURE):
+        at = head.find(b"\xff\x4f\xff\x51")
+        if at < 0:
+            return None
+        at += 2
+    else:
+        return None
+    siz = head[at : at + 40]  # SIZ marker, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, ..., Csiz
+    if len(siz) < 40:
+        return None
+    x, y = int.from_bytes(siz[6:10], "big"), int.from_bytes(siz[10:14], "big")
+    xo, yo = int.from_bytes(siz[14:18], "big"), int.from_bytes(siz[18:22], "big")
+    comps = int.from_bytes(siz[38:40], "big")
+    depth = 1
+    for c in range(min(comps, 16384)):
+        ssiz = head[at + 40 + 3 * c : at + 41 + 3 * c]
+        if not ssiz:
+            break
+        depth = max(depth, (ssiz[0] & 0x7F) + 1)
+    return max(x - xo, 0), max(y - yo, 0), max(comps, 1), 1 if depth <= 8 else 2 if depth <= 16 else 4
+
+
+def _jpeg_size(frag: memoryview) -> tuple[int, int, int, int] | None:
+    """(width, height, components, bytes per sample) from the SOF of a JPEG/JPEG-LS start.
+
+    A height of 0 (defined later by a DNL marker) is returned as is (unbounded).
+    """
+    head = bytes(frag[:65536])
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker == 0xDA:  # start of scan without a frame header
+            return None
+        length = int.from_bytes(head[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            sof = head[pos + 4 : pos + 10]
+            if len(sof) < 6:
+                return None
+            precision = sof[0]
+            height, width = int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big")
+            return width, height, max(sof[5], 1), 1 if precision <= 8 else 2
+        pos += 2 + length
+    return None
+
+
+def _rle_decoded_len(segment: memoryview, stop: int) -> int:
+    """Bytes an RLE (PackBits) segment decodes to, counting only up to just past ``stop``."""
+    n = pos = 0
+    size = len(segment)
+    while pos < size:
+        h = segment[pos]
+        pos += 1
+        if h > 128:  # replicate run: one byte, 257 - h times
+            n += 257 - h
+            pos += 1
+        elif h < 128:  # literal run of h + 1 bytes
+            n += h + 1
+            pos += h + 1
+        if n > stop:
+            break
+    return n
+
+
+def check_pixel_budget(ds: Dataset, budget: int) -> None:
+    """Raise _Skip(too-large) if decoding ``ds`` could allocate more than ``budget`` bytes.
+
+    Checked before any decode: the declared size (Rows x Columns x Frames x Samples x bytes per
+    sample) and, for compressed data, what each frame's own codestream header says it decodes
+    to (JPEG 2000 SIZ, JPEG/JPEG-LS SOF; decoders allocate that, not the declared size) or, for
+    RLE, what its segments could expand to (at most 64 x their bytes, counted exactly only
+    when that bound does not fit).  A header that lies within the budget is harmless here (the
+    decoder's own size check then rejects the file as undecodable).
+    """
+    declared = declared_decoded_bytes(ds)
+    if declared > budget:
+        raise _Skip(TOO_LARGE, f"{declared} decoded bytes declared > budget {budget}")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or not tsyntax.is_compressed or "PixelData" not in ds:
+        return  # native data: decoded to the declared size, already within the budget
+    value = ds.PixelData
+    if not isinstance(value, (bytes, bytearray)):
+        return
+    room = budget - declared  # the output array holds `declared`; a frame decode needs more
+    if tsyntax in _J2K_SYNTAXES or tsyntax in _JPEG_SYNTAXES:
+        sizer = _j2k_size if tsyntax in _J2K_SYNTAXES else _jpeg_size
+        for frag in _fragments(value):
+            size = sizer(frag)
+            if size is None:
+                continue
+            width, height, comps, nbytes = size
+            frame_bytes = width * height * comps * nbytes
+            if height == 0 or frame_bytes > room:
+                raise _Skip(TOO_LARGE, f"codestream of {width}x{height}x{comps} decodes past "
+                                       f"the budget {budget}")
+    elif tsyntax == _RLE_SYNTAX:
+        frags = list(_fragments(value))
+        if 64 * sum(len(f) for f in frags) <= room:
+            return
+        for frag in frags:  # big RLE data: bound each segment of each fragment exactly
+            header = bytes(frag[:64])
+            if len(header) < 64:
+                continue
+            count = int.from_bytes(header[:4], "little")
+            offsets = [int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "little")
+                       for i in range(min(count, 15))] + [len(frag)]
+            for start, end in zip(offsets, offsets[1:]):
+                segment = frag[start:end] if 0 <= start <= end else frag[0:0]
+                if 64 * len(segment) > room and _rle_decoded_len(segment, room) > room:
+                    raise _Skip(TOO_LARGE, f"RLE segment decodes past the budget {budget}")
 
 
 # --------------------------------------------------------------------------- pixel stage
@@ -678,13 +1007,22 @@ def _frame_geometry(ds: Dataset, n_frames: int) -> tuple[np.ndarray, tuple[float
     return positions, orientation, spacing
 
 
-def _decode_dataset(ds: Dataset, path: Path, settings: DicomSettings) -> np.ndarray:
-    """Checks that need pixel data, then decode to modality units; raises _Skip on problems."""
+def _decode_dataset(ds: Dataset, path: Path, settings: DicomSettings,
+                    raw: bytes | None = None) -> np.ndarray:
+    """Checks that need pixel data, then decode to modality units; raises _Skip on problems.
+
+    ``raw``: the bytes ``ds`` was parsed from (else ``path`` is read again when needed).
+    """
     if not any(kw in ds for kw in _PIXEL_KEYWORDS):
         if len(ds) == 0 or "Rows" in ds:
             # An image header (or an unparseable body) without a readable pixel element:
             # if the tag is in the bytes, the element was cut off.
-            if _file_has_pixel_tag(path):
+            if raw is None:
+                try:
+                    raw = _read_bytes(path, _file_limit(settings))
+                except _Skip:
+                    raw = b""
+            if _has_pixel_tag(raw):
                 raise _Skip(TRUNCATED_PIXEL_DATA, "pixel data element present but unreadable")
         raise _Skip(NO_PIXEL_DATA)
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
@@ -693,6 +1031,7 @@ def _decode_dataset(ds: Dataset, path: Path, settings: DicomSettings) -> np.ndar
     if rows < settings.min_size or cols < settings.min_size:
         raise _Skip(TOO_SMALL, f"{rows}x{cols}")
     _ensure_transfer_syntax(ds)
+    check_pixel_budget(ds, settings.max_decoded_bytes)
     expected = _expected_native_bytes(ds)
     if expected is not None and _pixel_bytes_len(ds) < expected:
         raise _Skip(TRUNCATED_PIXEL_DATA, f"{_pixel_bytes_len(ds)} < {expected} bytes")
@@ -729,13 +1068,18 @@ def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | t
     folder = Path(folder)
     _check_folder(folder)
     series_re = re.compile(settings.series_pattern) if settings.series_pattern else None
-    for index, path in enumerate(list_candidate_files(folder)):
-        rel = path.relative_to(folder).as_posix()
+    index = -1
+    for rel, path, problem in walk_folder(folder):
+        if problem or path is None:
+            logger.debug("skip %s: %s", rel, problem)
+            yield rel, problem or NOT_A_FILE
+            continue
+        index += 1  # position in list_candidate_files(folder)
         try:
             try:
-                ds = _read_dataset(path)
+                ds, raw = _read_file(path, settings)
                 _check_header(ds, settings, series_re)
-                frames = _decode_dataset(ds, path, settings)
+                frames = _decode_dataset(ds, path, settings, raw)
                 positions, orientation, spacing = _frame_geometry(ds, frames.shape[0])
             except _Skip:
                 raise

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     scan.add_argument("--body-part", action="append", default=[], help="keep only this body part (repeatable)")
     scan.add_argument("--series-pattern", default="", help="regular expression on SeriesDescription")
     scan.add_argument("--min-size", type=int, default=16, help="smallest rows/columns kept")
+    scan.add_argument("--max-decoded-mb", type=float, default=256.0,
+                      help="skip a file whose pixels would decode to more MB (too-large); "
+                           "the hospital setting max-decoded-mb")
     scan.set_defaults(func=run_scan)
 
 
@@ -65,6 +68,14 @@ def _print_text(report) -> None:  # type: ignore[no-untyped-def]
         print("skipped files:")
         for rel, reason in report.skipped_files:
             print(f"  {reason:22s} {rel}")
+    hints = {"too-large": "raise --max-decoded-mb (hospital setting max-decoded-mb) if they are real images",
+             "unreadable": "the scanning user cannot read them (permissions or I/O errors)",
+             "unreadable-folder": "the scanning user cannot list them: their files were not seen",
+             "outside-data-dir": "symlinks leading outside the data folder are not followed",
+             "not-a-file": "FIFOs, sockets, devices and dangling links are never opened"}
+    for reason, hint in hints.items():
+        if report.skipped.get(reason):
+            print(f"note: {report.skipped[reason]} {reason}: {hint}")
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -76,7 +87,7 @@ def run_scan(args: argparse.Namespace) -> int:
     try:
         settings = DicomSettings(image_size=args.image_size, modalities=tuple(args.modality),
                                  body_parts=tuple(args.body_part), series_pattern=args.series_pattern,
-                                 min_size=args.min_size)
+                                 min_size=args.min_size, max_decoded_mb=args.max_decoded_mb)
         result = scan_folder(args.folder, settings)
     except NoUsableDicomError as exc:
         raise UserError(str(exc)) from exc
