@@ -143,7 +143,8 @@ def test_huge_weights_rejected_with_one_or_two_replies(nets: dict, honest_replie
     model = encode(nets)
     strategy = GanStrategy(COMPONENTS, norm_keys=norm_state_keys(nets))
     honest = moved(model, direction(model, rng), 0.05)
-    poisoned = {k: (np.full_like(v, 3e38) if np.issubdtype(v.dtype, np.floating)
+    signs = {k: rng.choice([-1.0, 1.0], v.shape) for k, v in model.items()}
+    poisoned = {k: ((3e38 * signs[k]).astype(v.dtype) if np.issubdtype(v.dtype, np.floating)
                     and k.endswith(".weight") else v.copy()) for k, v in model.items()}
     answers = [(honest, counts(100))] * honest_replies + [(poisoned, counts(100))]
     new = one_round(strategy, model, 1, answers)
@@ -166,7 +167,8 @@ def test_negative_running_var_rejected_and_samples_stay_finite(nets: dict) -> No
     poisoned = dict(honest)
     key = next(k for k in model if k.startswith("generator.") and k.endswith("running_var"))
     poisoned[key] = np.full_like(model[key], -1.0)
-    new = one_round(strategy, model, 1, [(honest, counts(100)), (poisoned, counts(100))])
+    # 300 examples against 100: within the example cap, and the mean variance was -0.5
+    new = one_round(strategy, model, 1, [(honest, counts(100)), (poisoned, counts(300))])
     assert strategy.last_train.rejected_reasons == {"norm-stats": 1}
     assert new is not None and (new[key] > 0).all()
     assert np.isfinite(samples(nets, new)).all()  # before: 22% of them NaN
