@@ -35,33 +35,6 @@ BIN_DIR = Path(sys.executable).parent  # flower-superlink, flower-supernode, flw
 CONNECTION = "fedsynth"  # the name of the SuperLink connection in $FLWR_HOME/config.toml
 NODE_REFUSED_CODE = 305  # Flower's SUPERNODE_CONNECTION_ERROR (unregistered key, error 2004)
 
-# Run-config keys the ServerApp understands (server/federation.py), with their defaults: the
-# launch app's pyproject declares all of them, because Flower refuses an override of an
-# undeclared key ("Invalid run configuration").
-RUN_CONFIG_DEFAULTS: dict[str, Any] = {
-    "family": "dcgan",
-    "num-server-rounds": 5,
-    "local-steps": 20,
-    "batch-size": 16,
-    "image-size": 32,
-    "latent-dim": 64,
-    "width": 32,
-    "lr-g": 2e-4,
-    "lr-d": 2e-4,
-    "wire-dtype": "float32",
-    "prox-mu": 0.0,
-    "run-dir": "runs",
-    "run-id": "",
-    "min-hospitals": 1,
-    "fraction-train": 1.0,
-    "round-timeout": 3600.0,
-    "evaluate-every": 1,
-    "resume": False,
-    "preset": "fedgan",
-    "signing-key": "",
-}
-
-
 class DeploymentError(RuntimeError):
     """A process could not be started or configured; the message says which and why."""
 
@@ -193,26 +166,30 @@ def write_launch_app(folder: Path) -> Path:
     """A Flower app folder holding only ``pyproject.toml``.
 
     The FAB that ``flwr run`` ships then carries no code: the ServerApp and every hospital's
-    ClientApp are imported from the fedsynth each side installed, so a coordinator cannot push
-    code to hospitals, and every run-config key is declared (Flower rejects undeclared ones).
+    ClientApp are imported from the fedsynth each side installed (hospitals refuse any other
+    bundle, ``client/bundle.py``), and every run setting is declared (Flower rejects undeclared
+    ones) with its default from the run configuration (``server/run_config.py``).
     """
+    from fedsynth.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
+    from server.run_config import defaults_flat
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in RUN_CONFIG_DEFAULTS.items())
+    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in defaults_flat().items())
     (folder / "pyproject.toml").write_text(f"""\
 [build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "fedsynth-run"
-version = "1.0.0"
+name = "{LAUNCH_APP_NAME}"
+version = "{LAUNCH_APP_VERSION}"
 license = "Apache-2.0"
 description = "fedsynth federation run (code comes from the installed fedsynth)"
 dependencies = []
 
 [tool.flwr.app]
-publisher = "fedsynth"
+publisher = "{LAUNCH_APP_PUBLISHER}"
 
 [tool.flwr.app.components]
 serverapp = "server.app:app"
@@ -225,11 +202,11 @@ clientapp = "client.app:app"
 
 
 def run_config_arg(values: Mapping[str, Any]) -> str:
-    """``--run-config`` text; an unknown key is refused here with its name, not by Flower."""
-    unknown = sorted(set(values) - set(RUN_CONFIG_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(RUN_CONFIG_DEFAULTS)}")
+    """``--run-config`` text, after the run configuration accepted ``values`` (an unknown or
+    mistyped key, or a bad value, is refused here with its name, not by Flower or the ServerApp)."""
+    from server.run_config import from_flat
+
+    from_flat(values)
     return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
 
 
@@ -354,6 +331,194 @@ def register_node_keys(public_keys: Iterable[Path], flwr_home: Path) -> dict[str
 
 
 # ---- processes ----
+#
+# Children die with their daemon. A daemon killed hard (SIGKILL, OOM killer, `kill -9` of its
+# process group) runs no cleanup, and its children live in sessions of their own (so that a
+# terminal's Ctrl-C reaches only the daemon). Each child therefore runs under a *guard*: a small
+# process of ours (``python -m fedsynth.deployment guard DAEMON_PID -- COMMAND``) that
+#
+# * gets SIGTERM from the kernel when the daemon dies (``prctl(PR_SET_PDEATHSIG)``; the kernel
+#   sends it when the *thread* that forked the guard ends, so every guard is forked by one
+#   long-lived thread, ``_SPAWNER``, never by a supervisor's own thread), and checks once that
+#   the daemon is still its parent (the daemon may have died before the prctl);
+# * is a child subreaper (``PR_SET_CHILD_SUBREAPER``): whatever its child leaves behind (Flower's
+#   flower-superexec and flwr-serverapp, nginx's worker) is re-parented to the guard, which reaps
+#   it (Flower's own parent monitors then notice their parent is gone, even where PID 1 reaps
+#   nothing) and, when the daemon dies or the child exits, ends it: SIGTERM, then SIGKILL;
+# * starts its child with PDEATHSIG SIGKILL, in case the guard itself is killed.
+#
+# SIGTERM first matters: a SuperNode that gets SIGTERM tells the SuperLink it leaves
+# (DeactivateNode), so the coordinator gives up on that hospital at once instead of waiting for
+# two missed heartbeats (60 s).
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+GUARD_GRACE_S = 5.0  # SIGTERM → SIGKILL for what a guard ends
+_libc_handle: Any = None
+
+
+def _libc() -> Any:
+    """libc for ``prctl`` (Linux only; ``None`` elsewhere). Loaded before any fork: a forked child
+    must not take the loader's locks."""
+    global _libc_handle  # noqa: PLW0603 - one handle per process
+    if _libc_handle is None and sys.platform.startswith("linux"):
+        import ctypes
+
+        _libc_handle = ctypes.CDLL(None, use_errno=True)
+    return _libc_handle
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent (thread) dies."""
+    libc = _libc()
+    return libc is not None and libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def _die_with(parent_pid: int, sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``sig`` when ``parent_pid`` (the forking thread) dies."""
+    if _libc() is None:
+        return None
+
+    def preexec() -> None:
+        set_parent_death_signal(sig)
+        if os.getppid() != parent_pid:  # the parent died before the prctl
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+class _Spawner:
+    """One long-lived thread forks every supervised child (see the section's comment): a child
+    forked by a supervisor's thread would get its death signal when that thread ends."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: Any = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, args: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="fedsynth-spawner",
+                                                daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            return subprocess.Popen(args, **kwargs)
+        done = threading.Event()
+        box: dict[str, Any] = {}
+        self._jobs.put((args, kwargs, box, done))
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["proc"]
+
+    def _serve(self) -> None:
+        while True:
+            args, kwargs, box, done = self._jobs.get()
+            try:
+                box["proc"] = subprocess.Popen(args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+            finally:
+                done.set()
+
+
+_SPAWNER = _Spawner()
+
+
+def guarded(command: Sequence[str], daemon_pid: int | None = None) -> list[str]:
+    """``command`` under a guard that ends it (and what it started) when the daemon dies."""
+    return [sys.executable, "-m", "fedsynth.deployment", "guard",
+            str(daemon_pid or os.getpid()), "--", *command]
+
+
+def spawn(command: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+    """Start a child that dies with this process: forked by the spawner thread, guarded on Linux
+    (the guard is started with PDEATHSIG SIGTERM and checks it is still our child)."""
+    if _libc() is not None:
+        command = guarded(command)
+    return _SPAWNER.popen(list(command), **kwargs)
+
+
+def _end_descendants(root: int, grace: float) -> None:
+    """SIGTERM every descendant of ``root``, SIGKILL what is left after ``grace``, reap."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        pids = _descendants(root)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap_any()
+            if not any(_alive(p) for p in pids):
+                break
+            time.sleep(0.05)
+    _reap_any()
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _reap_any() -> list[tuple[int, int]]:
+    """Reap every child that has exited (a subreaper's adopted orphans included)."""
+    out = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return out
+        if pid == 0:
+            return out
+        out.append((pid, status))
+
+
+def guard_main(daemon_pid: int, command: Sequence[str], grace: float = GUARD_GRACE_S) -> int:
+    """The guard process (see the section's comment); returns the child's exit status."""
+    stop = {"why": ""}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["why"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, on_signal)
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != daemon_pid:
+        return 1  # the daemon is already gone: start nothing
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        child = subprocess.Popen(list(command), preexec_fn=_die_with(os.getpid()))
+    except OSError as exc:
+        sys.stderr.write(f"cannot start {command[0]}: {exc}\n")
+        return 127
+    code: int | None = None
+    while code is None and not stop["why"]:
+        for pid, status in _reap_any():
+            if pid == child.pid:
+                code = os.waitstatus_to_exitcode(status)
+                child.returncode = code
+        if code is None and os.getppid() != daemon_pid:
+            stop["why"] = "daemon gone"
+        if code is None and not stop["why"]:
+            time.sleep(0.1)
+    _end_descendants(os.getpid(), grace)
+    if code is None:
+        code = child.returncode if child.returncode is not None else 128 + signal.SIGTERM
+    return code if code >= 0 else 128 - code
+
 
 def _descendants(pid: int) -> list[int]:
     """All descendants of ``pid`` (Linux /proc); Flower detaches its helpers into new sessions."""
@@ -423,10 +588,10 @@ class Supervisor:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> subprocess.Popen:
-        self.proc = subprocess.Popen(self.command, env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                                     start_new_session=True)
+        # spawn: the child (and whatever it starts) dies with this daemon, however it dies
+        self.proc = spawn(self.command, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                          bufsize=1, start_new_session=True)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         log.info("%s started (pid %d)", self.name, self.proc.pid)
         return self.proc
@@ -512,8 +677,8 @@ def stop_on_signals(stop: Callable[[], None]) -> None:
 
 # ---- the launch file (``fedsynth launch CONFIG`` / ``fedsynth status CONFIG``) ----
 
-RUN_ALIASES = {"rounds": "num-server-rounds"}
-PATH_KEYS = ("run-dir", "signing-key")
+PATH_KEYS = ("run-dir", "signing-key", "hospital-names")
+COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 
 
 @dataclass(frozen=True)
@@ -540,7 +705,18 @@ class LaunchConfig:
             raise ValueError(f"launch file '{path}' cannot be read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"launch file '{path}' is not valid TOML: {exc}") from None
+        unknown_sections = sorted(set(data) - {"coordinator", "run"})
+        if unknown_sections:
+            raise ValueError(f"launch file '{path}': unknown section(s) "
+                             f"{', '.join(f'[{x}]' for x in unknown_sections)} (known: "
+                             "[coordinator], [run])")
         coord = data.get("coordinator", {})
+        extra = sorted(set(coord) - set(COORDINATOR_KEYS))
+        if extra:
+            hint = (" (the run's metrics endpoint is [run] metrics-port)"
+                    if "metrics-port" in extra else "")
+            raise ValueError(f"launch file '{path}': unknown [coordinator] key(s) "
+                             f"{', '.join(extra)}; known: {', '.join(COORDINATOR_KEYS)}{hint}")
         if not coord.get("address"):
             raise ValueError(f"launch file '{path}': [coordinator] address is missing")
         insecure = bool(coord.get("insecure", False))
@@ -548,12 +724,21 @@ class LaunchConfig:
         if not insecure and not root:
             raise ValueError(f"launch file '{path}': [coordinator] root-certificates is missing "
                              "(the federation's ca.pem), or set insecure = true")
-        run = {RUN_ALIASES.get(k, k): v for k, v in data.get("run", {}).items()}
+        from server.run_config import ALIASES, from_flat
+
+        run = dict(data.get("run", {}))
+        try:
+            from_flat(run)  # unknown or mistyped keys fail here, by name, before submission
+        except ValueError as exc:
+            raise ValueError(f"launch file '{path}': {exc}") from None
+        run = {ALIASES.get(k, k): v for k, v in run.items()}
         for key in PATH_KEYS:
             if run.get(key):
                 p = Path(str(run[key])).expanduser()
                 run[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
-        run_config_arg(run)  # unknown keys fail here, by name
+        for key, value in list(run.items()):
+            if isinstance(value, list):  # classes = ["a", "b"]: Flower's run config is scalars
+                run[key] = (";" if key.endswith("patterns") else ",").join(map(str, value))
         root_path = None
         if not insecure:
             root_path = Path(str(root)).expanduser()
@@ -564,3 +749,15 @@ class LaunchConfig:
 
 def default_flwr_home() -> Path:
     return Path(os.environ.get("FEDSYNTH_FLWR_HOME", Path.home() / ".fedsynth" / "flwr"))
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m fedsynth.deployment guard DAEMON_PID -- COMMAND...`` (see ``spawn``)."""
+    if len(argv) >= 4 and argv[0] == "guard" and argv[1].isdigit() and argv[2] == "--":
+        return guard_main(int(argv[1]), argv[3:])
+    sys.stderr.write("usage: python -m fedsynth.deployment guard DAEMON_PID -- COMMAND...\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

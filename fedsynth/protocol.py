@@ -19,7 +19,7 @@ from fedsynth.keys import (  # noqa: F401  re-exported: protocol is the one plac
     ARRAYS, CONFIG, EVAL_METRICS, LOCAL_NORM_COMPONENTS, METRICS, NUM_EXAMPLES, REPLY_COMPONENTS,
     SERVER_ROUND, TRAIN_METRICS, examples_key,
 )
-from shared_models.config import ModelConfig, TrainConfig, from_flat, to_flat
+from shared_models.config import DataConfig, ModelConfig, TrainConfig, from_flat, to_flat
 
 
 PACKED = "fedsynth-packed"  # the one Array of a packed ArrayRecord
@@ -167,8 +167,11 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def train_config(model: ModelConfig, train: TrainConfig, server_round: int,
-                 **extra: int | float | str | bool) -> ConfigRecord:
-    values: dict[str, Any] = {**to_flat(model, "model"), **to_flat(train, "train")}
+                 data: DataConfig | None = None, **extra: int | float | str | bool
+                 ) -> ConfigRecord:
+    """The round's signed config: model, training and data selection (classes, domains)."""
+    values: dict[str, Any] = {**to_flat(model, "model"), **to_flat(train, "train"),
+                              **to_flat(data or DataConfig(), "data")}
     values[SERVER_ROUND] = server_round
     values.update(extra)
     return ConfigRecord(values)
@@ -181,6 +184,11 @@ def parse_train_config(record: Mapping[str, Any]) -> tuple[ModelConfig, TrainCon
         from_flat(TrainConfig, record, "train"),
         int(record.get(SERVER_ROUND, 0)),
     )
+
+
+def parse_data_config(record: Mapping[str, Any]) -> DataConfig:
+    """The federation's classes and domains from a received ConfigRecord (defaults if absent)."""
+    return from_flat(DataConfig, record, "data")
 
 
 def _metrics(values: Mapping[str, float | int], allowed: tuple[str, ...]) -> MetricRecord:

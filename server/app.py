@@ -7,7 +7,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation import FederationConfig, run_federation
+from .federation import run_federation
+from .run_config import FederationConfig
 from .grid import PromptGrid
 from .metrics import CoordinatorMetrics, HospitalNames, MeteredGrid, start_exporter
 
@@ -24,17 +25,14 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
         grid = PromptGrid(grid)
         run_cfg = cfg or FederationConfig.from_run_config(context.run_config)
         # The ServerApp process lives for the whole run: it serves the coordinator's metrics.
-        # run config: metrics-port (0: off), metrics-host (default 127.0.0.1).
-        port = int(context.run_config.get("metrics-port", 0))
-        if port <= 0:
+        if run_cfg.metrics_port <= 0:
             run_federation(grid, run_cfg)
             return
-        names_file = str(context.run_config.get("hospital-names", ""))  # node id -> name JSON
+        names = run_cfg.hospital_names  # node id -> name JSON
         metrics = CoordinatorMetrics(
-            names=HospitalNames.from_file(Path(names_file)) if names_file else HospitalNames())
+            names=HospitalNames.from_file(Path(names)) if names else HospitalNames())
         metrics.set_run(run_cfg.model.family, run_cfg.preset, run_cfg.rounds)
-        server = start_exporter(metrics, port,
-                                str(context.run_config.get("metrics-host", "127.0.0.1")))
+        server = start_exporter(metrics, run_cfg.metrics_port, run_cfg.metrics_host)
         try:
             run_federation(MeteredGrid(grid, metrics), run_cfg, (metrics.observe,))
         finally:

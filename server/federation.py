@@ -26,102 +26,10 @@ from fedsynth.signing import load_private_key, sign
 
 from .aggregation import norm_state_keys
 from .presets import make_strategy
-from .run_folder import RunFolder, check_run_id, load_checkpoint
-from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
+from .run_config import FederationConfig  # noqa: F401 - the run configuration, re-exported
+from .run_folder import RunFolder, load_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """One federation run, parsed once at the edge (CLI or Flower run config)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    rounds: int = 5
-    run_dir: str = "runs"
-    run_id: str = ""  # empty: a time-stamped id is chosen
-    min_hospitals: int = 1  # a round waits until this many hospitals are connected
-    fraction_train: float = 1.0
-    round_timeout_s: float = 3600.0
-    # Hospitals evaluate the global model every k rounds and in the last one. Each evaluation is
-    # a second message round trip with the whole model (~4 s of a localhost round, BENCHMARKS.md).
-    evaluate_every: int = 1
-    num_samples: int = 16  # images in the fixed-noise sample grid
-    keep_checkpoints: int = 3
-    resume: bool = False
-    preset: str = "fedgan"  # aggregation preset, see server/presets.py
-    reducer: str = ""  # "", mean, median, trimmed-mean: "" keeps the preset's (mean)
-    server_opt: str = ""  # "", avg, avgm, adam: "" keeps the preset's (avg)
-    server_lr: float = 0.0  # 0: the policy default (1.0)
-    sync_every: int = 0  # 0: the preset's (every round)
-    ua_fake_batch: int = 64  # ua-gan: generated images sent to the hospitals per round
-    signing_key: str = ""  # Ed25519 private key (PEM) that signs every global model sent
-    # What a hospital may claim (server/validation.py): example counts clipped to K x the others'
-    # median and an absolute cap; a reply moving a component beyond R x (||global|| + floor) is
-    # rejected whatever the other replies are.
-    examples_ratio: float = EXAMPLES_RATIO
-    max_examples: float = MAX_EXAMPLES
-    update_norm_ratio: float = UPDATE_NORM_RATIO
-    norm_floor_rms: float = NORM_FLOOR_RMS
-
-    def __post_init__(self) -> None:
-        if self.run_id:
-            check_run_id(self.run_id)
-
-    def policy_overrides(self) -> dict[str, Any]:
-        """The ``ComponentPolicy`` fields this run sets for every shared component."""
-        out: dict[str, Any] = {}
-        if self.reducer:
-            out["reducer"] = self.reducer
-        if self.server_opt:
-            out["server_opt"] = self.server_opt
-        if self.server_lr:
-            out["server_lr"] = self.server_lr
-        if self.sync_every:
-            out["sync_every"] = self.sync_every
-        return out
-
-    def resolved_run_id(self) -> str:
-        return check_run_id(self.run_id) if self.run_id else \
-            datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
-
-    @classmethod
-    def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
-        """From Flower's flat ``run_config`` (pyproject ``[tool.flwr.app.config]`` + overrides)."""
-        model = ModelConfig(
-            family=str(rc.get("family", "dcgan")),
-            image_size=int(rc.get("image-size", 32)),
-            latent_dim=int(rc.get("latent-dim", 64)),
-            width=int(rc.get("width", 32)),
-        )
-        train = TrainConfig(
-            local_steps=int(rc.get("local-steps", 20)),
-            batch_size=int(rc.get("batch-size", 16)),
-            lr_g=float(rc.get("lr-g", 2e-4)),
-            lr_d=float(rc.get("lr-d", 2e-4)),
-            wire_dtype=str(rc.get("wire-dtype", "float32")),
-            prox_mu=float(rc.get("prox-mu", 0.0)),
-        )
-        return cls(
-            model=model,
-            train=train,
-            rounds=int(rc.get("num-server-rounds", 5)),
-            run_dir=str(rc.get("run-dir", "runs")),
-            run_id=str(rc.get("run-id", "")),
-            min_hospitals=int(rc.get("min-hospitals", 1)),
-            fraction_train=float(rc.get("fraction-train", 1.0)),
-            round_timeout_s=float(rc.get("round-timeout", 3600.0)),
-            evaluate_every=int(rc.get("evaluate-every", 1)),
-            resume=bool(rc.get("resume", False)),
-            preset=str(rc.get("preset", "fedgan")),
-            reducer=str(rc.get("reducer", "")),
-            server_opt=str(rc.get("server-opt", "")),
-            server_lr=float(rc.get("server-lr", 0.0)),
-            sync_every=int(rc.get("sync-every", 0)),
-            ua_fake_batch=int(rc.get("ua-fake-batch", 64)),
-            signing_key=str(rc.get("signing-key", "")),
-        )
 
 
 @dataclass
@@ -238,7 +146,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                                 else {}))
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.monotonic()
-        config = protocol.train_config(cfg.model, cfg.train, rnd)
+        config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
         record = protocol.to_record(arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
                                         timeout=cfg.round_timeout_s)
@@ -251,7 +159,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         t_aggregate = time.monotonic()
         eval_metrics, evaluated = None, {}
         if rnd % max(1, cfg.evaluate_every) == 0 or rnd == cfg.rounds:
-            eval_config = protocol.train_config(cfg.model, cfg.train, rnd)
+            eval_config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
             record = protocol.to_record(arrays)
             replies = grid.send_and_receive(
                 strategy.configure_evaluate(rnd, record, eval_config, grid),

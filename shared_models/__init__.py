@@ -5,12 +5,13 @@ so can a notebook or a benchmark without a federation.
 """
 
 from .codec import CodecError, decode_into, encode
-from .config import ModelConfig, TrainConfig
+from .config import DataConfig, ModelConfig, TrainConfig
 from .family import GanFamily, StepContext, families, get_family
 
 __all__ = [
     "CodecError",
     "GanFamily",
+    "DataConfig",
     "ModelConfig",
     "StepContext",
     "TrainConfig",

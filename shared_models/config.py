@@ -2,27 +2,41 @@
 
 They travel to hospitals as flat ``ConfigRecord`` scalars (see ``to_flat``/``from_flat``), never as
 code: a hospital rebuilds the networks from these numbers, it never evaluates anything it received.
+Each field carries its one-line help and, where it is a run setting, its key: the run
+configuration (``server/run_config.py``) is built from these fields, so a setting is added by
+adding a field here (or to the coordinator's ``FederationConfig``) and nowhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
 T = TypeVar("T")
+
+
+def setting(default: Any, help: str, key: str | None = None,  # noqa: A002 - the word users read
+            run: bool = True) -> Any:
+    """A dataclass field that is a run setting: ``key`` (default: the name with dashes), help.
+
+    ``run=False`` keeps a field off the run configuration (it is derived, e.g. ``num_classes``
+    from the class list).
+    """
+    return field(default=default, metadata={"help": help, "key": key, "run": run})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """What network to build: identical on every side of the federation."""
 
-    family: str = "dcgan"
-    image_size: int = 32  # square slices (2D) or cubes (3D), a power of two from 32 to 128
-    channels: int = 1  # image channels (grey-level medical images)
-    latent_dim: int = 64  # size of the generator's noise vector
-    width: int = 32  # channels of the widest-resolution layer; deeper layers double it
-    spatial_dims: int = 2
-    num_classes: int = 0  # > 0 for class-conditional families
+    family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan")
+    image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
+    channels: int = setting(1, "image channels (grey-level medical images)", run=False)
+    latent_dim: int = setting(64, "size of the generator's noise vector")
+    width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
+    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix)")
+    num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
+                               run=False)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -30,27 +44,90 @@ class ModelConfig:
             raise ValueError(f"image_size must be a power of two in [16, 256], got {size}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.latent_dim < 1 or self.width < 1 or self.num_classes < 0:
+            raise ValueError("latent_dim and width must be >= 1, num_classes >= 0")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How a hospital trains in one round."""
 
-    local_steps: int = 20  # optimiser steps per component per round
-    batch_size: int = 16
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5  # DCGAN's Adam betas (Radford et al. 2016, sec. 4)
-    beta2: float = 0.999
-    prox_mu: float = 0.0  # FedProx proximal weight; 0 disables it
-    wire_dtype: str = "float32"  # "float32" or "float16" on the wire
-    seed: int = 0
+    local_steps: int = setting(20, "optimiser steps per component per round at each hospital")
+    batch_size: int = setting(16, "images per local step")
+    lr_g: float = setting(2e-4, "generator learning rate (Adam)")
+    lr_d: float = setting(2e-4, "discriminator learning rate (Adam)")
+    beta1: float = setting(0.5, "Adam beta1 (DCGAN: 0.5, Radford et al. 2016)")
+    beta2: float = setting(0.999, "Adam beta2")
+    prox_mu: float = setting(0.0, "FedProx proximal weight at the hospitals; 0 disables it")
+    wire_dtype: str = setting("float32", "arrays on the wire: float32 or float16")
+    seed: int = setting(0, "seed of the initial weights and the hospitals' batch draws")
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("local_steps and batch_size must be >= 1")
         if self.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be float32 or float16, got {self.wire_dtype!r}")
+        if not (self.lr_g >= 0 and self.lr_d >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
+                and self.prox_mu >= 0):
+            raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
+
+
+DOMAIN_ATTRIBUTES = ("series_description", "modality", "protocol_name", "body_part",
+                     "sequence_name")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which slices are which class (conditional families) or domain (translation families).
+
+    The class ORDER is the federation's (label k means the same class at every hospital); a
+    slice's class is the one whose pattern (a regular expression, case-insensitive; default: the
+    class name) is found in its ``class_attribute``. Domains A and B likewise, e.g. MR -> CT with
+    ``domain_attribute = "modality"``. A hospital may override the patterns and attribute with its
+    own (``[hospital] label-attribute`` / ``label-patterns``): a site names its series its own way.
+    """
+
+    classes: str = setting("T1w,T2w", "class names, comma separated, in label order (cdcgan)")
+    class_attribute: str = setting("series_description", "slice attribute the classes are read "
+                                   "from: " + ", ".join(DOMAIN_ATTRIBUTES))
+    class_patterns: str = setting("", "one regular expression per class, ';' separated "
+                                  "(default: each class name)")
+    domain_a: str = setting("T1w", "name of domain A of a translation family (its input)")
+    domain_b: str = setting("T2w", "name of domain B (the translation's target)")
+    domain_attribute: str = setting("series_description", "slice attribute the domains are read "
+                                    "from, e.g. modality for MR -> CT")
+    domain_a_pattern: str = setting("", "regular expression for domain A (default: its name)")
+    domain_b_pattern: str = setting("", "regular expression for domain B (default: its name)")
+
+    def __post_init__(self) -> None:
+        for attr in (self.class_attribute, self.domain_attribute):
+            if attr not in DOMAIN_ATTRIBUTES:
+                raise ValueError(f"slice attribute {attr!r} is not one of {DOMAIN_ATTRIBUTES}")
+        if not self.class_names:
+            raise ValueError("classes must name at least one class")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"classes {self.classes!r} repeat a name")
+        pats = self.class_pattern_list
+        if pats and len(pats) != len(self.class_names):
+            raise ValueError(f"class_patterns has {len(pats)} patterns for "
+                             f"{len(self.class_names)} classes")
+        if not self.domain_a or not self.domain_b or self.domain_a == self.domain_b:
+            raise ValueError("domain_a and domain_b must be two different names")
+        import re
+
+        for p in (*pats, self.domain_a_pattern, self.domain_b_pattern):
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"pattern {p!r} is not a regular expression: {exc}") from None
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.classes.split(",") if x.strip())
+
+    @property
+    def class_pattern_list(self) -> tuple[str, ...]:
+        return tuple(x for x in self.class_patterns.split(";")) if self.class_patterns else ()
 
 
 def to_flat(obj: Any, prefix: str) -> dict[str, Any]:

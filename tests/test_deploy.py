@@ -65,7 +65,8 @@ def test_deployed_federation_auth_resume_and_dropout(tmp_path: Path) -> None:
         # an unregistered node is refused (Flower exit code 305) and says so in one line
         rogue = run(["hospital", "--coordinator", address, "--root-certificates",
                      str(keys.ca_cert), "--node-key", str(rogue_key), "--port", str(free_port()),
-                     "--data-dir", str(data[0]), "--name", "rogue", "--max-restarts", "0"],
+                     "--data-dir", str(data[0]), "--name", "rogue", "--max-restarts", "0",
+                     "--model-public-key", str(keys.signing_pub)],
                     tmp_path, timeout=240)
         assert rogue.returncode == 3, rogue.stderr[-2000:]
         assert "refused this hospital's node key" in rogue.stderr
@@ -128,7 +129,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory):
 
 def _hospital_args(keys, data: Path, address: str = "127.0.0.1:9") -> list[str]:
     return ["hospital", "--coordinator", address, "--root-certificates", str(keys.ca_cert),
-            "--node-key", str(keys.node_key("h1")), "--data-dir", str(data)]
+            "--node-key", str(keys.node_key("h1")), "--data-dir", str(data),
+            "--model-public-key", str(keys.signing_pub)]
 
 
 def test_missing_data_folder_is_one_line(fed, tmp_path: Path, capsys) -> None:
@@ -230,12 +232,13 @@ def test_launch_app_declares_every_run_setting(tmp_path: Path) -> None:
     """Flower rejects run-config keys its app does not declare: the launch app declares all."""
     import tomllib
 
-    from fedsynth.deployment import RUN_CONFIG_DEFAULTS, write_launch_app
+    from fedsynth.deployment import write_launch_app
     from server.federation import FederationConfig
+    from server.run_config import defaults_flat
 
     app = tomllib.loads((write_launch_app(tmp_path) / "pyproject.toml").read_text())
     declared = app["tool"]["flwr"]["app"]["config"]
-    assert declared == RUN_CONFIG_DEFAULTS
+    assert declared == defaults_flat()
     cfg = FederationConfig.from_run_config({**declared, "num-server-rounds": 7, "resume": True})
     assert cfg.rounds == 7 and cfg.resume
     assert app["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app",

@@ -1,8 +1,9 @@
 """``fedsynth launch CONFIG``: start (or ``--resume``) a federation run on the coordinator.
 
-CONFIG is TOML: ``[coordinator]`` address and root-certificates; ``[run]`` family, preset, rounds,
-local-steps, batch-size, image-size, min-hospitals, round-timeout, evaluate-every, signing-key, run-dir, run-id…
-The run is submitted with ``flwr run`` and a code-free app (see ``fedsynth.deployment``).
+CONFIG is TOML: ``[coordinator]`` address and root-certificates; ``[run]`` any of the run settings
+of ``server/run_config.py`` (``fedsynth launch --help`` lists them; ``examples/run.toml`` shows
+every one). The file is checked before anything is submitted. The run is submitted with
+``flwr run`` and a code-free app (see ``fedsynth.deployment``).
 ``--wait`` follows it to the end: ``flwr run --stream`` exits 0 even when the ServerApp crashed,
 so the outcome is read from the run's status instead.
 """
@@ -20,7 +21,20 @@ log = logging.getLogger("fedsynth.launch")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="start a federation run on the coordinator")
+    p = sub.add_parser("launch", help="start a federation run on the coordinator",
+                       description="Start (or --resume) a federation run. CONFIG is TOML with "
+                                   "[coordinator] address, root-certificates (or insecure = "
+                                   "true) and [run] settings; examples/run.toml lists them all.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    plain_help = p.format_help
+
+    def format_help() -> str:  # the settings list imports torch: only when --help asks for it
+        from server.run_config import settings_help
+
+        p.epilog = settings_help()
+        return plain_help()
+
+    p.format_help = format_help  # type: ignore[method-assign]
     p.add_argument("config", type=Path, help="launch file (TOML)")
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue this run after its last completed round")

@@ -1,0 +1,272 @@
+"""The run configuration: every setting of a federation run, its type, default and help, in one place.
+
+``FederationConfig`` is a tree of frozen dataclasses: the model (``ModelConfig``), how hospitals
+train (``TrainConfig``) and which slices are which class or domain (``DataConfig``), all from
+``shared_models.config`` because they travel to the hospitals, plus the coordinator's own fields
+below. Every field is a ``setting`` with a key and a line of help, and everything that knows a
+run setting is derived from this tree:
+
+- ``fedsynth launch`` checks the launch file's ``[run]`` table with ``from_flat`` before it
+  submits anything (an unknown or mistyped key is refused with the known keys listed);
+- ``fedsynth launch --help`` lists ``SETTINGS`` with their help (``settings_help``);
+- the code-free launch app declares ``defaults_flat()`` as ``[tool.flwr.app.config]`` (Flower
+  refuses run-config keys an app does not declare), and this repository's ``pyproject.toml``
+  declares the same (a test checks they are equal);
+- ``examples/run.toml`` is ``example_toml()`` (a test checks the file is current);
+- the ServerApp parses Flower's flat run config with ``from_flat`` too.
+
+So a setting is added by adding a field, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Mapping
+
+from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
+from shared_models.config import setting
+
+from .presets import PRESETS
+from .run_folder import check_run_id
+from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
+
+# What people write that means a known key (the error names the real one).
+ALIASES = {"rounds": "num-server-rounds"}
+REDUCERS = ("", "mean", "median", "trimmed-mean")
+SERVER_OPTS = ("", "avg", "avgm", "adam")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """One federation run, parsed once at the edge (the launch file, or Flower's run config)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rounds: int = setting(5, "federated rounds", key="num-server-rounds")
+    preset: str = setting("fedgan", "aggregation preset: " + ", ".join(PRESETS))
+    reducer: str = setting("", "override the preset's reducer: mean, median, trimmed-mean")
+    server_opt: str = setting("", "override the preset's server optimiser: avg, avgm, adam")
+    server_lr: float = setting(0.0, "server optimiser learning rate (0: the policy's, 1.0)")
+    sync_every: int = setting(0, "aggregate shared components every k rounds (0: every round)")
+    ua_fake_batch: int = setting(64, "ua-gan: generated images sent to hospitals per round")
+    min_hospitals: int = setting(1, "a round waits until this many hospitals are connected")
+    fraction_train: float = setting(1.0, "fraction of connected hospitals that train each round")
+    round_timeout_s: float = setting(3600.0, "seconds a round waits for replies before it goes "
+                                     "on with those it has", key="round-timeout")
+    evaluate_every: int = setting(1, "hospitals evaluate every k rounds, and in the last")
+    run_dir: str = setting("runs", "folder of run folders, on the coordinator's machine")
+    run_id: str = setting("", "name of this run's folder (default: run-YYYYmmdd-HHMMSS)")
+    resume: bool = setting(False, "continue run-id after its last completed round")
+    signing_key: str = setting("", "the coordinator's model-signing.key (Ed25519 PEM): every "
+                               "message to hospitals is signed with it")
+    num_samples: int = setting(16, "images in each round's fixed-input sample grid")
+    keep_checkpoints: int = setting(3, "checkpoints kept besides the best")
+    # What a hospital may claim (server/validation.py): example counts clipped to K x the others'
+    # median and an absolute cap; a reply moving a component beyond R x (||global|| + floor) is
+    # rejected whatever the other replies are.
+    examples_ratio: float = setting(EXAMPLES_RATIO, "a hospital's example count is clipped to "
+                                    "this many times the other replies' median")
+    max_examples: float = setting(float(MAX_EXAMPLES), "absolute cap on a hospital's example count")
+    update_norm_ratio: float = setting(UPDATE_NORM_RATIO, "a reply moving a component more than "
+                                       "this many times its norm is rejected")
+    norm_floor_rms: float = setting(NORM_FLOOR_RMS, "per-element floor of that norm bound")
+    metrics_port: int = setting(0, "serve the coordinator's Prometheus metrics on this port "
+                                "(0: off)")
+    metrics_host: str = setting("127.0.0.1", "address the metrics endpoint binds")
+    hospital_names: str = setting("", "JSON file mapping node ids to hospital names (labels)")
+
+    def __post_init__(self) -> None:
+        if self.run_id:
+            check_run_id(self.run_id)
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+        if self.reducer not in REDUCERS or self.server_opt not in SERVER_OPTS:
+            raise ValueError(f"reducer must be one of {REDUCERS[1:]} and server-opt one of "
+                             f"{SERVER_OPTS[1:]} (or empty for the preset's)")
+        if self.rounds < 1 or self.min_hospitals < 1 or self.evaluate_every < 1:
+            raise ValueError("num-server-rounds, min-hospitals and evaluate-every must be >= 1")
+        if not 0 < self.fraction_train <= 1 or self.round_timeout_s <= 0:
+            raise ValueError("fraction-train must be in (0, 1] and round-timeout > 0")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
+        family = get_family(self.model.family)  # an unknown family fails here, by name
+        wants = len(self.data.class_names) if family.data_layout == "labelled" else 0
+        if self.model.num_classes != wants:
+            object.__setattr__(self, "model",
+                               dataclasses.replace(self.model, num_classes=wants))
+
+    def policy_overrides(self) -> dict[str, Any]:
+        """The ``ComponentPolicy`` fields this run sets for every shared component."""
+        out: dict[str, Any] = {}
+        if self.reducer:
+            out["reducer"] = self.reducer
+        if self.server_opt:
+            out["server_opt"] = self.server_opt
+        if self.server_lr:
+            out["server_lr"] = self.server_lr
+        if self.sync_every:
+            out["sync_every"] = self.sync_every
+        return out
+
+    def resolved_run_id(self) -> str:
+        return check_run_id(self.run_id) if self.run_id else \
+            datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+
+    @classmethod
+    def from_run_config(cls, rc: Mapping[str, Any]) -> "FederationConfig":
+        """From Flower's flat ``run_config`` (the app's declared keys + the launch overrides)."""
+        return from_flat(rc)
+
+    def to_flat(self) -> dict[str, Any]:
+        return {s.key: s.get(self) for s in SETTINGS}
+
+
+# ------------------------------------------------------------------------- the settings list
+
+@dataclass(frozen=True)
+class Setting:
+    """One run setting: its flat key, where it lives in the tree, its type, default and help."""
+
+    key: str
+    path: tuple[str, ...]
+    type: type
+    default: Any
+    help: str
+
+    def get(self, cfg: FederationConfig) -> Any:
+        obj: Any = cfg
+        for name in self.path:
+            obj = getattr(obj, name)
+        return obj
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _walk(cls: type, path: tuple[str, ...] = ()) -> Iterator[Setting]:
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
+                                    dataclasses.MISSING else None):
+            yield from _walk(f.default_factory, (*path, f.name))  # type: ignore[arg-type]
+            continue
+        if not f.metadata.get("run", False):
+            continue
+        yield Setting(key=f.metadata.get("key") or f.name.replace("_", "-"),
+                      path=(*path, f.name), type=_TYPES[str(f.type)], default=f.default,
+                      help=f.metadata["help"])
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_walk(FederationConfig))
+_BY_KEY = {s.key: s for s in SETTINGS}
+assert len(_BY_KEY) == len(SETTINGS), "two run settings share a key"  # noqa: S101
+
+
+def _coerce(s: Setting, value: Any) -> Any:
+    """The value as the setting's type; TOML and Flower give typed values, so little is guessed."""
+    if isinstance(value, dict):
+        raise ValueError(f"run setting {s.key!r} is a {s.type.__name__}, not a table "
+                         f"([run.{s.key}] is not a thing)")
+    if s.type is bool:
+        if isinstance(value, bool):
+            return value
+    elif s.type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif s.type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif s.type is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            sep = ";" if s.key.endswith("patterns") else ","
+            return sep.join(value)  # classes = ["cyst", "metastasis"] reads naturally in TOML
+    raise ValueError(f"run setting {s.key!r} must be a {s.type.__name__}, got {value!r}")
+
+
+def from_flat(values: Mapping[str, Any]) -> FederationConfig:
+    """A ``FederationConfig`` from flat ``key = value`` settings; every mistake is a
+    ``ValueError`` naming the key (unknown keys list the known ones)."""
+    values = dict(values)
+    renamed = {k: ALIASES[k] for k in values if k in ALIASES}
+    for old, new in renamed.items():
+        if new in values:
+            raise ValueError(f"run settings {old!r} and {new!r} are the same setting: give one")
+        values[new] = values.pop(old)
+    unknown = sorted(set(values) - set(_BY_KEY))
+    if unknown:
+        raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(_BY_KEY)} (see `fedsynth launch --help`)")
+    parts: dict[tuple[str, ...], dict[str, Any]] = {}
+    for key, value in values.items():
+        s = _BY_KEY[key]
+        parts.setdefault(s.path[:-1], {})[s.path[-1]] = _coerce(s, value)
+    try:
+        nested = {name: cls(**parts.get((name,), {})) for name, cls in
+                  (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig))}
+        return FederationConfig(**nested, **parts.get((), {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run settings: {exc}") from None
+
+
+def defaults_flat() -> dict[str, Any]:
+    """Every key with its default: the launch app's ``[tool.flwr.app.config]``."""
+    return {s.key: s.default for s in SETTINGS}
+
+
+def settings_help() -> str:
+    """``fedsynth launch --help``'s list of ``[run]`` settings."""
+    width = max(len(s.key) for s in SETTINGS)
+    lines = ["[run] settings (key = default: help):"]
+    lines += [f"  {s.key:<{width}} = {_toml(s.default):<10} {s.help}" for s in SETTINGS]
+    lines.append(f"families: {', '.join(families())}; presets: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+FAMILY_EXAMPLES = {
+    "dcgan": ["family = \"dcgan\""],
+    "cdcgan": ["family = \"cdcgan\"", "classes = \"T1w,T2w\"  # two classes, label order",
+               "class-attribute = \"series_description\""],
+    "wgan-gp": ["family = \"wgan-gp\"", "spatial-dims = 3  # volumes"],
+    "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\""],
+    "cyclegan": ["family = \"cyclegan\"", "domain-attribute = \"modality\"",
+                 "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired"],
+}
+
+
+def example_toml() -> str:
+    """``examples/run.toml``: a launch file with every setting at its default, explained."""
+    lines = ["# fedsynth launch file: `fedsynth launch examples/run.toml` (on the coordinator's "
+             "machine).",
+             "# Generated from server/run_config.py (python -m server.run_config > "
+             "examples/run.toml);",
+             "# every [run] key is listed with its default. Unknown keys are refused.", "",
+             "[coordinator]", 'address = "127.0.0.1:8000"  # runs are submitted from the '
+             "coordinator's own host",
+             'root-certificates = "keys/ca.pem"', "", "[run]"]
+    for s in SETTINGS:
+        value = {"signing-key": '"keys/model-signing.key"'}.get(s.key, _toml(s.default))
+        lines.append(f"# {s.help}")
+        lines.append(f"{s.key} = {value}")
+    lines += ["", "# Other families: replace the family line with one of these blocks."]
+    for family in families():
+        lines.append(f"#   {family}:")
+        lines += [f"#     {x}" for x in FAMILY_EXAMPLES.get(family, [f'family = "{family}"'])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(example_toml(), end="")

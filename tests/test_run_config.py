@@ -1,0 +1,118 @@
+"""One run configuration (server/run_config.py): the single source of every run setting.
+
+Issue 12: ``[run] metrics-port`` and seven other keys were refused by launch although the
+ServerApp read them; ``cdcgan`` failed in the ServerApp (nothing set num_classes); a guessed
+``[run.preset]`` table passed launch; there was no example file and ``launch --help`` listed no
+settings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.run_config import (SETTINGS, FederationConfig, defaults_flat, example_toml,
+                               from_flat, settings_help)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_declaration_is_generated_from_the_run_configuration(tmp_path: Path) -> None:
+    from fedsynth.deployment import write_launch_app
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["config"] == defaults_flat()
+    launch_app = tomllib.loads((write_launch_app(tmp_path) / "pyproject.toml").read_text())
+    assert launch_app["tool"]["flwr"]["app"]["config"] == defaults_flat()
+    assert (ROOT / "examples" / "run.toml").read_text() == example_toml(), \
+        "examples/run.toml is stale: python -m server.run_config > examples/run.toml"
+    example = tomllib.loads(example_toml())
+    assert set(example["run"]) == {s.key for s in SETTINGS}
+
+
+def test_launch_help_lists_every_setting() -> None:
+    out = subprocess.run([str(ROOT / ".venv" / "bin" / "fedsynth"), "launch", "--help"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    for s in SETTINGS:
+        assert f"  {s.key} " in out, s.key
+    assert settings_help().splitlines()[1] in out
+
+
+def test_non_default_values_round_trip_through_the_flat_form() -> None:
+    values = {
+        "family": "pix2pix", "image-size": 64, "latent-dim": 17, "width": 9, "spatial-dims": 3,
+        "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
+        "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11,
+        "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
+        "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
+        "domain-attribute": "modality", "domain-a-pattern": "^MR$", "domain-b-pattern": "^CT$",
+        "num-server-rounds": 7, "preset": "local-d", "reducer": "median", "server-opt": "avgm",
+        "server-lr": 0.5, "sync-every": 2, "ua-fake-batch": 8, "min-hospitals": 2,
+        "fraction-train": 0.5, "round-timeout": 99.0, "evaluate-every": 3, "run-dir": "/r",
+        "run-id": "abc", "resume": True, "signing-key": "/k", "num-samples": 4,
+        "keep-checkpoints": 2, "examples-ratio": 2.0, "max-examples": 1000.0,
+        "update-norm-ratio": 5.0, "norm-floor-rms": 0.5, "metrics-port": 9111,
+        "metrics-host": "0.0.0.0", "hospital-names": "/n.json",
+    }
+    assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
+    for s in SETTINGS:
+        assert values[s.key] != s.default, f"{s.key}: pick a non-default value"
+    cfg = from_flat(values)
+    assert cfg.to_flat() == values
+    assert cfg.model.num_classes == 0  # pix2pix is not conditional
+    assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2}).model.num_classes == 3
+    assert cfg.data.class_names == ("cyst", "metastasis", "haemangioma")
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"local-stpes": 3}, "unknown run setting.*local-stpes.*known: family"),
+    ({"preset": {"generator": "shared"}}, "not a table"),
+    ({"local-steps": "3"}, "'local-steps' must be a int"),
+    ({"resume": 1}, "'resume' must be a bool"),
+    ({"family": "stylegan"}, "stylegan"),
+    ({"preset": "fedsgd"}, "preset 'fedsgd' is not one of"),
+    ({"rounds": 3, "num-server-rounds": 4}, "same setting"),
+    ({"run-id": "../../x"}, "not a plain name"),
+    ({"classes": "a,b", "class-patterns": "x"}, "1 patterns for 2 classes"),
+    ({"domain-attribute": "PatientName"}, "not one of"),
+    ({"class-patterns": "(;x"}, "not a regular expression"),
+])
+def test_mistakes_are_refused_by_name(values: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        from_flat(values)
+
+
+def test_rounds_is_an_alias_and_lists_become_strings() -> None:
+    cfg = from_flat({"rounds": 3, "classes": ["cyst", "metastasis"], "family": "cdcgan"})
+    assert cfg.rounds == 3 and cfg.data.classes == "cyst,metastasis"
+    assert cfg.model.num_classes == 2
+    assert FederationConfig().model.num_classes == 0  # dcgan: unconditional
+
+
+def test_launch_file_is_checked_before_submission(tmp_path: Path) -> None:
+    from fedsynth.deployment import LaunchConfig
+
+    def launch(text: str) -> Path:
+        path = tmp_path / "run.toml"
+        path.write_text('[coordinator]\naddress = "127.0.0.1:9"\ninsecure = true\n' + text)
+        return path
+
+    cfg = LaunchConfig.load(launch('[run]\nmetrics-port = 9100\nreducer = "median"\n'
+                                   'server-opt = "avgm"\nsync-every = 2\nua-fake-batch = 8\n'
+                                   'hospital-names = "names.json"\nmetrics-host = "0.0.0.0"\n'
+                                   'server-lr = 0.5\nclasses = ["cyst", "meta"]\n'))
+    assert cfg.run["metrics-port"] == 9100 and cfg.run["classes"] == "cyst,meta"
+    assert Path(cfg.run["hospital-names"]).is_absolute()
+    for bad, match in [('[run.preset]\ngenerator = "shared"\n', "not a table"),
+                       ("[coordinator]\n", "Cannot declare|not valid TOML"),
+                       ("[hospital]\nx = 1\n", r"unknown section\(s\) \[hospital\]"),
+                       ('[run]\nrounds = "five"\n', "must be a int")]:
+        with pytest.raises(ValueError, match=match):
+            LaunchConfig.load(launch(bad))
+    path = tmp_path / "c.toml"
+    path.write_text('[coordinator]\naddress = "127.0.0.1:9"\ninsecure = true\nmetrics-port = 1\n')
+    with pytest.raises(ValueError, match=r"unknown \[coordinator\] key.*metrics-port.*\[run\]"):
+        LaunchConfig.load(path)
