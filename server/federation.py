@@ -47,6 +47,10 @@ class RoundSummary:
     server: dict[str, float]
     hospitals: dict[str, dict[str, float]]
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # per node: eval-*
+    # Hospitals counted in ``failed``, by registered name (the node id where none is known):
+    # offline / restarted / timeout (did not answer, server/grid.py) or error (answered with one).
+    failed_hospitals: dict[str, str] = field(default_factory=dict)
+    evaluate_failed: dict[str, str] = field(default_factory=dict)  # the same, evaluate phase
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +108,19 @@ def _flower_run_id(grid: Grid) -> int:
         return 0
 
 
+def _named(grid: Grid, failed: Mapping[str, str]) -> dict[str, str]:
+    """node id -> kind as registered name -> kind (``PromptGrid.node_name``; else the id)."""
+    name = getattr(grid, "node_name", None)
+    out: dict[str, str] = {}
+    for node_id, kind in sorted(failed.items()):
+        try:
+            label = str(name(node_id)) if callable(name) else str(node_id)
+        except Exception:  # noqa: BLE001 - a test double's attribute is not a namer
+            label = str(node_id)
+        out[label if label not in out else f"{label} ({node_id})"] = kind
+    return out
+
+
 def run_federation(grid: Grid, cfg: FederationConfig,
                    observers: tuple[Observer, ...] = ()) -> Path:
     """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
@@ -157,7 +174,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         train_report = strategy.last_train
 
         t_aggregate = time.monotonic()
-        eval_metrics, evaluated = None, {}
+        eval_metrics, evaluated, eval_failed = None, {}, {}
         if rnd % max(1, cfg.evaluate_every) == 0 or rnd == cfg.rounds:
             eval_config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
             record = protocol.to_record(arrays)
@@ -166,6 +183,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                 timeout=cfg.round_timeout_s)
             eval_metrics = strategy.aggregate_evaluate(rnd, replies)
             evaluated = strategy.last_evaluate.per_hospital
+            eval_failed = dict(strategy.last_evaluate.failed_nodes)
         t_eval = time.monotonic()
 
         decode_into(nets, arrays)
@@ -190,14 +208,17 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                                                       if eval_metrics is not None else 0)},
             hospitals=train_report.per_hospital,
             evaluated=evaluated,
+            failed_hospitals=_named(grid, train_report.failed_nodes),
+            evaluate_failed=_named(grid, eval_failed),
         )
         folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
                                              "model": asdict(cfg.model)})
         folder.append_metrics(summary.row())
-        log.info("round %d/%d done in %.1fs: %d/%d hospitals replied, loss-g %.3f, loss-d %.3f",
+        log.info("round %d/%d done in %.1fs: %d/%d hospitals replied, loss-g %.3f, loss-d %.3f%s",
                  rnd, cfg.rounds, summary.seconds, summary.replied, summary.selected,
                  summary.train.get("loss-g", float("nan")),
-                 summary.train.get("loss-d", float("nan")))
+                 summary.train.get("loss-d", float("nan")),
+                 "".join(f"; {n} failed ({k})" for n, k in summary.failed_hospitals.items()))
         for observe in observers:
             observe(summary)
     return folder.root

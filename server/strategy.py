@@ -27,6 +27,7 @@ from fedsynth import protocol
 from fedsynth.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
+from .grid import failure_kind
 from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
 from .validation import (
     DROPPED_METRIC_KEYS, EVAL_METRIC_KEYS, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS,
@@ -48,6 +49,9 @@ class RoundReport:
     rejected: int = 0
     rejected_reasons: Counter[str] = field(default_factory=Counter)
     per_hospital: dict[str, dict[str, float]] = field(default_factory=dict)
+    # node id -> offline / restarted / timeout / error (server/grid.py failure_kind): a hospital
+    # that did not answer, or answered with an error, counted in ``failed``
+    failed_nodes: dict[str, str] = field(default_factory=dict)
     dropped_metric_keys: int = 0  # metric keys outside the protocol, not kept
     capped_examples: int = 0  # (hospital, component) example counts clipped
     refused_aggregates: int = 0  # components whose aggregate was not finite: previous kept
@@ -271,12 +275,15 @@ class GanStrategy(Strategy):
         for msg in replies:
             if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
                 report.failed += 1
+                report.failed_nodes[str(msg.metadata.src_node_id)] = \
+                    failure_kind(msg) if msg.has_error() else "error"
                 continue
             try:
                 metrics, dropped = known_metrics(msg.content.metric_records[protocol.METRICS],
                                                  EVAL_METRIC_KEYS)
             except RejectedReply:
                 report.failed += 1
+                report.failed_nodes[str(msg.metadata.src_node_id)] = "error"
                 continue
             report.replied += 1
             report.dropped_metric_keys += dropped
@@ -295,6 +302,7 @@ class GanStrategy(Strategy):
             hospital = str(msg.metadata.src_node_id)
             if msg.has_error():
                 report.failed += 1
+                report.failed_nodes[hospital] = failure_kind(msg)
                 log.warning("round %d: hospital %s failed: %s", server_round, hospital,
                             msg.error.reason)
                 continue
