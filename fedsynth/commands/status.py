@@ -24,6 +24,20 @@ def rounds_done(run_dir: Path) -> dict[str, int]:
     return out
 
 
+def last_round_failures(run_dir: Path) -> dict[str, dict]:
+    """Per run folder: its last round and the hospitals that failed in it, by name and kind
+    (offline / restarted / timeout / error; metrics.jsonl ``failed_hospitals``)."""
+    out: dict[str, dict] = {}
+    for metrics in sorted(Path(run_dir).glob("*/metrics.jsonl")):
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if rows:
+            last = rows[-1]
+            out[metrics.parent.name] = {
+                "round": last.get("round"),
+                "failed": {**last.get("evaluate_failed", {}), **last.get("failed_hospitals", {})}}
+    return out
+
+
 def collect(cfg, flwr_home: Path) -> dict:  # noqa: ANN001
     from fedsynth.deployment import flwr_json
 
@@ -36,7 +50,10 @@ def collect(cfg, flwr_home: Path) -> dict:  # noqa: ANN001
                  for r in runs],
         "hospitals-online": sum(n.get("status") == "online" for n in nodes),
         "hospitals-registered": len(nodes),
+        "hospitals-offline": sorted(str(n.get("node-id")) for n in nodes
+                                    if n.get("status") == "offline"),
         "rounds-done": rounds_done(run_dir) if run_dir.is_dir() else {},
+        "last-round-failed": last_round_failures(run_dir) if run_dir.is_dir() else {},
     }
 
 
@@ -63,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     for r in info["runs"]:
         print(f"  flower run {r['run-id']}: {r['status']} ({r['elapsed']:.0f} s) "
               f"{r.get('status-details') or ''}".rstrip())
+    if info["hospitals-offline"]:
+        print(f"  offline: node {', '.join(info['hospitals-offline'])}")
     for name, n in info["rounds-done"].items():
-        print(f"  run folder {name}: {n} rounds done")
+        last = info["last-round-failed"].get(name, {})
+        failed = ", ".join(f"{h} ({kind})" for h, kind in last.get("failed", {}).items())
+        print(f"  run folder {name}: {n} rounds done"
+              + (f"; round {last.get('round')} failed: {failed}" if failed else ""))
     return 0
