@@ -24,7 +24,7 @@ from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
 from . import metrics as hospital_metrics
-from .datasets import LocalData, clear_local_data, local_data
+from .datasets import DataSelectionError, LocalData, clear_local_data, local_data
 from .settings import HospitalSettings
 from .trainer import LocalTrainer, pick_device
 from .ua_gan import UA_ACTION, reply_plan, ua_train
@@ -173,14 +173,21 @@ def _name_of(context: Context) -> str:
         return "unknown"
 
 
-def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTrainer, LocalData,
-                                                       object, int]:
+def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTrainer,
+                                                       LocalData | None, object, int]:
+    """Settings, trainer (with this hospital's weights + the received ones), data, config, round.
+
+    ``data`` is None when this hospital holds nothing the run's family can use (no slice of
+    either domain, no pair, no slice of any class): it then trains nothing and says so with
+    zero example counts, rather than failing the round.
+    """
     hospital = HospitalSettings.from_node_config(context.node_config)
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
     hospital_metrics.note_identity(context.node_id, hospital.name)
     check_signature(hospital, msg, context)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
+    data_cfg = protocol.parse_data_config(msg.content[protocol.CONFIG])
     get_family(model.family)  # an unknown family is refused before anything is built
     received = protocol.from_record(msg.content[protocol.ARRAYS])
     trainer = trainer_for(hospital, model, context.run_id)
@@ -189,7 +196,11 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
     except Exception:
         forget_trainer(trainer, context.run_id)
         raise
-    data = local_data(hospital, model)
+    try:
+        data: LocalData | None = local_data(hospital, model, data_cfg)
+    except DataSelectionError as exc:
+        log.warning("this hospital holds nothing %s can train this round: %s", model.family, exc)
+        data = None
     return hospital, trainer, data, train, server_round
 
 
@@ -226,10 +237,13 @@ def train(msg: Message, context: Context) -> Message:
     hospital_metrics.reset_peak_memory(trainer.device)
     reply = reply_plan(msg.content[protocol.CONFIG], trainer.nets, trainer.family.components)
     check_never_send(hospital, reply[0])
-    result = trainer.fit(data.train, train_cfg, seed, reply=reply)
+    if data is None or not data.num_train:
+        result = trainer.idle(train_cfg, reply)  # zero examples: counts for nothing
+    else:
+        result = trainer.fit(data.train, train_cfg, seed, reply=reply)
     save_local(trainer, context)
-    hospital_metrics.record_train(hospital.name, server_round, result.metrics, data.report,
-                                  trainer.device)
+    hospital_metrics.record_train(hospital.name, server_round, result.metrics,
+                                  data.report if data is not None else None, trainer.device)
     return Message(protocol.train_reply(result.arrays, result.metrics), reply_to=msg)
 
 
@@ -238,7 +252,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     hospital, trainer, data, _, server_round = _prepare(msg, context)
     t0 = time.perf_counter()
-    metrics = trainer.evaluate(data.holdout, seed=server_round)
+    metrics = (trainer.evaluate(data.holdout, seed=server_round) if data is not None
+               else {"eval-examples": 0})
     metrics["eval-seconds"] = time.perf_counter() - t0  # a round's compute = train + evaluate
     hospital_metrics.record_evaluate(hospital.name, server_round, metrics)
     return Message(protocol.evaluate_reply(metrics), reply_to=msg)

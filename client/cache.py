@@ -39,8 +39,8 @@ from client.dicom import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-_META_KEYS = ("modality", "series_description", "study_uid", "series_uid", "position", "file_index")
+CACHE_FORMAT = 3  # 3: label attributes in the slice metadata
+_META_KEYS = dicom.META_KEYS
 
 
 _ORIGINAL_SCAN = scan_folder

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared_models import ModelConfig, get_family
+from shared_models import DataConfig, ModelConfig, get_family
 
 from .cache import load_slices
 from .dicom import DicomSettings, ScanReport
@@ -38,11 +38,6 @@ from .settings import HospitalSettings
 
 log = logging.getLogger(__name__)
 
-# Defaults until the federation config carries class / domain names (see the issue #4 report):
-# the demo hospitals' two MR contrasts.
-DEFAULT_CLASSES: tuple[str, ...] = ("T1w", "T2w")
-DEFAULT_DOMAINS: tuple[str, str] = ("T1w", "T2w")
-DEFAULT_ATTRIBUTE = "series_description"
 POSITION_DECIMALS = 2  # slice positions (mm) that agree to 0.01 mm are the same slice
 MIN_VOLUME_SLICES = 8  # 3D: a series with fewer slices is no volume (a lone radiograph, a scout)
 
@@ -88,34 +83,37 @@ class Selector:
         return out.astype(np.int64)
 
 
-def _names(value: object, default: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [x.strip() for x in value.split(",") if x.strip()]
-    names = tuple(str(x) for x in (value or ()))
-    return names or tuple(default)
+def _selector(hospital: HospitalSettings, attribute: str, names: tuple[str, ...],
+              patterns: Sequence[str]) -> Selector:
+    """The federation's names, with the hospital's own rule where it has one.
+
+    ``[hospital] label-attribute`` replaces the run's attribute and ``label-patterns``
+    (``name=regex;name=regex``) the run's pattern of a name: the federation fixes what the
+    classes/domains ARE and their order; a site says how ITS series are called.
+    """
+    local = dict(hospital.label_patterns)
+    chosen = tuple(local.get(n) or p or re.escape(n) for n, p in zip(names, patterns))
+    return Selector(hospital.label_attribute or attribute, names, chosen)
 
 
-def _selector(hospital: HospitalSettings, names: tuple[str, ...]) -> Selector:
-    """Federation names + the hospital's own patterns (``label_patterns``: name -> regex)."""
-    local = dict(getattr(hospital, "label_patterns", None) or {})
-    attribute = str(getattr(hospital, "label_attribute", None) or DEFAULT_ATTRIBUTE)
-    return Selector(attribute, names, tuple(local.get(n, re.escape(n)) for n in names))
-
-
-def class_selector(hospital: HospitalSettings, model: ModelConfig) -> Selector:
+def class_selector(hospital: HospitalSettings, model: ModelConfig,
+                   data: DataConfig | None = None) -> Selector:
     """Classes of a conditional family: their order fixes the label indices federation-wide."""
-    names = _names(getattr(model, "class_names", ""), DEFAULT_CLASSES)
+    data = data or DataConfig()
+    names = data.class_names
     if len(names) != model.num_classes:
         raise DataSelectionError(f"model num_classes is {model.num_classes} but the class list "
                                  f"{list(names)} has {len(names)} names")
-    return _selector(hospital, names)
+    patterns = data.class_pattern_list or ("",) * len(names)
+    return _selector(hospital, data.class_attribute, names, patterns)
 
 
-def domain_selector(hospital: HospitalSettings, model: ModelConfig) -> Selector:
-    """Domains A and B of a translation family (e.g. T1w -> T2w, or MR -> CT)."""
-    names = (str(getattr(model, "domain_a", "") or DEFAULT_DOMAINS[0]),
-             str(getattr(model, "domain_b", "") or DEFAULT_DOMAINS[1]))
-    return _selector(hospital, names)
+def domain_selector(hospital: HospitalSettings, model: ModelConfig,
+                    data: DataConfig | None = None) -> Selector:
+    """Domains A and B of a translation family (e.g. T1w -> T2w, or MR -> CT by modality)."""
+    data = data or DataConfig()
+    return _selector(hospital, data.domain_attribute, (data.domain_a, data.domain_b),
+                     (data.domain_a_pattern, data.domain_b_pattern))
 
 
 # ----------------------------------------------------------------------------- units
@@ -262,9 +260,11 @@ def clear_local_data() -> None:
     _DATA.clear()
 
 
-def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
+def local_data(hospital: HospitalSettings, model: ModelConfig,
+               data: DataConfig | None = None) -> LocalData:
     """Load (once per process) the slices for ``model`` and build the family's tensors."""
-    key = (hospital, model)
+    data = data or DataConfig()
+    key = (hospital, model, data)
     if key in _DATA:
         return _DATA[key]
     family = get_family(model.family)
@@ -277,9 +277,9 @@ def local_data(hospital: HospitalSettings, model: ModelConfig) -> LocalData:
         images = images[:, None]
     selector = None
     if family.data_layout == "labelled":
-        selector = class_selector(hospital, model)
+        selector = class_selector(hospital, model, data)
     elif family.data_layout in ("paired", "unpaired"):
-        selector = domain_selector(hospital, model)
+        selector = domain_selector(hospital, model, data)
     train, holdout = build_tensors(images, slices.meta, family.data_layout, model,
                                    hospital.holdout_every, selector)
     log.info("%s: %s training tensors %s, held out %s", hospital.name, family.name,

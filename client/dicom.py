@@ -254,6 +254,14 @@ class SliceSet:
     report: ScanReport
 
 
+# Text attributes kept per slice (at the hospital only) for a run's class or domain rules, by
+# their meta key; ``modality`` and ``series_description`` are kept as well.
+LABEL_ATTRIBUTES = {"protocol_name": "ProtocolName", "body_part": "BodyPartExamined",
+                    "image_comments": "ImageComments", "sequence_name": "SequenceName"}
+META_KEYS = ("modality", "series_description", "study_uid", "series_uid", "position",
+             "file_index", *LABEL_ATTRIBUTES)
+
+
 @dataclass
 class FileRecord:
     """One usable file after decoding, before 2D resizing (used by :mod:`client.volumes`).
@@ -273,6 +281,8 @@ class FileRecord:
     positions: np.ndarray
     orientation: tuple[float, ...] | None
     pixel_spacing: tuple[float, float] | None
+    # the text attributes a run's class / domain rule may read (shared_models DataConfig)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class NoUsableDicomError(ValueError):
@@ -1094,6 +1104,7 @@ def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | t
             study_uid=_str(ds, "StudyInstanceUID"), series_uid=_str(ds, "SeriesInstanceUID"),
             series_description=_str(ds, "SeriesDescription"), frames=frames, positions=positions,
             orientation=orientation, pixel_spacing=spacing,
+            labels={key: _str(ds, keyword) for key, keyword in LABEL_ATTRIBUTES.items()},
         )
 
 
@@ -1119,9 +1130,7 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
     by_size: dict[str, int] = {}
     series: dict[tuple[str, str], SeriesSummary] = {}
     chunks: list[np.ndarray] = []
-    meta_lists: dict[str, list[Any]] = {
-        k: [] for k in ("modality", "series_description", "study_uid", "series_uid", "position", "file_index")
-    }
+    meta_lists: dict[str, list[Any]] = {k: [] for k in META_KEYS}
     files_seen = usable_files = 0
 
     for item in iter_files(folder, settings):
@@ -1153,6 +1162,8 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
         meta_lists["series_uid"].extend([item.series_uid] * n)
         meta_lists["position"].extend(item.positions.tolist())
         meta_lists["file_index"].extend([item.index] * n)
+        for key in LABEL_ATTRIBUTES:
+            meta_lists[key].extend([item.labels.get(key, "")] * n)
 
     total = sum(c.shape[0] for c in chunks)
     report = ScanReport(

@@ -178,7 +178,8 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
     for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
         if key in metrics:
             s.loss.labels(name, component).set(float(metrics[key]))
-    record_scan(name, report)
+    if report is not None:
+        record_scan(name, report)
     _success(s, name, "train", server_round)
     # Counters of rare events exist at 0 from the first round on, so "no failure" is a value.
     s.signature_failures.labels(name).inc(0)

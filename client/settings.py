@@ -65,6 +65,10 @@ class HospitalSettings:
     ua_min_steps: int = 5
     ua_max_steps: int = 500
     ua_max_fakes: int = 256
+    # This site's own class/domain rule (client/datasets.py): the attribute its series names are
+    # read from, and (name, regex) pairs; the run's names and their order stay the federation's.
+    label_attribute: str = ""
+    label_patterns: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
@@ -93,6 +97,8 @@ class HospitalSettings:
             ua_min_steps=int(m.get("ua-min-steps", 5)),
             ua_max_steps=int(m.get("ua-max-steps", 500)),
             ua_max_fakes=int(m.get("ua-max-fakes", 256)),
+            label_attribute=str(m.get("label-attribute", "")),
+            label_patterns=_patterns(m.get("label-patterns", ())),
         )
 
     @classmethod
@@ -123,6 +129,10 @@ class HospitalSettings:
             out["accept-unsigned-models"] = True
         if self.never_send:
             out["never-send"] = ",".join(self.never_send)
+        if self.label_attribute:
+            out["label-attribute"] = self.label_attribute
+        if self.label_patterns:
+            out["label-patterns"] = ";".join(f"{n}={p}" for n, p in self.label_patterns)
         out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
                     "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
                     "ua-max-fakes": self.ua_max_fakes})
@@ -148,6 +158,38 @@ def _flag(value: Any, name: str) -> bool:
     if str(value).lower() in ("false", "0", "no", ""):
         return False
     raise SettingsError(f"hospital setting {name!r} must be true or false, got {value!r}")
+
+
+def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
+    """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;..."""
+    import re
+
+    if isinstance(value, Mapping):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in (str(value).split(";") if value else []):
+            name, sep, regex = item.partition("=")
+            if not sep or not name.strip():
+                raise SettingsError(f"hospital setting 'label-patterns': {item!r} is not "
+                                    "NAME=REGEX")
+            pairs.append((name.strip(), regex))
+    for name, regex in pairs:
+        try:
+            re.compile(regex)
+        except re.error as exc:
+            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r} is not "
+                                f"a regular expression ({exc})") from None
+    return tuple(pairs)
+
+
+HOSPITAL_KEYS = ("data-dir", "cache-dir", "device", "amp", "threads", "modalities",
+                 "holdout-every", "name", "model-public-key", "max-decoded-mb",
+                 "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
+                 "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
+                 "label-patterns")
+NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
+COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -218,6 +260,13 @@ class DaemonSettings:
             p = Path(str(value)).expanduser()
             return p if p.is_absolute() else base / p
 
+        for section, known in (("hospital", HOSPITAL_KEYS), ("node", NODE_KEYS),
+                               ("coordinator", COORDINATOR_KEYS)):
+            unknown = sorted(k for k, v in data[section].items()
+                             if k not in known and v is not None)
+            if unknown:
+                raise SettingsError(f"unknown [{section}] setting(s) {', '.join(unknown)}; "
+                                    f"known: {', '.join(known)}")
         hosp = dict(data["hospital"])
         for key in ("data-dir", "cache-dir", "model-public-key"):
             if hosp.get(key):

@@ -159,6 +159,19 @@ class LocalTrainer:
         arrays = encode(self.nets, components, train.wire_dtype, include)
         return LocalResult(arrays=arrays, metrics=metrics)
 
+    def idle(self, train: TrainConfig,
+             reply: tuple[tuple[str, ...], Callable[[str, str], bool] | None] | None = None
+             ) -> LocalResult:
+        """A round this hospital cannot train (it holds nothing the family uses): the current
+        weights, and zero examples for every component, so the aggregate ignores it."""
+        metrics: dict[str, float] = {
+            "train-seconds": 0.0, "data-seconds": 0.0, "steps": 0, "images-per-second": 0.0,
+            protocol.NUM_EXAMPLES: 0,
+            **{protocol.examples_key(c): 0 for c in self.family.components}}
+        components, include = reply or (self.family.components, None)
+        return LocalResult(arrays=encode(self.nets, components, train.wire_dtype, include),
+                           metrics=metrics)
+
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
             return t

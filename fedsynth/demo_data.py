@@ -436,3 +436,96 @@ def build_demo_hospitals(
     }
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+# ---------------------------------------------------------------------------- MR and CT sites
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_CT_SITES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mr-only", ("MR",)), ("ct-only", ("CT",)), ("mr-and-ct", ("MR", "CT")))
+
+
+def phantom_ct(profile: ScannerProfile, slice_index: int, matrix: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """A CT-like slice in Hounsfield units of the same phantom anatomy as ``phantom_pair``.
+
+    Air -1000 HU; soft tissue 20..80 HU from the phantom's T1 (grey/white matter, CSF lower);
+    the skull ellipse (the phantom's outermost, highest-M0 ring) 700 HU; Gaussian noise of 8 HU.
+    A stand-in with the right units and contrast order, not a simulated scanner.
+    """
+    z = _slice_z(profile, slice_index)
+    m0, t1, _t2 = _tissue_maps(int(matrix), round(z, 6), float(profile.field_strength_t))
+    hu = np.full(m0.shape, -1000.0)
+    tissue = m0 > 0
+    t1n = np.clip(t1 / max(float(t1[tissue].max()) if tissue.any() else 1.0, 1e-6), 0, 1)
+    hu[tissue] = 80.0 - 70.0 * t1n[tissue]
+    hu[m0 >= 0.95 * float(m0.max())] = 700.0 if tissue.any() else -1000.0
+    hu = _geometry(hu + 1000.0, profile.fov_scale, profile.rotation_deg) - 1000.0
+    return (hu + rng.normal(0.0, 8.0, hu.shape)).astype(np.float32)
+
+
+def _write_ct_series(hospital_dir: Path, profile: ScannerProfile, matrix: int, seed: int,
+                     index: int) -> int:
+    """A CT series of the phantom (same study, geometry and positions as its MR series)."""
+    rng = np.random.default_rng([seed, index, 0xC7])
+    study_uid = _uid(seed, profile.name, "study")
+    frame_uid = _uid(seed, profile.name, "frame")
+    series_uid = _uid(seed, profile.name, "series", "CT")
+    folder = hospital_dir / "phantom" / "CT"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(profile.slices):
+        hu = phantom_ct(profile, k, matrix, rng)
+        ds = _mr_dataset(np.zeros(hu.shape, np.uint16), profile=profile, contrast="T1w",
+                         slice_index=k, seed=seed, study_uid=study_uid, series_uid=series_uid,
+                         frame_uid=frame_uid)
+        sop_uid = _uid(seed, profile.name, "CT", k)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop_uid
+        ds.Modality = "CT"
+        ds.SeriesDescription = "PHANTOM CT"
+        ds.SeriesNumber = 3
+        ds.ManufacturerModelName = "PhantomCT"
+        for keyword in ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+                        "SequenceName", "RepetitionTime", "EchoTime", "EchoTrainLength",
+                        "ImagingFrequency", "ImagedNucleus", "MagneticFieldStrength",
+                        "WindowCenter", "WindowWidth"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.KVP = "120"
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
+        ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
+        ds.save_as(folder / f"{k + 1:03d}.dcm", enforce_file_format=True)
+    return profile.slices
+
+
+def build_mr_ct_hospitals(out_dir: Path, *, seed: int = 0, matrix: int = 32,
+                          include_real: bool = True) -> list[Path]:
+    """Three hospitals for MR -> CT translation: one with only MR, one with only CT, one with
+    both (``MR_CT_SITES``): phantom MR (T1w, T2w) and CT series of the same anatomy, plus the
+    real CT/MR test slices of pydicom and pydicom-data of that modality."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (profile, (name, modalities)) in enumerate(zip(default_profiles(3, seed),
+                                                          MR_CT_SITES)):
+        hdir = out_dir / name
+        if hdir.exists():
+            shutil.rmtree(hdir)
+        hdir.mkdir(parents=True)
+        if "MR" in modalities:
+            _write_phantom_series(hdir, profile, matrix, seed, i)
+        if "CT" in modalities:
+            _write_ct_series(hdir, profile, matrix, seed, i)
+        if include_real:
+            for src in _copy_real_files(hdir, i):
+                logger.debug("%s: real %s", name, src)
+            for f in sorted((hdir / "real").glob("*.dcm")):
+                if str(pydicom.dcmread(f, stop_before_pixels=True).get("Modality")) \
+                        not in modalities:
+                    f.unlink()
+        paths.append(hdir)
+    return paths

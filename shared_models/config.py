@@ -72,8 +72,10 @@ class TrainConfig:
             raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
 
 
+# The per-slice text attributes a hospital keeps for these rules (client/dicom.py META_KEYS):
+# Modality, SeriesDescription, ProtocolName, BodyPartExamined, ImageComments, SequenceName.
 DOMAIN_ATTRIBUTES = ("series_description", "modality", "protocol_name", "body_part",
-                     "sequence_name")
+                     "image_comments", "sequence_name")
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,9 @@ def test_pairs_need_the_same_position_and_study() -> None:
 
 
 def test_local_patterns_map_site_names_to_federation_classes() -> None:
-    class Site:
-        label_patterns = {"T1w": r"mprage|t1", "T2w": r"t2_tse"}
-
-    sel = domain_selector(Site(), ModelConfig(family="pix2pix"))  # type: ignore[arg-type]
+    site = HospitalSettings.from_mapping({"data-dir": ".",
+                                          "label-patterns": "T1w=mprage|t1;T2w=t2_tse"})
+    sel = domain_selector(site, ModelConfig(family="pix2pix"))
     meta = _meta(["MPRAGE sag", "t2_tse ax", "FLAIR"], [0, 0, 0])
     assert sel.classify(meta).tolist() == [0, 1, -1]
 

@@ -9,6 +9,7 @@ skipped with one of the fixed reasons; nothing may raise. One scan, shared by th
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
     names: dict[str, Path] = {}
     for i, f in enumerate(corpus_files()):
         name = f"{i:03d}_{f.name}"
-        os.symlink(f, folder / name)
+        shutil.copyfile(f, folder / name)  # a link out of the data folder is not followed
         names[name] = f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
