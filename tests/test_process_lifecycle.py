@@ -1,8 +1,8 @@
 """Killed daemons take their children with them; a hospital that does not answer is failed, by name.
 
 A daemon's children (SuperLink, nginx, SuperNode, the warm executor) and what they start
-(flower-superexec → flwr-serverapp, nginx's worker) run under a guard (``fedsynth.deployment.spawn``)
-that the kernel signals when the daemon dies. The slow tests kill a daemon's whole process group
+(flower-superexec → flwr-serverapp, nginx's worker) run under a guard
+(``fedsynth.deployment.spawn``) that the kernel signals when the daemon dies. The slow tests kill a daemon's whole process group
 with SIGKILL, as ``kill -9 -PGID`` or an OOM kill of the group would, mid-round.
 """
 
