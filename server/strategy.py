@@ -199,7 +199,12 @@ class GanStrategy(Strategy):
             content, expected, self.components, norm_keys=self.norm_keys, notes=notes))
         report.dropped_metric_keys += notes[DROPPED_METRIC_KEYS]
         updates = {h: u for h, (u, _) in valid.items()}
-        outliers = norm_outliers(updates, expected, self.norm_outlier_ratio)
+        # Only replies that trained something are compared: a hospital holding nothing the
+        # family uses (zero examples, unchanged weights) would make the median 0 and every
+        # reply that moved an "outlier".
+        outliers = norm_outliers({h: u for h, u in updates.items()
+                                  if any(n > 0 for n in u.examples.values())},
+                                 expected, self.norm_outlier_ratio)
         outliers.update({h: r for h, r in update_bound(
             updates, expected, self.update_norm_ratio, self.norm_floor_rms).items()
             if h not in outliers})
