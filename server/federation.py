@@ -93,8 +93,14 @@ def fixed_inputs(family: GanFamily, model: ModelConfig, n: int
 
 def _grid_images(family: GanFamily, nets: dict, inputs: torch.Tensor,
                  labels: torch.Tensor | None) -> np.ndarray:
-    """Samples for the grid; translation families show each input beside its translation."""
-    out = family.sample(nets, inputs, labels).float()
+    """Samples for the grid; translation families show each input beside its translation.
+
+    Under FedBN the global BatchNorm statistics are never aggregated (hospitals keep their norm
+    layers), so the grid is drawn with batch statistics then (``server.images.sample_images``).
+    """
+    from .images import sample_images
+
+    out = sample_images(family, nets, inputs, labels).float()
     if getattr(family, "task", "generation") == "translation":
         out = torch.stack([inputs, out], 1).flatten(0, 1)
     return out.numpy()

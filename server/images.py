@@ -1,12 +1,115 @@
-"""Sample grids as PNG: what a person opens first to judge a GAN."""
+"""Sample images: how the coordinator draws them from a global model, and grids as PNG.
+
+:func:`sample_images` is what both the per-round sample grids (``server/federation.py``) and
+``fedsynth sample`` call. It differs from ``family.sample`` in one case, FedBN: there the
+hospitals keep their normalisation layers, so the global model's BatchNorm running statistics
+are never aggregated and stay at their initial values (mean 0, variance 1, no batch tracked).
+Sampling in eval mode with those would normalise nothing and give washed-out or saturated
+images. Whenever a generator's running statistics are still the initial ones, the generator is
+therefore run with *batch statistics*: each BatchNorm normalises over the sampled batch itself
+(as in training), which needs no stored statistics. The stored statistics are left untouched;
+the affine scale and shift of those layers are the global (initial) ones as well, so such
+samples show what the shared weights do under a neutral normalisation, not any one hospital's
+model. Batch statistics need at least two images per batch (callers draw 16 or more).
+"""
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image
+
+log = logging.getLogger(__name__)
+
+NORM_STATS = ("auto", "stored", "batch")
+MIN_BATCH_STATS = 16  # images drawn at least when sampling with batch statistics
+
+
+def _is_generator(component: str) -> bool:
+    return component == "generator" or component.startswith("g_")
+
+
+def _batch_norms(net: Any) -> list[Any]:
+    from torch import nn
+
+    return [m for m in net.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+def untrained_norm_stats(nets: Mapping[str, Any]) -> bool:
+    """True when a generator component has BatchNorm running statistics that never saw a batch
+    (``num_batches_tracked`` 0, mean exactly 0, variance exactly 1): an untrained model, or the
+    global model of a FedBN run, whose norm layers stay at the hospitals."""
+    import torch
+
+    for component, net in nets.items():
+        if not _is_generator(component):
+            continue
+        for bn in _batch_norms(net):
+            tracked = bn.num_batches_tracked
+            if ((tracked is None or int(tracked) == 0)
+                    and bool(torch.all(bn.running_mean == 0))
+                    and bool(torch.all(bn.running_var == 1))):
+                return True
+    return False
+
+
+def with_batch_stats(nets: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``nets`` whose generators' BatchNorms normalise with batch statistics.
+
+    The generator components are deep-copied and their running statistics dropped (a BatchNorm
+    without running statistics uses the batch's own, in eval mode too); the other components
+    and the originals are not touched.
+    """
+    out = dict(nets)
+    for component, net in nets.items():
+        if not _is_generator(component) or not _batch_norms(net):
+            continue
+        net = copy.deepcopy(net)
+        for bn in _batch_norms(net):
+            bn.running_mean = None
+            bn.running_var = None
+            bn.num_batches_tracked = None
+            bn.track_running_stats = False
+        out[component] = net
+    return out
+
+
+def resolve_norm_stats(nets: Mapping[str, Any], norm_stats: str = "auto") -> str:
+    """``"stored"`` or ``"batch"``: what :func:`sample_images` uses for ``norm_stats``."""
+    if norm_stats not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+    if norm_stats == "auto":
+        return "batch" if untrained_norm_stats(nets) else "stored"
+    return norm_stats
+
+
+def sample_images(family: Any, nets: Mapping[str, Any], inputs: Any, labels: Any = None,
+                  norm_stats: str = "auto") -> Any:
+    """``family.sample(nets, inputs, labels)``, with batch statistics where they are needed.
+
+    ``norm_stats``: ``"stored"`` (the checkpoint's running statistics, eval mode), ``"batch"``
+    (normalise over the batch; at least two inputs) or ``"auto"``: batch statistics when the
+    running statistics were never trained (:func:`untrained_norm_stats`, e.g. FedBN), else the
+    stored ones. With ``"auto"`` a single input falls back to the stored statistics.
+    """
+    mode = resolve_norm_stats(nets, norm_stats)
+    if mode == "batch" and len(inputs) < 2:
+        if norm_stats == "batch":
+            raise ValueError("sampling with batch statistics needs at least two inputs")
+        log.warning("one sample only: using the stored (untrained) normalisation statistics")
+        mode = "stored"
+    if mode == "batch":
+        nets = with_batch_stats(nets)
+    if labels is None:
+        return family.sample(nets, inputs)
+    return family.sample(nets, inputs, labels)
 
 
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:

@@ -1,9 +1,25 @@
-"""``fedsynth sample CHECKPOINT``: draw images from a trained generator, as PNG or synthetic DICOM."""
+"""``fedsynth sample CHECKPOINT``: draw images from a trained generator, as PNG or synthetic DICOM.
+
+Generation families (dcgan, wgan-gp, cdcgan) draw ``--n`` images from fixed-seed noise; cdcgan
+cycles through the run's classes, or draws one class with ``--class NAME`` (or its index).
+Translation families (pix2pix, cyclegan) translate real slices: ``--input DICOM_DIR`` is read
+with the hospital's own DICOM path (``client.dicom``, at the checkpoint's image size), its
+slices of domain A are chosen with the run's data rules (the run folder's ``config.json``, else
+the defaults) and translated A -> B (cyclegan: ``g_ab``). A DICOM translation names its input
+only as "input slice k of N" and its modality; nothing of the input file's identity is copied.
+
+Normalisation statistics: see ``server.images.sample_images`` (``--norm-stats``). A checkpoint
+whose BatchNorm statistics were never aggregated (FedBN keeps them at the hospitals) is sampled
+with batch statistics by default.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +27,58 @@ import numpy as np
 
 log = logging.getLogger("fedsynth.sample")
 
+TRANSLATE_BATCH = 16  # input slices translated per forward pass
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")  # a DICOM code string, e.g. the input's Modality
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate images from a checkpoint")
+    from server.images import NORM_STATS
+    from shared_models.config import DOMAIN_ATTRIBUTES
+
+    p = sub.add_parser(
+        "sample", help="generate images from a checkpoint, or translate a DICOM folder with one",
+        description="Generation checkpoints (dcgan, wgan-gp, cdcgan) draw --n images from noise; "
+                    "translation checkpoints (pix2pix, cyclegan) need --input, a DICOM folder "
+                    "whose domain-A slices they translate to domain B.")
     p.add_argument("checkpoint", type=Path, help="checkpoint .npz written by a federated run")
-    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--n", type=int, default=16,
+                   help="number of images (translation: at most this many input slices, evenly "
+                        "spaced through the folder's domain-A slices)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--format", choices=("png", "dicom"), default="png")
+    p.add_argument("--format", choices=("png", "dicom"), default="png",
+                   help="png (a translation: input beside its translation) or synthetic DICOM")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="conditional families (cdcgan): draw every image of this class, by name "
+                        "from the run's class list or by index (default: cycle through them)")
+    p.add_argument("--input", type=Path, metavar="DICOM_DIR",
+                   help="translation families: the DICOM folder to translate (read as a "
+                        "hospital reads its data; nothing is cached)")
+    p.add_argument("--input-attribute", choices=DOMAIN_ATTRIBUTES, metavar="ATTRIBUTE",
+                   help="with --input: the slice attribute domain A is read from in this folder, "
+                        "one of " + ", ".join(DOMAIN_ATTRIBUTES)
+                        + " (default: the run's domain-attribute)")
+    p.add_argument("--input-pattern", metavar="REGEX",
+                   help="with --input: this folder's regular expression for domain A (default: "
+                        "the run's domain-a-pattern, else the domain's name)")
+    p.add_argument("--norm-stats", choices=NORM_STATS, default="auto",
+                   help="BatchNorm statistics: stored (the checkpoint's), batch (over the sampled "
+                        "batch) or auto: batch when the stored ones were never trained, e.g. "
+                        "under fedbn, where hospitals keep their norm layers (default)")
     p.set_defaults(func=run)
 
 
+def _generator_components(nets: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(c for c in nets if c == "generator" or c.startswith("g_"))
+
+
 def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(family, nets, meta) from a checkpoint; ValueError with one line on any problem."""
+    """(family, nets, meta) from a checkpoint; ValueError with one line on any problem.
+
+    ``meta["_config"]`` is the ModelConfig, ``meta["_data"]`` the run's DataConfig (from the run
+    folder's ``config.json``; the defaults where there is none) and ``meta["_run"]`` that
+    config's other entries (``preset``...), ``{}`` without one.
+    """
     from server.run_folder import load_checkpoint
     from shared_models import ModelConfig, decode_into, get_family
 
@@ -40,24 +95,148 @@ def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         family = get_family(str(meta["family"]))
         cfg = ModelConfig(**meta["model"])
         nets = family.build(cfg)
-        decode_into(nets, arrays, strict_components=("generator",) if "generator" in nets else ())
+        decode_into(nets, arrays, strict_components=_generator_components(nets))
     except Exception as exc:
         raise ValueError(f"checkpoint '{path}' does not fit its model: {exc}") from exc
     meta["_config"] = cfg
+    meta["_run"], meta["_data"] = run_config(path)
     return family, nets, meta
 
 
-def generate(family: Any, nets: dict[str, Any], cfg: Any, n: int, seed: int) -> np.ndarray:
-    """``n`` samples in [-1, 1] from fixed-seed noise."""
+def run_config(checkpoint: Path) -> tuple[dict[str, Any], Any]:
+    """(config.json entries, DataConfig) of the run a checkpoint belongs to.
+
+    The run folder is ``runs/<id>/`` with ``checkpoints/round-NNN.npz`` and ``config.json``;
+    a ``config.json`` beside the checkpoint counts too. Keys may be written ``domain_a`` or
+    ``domain-a``. No config (or no ``data`` in it): the DataConfig defaults.
+    """
+    from shared_models import DataConfig
+
+    candidates = [checkpoint.parent / "config.json"]
+    if checkpoint.parent.name == "checkpoints":
+        candidates.insert(0, checkpoint.parent.parent / "config.json")
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"run config '{candidate}' is not readable JSON: {exc}") from exc
+            if not isinstance(config, dict):
+                raise ValueError(f"run config '{candidate}' is not a JSON object")
+            break
+    else:
+        return {}, DataConfig()
+    data = config.get("data") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"run config '{candidate}': 'data' is not a table")
+    known = {f.name for f in fields(DataConfig)}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    try:
+        return config, DataConfig(**{k: str(v) for k, v in values.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run config '{candidate}': data rules unusable: {exc}") from exc
+
+
+def class_index(cfg: Any, data: Any, wanted: str) -> tuple[int, str]:
+    """(label, name) of ``--class``: a name of the run's class list (case-insensitive) or an
+    index in [0, num_classes)."""
+    names = class_names(cfg, data)
+    for k, name in enumerate(names):
+        if name.lower() == wanted.strip().lower():
+            return k, name
+    if wanted.strip().isdigit() and int(wanted) < cfg.num_classes:
+        return int(wanted), names[int(wanted)]
+    raise ValueError(f"--class {wanted!r} is not a class of this checkpoint; its classes: "
+                     + ", ".join(f"{k}={n}" for k, n in enumerate(names)))
+
+
+def class_names(cfg: Any, data: Any) -> tuple[str, ...]:
+    """The run's class names in label order (``0``, ``1``... where the run config has none
+    that fit the model)."""
+    names = tuple(data.class_names)
+    return names if len(names) == cfg.num_classes else tuple(str(k) for k in
+                                                            range(cfg.num_classes))
+
+
+def generate(family: Any, nets: dict[str, Any], cfg: Any, n: int, seed: int,
+             label: int | None = None, norm_stats: str = "auto") -> np.ndarray:
+    """``n`` samples in [-1, 1] from fixed-seed noise.
+
+    Conditional families: every sample of class ``label``, or the classes in turn. With batch
+    statistics (``server.images.sample_images``) at least ``MIN_BATCH_STATS`` rows are drawn
+    and the first ``n`` kept, so that a small ``n`` still normalises over a real batch.
+    """
     import torch
 
+    from server.images import MIN_BATCH_STATS, resolve_norm_stats, sample_images
+
+    mode = resolve_norm_stats(nets, norm_stats)
+    rows = max(n, MIN_BATCH_STATS) if mode == "batch" else n
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, cfg.latent_dim, generator=gen)
+    noise = torch.randn(rows, cfg.latent_dim, generator=gen)
     labels = None
     if cfg.num_classes > 0:
-        labels = torch.arange(n) % cfg.num_classes
-    images = family.sample(nets, noise, labels) if labels is not None else family.sample(nets, noise)
+        labels = (torch.full((rows,), int(label), dtype=torch.int64) if label is not None
+                  else torch.arange(rows) % cfg.num_classes)
+    images = sample_images(family, nets, noise, labels, mode)[:n]
     return images.detach().float().clamp(-1.0, 1.0).cpu().numpy()
+
+
+def translation_inputs(folder: Path, cfg: Any, data: Any, n: int, attribute: str | None = None,
+                       pattern: str | None = None) -> tuple[np.ndarray, list[str], int]:
+    """(inputs, notes, N): at most ``n`` domain-A units of ``folder`` (evenly spaced among its
+    N), as the hospital path reads them, and a note per input ("input slice k of N, modality
+    MR") that names nothing of the file's identity."""
+    from client.datasets import domain_selector, stack, units
+    from client.dicom import DicomSettings, scan_folder
+    from client.settings import HospitalSettings
+
+    slices = scan_folder(folder, DicomSettings(image_size=cfg.image_size))
+    hospital = HospitalSettings(data_dir=folder, label_attribute=attribute or "",
+                                label_patterns=((data.domain_a, pattern),) if pattern else ())
+    selector = domain_selector(hospital, cfg, data)
+    domain = selector.classify(slices.meta)
+    rows = np.flatnonzero(domain == 0)
+    if cfg.spatial_dims == 3:
+        groups = list(units(slices.meta, rows, 3).values())
+    else:
+        groups = [np.array([i]) for i in rows]
+    if not groups:
+        seen = sorted({str(v) for v in slices.meta[selector.attribute]})
+        raise ValueError(
+            f"no {'volume' if cfg.spatial_dims == 3 else 'slice'} of domain A "
+            f"({data.domain_a}, pattern {selector.patterns[0]!r} in {selector.attribute}) among "
+            f"the {len(slices.images)} slices of '{folder}'; {selector.attribute} there: "
+            f"{', '.join(repr(v) for v in seen[:6])}{' ...' if len(seen) > 6 else ''} "
+            f"(--input-attribute / --input-pattern say how this folder names domain A)")
+    total = len(groups)
+    chosen = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))
+    images = np.asarray(slices.images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    x = stack(images, [groups[k] for k in chosen], cfg.spatial_dims, cfg.image_size).numpy()
+    unit = "volume" if cfg.spatial_dims == 3 else "slice"
+    notes = []
+    for k in chosen:
+        modality = str(slices.meta["modality"][groups[k][0]]).strip().upper()
+        notes.append(f"input {unit} {k + 1} of {total}"
+                     + (f", modality {modality}" if _CS.fullmatch(modality) else ""))
+    return x, notes, total
+
+
+def translate(family: Any, nets: dict[str, Any], inputs: np.ndarray,
+              norm_stats: str = "auto") -> np.ndarray:
+    """Domain-A inputs in [-1, 1] -> their domain-B translations (cyclegan: ``g_ab``)."""
+    import torch
+
+    from server.images import sample_images
+
+    out = []
+    for start in range(0, len(inputs), TRANSLATE_BATCH):
+        x = torch.from_numpy(np.ascontiguousarray(inputs[start:start + TRANSLATE_BATCH]))
+        out.append(sample_images(family, nets, x.float(), None, norm_stats)
+                   .detach().float().clamp(-1.0, 1.0).cpu().numpy())
+    return np.concatenate(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,13 +251,59 @@ def run(args: argparse.Namespace) -> int:
         family, nets, meta = load_generator(args.checkpoint)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    cfg = meta.pop("_config")
-    images = generate(family, nets, cfg, args.n, args.seed)
-    if args.format == "png":
-        paths = write_png(images, args.out)
+    cfg, data = meta.pop("_config"), meta.pop("_data")
+    meta.pop("_run")
+    name = str(meta["family"])
+    prov = dict(family=name, round=int(meta.get("round", 0)), model=asdict(cfg),
+                checkpoint=args.checkpoint.name)
+    translation = getattr(family, "task", "generation") == "translation"
+
+    if translation:
+        if args.class_name is not None:
+            raise UserError(f"--class is for conditional generation; {name} translates images")
+        if args.input is None:
+            raise UserError(f"checkpoint '{args.checkpoint}' is a {name} translation model "
+                            f"({data.domain_a} -> {data.domain_b}): give the DICOM folder whose "
+                            f"{data.domain_a} slices it should translate with --input DICOM_DIR")
+        try:
+            inputs, notes, total = translation_inputs(args.input, cfg, data, args.n,
+                                                      args.input_attribute, args.input_pattern)
+        except ValueError as exc:  # NoUsableDicomError, DataSelectionError, settings
+            raise UserError(str(exc)) from exc
+        images = translate(family, nets, inputs, args.norm_stats)
+        what = f"translations of {len(images)} of {total} {data.domain_a} inputs"
+        if args.format == "png":
+            paths = write_png(images, args.out, prefix="translation", inputs=inputs)
+        else:
+            tag = f"{data.domain_a} -> {data.domain_b}"
+            notes = [f"translated from {data.domain_a} by fedsynth {name} ({note})"
+                     for note in notes]
+            paths = write_dicom(images, args.out, Provenance(**prov, translation=tag),
+                                prefix="translation", notes=notes)
     else:
-        prov = Provenance(family=str(meta["family"]), round=int(meta.get("round", 0)),
-                          model=asdict(cfg), checkpoint=args.checkpoint.name)
-        paths = write_dicom(images, args.out, prov)
-    print(f"wrote {len(paths)} {args.format} files to {args.out}")
+        if args.input is not None or args.input_attribute or args.input_pattern:
+            raise UserError(f"--input is for translation checkpoints; {name} generates from noise")
+        label, names = None, class_names(cfg, data)
+        if args.class_name is not None:
+            if cfg.num_classes == 0:
+                raise UserError(f"--class is for conditional families (cdcgan); {name} has no "
+                                f"classes")
+            try:
+                label, _ = class_index(cfg, data, args.class_name)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+        images = generate(family, nets, cfg, args.n, args.seed, label, args.norm_stats)
+        what = "samples"
+        notes = None
+        if cfg.num_classes:
+            labels = [label if label is not None else i % cfg.num_classes
+                      for i in range(len(images))]
+            notes = [f"class {names[k]} (label {k})" for k in labels]
+            what = (f"samples of class {names[label]}" if label is not None
+                    else "samples of classes " + ", ".join(names) + " in turn")
+        if args.format == "png":
+            paths = write_png(images, args.out)
+        else:
+            paths = write_dicom(images, args.out, Provenance(**prov), notes=notes)
+    print(f"wrote {len(paths)} {args.format} files to {args.out} ({what})")
     return 0
