@@ -39,7 +39,13 @@ IDENTITY_WEIGHT = 0.5 * CYCLE_WEIGHT  # sec. 5.2: 0.5 * lambda
 
 
 def _ls(pred: torch.Tensor, target: float) -> torch.Tensor:
-    """Least-squares GAN loss E[(D(.) - target)^2] in fp32."""
+    """Least-squares GAN loss E[(D(.) - target)^2] in fp32.
+
+    Why not MONAI's ``PatchAdversarialLoss(criterion="least_squares")``, which computes the same:
+    it builds its target with ``torch.tensor(1).fill_(label).to(device)`` on every call, a copy
+    from pageable host memory that synchronises the CUDA stream, several times per step; the
+    step is meant to run with no host synchronisation (tests/test_perf_regression.py, GPU bench).
+    """
     return ((pred.float() - target) ** 2).mean()
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
+from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
@@ -184,15 +185,11 @@ def families() -> list[str]:
     return sorted(_REGISTRY)
 
 
-@torch.no_grad()
 def eval_forward(net: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
-    """``net(*args)`` in eval mode (batch-norm running statistics), restoring the mode after."""
-    was_training = net.training
-    net.eval()
-    try:
+    """``net(*args)`` in eval mode (batch-norm running statistics) without gradients, restoring
+    the mode after (MONAI's ``eval_mode``)."""
+    with eval_mode(net):
         return net(*args)
-    finally:
-        net.train(was_training)
 
 
 def adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float]

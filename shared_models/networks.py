@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.networks.utils import normal_init
 from monai.networks.blocks import Convolution
 from torch import nn
 
@@ -116,12 +117,10 @@ class DCGANDiscriminator(nn.Module):
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
-    """N(0, 0.02) weights as in the DCGAN paper; batch-norm scale N(1, 0.02)."""
+    """N(0, 0.02) conv/linear weights and N(1, 0.02) batch-norm scales as in the DCGAN paper
+    (MONAI's ``normal_init``); GroupNorm/LayerNorm scales, which it leaves alone, likewise."""
+    module.apply(normal_init)
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)

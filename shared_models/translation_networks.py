@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import torch
+from monai.networks.utils import normal_init
 from monai.networks.blocks import Convolution
 from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
@@ -106,15 +107,9 @@ class PatchGAN(nn.Module):
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
-    """N(0, 0.02) conv weights, as both papers initialise (Isola et al. 2017, sec. 3.3)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)):
-            nn.init.normal_(m.weight, 1.0, std)
-            nn.init.zeros_(m.bias)
+    """N(0, 0.02) conv weights, N(1, 0.02) batch-norm scales, as both papers initialise
+    (Isola et al. 2017, sec. 3.3): MONAI's ``normal_init``."""
+    module.apply(lambda m: normal_init(m, std))
 
 
 def set_requires_grad(nets: list[nn.Module], flag: bool) -> None:
