@@ -141,13 +141,54 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
     server_round = int(config.get(protocol.SERVER_ROUND, 0))
     seen = (context.state.config_records[SEEN_ROUNDS]
             if SEEN_ROUNDS in context.state.config_records else ConfigRecord())
-    last = int(seen.get(kind, 0)) if kind in seen else None
+    on_disk = _seen_on_disk(hospital, context.run_id)
+    last_values = [int(v) for v in (seen.get(kind), on_disk.get(kind)) if v is not None]
+    last = max(last_values) if last_values else None
     if last is not None and server_round <= last:
         _refuse(hospital, "replay", SignatureError(
             f"{kind} message for round {server_round} replayed (this hospital already acted on "
             f"round {last} of run {context.run_id})"))
     seen[kind] = server_round
     context.state[SEEN_ROUNDS] = seen
+    _save_seen(hospital, context.run_id, {**on_disk, kind: server_round})
+
+
+def _seen_path(hospital: HospitalSettings, run_id: int):  # noqa: ANN202
+    """Where the rounds acted on are kept across restarts (Flower keeps ``context.state`` in
+    the SuperNode's memory only): the hospital's cache folder, when it has one."""
+    if hospital.cache_dir is None:
+        return None
+    return hospital.cache_dir / "run-state" / f"run-{int(run_id)}.json"
+
+
+def _seen_on_disk(hospital: HospitalSettings, run_id: int) -> dict[str, int]:
+    import json
+
+    path = _seen_path(hospital, run_id)
+    try:
+        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        return {str(k): int(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        log.warning("replay record %s unreadable: treated as empty", path)
+        return {}
+
+
+def _save_seen(hospital: HospitalSettings, run_id: int, seen: dict[str, int]) -> None:
+    import json
+    import os
+    import tempfile
+
+    path = _seen_path(hospital, run_id)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seen-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(seen, fh)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk must not stop training; the memory record still holds
+        log.warning("could not record the rounds acted on in %s: %s", path, exc)
 
 
 def _refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:

@@ -143,11 +143,12 @@ class HospitalSettings:
         if not self.data_dir.is_dir():
             raise SettingsError(f"hospital data-dir '{self.data_dir}' is not a folder")
         if self.model_public_key is not None:
+            from fedsynth.signing import SignatureError, load_public_key
+
             try:
-                self.model_public_key.read_bytes()
-            except OSError as exc:
-                raise SettingsError(f"hospital model-public-key '{self.model_public_key}' "
-                                    f"cannot be read: {exc.strerror}") from None
+                load_public_key(self.model_public_key)  # readable, and an Ed25519 public key
+            except SignatureError as exc:
+                raise SettingsError(f"hospital model-public-key: {exc}") from None
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -175,6 +176,10 @@ def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
                                     "NAME=REGEX")
             pairs.append((name.strip(), regex))
     for name, regex in pairs:
+        if ";" in regex or "=" in name:
+            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r}: a "
+                                "pattern may not contain ';' (it separates patterns on the "
+                                "SuperNode's command line)")
         try:
             re.compile(regex)
         except re.error as exc:
@@ -209,10 +214,10 @@ class DaemonSettings:
 
     ``[coordinator]`` address, root-certificates (or insecure = true); ``[node]`` key (OpenSSH EC
     private key), port (local runtime port of the SuperNode), metrics-port (0: off), executor
-    ("warm": one long-lived process runs every task, see ``client.executor``; "flower": Flower's
-    own process per message, slower, kept for comparison and as a fallback);
-    ``[hospital]`` the ``HospitalSettings`` keys (data-dir, cache-dir, device, amp, threads,
-    modalities, name, model-public-key). Relative paths are relative to the file's folder.
+    (only "warm": one long-lived process runs every task of the installed fedsynth, see
+    ``client.executor``), approved-apps (sha256 of the launch bundles served);
+    ``[hospital]`` the ``HospitalSettings`` keys (``HOSPITAL_KEYS``). Relative paths are
+    relative to the file's folder. Unknown keys are refused.
     """
 
     coordinator: str

@@ -246,3 +246,18 @@ def test_never_send_wins_over_a_signed_request(keys, tmp_path: Path, task_identi
     reply = clientapp.train(ok, context)
     sent = protocol.from_record(reply.content[protocol.ARRAYS])
     assert sent and all(k.startswith("generator.") for k in sent)
+
+
+def test_replay_record_survives_a_restart(keys, tmp_path: Path, task_identity, nets) -> None:
+    """Flower keeps context.state in the SuperNode's memory: with a cache folder the rounds acted
+    on are kept on disk too, so a restarted hospital still refuses an old round."""
+    from client.app import check_signature
+    from client.settings import HospitalSettings
+
+    hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                                model_public_key=keys.signing_pub)
+    check_signature(hospital, _message(keys, nets, 3), _context(tmp_path))
+    fresh = _context(tmp_path)  # a restarted SuperNode: empty state
+    with pytest.raises(SignatureError, match="replayed"):
+        check_signature(hospital, _message(keys, nets, 3), fresh)
+    check_signature(hospital, _message(keys, nets, 4), fresh)

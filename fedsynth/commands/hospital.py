@@ -83,6 +83,9 @@ def load_settings(args: argparse.Namespace):  # noqa: ANN201
         elif not settings.insecure:
             raise UserError("node key is missing ([node] key or --node-key): the coordinator "
                             "only accepts registered hospitals")
+        from fedsynth.deployment import format_node_config
+
+        format_node_config(settings.hospital.to_node_config())  # e.g. a space in a value
     except (SettingsError, CertError, ValueError) as exc:
         raise UserError(str(exc)) from None
     if settings.hospital.model_public_key is None:
