@@ -61,7 +61,7 @@ class HospitalSettings:
     # slices, the discriminator's learning rate is at most ua_max_lr, a round runs between
     # ua_min_steps and ua_max_steps steps and answers for at most ua_max_fakes images.
     ua_min_batch: int = 16
-    ua_max_lr: float = 1e-3
+    ua_max_lr: float = 2e-4
     ua_min_steps: int = 5
     ua_max_steps: int = 500
     ua_max_fakes: int = 256
@@ -93,7 +93,7 @@ class HospitalSettings:
                                          "accept-unsigned-models"),
             never_send=_names(m.get("never-send", ())),
             ua_min_batch=int(m.get("ua-min-batch", 16)),
-            ua_max_lr=float(m.get("ua-max-lr", 1e-3)),
+            ua_max_lr=float(m.get("ua-max-lr", 2e-4)),
             ua_min_steps=int(m.get("ua-min-steps", 5)),
             ua_max_steps=int(m.get("ua-max-steps", 500)),
             ua_max_fakes=int(m.get("ua-max-fakes", 256)),
