@@ -47,7 +47,7 @@ from flwr.app import ConfigRecord, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.ua_gan import reply_plan
-from fedsynth import protocol
+from protocol import records as protocol
 from fedsynth.demo_data import default_profiles, phantom_pair
 from server.aggregation import norm_state_keys
 from server.presets import make_strategy

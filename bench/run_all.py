@@ -56,8 +56,8 @@ How each figure is taken (all ratios are side by side in one run; the machine is
   (`[node] executor = "flower"`, since removed: it imported the run bundle's code; stock `flower-supernode`, a fresh ClientApp process per message,
   Flower's polls); the packed arrays and the coordinator's prompt grid apply to both rows.
   What removed the overhead (each measured): the warm executor (`client/executor.py`), one packed
-  Array per message (`fedsynth/protocol.py`), finer object-pull retries and a 0.25 s SuperNode
-  poll (`fedsynth/flower_latency.py`), a 0.1 s reply poll at the coordinator (`server/grid.py`).
+  Array per message (`protocol/records.py`), finer object-pull retries and a 0.25 s SuperNode
+  poll (`fedsynth/flower_private.py`), a 0.1 s reply poll at the coordinator (`server/grid.py`).
 - **scale_\\***: Flower's simulation engine, N virtual hospitals (2 Ray actors on 2 cores) on a
   tiny DCGAN (32 px, width 8, 1 local step of batch 4, 2 rounds, train + evaluate per round),
   sharing 3 demo DICOM folders and one slice cache. Seconds are the coordinator's own round time

@@ -11,7 +11,7 @@ not counted. Only the hospital <-> SuperLink link is counted (the consortium's n
 ServerApp <-> SuperLink hop is local to the coordinator.
 
 Down is what ``server.federation.run_federation`` sends today (the global model as float32 arrays,
-whatever ``wire_dtype`` says); up is ``fedsynth.protocol.train_reply`` in ``wire_dtype``.
+whatever ``wire_dtype`` says); up is ``protocol.train_reply`` in ``wire_dtype``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from flwr.proto.message_pb2 import (
 from flwr.proto.node_pb2 import Node
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 
-from fedsynth import protocol
+from protocol import records as protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import nbytes
 

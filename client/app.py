@@ -1,6 +1,6 @@
 """The Flower ClientApp: a thin adapter from Flower messages to the local trainer.
 
-What leaves the hospital is built only by ``fedsynth.protocol.train_reply`` / ``evaluate_reply``:
+What leaves the hospital is built only by ``protocol.train_reply`` / ``evaluate_reply``:
 the shared components' arrays and a fixed list of scalar metrics. Local errors are logged here in
 full and reach the coordinator only as a generic reason, because an exception text can hold a file
 path or a DICOM attribute.
@@ -18,8 +18,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsynth import protocol
-from fedsynth.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
+from protocol import records as protocol
+from protocol.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
 from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
@@ -116,7 +116,7 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
                     ) -> None:
     """Act only on what the pinned coordinator key signed, for this run, once per round.
 
-    The signature covers arrays, config, message type and run (``fedsynth.signing``); the round
+    The signature covers arrays, config, message type and run (``protocol.signing``); the round
     is in the signed config, and a round at or below the last one acted on for that message type
     is a replay. Without a pinned key only an explicit ``accept-unsigned-models`` lets a message
     through (simulation sets it: there coordinator and hospitals are one process).

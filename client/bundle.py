@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Iterable
 
-from fedsynth.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
+from protocol.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
 
 LAUNCH_APP_ID = f"{LAUNCH_APP_PUBLISHER}/{LAUNCH_APP_NAME}"
 CLIENT_APP_REF = "client.app:app"

@@ -50,10 +50,10 @@ class WarmExecutor:
 
     def __init__(self, runtime_api_address: str, poll_s: float = POLL_S,
                  approved_apps: tuple[str, ...] = ()) -> None:
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: F401 - fail early if gone
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-        from flwr.supercore.retry import make_simple_http_retry_invoker
-        from flwr.supercore.runtime import RuntimeHttpClient
+        from protocol.flower_private import AcquireTaskRequest  # noqa: F401 - fail early if gone
+        from protocol.flower_private import RuntimeVersionHttpInterceptor
+        from protocol.flower_private import make_simple_http_retry_invoker
+        from protocol.flower_private import RuntimeHttpClient
 
         self.address = runtime_api_address
         self.poll_s = poll_s
@@ -66,8 +66,8 @@ class WarmExecutor:
 
     def acquire(self) -> tuple[str, object] | None:
         """One task and its token, or None when the SuperNode has none."""
-        from flwr.proto.runtime_pb2 import AcquireTaskRequest
-        from flwr.supercore.constant import TaskType
+        from protocol.flower_private import AcquireTaskRequest
+        from protocol.flower_private import TaskType
 
         res = self._client.AcquireTask(AcquireTaskRequest(
             supported_task_types=[str(TaskType.CLIENT_APP)], agentapp_fab_hashes=[]))
@@ -117,15 +117,13 @@ def run_task(runtime_api_address: str, token: str, task_id: int,
     dependency installation.
     """
     from flwr.app import Error, Message
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor,
-                                             RuntimeVersionHttpInterceptor)
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supernode.runtime.run_clientapp import (pull_task_input, push_message,
-                                                      push_task_output)
+    from protocol.flower_private import ErrorCode, SubStatus
+    from protocol.flower_private import HeartbeatSender, make_task_heartbeat_fn_http
+    from protocol.flower_private import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from protocol.flower_private import make_simple_http_retry_invoker
+    from protocol.flower_private import RuntimeHttpClient
+    from protocol.flower_private import TaskIdentity
+    from protocol.flower_private import pull_task_input, push_message, push_task_output
 
     from client import metrics as hospital_metrics
     from client.bundle import BundleRefused, check_bundle
@@ -218,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("FEDSYNTH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.parent_pid:
-        from flwr.supercore.app_utils import start_parent_process_monitor
+        from protocol.flower_private import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    from fedsynth import flower_latency
+    from protocol import flower_private
 
-    flower_latency.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
+    flower_private.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
     executor = WarmExecutor(args.runtime_api_address, args.poll, tuple(args.approved_app))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: executor.stop())

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess
+from protocol.keys import NAME_PATTERN, check_name  # noqa: F401 - one definition, shared
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +37,9 @@ SIM_NAMES_ENV = "FEDSYNTH_SIM_NODE_NAMES"
 DEFAULT_HOST = "127.0.0.1"
 
 # A hospital name fit for a metric label: short, no path separators, no spaces.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 INVALID_NAME = "invalid-name"
 MODALITIES = ("CT", "MR", "CR", "DX", "MG", "US", "NM", "PT", "XA", "RF", "OT")
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a valid label value, else ``ValueError`` naming it."""
-    if not NAME_PATTERN.match(name):
-        raise ValueError(f"hospital name {name!r} is not a valid metric label: use 1-63 letters, "
-                         "digits, '.', '_' or '-' (no paths, no spaces)")
-    return name
 
 
 def label_name(name: str) -> str:

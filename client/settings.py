@@ -143,7 +143,7 @@ class HospitalSettings:
         if not self.data_dir.is_dir():
             raise SettingsError(f"hospital data-dir '{self.data_dir}' is not a folder")
         if self.model_public_key is not None:
-            from fedsynth.signing import SignatureError, load_public_key
+            from protocol.signing import SignatureError, load_public_key
 
             try:
                 load_public_key(self.model_public_key)  # readable, and an Ed25519 public key

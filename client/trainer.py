@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from fedsynth import keys as protocol  # names only: the trainer needs no Flower
+from protocol import keys as protocol  # names only: the trainer needs no Flower
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 from shared_models.family import GanFamily, Nets

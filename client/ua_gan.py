@@ -34,10 +34,10 @@ from flwr.app import Context, Message
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-from fedsynth import protocol
-from fedsynth.keys import UA_ACTION, UA_FAKES as FAKES, UA_GRADS as GRADS, UA_LABELS as LABELS
-from fedsynth.keys import UA_LOGITS as LOGITS
-from fedsynth.protocol import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
+from protocol import records as protocol
+from protocol.keys import UA_ACTION, UA_FAKES as FAKES, UA_GRADS as GRADS, UA_LABELS as LABELS
+from protocol.keys import UA_LOGITS as LOGITS
+from protocol.records import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
 from shared_models import encode, get_family
 from shared_models.codec import decode_into, norm_state_keys
 

@@ -73,7 +73,7 @@ class TLSFiles:
 def superlink_env() -> dict[str, str]:
     """The SuperLink's environment, without Flower's switches for its legacy gRPC servers (they
     would bind Control and Fleet on 0.0.0.0:9093/9092, beside the proxy)."""
-    from flwr.common.constant import FLWR_INTERNAL_GRPC_CONTROL_API, FLWR_INTERNAL_GRPC_FLEET_API
+    from protocol.flower_private import FLWR_INTERNAL_GRPC_CONTROL_API, FLWR_INTERNAL_GRPC_FLEET_API
 
     env = child_env()
     for name in (FLWR_INTERNAL_GRPC_CONTROL_API, FLWR_INTERNAL_GRPC_FLEET_API):
@@ -170,7 +170,7 @@ def write_launch_app(folder: Path) -> Path:
     bundle, ``client/bundle.py``), and every run setting is declared (Flower rejects undeclared
     ones) with its default from the run configuration (``server/run_config.py``).
     """
-    from fedsynth.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
+    from protocol.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
     from server.run_config import defaults_flat
 
     folder = Path(folder)
@@ -289,10 +289,10 @@ def register_node_keys(public_keys: Iterable[Path], flwr_home: Path) -> dict[str
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from flwr.cli.flower_config import read_superlink_connection
-    from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
-    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+    from protocol.flower_private import read_superlink_connection
+    from protocol.flower_private import init_http_client_from_connection
+    from protocol.flower_private import RegisterNodeRequest
+    from protocol.flower_private import public_key_to_bytes
 
     from fedsynth.certs import CertError
 

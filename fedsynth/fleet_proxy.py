@@ -68,7 +68,7 @@ def fleet_routes() -> list[str]:
     Reading them (rather than listing them here) keeps the proxy in step with a Flower upgrade;
     anything outside ``/v1/fleet/`` is refused so that a future Flower cannot widen it.
     """
-    from flwr.superlink.routers.fleet.router import router
+    from protocol.flower_private import fleet_router as router
 
     paths = sorted({r.path for r in router.routes if "POST" in getattr(r, "methods", ())})
     bad = [p for p in paths if not p.startswith(FLEET_PREFIX)]

@@ -19,9 +19,9 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedsynth import flower_latency
+        from protocol import flower_private
 
-        flower_latency.fast_object_pulls()  # replies' objects land just after the reply
+        flower_private.fast_object_pulls()  # replies' objects land just after the reply
         grid = PromptGrid(grid)
         run_cfg = cfg or FederationConfig.from_run_config(context.run_config)
         # The ServerApp process lives for the whole run: it serves the coordinator's metrics.

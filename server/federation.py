@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from flwr.serverapp import Grid
 
-from fedsynth import protocol
+from protocol import records as protocol
 from shared_models import GanFamily, ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 
-from fedsynth.signing import load_private_key, sign
+from protocol.signing import load_private_key, sign
 
 from .aggregation import norm_state_keys
 from .presets import make_strategy
@@ -72,14 +72,14 @@ def fixed_inputs(family: GanFamily, model: ModelConfig, n: int
     """What the sample grid is made from, fixed so that grids are comparable across rounds.
 
     Generation families: seeded noise (and labels cycling through the classes). Translation
-    families: phantom T1-weighted slices from ``fedsynth.demo_data`` — synthetic inputs, because
+    families: phantom T1-weighted slices from ``shared_models.phantoms`` — synthetic inputs, because
     the coordinator holds no patient image.
     """
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     if getattr(family, "task", "generation") != "translation":
         gen = torch.Generator().manual_seed(1234)
         return torch.randn(n, model.latent_dim, generator=gen), labels
-    from fedsynth.demo_data import default_profiles, phantom_pair
+    from shared_models.phantoms import default_profiles, phantom_pair
 
     profile = default_profiles(1)[0]
     rng = np.random.default_rng(1234)

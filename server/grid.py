@@ -152,7 +152,7 @@ class PromptGrid:
         if node is None:
             return None
         from flwr.app import Error, Message, Metadata
-        from flwr.common.constant import ErrorCode
+        from protocol.flower_private import ErrorCode
 
         meta = message.metadata
         reply = Metadata(run_id=meta.run_id, message_id="", src_node_id=node,

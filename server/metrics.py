@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from client.metrics import check_name  # one definition of a valid hospital label
+from protocol.keys import check_name  # one definition of a valid hospital label
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsynth import protocol
-from fedsynth.signing import SIGNATURE_KEY
+from protocol import records as protocol
+from protocol.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
 from .grid import failure_kind
@@ -64,7 +64,7 @@ class RoundReport:
 
 
 # ConfigRecord entries that tell a hospital what to send back this round (move to
-# fedsynth.protocol when the lead next touches it): comma-separated component names.
+# protocol when the lead next touches it): comma-separated component names.
 REPLY_COMPONENTS = protocol.REPLY_COMPONENTS
 LOCAL_NORM_COMPONENTS = protocol.LOCAL_NORM_COMPONENTS
 
@@ -324,7 +324,7 @@ class GanStrategy(Strategy):
                 wait_for: int | None = None) -> list[int]:
         """Wait for ``wait_for`` (default ``min_available_nodes``) connected hospitals, then take
         a fraction of them."""
-        from flwr.serverapp.strategy.strategy_utils import sample_nodes
+        from protocol.flower_private import sample_nodes
 
         available = len(list(grid.get_node_ids()))
         size = max(int(available * fraction), minimum)

@@ -29,8 +29,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsynth import protocol
-from fedsynth.signing import SIGNATURE_KEY
+from protocol import records as protocol
+from protocol.signing import SIGNATURE_KEY
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 

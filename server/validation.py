@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from fedsynth import protocol
+from protocol import records as protocol
 from flwr.app import RecordDict
 from shared_models.codec import split_key
 

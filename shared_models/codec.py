@@ -1,6 +1,6 @@
 """Weight codec: a family's component state dicts <-> flat ``{"component.param": ndarray}``.
 
-Flower-independent on purpose (Flower's ``ArrayRecord`` wraps these arrays in ``fedsynth.protocol``),
+Flower-independent on purpose (Flower's ``ArrayRecord`` wraps these arrays in ``protocol``),
 so checkpoints, aggregation tests and benchmarks use the same encoding as the wire.
 
 Keys are prefixed by component (``generator.body.0.conv.weight``), so a single record carries every

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import MessageType, RecordDict
 
 from client.app import app
-from fedsynth import protocol
+from protocol import records as protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 
 from flower_helpers import client_context, server_message, task_identity

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsynth import protocol
+from protocol import records as protocol
 from shared_models import CodecError, ModelConfig, decode_into, encode, get_family
 from shared_models.codec import nbytes
 

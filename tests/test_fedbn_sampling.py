@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.app import Message, MessageType
 
-from fedsynth import protocol
+from protocol import records as protocol
 from fedsynth.cli import main
 from fedsynth.commands.sample import generate, load_generator
 from fedsynth.demo_data import default_profiles, phantom_pair

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from fedsynth import flower_latency, protocol
+from protocol import flower_private
+from protocol import records as protocol
 
 
 def test_packed_record_round_trips_every_dtype_and_shape() -> None:
@@ -114,7 +115,7 @@ def test_prompt_grid_gives_up_at_the_timeout_with_what_it_has() -> None:
 # ---------------------------------------------------------------- Flower's waits
 
 def test_this_flower_still_has_what_the_patches_replace() -> None:
-    flower_latency.check()
+    flower_private.check()
 
 
 def test_object_pulls_retry_in_fine_steps() -> None:
@@ -122,9 +123,9 @@ def test_object_pulls_retry_in_fine_steps() -> None:
 
     from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-    flower_latency.fast_object_pulls()
-    flower_latency.fast_object_pulls()  # idempotent: one wrapper, not two
-    modules = [importlib.import_module(m) for m in flower_latency._PULLERS]
+    flower_private.fast_object_pulls()
+    flower_private.fast_object_pulls()  # idempotent: one wrapper, not two
+    modules = [importlib.import_module(m) for m in flower_private._PULLERS]
     assert all(getattr(m.pull_objects, "_fedsynth_finer", False) for m in modules)
     assert not getattr(modules[0].pull_objects.__wrapped__, "_fedsynth_finer", False)
 
@@ -142,17 +143,17 @@ def test_object_pulls_retry_in_fine_steps() -> None:
 
 
 def test_capped_sleep_and_poll_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    shim = flower_latency.capped_time(0.01)
+    shim = flower_private.capped_time(0.01)
     t0 = time.monotonic()
     shim.sleep(3)
     assert time.monotonic() - t0 < 0.5
     assert shim.monotonic() > 0  # the rest of ``time`` is there
-    monkeypatch.setenv(flower_latency.POLL_ENV, "0.5")
-    assert flower_latency.node_poll_interval() == 0.5
+    monkeypatch.setenv(flower_private.POLL_ENV, "0.5")
+    assert flower_private.node_poll_interval() == 0.5
     for bad in ("fast", "0", "10"):
-        monkeypatch.setenv(flower_latency.POLL_ENV, bad)
-        with pytest.raises(ValueError, match=flower_latency.POLL_ENV):
-            flower_latency.node_poll_interval()
+        monkeypatch.setenv(flower_private.POLL_ENV, bad)
+        with pytest.raises(ValueError, match=flower_private.POLL_ENV):
+            flower_private.node_poll_interval()
 
 
 def test_hospital_executor_setting(tmp_path) -> None:
@@ -175,3 +176,9 @@ def test_hospital_executor_setting(tmp_path) -> None:
     assert executor_command(9094, 42)[-4:] == ["--runtime-api-address", "127.0.0.1:9094",
                                                "--parent-pid", "42"]
     assert executor_command(9094, None, ["ab" * 32])[-2:] == ["--approved-app", "ab" * 32]
+
+
+def test_every_private_flower_name_still_exists() -> None:
+    """A Flower release that moved one of the non-public names fedsynth uses fails here first."""
+    assert flower_private.check_names() == []
+    assert flower_private.RuntimeHttpClient.__name__ == "RuntimeHttpClient"

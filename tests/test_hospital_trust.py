@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from client.bundle import BundleRefused, check_bundle
-from fedsynth.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
+from protocol.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
 
 from deploy_helpers import FEDSYNTH, free_port, wait_for
 
@@ -282,7 +282,7 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
 
     import client.app as clientapp
     from client import datasets
-    from fedsynth import protocol
+    from protocol import records as protocol
     from shared_models import ModelConfig, TrainConfig, encode, get_family
 
     from flower_helpers import server_message, task_identity

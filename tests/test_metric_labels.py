@@ -120,7 +120,7 @@ _CHILD = textwrap.dedent("""
     from flwr.app import MessageType, RecordDict
     sys.path.insert(0, {tests!r})
     from client.app import app
-    from fedsynth import protocol
+    from protocol import records as protocol
     from shared_models import ModelConfig, TrainConfig, encode, get_family
     from flower_helpers import client_context, server_message, task_identity
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import MessageType, RecordDict
 
-from fedsynth import protocol
+from protocol import records as protocol
 from server.metrics import (CoordinatorMetrics, HospitalNames, MeteredGrid, record_nbytes,
                             reject_reason, start_exporter)
 

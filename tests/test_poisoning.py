@@ -25,7 +25,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message
 
-from fedsynth import protocol
+from protocol import records as protocol
 from server.aggregation import ComponentPolicy
 from server.strategy import GanStrategy
 from shared_models import ModelConfig, encode, get_family

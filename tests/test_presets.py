@@ -10,7 +10,7 @@ import torch
 from flwr.app import ConfigRecord, Message
 
 from client.ua_gan import reply_plan, ua_discriminator_round
-from fedsynth import protocol
+from protocol import records as protocol
 from server.presets import PRESETS, make_strategy, preset_policies
 from server.strategy import GanStrategy
 from server.ua_gan import FAKES, GRADS, LOGITS, UA_MESSAGE_TYPE, UaGanStrategy, \

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedsynth import protocol
+from protocol import records as protocol
 from server.federation import FederationConfig, run_federation
 from server.metrics import CoordinatorMetrics
 from server import run_folder

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedsynth import protocol
+from protocol import records as protocol
 from fedsynth.certs import init_federation
-from fedsynth.signing import (SIGNATURE_KEY, SignatureError, load_private_key, load_public_key,
+from protocol.signing import (SIGNATURE_KEY, SignatureError, load_private_key, load_public_key,
                               sign, verify)
 
 RUN = 4242

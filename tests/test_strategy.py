@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message
 
-from fedsynth import protocol
+from protocol import records as protocol
 from server.aggregation import ComponentPolicy
 from server.strategy import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS, GanStrategy
 from tests.flower_helpers import task_identity

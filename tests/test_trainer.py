@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from client.trainer import LocalTrainer
-from fedsynth import protocol
+from protocol import records as protocol
 from shared_models import ModelConfig, TrainConfig
 
 TRAIN = TrainConfig(local_steps=2, batch_size=4)
@@ -26,7 +26,7 @@ def _images(n: int, dims: int = 2, size: int = 16) -> torch.Tensor:
 
 def _protocol_ok(metrics: dict[str, float], allowed: tuple[str, ...]) -> None:
     unknown = [k for k in metrics if k not in allowed and not k.startswith("num-examples")]
-    assert not unknown, f"metric keys missing from fedsynth.protocol: {unknown}"
+    assert not unknown, f"metric keys missing from protocol: {unknown}"
 
 
 def test_cyclegan_with_a_missing_domain_reports_zero_for_its_discriminators() -> None:

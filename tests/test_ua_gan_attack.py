@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import Context, RecordDict
 
-from fedsynth import protocol
+from protocol import records as protocol
 from fedsynth.demo_data import build_demo_hospitals
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedsynth import protocol
+from protocol import records as protocol
 from server.strategy import GanStrategy
 from tests.flower_helpers import task_identity
 from tests.test_strategy import ALL, COMPONENTS, FakeGrid, filled, global_model, reply

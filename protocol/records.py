@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsynth.keys import (  # noqa: F401  re-exported: protocol is the one place callers look
+from protocol.keys import (  # noqa: F401  re-exported: protocol is the one place callers look
     ARRAYS, CONFIG, EVAL_METRICS, LOCAL_NORM_COMPONENTS, METRICS, NUM_EXAMPLES, REPLY_COMPONENTS,
     SERVER_ROUND, TRAIN_METRICS, examples_key,
 )

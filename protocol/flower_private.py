@@ -1,4 +1,13 @@
-"""Flower 1.42's fixed waits, shortened for the processes fedsynth starts. One place, each measured.
+"""Every use of Flower's non-public modules, in one place: names fedsynth imports, and patches.
+
+Names: ``PRIVATE_NAMES`` maps each non-public Flower name fedsynth uses (the warm executor's
+Runtime API client, node registration, the Fleet routes the proxy lets through, constants) to its
+``module:attribute``. ``from protocol.flower_private import NAME`` imports it on first use, so a
+hospital never imports the SuperLink's web routers; ``check_names`` resolves them all and
+``tests/test_flower_latency.py`` runs it, so a Flower release that moved one fails there first
+(tests/test_import_graph.py keeps such imports out of every other module).
+
+Patches: Flower 1.42's fixed waits, shortened for the processes fedsynth starts, each measured.
 
 Flower moves a message as: sender pushes the message, then its objects (arrays, in chunks);
 receiver polls, sees the message, pulls its objects. Three fixed waits in that path cost whole
@@ -96,7 +105,7 @@ def check() -> None:
 
     for name in _PULLERS:
         if not hasattr(importlib.import_module(name), "pull_objects"):
-            raise RuntimeError(f"{name} has no pull_objects: fedsynth.flower_latency needs "
+            raise RuntimeError(f"{name} has no pull_objects: protocol.flower_private needs "
                                "updating for this Flower")
     code = inflatable_utils.pull_objects.__wrapped__.__code__ if hasattr(
         inflatable_utils.pull_objects, "__wrapped__") else inflatable_utils.pull_objects.__code__
@@ -106,3 +115,60 @@ def check() -> None:
 
     if not hasattr(start_client_internal, "time"):
         raise RuntimeError("flwr.supernode.start_client_internal no longer sleeps with 'time'")
+
+
+# ---- non-public names (imported on first use) ----
+
+PRIVATE_NAMES: dict[str, str] = {
+    "ErrorCode": "flwr.common.constant:ErrorCode",
+    "sample_nodes": "flwr.serverapp.strategy.strategy_utils:sample_nodes",
+    "AcquireTaskRequest": "flwr.proto.runtime_pb2:AcquireTaskRequest",
+    "RuntimeVersionHttpInterceptor": "flwr.supercore.interceptors:RuntimeVersionHttpInterceptor",
+    "make_simple_http_retry_invoker": "flwr.supercore.retry:make_simple_http_retry_invoker",
+    "RuntimeHttpClient": "flwr.supercore.runtime:RuntimeHttpClient",
+    "TaskType": "flwr.supercore.constant:TaskType",
+    "SubStatus": "flwr.common.constant:SubStatus",
+    "HeartbeatSender": "flwr.supercore.heartbeat:HeartbeatSender",
+    "make_task_heartbeat_fn_http": "flwr.supercore.heartbeat:make_task_heartbeat_fn_http",
+    "RuntimeTokenHttpInterceptor": "flwr.supercore.interceptors:RuntimeTokenHttpInterceptor",
+    "TaskIdentity": "flwr.supercore.task_identity:TaskIdentity",
+    "pull_task_input": "flwr.supernode.runtime.run_clientapp:pull_task_input",
+    "push_message": "flwr.supernode.runtime.run_clientapp:push_message",
+    "push_task_output": "flwr.supernode.runtime.run_clientapp:push_task_output",
+    "start_parent_process_monitor": "flwr.supercore.app_utils:start_parent_process_monitor",
+    "FLWR_INTERNAL_GRPC_CONTROL_API": "flwr.common.constant:FLWR_INTERNAL_GRPC_CONTROL_API",
+    "FLWR_INTERNAL_GRPC_FLEET_API": "flwr.common.constant:FLWR_INTERNAL_GRPC_FLEET_API",
+    "read_superlink_connection": "flwr.cli.flower_config:read_superlink_connection",
+    "init_http_client_from_connection": "flwr.cli.utils:init_http_client_from_connection",
+    "RegisterNodeRequest": "flwr.proto.control_pb2:RegisterNodeRequest",
+    "public_key_to_bytes": "flwr.supercore.primitives.asymmetric:public_key_to_bytes",
+    "fleet_router": "flwr.superlink.routers.fleet.router:router",
+    "flower_supernode": "flwr.supernode.cli:flower_supernode",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``from protocol.flower_private import NAME`` for a name of ``PRIVATE_NAMES``."""
+    import importlib
+
+    target = PRIVATE_NAMES.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def check_names() -> list[str]:
+    """Import every name of ``PRIVATE_NAMES``; returns those Flower no longer has."""
+    import importlib
+
+    missing = []
+    for name, target in PRIVATE_NAMES.items():
+        module, _, attr = target.partition(":")
+        try:
+            getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            missing.append(f"{name} ({target})")
+    return missing

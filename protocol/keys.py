@@ -1,10 +1,12 @@
 """The wire protocol's names: record keys, metric keys, config entries.
 
-Kept apart from ``fedsynth.protocol`` (which converts to and from Flower records) so the hospital's
+Kept apart from ``protocol.records`` (which converts to and from Flower records) so the hospital's
 trainer and the GPU benchmark can use them without importing Flower.
 """
 
 from __future__ import annotations
+
+import re
 
 ARRAYS = "arrays"  # the one ArrayRecord: component-prefixed keys (see shared_models.codec)
 CONFIG = "config"
@@ -42,3 +44,15 @@ UA_FAKES = "fakes"
 UA_LABELS = "labels"
 UA_LOGITS = "logits"
 UA_GRADS = "grads"
+
+
+# A hospital's name as a metric label (coordinator and hospital exporters): no path, no space.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid label value, else ``ValueError`` naming it."""
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"hospital name {name!r} is not a valid metric label: use 1-63 letters, "
+                         "digits, '.', '_' or '-' (no paths, no spaces)")
+    return name

@@ -1,0 +1,81 @@
+"""The package boundaries a reader can see (issue 12): imports flow one way.
+
+    shared_models  <-  protocol  <-  server, client  <-  fedsynth (CLI, deployment, demo)  <-  bench
+
+``shared_models`` imports none of the others and no Flower; ``protocol`` (the wire) only
+``shared_models``; ``server`` and ``client`` never import each other. Every import counts, also
+those inside functions (read with ``ast``, nothing is executed).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("shared_models", "protocol", "server", "client", "fedsynth", "bench")
+# what each package may import of the others (the layering above)
+ALLOWED = {
+    "shared_models": set(),
+    "protocol": {"shared_models"},
+    "server": {"shared_models", "protocol"},
+    "client": {"shared_models", "protocol"},
+    "fedsynth": {"shared_models", "protocol", "server", "client"},
+    "bench": {"shared_models", "protocol", "server", "client", "fedsynth"},
+}
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """{top-level module imported: files importing it} for every .py file of ``package``."""
+    out: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                out.setdefault(name.split(".")[0], set()).add(str(path.relative_to(ROOT)))
+    return out
+
+
+def test_imports_flow_one_way() -> None:
+    graph = {p: {m for m in imports_of(p) if m in PACKAGES and m != p} for p in PACKAGES}
+    wrong = {p: sorted(graph[p] - ALLOWED[p]) for p in PACKAGES if graph[p] - ALLOWED[p]}
+    assert not wrong, f"imports against the layering: {wrong}"
+
+
+def test_no_cycle_between_top_level_packages() -> None:
+    graph = {p: {m for m in imports_of(p) if m in PACKAGES and m != p} for p in PACKAGES}
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        if node in done:
+            return
+        for nxt in graph[node]:
+            visit(nxt, (*path, node))
+        done.add(node)
+
+    for p in PACKAGES:
+        visit(p, ())
+
+
+def test_shared_models_imports_no_flower_and_flower_internals_stay_in_one_module() -> None:
+    assert "flwr" not in imports_of("shared_models")
+    private = ("flwr.supercore", "flwr.supernode", "flwr.superlink", "flwr.cli", "flwr.common",
+               "flwr.proto", "flwr.serverapp.strategy.strategy_utils")
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "protocol" / "flower_private.py" or package == "bench":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                mod = (node.module if isinstance(node, ast.ImportFrom) else None) or ""
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [mod]
+                offenders += [f"{path.relative_to(ROOT)}: {m}" for m in mods
+                              if any(m == p or m.startswith(p + ".") for p in private)]
+    assert not offenders, ("Flower's non-public modules are used outside "
+                           f"protocol/flower_private.py: {offenders}")
