@@ -278,6 +278,16 @@ def train(msg: Message, context: Context) -> Message:
     hospital_metrics.reset_peak_memory(trainer.device)
     reply = reply_plan(msg.content[protocol.CONFIG], trainer.nets, trainer.family.components)
     check_never_send(hospital, reply[0])
+    evaluation: dict[str, float] = {}
+    if protocol.EVALUATE_ROUND in msg.content[protocol.CONFIG]:
+        # the model just received is the previous round's aggregate: evaluate it before training
+        # (one round trip per round; server/strategy.py, "folded" evaluation)
+        evaluated_round = int(msg.content[protocol.CONFIG][protocol.EVALUATE_ROUND])
+        t0 = time.perf_counter()
+        evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round) if data is not None
+                      else {"eval-examples": 0})
+        evaluation["eval-seconds"] = time.perf_counter() - t0
+        hospital_metrics.record_evaluate(hospital.name, evaluated_round, evaluation)
     if data is None or not data.num_train:
         result = trainer.idle(train_cfg, reply)  # zero examples: counts for nothing
     else:
@@ -285,7 +295,8 @@ def train(msg: Message, context: Context) -> Message:
     save_local(trainer, context)
     hospital_metrics.record_train(hospital.name, server_round, result.metrics,
                                   data.report if data is not None else None, trainer.device)
-    return Message(protocol.train_reply(result.arrays, result.metrics), reply_to=msg)
+    return Message(protocol.train_reply(result.arrays, {**result.metrics, **evaluation}),
+                   reply_to=msg)
 
 
 @app.evaluate()

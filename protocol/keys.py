@@ -31,6 +31,9 @@ EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
 LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
+# In a train message: evaluate the received global model (round N's aggregate) before training,
+# and report the eval-* metrics in the train reply (server/strategy.py, "folded" evaluation).
+EVALUATE_ROUND = "evaluate-round"
 
 # The app bundle ``fedsynth launch`` ships (``fedsynth.deployment.write_launch_app``): it holds no
 # code, and hospitals serve no other (``client.bundle``).

@@ -7,6 +7,7 @@ last completed round (Flower does not resume a run whose ServerApp died).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -167,9 +168,18 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                              norm_floor_rms=cfg.norm_floor_rms,
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
+    # Evaluation of round r's aggregate rides in round r + 1's train message (one round trip per
+    # round, GanStrategy.folds_evaluation); round r's row is written at once and completed with
+    # its evaluation when round r + 1's replies are in. Only the last round (and UA-GAN, whose
+    # train messages are UA messages) sends a separate evaluate message.
+    fold = bool(getattr(strategy, "folds_evaluation", False))
+    pending = _pending_evaluation(folder, start_round, cfg) if fold else None
     for rnd in range(start_round, cfg.rounds + 1):
         t0 = time.monotonic()
+        due = rnd % max(1, cfg.evaluate_every) == 0 or rnd == cfg.rounds
         config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
+        if pending is not None:
+            config[protocol.EVALUATE_ROUND] = pending.round
         record = protocol.to_record(arrays)
         replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
                                         timeout=cfg.round_timeout_s)
@@ -178,10 +188,20 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         if new_record is not None:
             arrays = protocol.from_record(new_record)
         train_report = strategy.last_train
+        if pending is not None:
+            folded, per_hospital = strategy.folded_evaluation()
+            pending.evaluate = dict(folded or {})
+            pending.evaluated = per_hospital
+            pending.evaluate_failed = _named(grid, {n: k for n, k in
+                                                    train_report.failed_nodes.items()})
+            folder.append_metrics(pending.row())  # replaces the row written without it
+            for observe in observers:
+                observe(pending)
+            pending = None
 
         t_aggregate = time.monotonic()
         eval_metrics, evaluated, eval_failed = None, {}, {}
-        if rnd % max(1, cfg.evaluate_every) == 0 or rnd == cfg.rounds:
+        if due and (not fold or rnd == cfg.rounds):
             eval_config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
             record = protocol.to_record(arrays)
             replies = grid.send_and_receive(
@@ -225,6 +245,23 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                  summary.train.get("loss-g", float("nan")),
                  summary.train.get("loss-d", float("nan")),
                  "".join(f"; {n} failed ({k})" for n, k in summary.failed_hospitals.items()))
+        if fold and due and rnd < cfg.rounds:
+            pending = summary  # its evaluation comes with the next round's replies
+            continue
         for observe in observers:
             observe(summary)
     return folder.root
+
+
+def _pending_evaluation(folder: RunFolder, start_round: int, cfg: FederationConfig
+                        ) -> "RoundSummary | None":
+    """On resume: the last completed round, if its folded evaluation never arrived."""
+    if start_round <= 1:
+        return None
+    previous = start_round - 1
+    due = previous % max(1, cfg.evaluate_every) == 0 or previous == cfg.rounds
+    rows = [r for r in folder.read_metrics() if r.get("round") == previous]
+    if not due or not rows or rows[-1].get("evaluate"):
+        return None
+    fields = {f.name for f in dataclasses.fields(RoundSummary)}
+    return RoundSummary(**{k: v for k, v in rows[-1].items() if k in fields})

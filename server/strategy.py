@@ -193,6 +193,8 @@ class GanStrategy(Strategy):
         previous global copy; the round counts it in ``refused_aggregates``.
         """
         report = self.last_train
+        replies = list(replies)
+        self.last_folded = self._folded_evaluations(replies)
         notes: Counter[str] = Counter()
         expected = {k: self._global[k] for k in self.expected_keys(server_round, self._global)}
         valid = self._validated(server_round, replies, lambda content: validate_train_reply(
@@ -213,7 +215,8 @@ class GanStrategy(Strategy):
             self._reject(report, server_round, hospital, RejectedReply("norm", reason))
         for hospital, (_, metrics) in valid.items():
             report.replied += 1
-            report.per_hospital[hospital] = metrics
+            report.per_hospital[hospital] = {k: v for k, v in metrics.items()
+                                             if k not in protocol.EVAL_METRICS}
         if not valid:
             log.warning("round %d: no valid reply, the global model is kept", server_round)
             return None, None
@@ -273,6 +276,36 @@ class GanStrategy(Strategy):
                                  MessageType.EVALUATE)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n)
                 for n in nodes]
+
+    # -- evaluation folded into the next round's train message --------------------------------
+    # Round r's aggregate is what every hospital receives at the start of round r + 1; when that
+    # train message names ``evaluate-round`` = r, the hospital evaluates it before training and
+    # its train reply carries the eval-* metrics. One round trip per round instead of two
+    # (BENCHMARKS.md, "deployed rounds"); only the last round still sends an evaluate message.
+    folds_evaluation = True
+
+    def _folded_evaluations(self, replies: list[Message]) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for msg in replies:
+            if msg.has_error() or protocol.METRICS not in msg.content.metric_records:
+                continue
+            try:
+                metrics, _ = known_metrics(msg.content.metric_records[protocol.METRICS],
+                                           EVAL_METRIC_KEYS)
+            except RejectedReply:
+                continue
+            metrics = {k: v for k, v in metrics.items() if k in protocol.EVAL_METRICS}
+            if metrics:
+                out[str(msg.metadata.src_node_id)] = metrics
+        return out
+
+    def folded_evaluation(self) -> tuple[MetricRecord | None, dict[str, dict[str, float]]]:
+        """The previous round's evaluation as carried by this round's train replies:
+        (mean metrics weighted by eval-examples, per hospital)."""
+        per_hospital = dict(getattr(self, "last_folded", {}))
+        if not per_hospital:
+            return None, {}
+        return MetricRecord(self._mean_metrics(per_hospital, "eval-examples")), per_hospital
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -83,6 +83,8 @@ class UaGanStrategy(GanStrategy):
     (never used: each hospital trains its own).
     """
 
+    folds_evaluation = False  # its train messages are UA messages: evaluation stays separate
+
     def __init__(
         self,
         model: ModelConfig,

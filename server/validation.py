@@ -67,8 +67,9 @@ def number(value: Any) -> float | None:
 
 
 def train_metric_keys(components: Iterable[str]) -> frozenset[str]:
-    """Metric keys a train reply may carry: the protocol's list and the example counts."""
-    return frozenset((*protocol.TRAIN_METRICS, protocol.NUM_EXAMPLES,
+    """Metric keys a train reply may carry: the protocol's lists (a train reply also carries the
+    evaluation of the model it received, when the message asked for it) and the example counts."""
+    return frozenset((*protocol.TRAIN_METRICS, *protocol.EVAL_METRICS, protocol.NUM_EXAMPLES,
                       *(protocol.examples_key(c) for c in components)))
 
 

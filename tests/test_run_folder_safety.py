@@ -86,7 +86,7 @@ def test_invented_metric_keys_are_dropped_and_counted() -> None:
     model = global_model()
     metrics = {protocol.examples_key(c): n for c, n in ALL.items()}
     metrics.update({protocol.NUM_EXAMPLES: 10, "loss-g": 1.0, HOSTILE_KEY: 3.0,
-                    "eval-frechet": 2.0})  # an eval key in a train reply is not kept either
+                    "eval-frechet": 2.0})  # an eval key: the folded evaluation of last round
     with task_identity():
         (msg,) = strategy.configure_train(1, protocol.to_record(model), ConfigRecord({}),
                                           FakeGrid([1]))
@@ -98,7 +98,9 @@ def test_invented_metric_keys_are_dropped_and_counted() -> None:
         (hospital,) = strategy.last_train.per_hospital.values()
         assert HOSTILE_KEY not in hospital and "eval-frechet" not in hospital
         assert hospital["loss-g"] == 1.0 and HOSTILE_KEY not in dict(mean)
-        assert strategy.last_train.dropped_metric_keys == 2
+        assert strategy.last_train.dropped_metric_keys == 1
+        folded, per_node = strategy.folded_evaluation()  # kept as the evaluation, not training
+        assert per_node == {"1": {"eval-frechet": 2.0}}
         (emsg,) = strategy.configure_evaluate(1, record, ConfigRecord({}), FakeGrid([1]))
         ereply = RecordDict({protocol.METRICS: MetricRecord(
             {"eval-frechet": 2.0, HOSTILE_KEY: 1.0, "loss-g": 5.0})})

@@ -52,8 +52,12 @@ def test_metrics_report_generator_and_discriminator_losses(three_round_run: Path
         assert len(row["hospitals"]) == 3
         for phase in ("train-phase", "aggregate", "evaluate-phase", "samples"):
             assert row["server"][f"{phase}-seconds"] >= 0
-    # evaluate-every = 2: rounds 2 and 3 (the last) evaluate; round 1 sends no evaluate message
+    # evaluate-every = 2: rounds 2 and 3 (the last) evaluate; round 1 sends no evaluate message.
+    # Round 2's evaluation rides in round 3's train message (no evaluate round trip of its own);
+    # only the last round sends an evaluate message.
     assert rows[0]["evaluate"] == {} and rows[0]["evaluated"] == {}
+    assert rows[1]["server"]["evaluate-phase-seconds"] < 0.05 < \
+        rows[2]["server"]["evaluate-phase-seconds"]
     for row in rows[1:]:
         assert math.isfinite(row["evaluate"]["eval-frechet"])
         assert len(row["evaluated"]) == 3
