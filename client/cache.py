@@ -10,6 +10,14 @@ Writes are atomic: each file goes to a temp name in the same directory, is
 fsync'ed and then ``os.replace``'d.  The json is written last and is the commit
 marker: an ``.npy`` without its ``.json`` (crash mid-write) is never used.  The
 cache stays on the hospital's disk; nothing here is sent anywhere.
+
+Besides the scan's per-slice metadata the entry keeps each slice's geometry
+(:data:`GEOMETRY_KEYS`), which 3D volumes need (:mod:`client.volumes`): the slice
+position along the normal alone cannot give the in-plane pixel size, and the
+orientation tells one series from a mixed one and turns sagittal/coronal series into
+the axial frame.  The scan does not return it, so :func:`slice_geometry` reads each
+used file's header once more when an entry is built (the scanner's own bounded
+reader); a cache hit reads nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +47,13 @@ from client.dicom import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3  # 3: label attributes in the slice metadata
+CACHE_FORMAT = 4  # 3: label attributes in the slice metadata; 4: slice geometry
 _META_KEYS = dicom.META_KEYS
+# Per-slice geometry kept next to the scan's metadata, NaN where unknown: ``pixel_spacing``
+# (N, 2) mm per pixel (row, column) of the CACHED slice (after the aspect-keeping resize to
+# ``image_size``), ``orientation`` (N, 6) direction cosines (ImageOrientationPatient).
+GEOMETRY_KEYS = ("pixel_spacing", "orientation")
+_GEOMETRY_WIDTH = {"pixel_spacing": 2, "orientation": 6}
 
 
 _ORIGINAL_SCAN = scan_folder
@@ -171,6 +184,61 @@ def _report_from_json(d: dict[str, Any]) -> ScanReport:
     )
 
 
+def _resized_shape(rows: int, cols: int, size: int) -> tuple[int, int]:
+    """The (rows, cols) of a frame after :func:`client.dicom.preprocess`'s resize, before padding."""
+    side = max(rows, cols)
+    if side == size:
+        return rows, cols
+    return max(1, round(rows * size / side)), max(1, round(cols * size / side))
+
+
+def slice_geometry(folder: Path, meta: dict[str, np.ndarray], settings: DicomSettings
+                   ) -> dict[str, np.ndarray]:
+    """:data:`GEOMETRY_KEYS` arrays for the slices of a scan of ``folder`` (its ``meta``).
+
+    Reads the header of each file the slices come from (``file_index`` into
+    :func:`client.dicom.list_candidate_files`) with the scanner's bounded reader; a file that
+    cannot be read again, or lacks spacing/orientation, leaves its slices NaN (no volume).
+    """
+    index = np.asarray(meta.get("file_index", np.zeros(0, dtype=np.int64)), dtype=np.int64)
+    n = len(index)
+    out = {k: np.full((n, w), np.nan, dtype=np.float64) for k, w in _GEOMETRY_WIDTH.items()}
+    if n == 0:
+        return out
+    files = dicom.list_candidate_files(Path(folder))
+    order = np.argsort(index, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(index[order]) != 0])
+    for group in np.split(order, starts[1:]):
+        k = int(index[group[0]])
+        if not 0 <= k < len(files):
+            continue
+        try:
+            ds, _ = dicom._read_file(files[k], settings)
+            _, orientation, spacing = dicom._frame_geometry(ds, len(group))
+            rows, cols = int(ds.Rows), int(ds.Columns)
+        except Exception:  # vanished, changed, unreadable: no geometry, never a failed scan
+            logger.debug("no geometry for %s", files[k], exc_info=True)
+            continue
+        if orientation is not None:
+            out["orientation"][group] = orientation
+        if spacing is not None and rows > 0 and cols > 0:
+            h, w = _resized_shape(rows, cols, settings.image_size)
+            out["pixel_spacing"][group] = (spacing[0] * rows / h, spacing[1] * cols / w)
+    return out
+
+
+def _floats_to_json(values: np.ndarray) -> list[Any]:
+    return [None if not np.isfinite(row).all() else [float(v) for v in row] for row in values]
+
+
+def _floats_from_json(rows: list[Any], width: int) -> np.ndarray:
+    out = np.full((len(rows), width), np.nan, dtype=np.float64)
+    for i, row in enumerate(rows):
+        if row is not None:
+            out[i] = [float(v) for v in row]
+    return out
+
+
 def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
     npy_path = cache_dir / f"{key}.npy"
     json_path = cache_dir / f"{key}.json"
@@ -182,6 +250,7 @@ def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
         "npy_bytes": npy_path.stat().st_size,
         "shape": list(images.shape),
         "meta": _meta_to_json(slices.meta),
+        "geometry": {k: _floats_to_json(slices.meta[k]) for k in GEOMETRY_KEYS},
         "report": _report_to_json(slices.report),
     }
     data = json.dumps(payload, allow_nan=False).encode("utf-8")
@@ -208,6 +277,10 @@ def _read_entry(cache_dir: Path, key: str) -> SliceSet | None:
         if any(len(lists[k]) != images.shape[0] for k in _META_KEYS):
             return None
         meta = dicom.meta_arrays({k: lists[k] for k in _META_KEYS})
+        geometry = payload["geometry"]
+        if any(len(geometry[k]) != images.shape[0] for k in GEOMETRY_KEYS):
+            return None
+        meta.update({k: _floats_from_json(geometry[k], _GEOMETRY_WIDTH[k]) for k in GEOMETRY_KEYS})
         report = _report_from_json(payload["report"])
     except Exception:
         logger.warning("ignoring unreadable cache entry %s", key, exc_info=True)
@@ -234,6 +307,8 @@ def load_slices(folder: Path, settings: DicomSettings, cache_dir: Path | None = 
         return cached
 
     slices = _scan(folder, settings)
+    if not all(k in slices.meta for k in GEOMETRY_KEYS):
+        slices.meta.update(slice_geometry(folder, slices.meta, settings))
     transient = sorted(set(slices.report.skipped) & TRANSIENT_SKIP_REASONS)
     if transient:
         # Files or folders the scan could not read may be readable next time: do not freeze

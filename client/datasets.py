@@ -11,8 +11,13 @@ The family's ``data_layout`` says which tensors:
 - ``unpaired`` (CycleGAN): all A slices as ``a``, all B slices as ``b``, independently; either may be
   empty (a hospital holding one domain only).
 
-With ``spatial_dims`` 3 the unit is a volume: the slices of one series sorted by position and
-resampled to an ``image_size`` cube; pairs are the A and B series of one study.
+With ``spatial_dims`` 3 the unit is a volume: the cached slices of one series, with the slice
+geometry the cache keeps (positions, pixel spacing, orientation), assembled by
+:func:`client.volumes.volume_from_slices` -- turned to one anatomical frame, resampled to
+isotropic voxels with MONAI and fitted into the ``image_size`` cube by its longest physical
+extent, the rest padded (proportions kept: a sphere stays round). A series whose geometry does
+not make a volume (no pixel spacing, mixed orientation, a missing slice) is left out and logged.
+Pairs are the A and B series of one study, resampled to one voxel size so they stay aligned.
 
 Held-out units (every ``holdout_every``-th) never train; they feed the local evaluation (pairs for
 translation families, so SSIM/PSNR/MAE have ground truth). Everything here stays at the hospital.
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 
 from shared_models import DataConfig, ModelConfig, get_family
 
+from . import volumes
 from .cache import load_slices
 from .dicom import DicomSettings, ScanReport
 from .settings import HospitalSettings
@@ -126,7 +132,9 @@ def units(meta: Mapping[str, np.ndarray], rows: np.ndarray, spatial_dims: int
     2D: one slice, key (study, position); a repeated key keeps the first slice, a slice without a
     position gets a key of its own (it can never pair). 3D: the slices of one series sorted by
     position, key (study,) for the study's first series (further series of the same study get
-    their own keys); series of fewer than ``MIN_VOLUME_SLICES`` slices are left out.
+    their own keys); series of fewer than ``MIN_VOLUME_SLICES`` slices are left out, and, where
+    ``meta`` has the cache's slice geometry, series that make no volume
+    (:func:`client.volumes.series_geometry`; sorted along the normal otherwise).
     """
     out: dict[tuple, np.ndarray] = {}
     study, pos = meta["study_uid"], meta["position"]
@@ -140,31 +148,74 @@ def units(meta: Mapping[str, np.ndarray], rows: np.ndarray, spatial_dims: int
     series: dict[str, list[int]] = {}
     for i in rows:
         series.setdefault(str(meta["series_uid"][i]), []).append(int(i))
+    geometry = volumes.has_geometry(meta)
+    skipped: dict[str, int] = {}
     for uid, members in series.items():
         if len(members) < MIN_VOLUME_SLICES:
             continue
-        members.sort(key=lambda j: (math.isnan(pos[j]), pos[j]))
+        if geometry:
+            try:
+                members = volumes.series_geometry(meta, members).rows.tolist()
+            except ValueError as exc:
+                skipped[str(exc)] = skipped.get(str(exc), 0) + 1
+                continue
+        else:
+            members.sort(key=lambda j: (math.isnan(pos[j]), pos[j]))
         key: tuple = (str(study[members[0]]),)
         if key in out:
             key = (str(study[members[0]]), uid)
         out[key] = np.array(members)
+    if skipped:
+        log.warning("series left out of the 3D volumes: %s",
+                    ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())))
     return out
 
 
-def stack(images: np.ndarray, groups: Sequence[np.ndarray], spatial_dims: int, size: int
-          ) -> torch.Tensor:
-    """(N, 1, S, S) slices, or (N, 1, S, S, S) volumes resampled along the slice axis."""
+def stack(images: np.ndarray, groups: Sequence[np.ndarray], spatial_dims: int, size: int,
+          meta: Mapping[str, np.ndarray] | None = None,
+          voxel_mm: Sequence[float | None] | None = None) -> torch.Tensor:
+    """(N, 1, S, S) slices, or (N, 1, S, S, S) volumes.
+
+    3D with ``meta`` holding the cache's slice geometry (the hospital's path): each group (a
+    series, from :func:`units`) becomes :func:`client.volumes.volume_from_slices` of its slices,
+    isotropic, at ``voxel_mm[i]`` mm when given (pairs) else fitted by its longest extent.
+    Without geometry (a caller holding a bare :func:`client.dicom.scan_folder` scan), the
+    slices are only interpolated to the cube, which stretches the physical shape.
+    """
     if spatial_dims == 2:
         if not groups:
             return torch.empty((0, 1, size, size))
         return torch.from_numpy(np.ascontiguousarray(images[np.concatenate(groups)]))
     vols = []
-    for g in groups:
+    spatial = meta is not None and volumes.has_geometry(meta)
+    if not spatial and groups:
+        log.warning("no slice geometry: %d volumes interpolated to the %d^3 cube, proportions "
+                    "not kept", len(groups), size)
+    for i, g in enumerate(groups):
+        if spatial:
+            assert meta is not None
+            cube = volumes.volume_from_slices(images, volumes.series_geometry(meta, g), size,
+                                              voxel_mm[i] if voxel_mm is not None else None)
+            vols.append(torch.from_numpy(cube)[None])
+            continue
         vol = torch.from_numpy(np.ascontiguousarray(images[g]))[:, 0]  # (D, S, S)
         vol = F.interpolate(vol[None, None], size=(size, size, size), mode="trilinear",
                             align_corners=False)[0]
         vols.append(vol)
     return torch.stack(vols) if vols else torch.empty((0, 1, size, size, size))
+
+
+def pair_voxels(images: np.ndarray, meta: Mapping[str, np.ndarray],
+                groups_a: Sequence[np.ndarray], groups_b: Sequence[np.ndarray], size: int
+                ) -> list[float | None]:
+    """One isotropic voxel size (mm) per A/B pair: the coarser of the two series' fits, so both
+    volumes of a pair share the physical scale and neither is cropped (None without geometry)."""
+    if not volumes.has_geometry(meta):
+        return [None] * len(groups_a)
+    shape = images.shape[-2:]
+    return [max(volumes.fit_spacing(volumes.series_geometry(meta, a).extent(shape), size),
+                volumes.fit_spacing(volumes.series_geometry(meta, b).extent(shape), size))
+            for a, b in zip(groups_a, groups_b)]
 
 
 def _held(n: int, every: int) -> np.ndarray:
@@ -189,8 +240,8 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
         groups = list(units(meta, every_row, dims).values()) if dims == 3 else [
             np.array([i]) for i in every_row]
         held = _held(len(groups), holdout_every)
-        train = stack(images, [g for g, h in zip(groups, held) if not h], dims, size)
-        hold = stack(images, [g for g, h in zip(groups, held) if h], dims, size)
+        train = stack(images, [g for g, h in zip(groups, held) if not h], dims, size, meta)
+        hold = stack(images, [g for g, h in zip(groups, held) if h], dims, size, meta)
         return {"image": train}, {"image": hold if held.any() else train}
 
     if selector is None:
@@ -212,7 +263,7 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
         groups = [groups[i] for i in order]
         y = torch.tensor([labels[i] for i in order], dtype=torch.int64)
         held = torch.from_numpy(_held(len(groups), holdout_every))
-        x = stack(images, groups, dims, size)
+        x = stack(images, groups, dims, size, meta)
         train = {"image": x[~held], "label": y[~held]}
         hold = {"image": x[held], "label": y[held]} if held.any() else dict(train)
         return train, hold
@@ -222,8 +273,15 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
     paired = [k for k in units_a if k in units_b]
     held = _held(len(paired), holdout_every)
     held_keys = {k for k, h in zip(paired, held) if h}
-    hold = {"a": stack(images, [units_a[k] for k in paired if k in held_keys], dims, size),
-            "b": stack(images, [units_b[k] for k in paired if k in held_keys], dims, size)}
+
+    def pairs(keys: Sequence[tuple]) -> dict[str, torch.Tensor]:
+        """A and B units of ``keys``, in one order; 3D pairs at one voxel size per pair."""
+        ga, gb = [units_a[k] for k in keys], [units_b[k] for k in keys]
+        voxel = pair_voxels(images, meta, ga, gb, size) if dims == 3 else None
+        return {"a": stack(images, ga, dims, size, meta, voxel),
+                "b": stack(images, gb, dims, size, meta, voxel)}
+
+    hold = pairs([k for k in paired if k in held_keys])
 
     if layout == "paired":
         if not paired:
@@ -231,9 +289,7 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
                 f"no {selector.names[0]}/{selector.names[1]} pairs (same study and slice "
                 f"position) among {len(units_a)} {selector.names[0]} and {len(units_b)} "
                 f"{selector.names[1]} units")
-        train_keys = [k for k in paired if k not in held_keys]
-        train = {"a": stack(images, [units_a[k] for k in train_keys], dims, size),
-                 "b": stack(images, [units_b[k] for k in train_keys], dims, size)}
+        train = pairs([k for k in paired if k not in held_keys])
         return train, (hold if held_keys else dict(train))
 
     if layout == "unpaired":
@@ -241,12 +297,11 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
             raise DataSelectionError(f"no slice of domain {selector.names[0]} or "
                                      f"{selector.names[1]} in attribute {selector.attribute!r}")
         train = {"a": stack(images, [g for k, g in units_a.items() if k not in held_keys], dims,
-                            size),
+                            size, meta),
                  "b": stack(images, [g for k, g in units_b.items() if k not in held_keys], dims,
-                            size)}
+                            size, meta)}
         if not held_keys:  # evaluate on the training pairs when too few to hold any out
-            hold = {"a": stack(images, [units_a[k] for k in paired], dims, size),
-                    "b": stack(images, [units_b[k] for k in paired], dims, size)}
+            hold = pairs(paired)
         return train, hold
     raise ValueError(f"unknown data layout {layout!r}")
 
