@@ -3,7 +3,8 @@
 The hot loop asks the family to draw a batch (by index, from tensors already on the device: one
 shared index for paired keys, one per domain for unpaired ones) and calls its ``train_step``;
 losses stay on the device and are reduced with one host sync at the end, so the trainer adds
-nothing per step to a bare PyTorch loop (``make bench`` measures the ratio).
+nothing per step to a bare PyTorch loop (``make bench`` measures the ratio). The UA-GAN
+discriminator round (``LocalTrainer.ua_round``, ``discriminator_round``) runs the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
 from protocol import keys as protocol  # names only: the trainer needs no Flower
+from torch import nn
+from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
 from shared_models.family import GanFamily, Nets
@@ -97,13 +101,42 @@ class LocalTrainer:
         for name, net in self.nets.items():
             net.load_state_dict(fresh[name].state_dict())
 
-    def _context(self, train: TrainConfig) -> StepContext:
+    def _context(self, train: TrainConfig | None = None) -> StepContext:
+        """The step context of a round on this trainer's device: autocast at ``amp_dtype``, a
+        grad scaler under fp16, FedProx anchored at the current weights when ``train`` asks."""
         anchor = None
-        if train.prox_mu > 0:
+        if train is not None and train.prox_mu > 0:
             anchor = {c: [p.detach().clone() for p in n.parameters()] for c, n in self.nets.items()}
         scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
-                           prox_mu=train.prox_mu, anchor=anchor)
+                           prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor)
+
+    def prepare(self, net: nn.Module) -> nn.Module:
+        """``net`` on this trainer's device, in its memory format (as the trainer's own nets)."""
+        net.to(self.device)
+        if self.device.type == "cuda":
+            net.to(memory_format=self.memory_format)
+        return net
+
+    def ua_round(self, d: nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor,
+                 fakes: torch.Tensor, *, steps: int, batch_size: int,
+                 generator: torch.Generator, real_labels: torch.Tensor | None = None,
+                 fake_labels: torch.Tensor | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """A UA-GAN discriminator round (``client.ua_gan``) on this trainer's device and precision.
+
+        ``d`` (with ``opt``) is the caller's, not one of ``self.nets``. The real slices (and
+        labels) go to the device through the upload-once cache; the fakes are the message's,
+        uploaded for this round only. See ``discriminator_round``.
+        """
+        fakes = fakes.to(self.device)
+        if self.device.type == "cuda":
+            fakes = fakes.contiguous(memory_format=self.memory_format)
+        return discriminator_round(
+            d, opt, self._to_device(real).float(), fakes, steps=steps, batch_size=batch_size,
+            ctx=self._context(), generator=generator,
+            real_labels=self._to_device(real_labels) if real_labels is not None else None,
+            fake_labels=fake_labels.to(self.device) if fake_labels is not None else None)
 
     def fit(self, data: Mapping[str, torch.Tensor], train: TrainConfig, seed: int,
             examples: Mapping[str, int] | None = None,
@@ -249,3 +282,55 @@ class LocalTrainer:
             "eval-mmd": mmd_rbf(fr, ff),
             "eval-examples": n,
         }
+
+
+def discriminator_round(d: nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor,
+                        fakes: torch.Tensor, *, steps: int, batch_size: int, ctx: StepContext,
+                        generator: torch.Generator, real_labels: torch.Tensor | None = None,
+                        fake_labels: torch.Tensor | None = None,
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Train ``d`` for ``steps`` on real vs fakes; return (logits, d logit / d fake, metrics).
+
+    Tensors are on ``ctx.device`` already. Every batch index comes from ``generator`` (a CPU
+    generator: the same draws on any device), drawn for all steps before the first and uploaded
+    once. Each step runs under ``ctx.autocast()`` and ``ctx.step`` (grad scaler under fp16). The
+    final pass runs in eval mode and fp32, so each image's logit depends on that image only and
+    its input gradient is exactly what the coordinator's chain rule needs. Loss, D(real) and
+    D(fake) stay on the device; logits, gradients and their means come back in ONE copy.
+    """
+    n_real, n_fake = min(batch_size, len(real)), min(batch_size, len(fakes))
+    draws = [torch.cat([torch.randint(len(real), (n_real,), generator=generator),
+                        torch.randint(len(fakes), (n_fake,), generator=generator)])
+             for _ in range(steps)]  # per step: real indices, then fake indices (as drawn)
+    index = (torch.stack(draws) if draws else torch.empty(0, n_real + n_fake, dtype=torch.int64)
+             ).to(ctx.device, non_blocking=True)
+    totals = torch.zeros(3, device=ctx.device)  # loss-d, d-real, d-fake
+    d.train()
+    for step in range(steps):
+        ri, fi = index[step, :n_real], index[step, n_real:]
+        rl = real_labels[ri] if real_labels is not None else None
+        fl = fake_labels[fi] if fake_labels is not None else None
+        with ctx.autocast():
+            out_real = d(real[ri], rl)
+            out_fake = d(fakes[fi], fl)
+            loss = (bce(out_real, torch.ones_like(out_real))
+                    + bce(out_fake, torch.zeros_like(out_fake)))
+        ctx.step(loss, opt)
+        with torch.no_grad():
+            totals += torch.stack([loss.detach().float(), torch.sigmoid(out_real.float()).mean(),
+                                   torch.sigmoid(out_fake.float()).mean()])
+    d.eval()
+    try:
+        x = fakes.detach().float().clone().requires_grad_(True)
+        logits = d(x, fake_labels)
+        (grads,) = torch.autograd.grad(logits.sum(), x)
+    finally:
+        d.train()
+    # the one host sync of the round: logits, input gradients and the step means in one copy
+    n = len(fakes)
+    packed = torch.cat([logits.detach().float().reshape(-1), grads.float().reshape(-1),
+                        totals / max(steps, 1)]).cpu().numpy()
+    means = packed[-3:]
+    metrics = {"loss-d": float(means[0]), "d-real": float(means[1]), "d-fake": float(means[2])}
+    return (packed[:n].reshape(logits.shape).copy(),
+            packed[n:-3].reshape(grads.shape).copy(), metrics)

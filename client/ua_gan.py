@@ -32,14 +32,16 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from torch import nn
-from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from protocol import records as protocol
 from protocol.keys import UA_ACTION, UA_FAKES as FAKES, UA_GRADS as GRADS, UA_LABELS as LABELS
 from protocol.keys import UA_LOGITS as LOGITS
 from protocol.records import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
-from shared_models import encode, get_family
+from shared_models import StepContext, encode, get_family
 from shared_models.codec import decode_into, norm_state_keys
+from shared_models.family import adam
+
+from .trainer import LocalTrainer, discriminator_round
 
 # families whose discriminator outputs the logit of a probability (server/ua_gan.py: the same)
 UA_FAMILIES = ("dcgan", "cdcgan")
@@ -83,43 +85,28 @@ def ua_discriminator_round(
     real_labels: torch.Tensor | None = None,
     fake_labels: torch.Tensor | None = None,
     seed: int = 0,
+    trainer: LocalTrainer | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Train ``d`` for ``steps`` on real vs fakes; return (logits, d logit / d fake, metrics).
 
-    The final pass runs in eval mode, so each image's logit depends on that image only and its
-    input gradient is exactly what the coordinator's chain rule needs.
+    With a ``trainer`` (as ``ua_train`` runs it) this is ``trainer.ua_round``, the same machinery
+    as every other hospital round: the trainer's device, mixed precision and upload-once cache of
+    the real slices, ``StepContext`` steps, one host sync per round (``discriminator_round``).
+    Without one: on ``d``'s device in fp32. Batches are drawn with a CPU generator
+    seeded by ``seed`` (the hospital's secret). The final pass runs in eval mode, so each image's
+    logit depends on that image only and its input gradient is exactly what the coordinator's
+    chain rule needs.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    if trainer is not None:
+        return trainer.ua_round(d, opt, real, fakes, steps=steps, batch_size=batch_size,
+                                generator=gen, real_labels=real_labels, fake_labels=fake_labels)
     device = next(d.parameters()).device
-    real, fakes = real.to(device), fakes.to(device)
-    real_labels = real_labels.to(device) if real_labels is not None else None
-    fake_labels = fake_labels.to(device) if fake_labels is not None else None
-    d.train()
-    loss_sum, d_real_sum, d_fake_sum = 0.0, 0.0, 0.0
-    for _ in range(steps):
-        ri = torch.randint(len(real), (min(batch_size, len(real)),), generator=gen)
-        fi = torch.randint(len(fakes), (min(batch_size, len(fakes)),), generator=gen)
-        rl = real_labels[ri] if real_labels is not None else None
-        fl = fake_labels[fi] if fake_labels is not None else None
-        out_real = d(real[ri], rl)
-        out_fake = d(fakes[fi], fl)
-        loss = bce(out_real, torch.ones_like(out_real)) + bce(out_fake, torch.zeros_like(out_fake))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        loss_sum += float(loss.detach())
-        d_real_sum += float(torch.sigmoid(out_real).mean())
-        d_fake_sum += float(torch.sigmoid(out_fake).mean())
-    d.eval()
-    try:
-        x = fakes.detach().clone().requires_grad_(True)
-        logits = d(x, fake_labels)
-        (grads,) = torch.autograd.grad(logits.sum(), x)
-    finally:
-        d.train()
-    n = max(steps, 1)
-    metrics = {"loss-d": loss_sum / n, "d-real": d_real_sum / n, "d-fake": d_fake_sum / n}
-    return (logits.detach().float().cpu().numpy(), grads.float().cpu().numpy(), metrics)
+    return discriminator_round(
+        d, opt, real.float().to(device), fakes.to(device), steps=steps, batch_size=batch_size,
+        ctx=StepContext(device=device), generator=gen,
+        real_labels=real_labels.to(device) if real_labels is not None else None,
+        fake_labels=fake_labels.to(device) if fake_labels is not None else None)
 
 
 UA_STATE = "fedsynth-ua-discriminator"  # context.state: this hospital's private UA D
@@ -131,8 +118,8 @@ class _UaState:
     """One hospital's UA discriminator and its optimiser for this run (``client.app.RunState``)."""
 
     def __init__(self, d: nn.Module, lr: float) -> None:
-        self.d = d
-        self.opt = torch.optim.Adam(d.parameters(), lr, UA_BETAS)
+        self.d = d  # on its device already: the fused (CUDA) Adam is chosen from where it is
+        self.opt = adam(d.parameters(), lr, UA_BETAS)
 
 
 def _secret(context: Context) -> int:
@@ -143,7 +130,7 @@ def _secret(context: Context) -> int:
     return int(context.state.config_records[UA_SECRET]["seed"])
 
 
-def _ua_discriminator(context: Context, model, lr: float, device: torch.device,  # noqa: ANN001
+def _ua_discriminator(context: Context, model, lr: float, trainer: LocalTrainer,  # noqa: ANN001
                       store: dict) -> _UaState:
     """This hospital's UA discriminator: from this run's memory, its saved state, or new."""
     state = store.get(context.node_id)
@@ -155,7 +142,7 @@ def _ua_discriminator(context: Context, model, lr: float, device: torch.device, 
         if UA_STATE in context.state.array_records:
             decode_into({"discriminator": d},
                         protocol.from_record(context.state.array_records[UA_STATE]))
-        state = store[context.node_id] = _UaState(d.to(device), lr)
+        state = store[context.node_id] = _UaState(trainer.prepare(d), lr)
     for group in state.opt.param_groups:
         group["lr"] = lr
     return state
@@ -187,10 +174,9 @@ def _checked_fakes(received: Mapping[str, np.ndarray], model, max_fakes: int  # 
 
 def ua_train(msg: Message, context: Context) -> Message:
     """Flower handler of ``train.ua_gan``: one UA-GAN discriminator round at this hospital."""
-    from .app import PolicyRefused, _refuse, check_signature, run_state  # late: client.app
+    from .app import PolicyRefused, _refuse, check_signature, run_state, trainer_for  # late
     from .datasets import local_data  # registers this handler
     from .settings import HospitalSettings
-    from .trainer import pick_device
 
     hospital = HospitalSettings.from_node_config(context.node_config)
     if hospital.threads:
@@ -207,8 +193,11 @@ def ua_train(msg: Message, context: Context) -> Message:
                                             model, hospital.ua_max_fakes)
     except ValueError as exc:
         _refuse(hospital, "ua-policy", PolicyRefused(str(exc)))
+    # this run's warm trainer of the model (first: a new run drops the previous run's data): its
+    # device, precision and device copies of the real slices; its nets are not the UA D
+    trainer = trainer_for(hospital, model, context.run_id)
     data = local_data(hospital, model)
-    real = data.train["image"].float()
+    real = data.train["image"]  # the cached tensor itself: uploaded to the device once per run
     if len(real) < hospital.ua_min_batch:
         _refuse(hospital, "ua-policy", PolicyRefused(
             f"{len(real)} training slices are fewer than ua-min-batch = {hospital.ua_min_batch}: "
@@ -220,13 +209,12 @@ def ua_train(msg: Message, context: Context) -> Message:
         log.warning("UA-GAN round %d within this hospital's floor: %d steps (asked %d), batch "
                     "%d (asked %d), lr %.3g (asked %.3g)", server_round, steps,
                     train.local_steps, batch, train.batch_size, lr, train.lr_d)
-    ua = _ua_discriminator(context, model, lr, pick_device(hospital.device),
-                           run_state(context.run_id).ua)
+    ua = _ua_discriminator(context, model, lr, trainer, run_state(context.run_id).ua)
     t0 = time.perf_counter()
     logits, grads, metrics = ua_discriminator_round(
         ua.d, ua.opt, real, fakes, steps=steps, batch_size=batch,
         real_labels=data.train.get("label"), fake_labels=fake_labels,
-        seed=(_secret(context) + server_round) % 2**62)
+        seed=(_secret(context) + server_round) % 2**62, trainer=trainer)
     metrics.update({"train-seconds": time.perf_counter() - t0, "steps": steps,
                     protocol.NUM_EXAMPLES: len(real),
                     protocol.examples_key("discriminator"): len(real)})

@@ -151,6 +151,98 @@ def test_fit_syncs_once_at_the_end() -> None:
     assert log.syncs(0, first) == [], "host sync before the first step"
 
 
+class _MarkedContext(StepContext):
+    """A StepContext that marks where each ``step`` (backward + optimiser step) begins and ends."""
+
+    def __init__(self, ctx: StepContext, log: SyncLog) -> None:
+        super().__init__(device=ctx.device, amp_dtype=ctx.amp_dtype, scaler=ctx.scaler,
+                         prox_mu=ctx.prox_mu, anchor=ctx.anchor)
+        self._log = log
+
+    def step(self, loss: torch.Tensor, *optimizers: torch.optim.Optimizer) -> None:
+        self._log.events.append(("step-begin", "", ""))
+        super().step(loss, *optimizers)
+        self._log.events.append(("step-end", "", ""))
+
+
+@pytest.mark.parametrize("family_name", ["dcgan", "cdcgan"])
+def test_ua_round_syncs_once_per_round(family_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hospital's UA-GAN discriminator round (``client.ua_gan.ua_discriminator_round`` through
+    ``LocalTrainer.ua_round``): its steps go through the trainer's StepContext, nothing is read
+    back before, during or between them, and after them ONE copy to the host brings the logits,
+    input gradients and step means together (a ``.cpu()`` and the ``.numpy()`` of that host
+    copy, on one line of client/trainer.py): one host sync per round, not per step."""
+    from client.ua_gan import UA_BETAS, ua_discriminator_round
+    from shared_models.family import adam
+
+    model, data = _tiny(family_name)
+    trainer = LocalTrainer(model, torch.device("cpu"), amp="off")
+    log = SyncLog()
+    contexts = trainer._context
+    monkeypatch.setattr(trainer, "_context", lambda *a: _MarkedContext(contexts(*a), log))
+    torch.manual_seed(0)
+    d = trainer.prepare(get_family(family_name).build(model)["discriminator"])
+    opt = adam(d.parameters(), 2e-4, UA_BETAS)
+    fakes = torch.rand(5, 1, 32, 32) * 2 - 1
+    labels = data.get("label")
+    fake_labels = labels[:5] if labels is not None else None
+    with count_syncs() as counted:
+        counted.events = log.events
+        logits, grads, metrics = ua_discriminator_round(
+            d, opt, data["image"], fakes, steps=3, batch_size=4, real_labels=labels,
+            fake_labels=fake_labels, seed=123, trainer=trainer)
+    kinds = [e[0] for e in log.events]
+    assert kinds.count("step-begin") == 3
+    last = len(kinds) - 1 - kinds[::-1].index("step-end")
+    assert log.syncs(0, last + 1) == [], "host sync before, inside or between UA steps"
+    after = log.syncs(last + 1)
+    assert [e[1] for e in after] == ["cpu", "numpy"], after
+    assert len({e[2] for e in after}) == 1
+    assert after[0][2].startswith(str(REPO / "client" / "trainer.py"))
+    assert logits.shape == (5,) and grads.shape == fakes.shape
+    assert set(metrics) == {"loss-d", "d-real", "d-fake"}
+    assert all(0.0 < metrics[k] < 1.0 for k in ("d-real", "d-fake")) and metrics["loss-d"] > 0
+
+
+def test_ua_round_matches_the_plain_loop() -> None:
+    """The trainer's UA round is the same arithmetic as the plain loop it replaced (fp32 on the
+    CPU): same secret-seeded draws (real then fake indices per step), same Adam, same logits,
+    input gradients and step means."""
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    from client.ua_gan import UA_BETAS, ua_discriminator_round
+
+    model, data = _tiny("dcgan")
+    trainer = LocalTrainer(model, torch.device("cpu"), amp="off")
+    real, fakes = data["image"], torch.rand(6, 1, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    d = get_family("dcgan").build(model)["discriminator"]
+    ref = get_family("dcgan").build(model)["discriminator"]
+    ref.load_state_dict(d.state_dict())
+    opt, ref_opt = (torch.optim.Adam(n.parameters(), 2e-4, UA_BETAS) for n in (d, ref))
+    logits, grads, metrics = ua_discriminator_round(d, opt, real, fakes, steps=3, batch_size=4,
+                                                    seed=99, trainer=trainer)
+    gen = torch.Generator().manual_seed(99)
+    sums = [0.0, 0.0, 0.0]
+    for _ in range(3):
+        ri, fi = torch.randint(8, (4,), generator=gen), torch.randint(6, (4,), generator=gen)
+        out_r, out_f = ref(real[ri]), ref(fakes[fi])
+        loss = bce(out_r, torch.ones_like(out_r)) + bce(out_f, torch.zeros_like(out_f))
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        for i, v in enumerate((loss, torch.sigmoid(out_r).mean(), torch.sigmoid(out_f).mean())):
+            sums[i] += float(v.detach())
+    ref.eval()
+    x = fakes.clone().requires_grad_(True)
+    ref_logits = ref(x)
+    (ref_grads,) = torch.autograd.grad(ref_logits.sum(), x)
+    torch.testing.assert_close(torch.from_numpy(logits), ref_logits.detach())
+    torch.testing.assert_close(torch.from_numpy(grads), ref_grads)
+    for k, v in zip(("loss-d", "d-real", "d-fake"), sums):
+        assert metrics[k] == pytest.approx(v / 3, rel=1e-5)
+
+
 def _dcgan32_messages(wire_dtype: str):  # noqa: ANN202
     model = ModelConfig(image_size=32)  # the default DCGAN-32, width 32: ~2.7 MB of fp32
     return wire.train_messages(model, TrainConfig(wire_dtype=wire_dtype))
