@@ -48,46 +48,66 @@ class RoundsResult:
     rows: list[dict] = field(default_factory=list)
     startup_s: float = 0.0  # daemons started until all 3 hospitals are connected
 
-    def compute(self, row: dict) -> float:
-        """The slowest hospital's compute in ``row``: its train + evaluate seconds."""
+    def kind(self, i: int) -> str:
+        """``train`` (no evaluation), ``folded`` (its train message also carried the previous
+        round's evaluation: each hospital evaluated before training, one round trip) or
+        ``separate`` (the last round: an evaluate message of its own, a second round trip)."""
+        if i == len(self.rows) - 1 and self.rows[i].get("evaluated"):
+            return "separate"
+        if i > 0 and self.rows[i - 1].get("evaluated"):
+            return "folded"
+        return "train"
+
+    def compute(self, i: int) -> float:
+        """The slowest hospital's compute in round ``i``: its train seconds, plus the evaluation
+        it ran in that round (the previous round's, folded; or its own, separate)."""
+        row = self.rows[i]
         per_node: dict[str, float] = {}
         for node, m in (row.get("hospitals") or {}).items():
             per_node[node] = per_node.get(node, 0.0) + float(m.get("train-seconds", 0.0))
-        for node, m in (row.get("evaluated") or {}).items():
+        kind = self.kind(i)
+        evaluated = (self.rows[i - 1].get("evaluated") if kind == "folded"
+                     else row.get("evaluated") if kind == "separate" else None) or {}
+        for node, m in evaluated.items():
             per_node[node] = per_node.get(node, 0.0) + float(m.get("eval-seconds", 0.0))
         return max(per_node.values(), default=float("nan"))
 
-    @property
-    def steady(self) -> list[dict]:
-        """Rounds after the first (which carries imports, caches and cuDNN/oneDNN warm-up)."""
-        return self.rows[1:] if len(self.rows) > 1 else self.rows
-
-    def _median(self, rows: list[dict]) -> float:
-        return statistics.median(r["seconds"] / self.compute(r) for r in rows) if rows \
-            else float("nan")
+    def _median(self, kind: str) -> float:
+        """Median round/compute over the rounds after the first (imports, caches, warm-up)."""
+        ratios = [self.rows[i]["seconds"] / self.compute(i) for i in range(1, len(self.rows))
+                  if self.kind(i) == kind]
+        return statistics.median(ratios) if ratios else float("nan")
 
     @property
     def ratio(self) -> float:
-        """Training rounds: the median over steady rounds without an evaluation round trip."""
-        return self._median([r for r in self.steady if not r.get("evaluated")])
+        """Training rounds without any evaluation."""
+        return self._median("train")
 
     @property
     def eval_ratio(self) -> float:
-        """Rounds that also evaluated (a second round trip with the whole model)."""
-        return self._median([r for r in self.steady if r.get("evaluated")])
+        """Rounds that also evaluate: the evaluation folded into the train message."""
+        return self._median("folded")
+
+    @property
+    def last_eval_ratio(self) -> float:
+        """The last round, which evaluates with a message of its own (second round trip)."""
+        return self._median("separate")
 
     def detail(self) -> str:
-        rounds = ", ".join(f"{r['seconds']:.1f}/{self.compute(r):.1f}"
-                           + ("e" if r.get("evaluated") else "") for r in self.rows)
-        over = statistics.median(r["seconds"] - self.compute(r) for r in self.steady)
+        marks = {"train": "", "folded": "e", "separate": "E"}
+        rounds = ", ".join(f"{r['seconds']:.1f}/{self.compute(i):.1f}" + marks[self.kind(i)]
+                           for i, r in enumerate(self.rows))
+        over = statistics.median(self.rows[i]["seconds"] - self.compute(i)
+                                 for i in range(1, len(self.rows)))
         phases = "; ".join(
             f"round {r['round']}: " + ", ".join(
                 f"{k.removesuffix('-seconds')} {v:.1f}" for k, v in sorted(r["server"].items())
-                if k.endswith("-seconds")) for r in self.steady)
+                if k.endswith("-seconds")) for r in self.rows[1:])
         return (f"{self.executor} executor, {self.local_steps} local steps; round/compute seconds "
-                f"per round: {rounds} (round 1 = warm-up, e = with evaluation); median overhead "
-                f"{over:.1f} s per round; coordinator phases (s): {phases}; daemons up in "
-                f"{self.startup_s:.0f} s")
+                f"per round: {rounds} (round 1 = warm-up; e = also evaluated the previous "
+                f"round's model, folded into the train message; E = the last round's own "
+                f"evaluate message); median overhead {over:.1f} s per round; coordinator phases "
+                f"(s): {phases}; daemons up in {self.startup_s:.0f} s")
 
 
 def calibrate(family: str, image_size: int, batch: int, seconds: float) -> int:
@@ -138,7 +158,9 @@ def deployed(case: str, executor: str, local_steps: int, rounds: int, folder: Pa
     for name in names:
         new_node_key(keys.root, name)
     data = build_demo_hospitals(folder / "data", 3, matrix=size)
-    evaluate_every = evaluate_every or rounds  # default: evaluate in the last round only
+    # default 2: rounds 2, 4, ... are evaluated, their evaluation riding in rounds 3, 5, ...; so one
+    # federation gives training rounds, evaluating rounds and the last round side by side
+    evaluate_every = evaluate_every or 2
     address = f"127.0.0.1:{free_port()}"
     result = RoundsResult(case, executor, local_steps)
     t0 = time.monotonic()
@@ -203,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--families", default="dcgan64,cyclegan128",
                    help=f"comma separated cases: {', '.join(CASES)}")
     p.add_argument("--seconds", type=float, default=30.0, help="local compute per round")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="rounds per federation (>= 3): round 1 warms up, the last evaluates")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="rounds per federation (>= 4): round 1 warms up; with evaluate-every 2, "
+                        "even rounds are evaluated in the next round's train message, the last "
+                        "with a message of its own")
     p.add_argument("--executors", default="warm",
                    help="warm only: Flower's stock executor imports the run bundle's code and is no "
                         "longer offered (client/bundle.py)")
@@ -221,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in results:
         print(f"{figure_name(res)}: {res.ratio:.3f}")
         print(f"{figure_name(res).replace('_round_', '_eval_round_')}: {res.eval_ratio:.3f}")
+        print(f"{figure_name(res).replace('_round_', '_last_round_')}: {res.last_eval_ratio:.3f}")
     if args.json:
         args.json.write_text(json.dumps([{**res.__dict__} for res in results], indent=1))
     return 0

@@ -191,7 +191,12 @@ def translation_inputs(folder: Path, cfg: Any, data: Any, n: int, attribute: str
     from client.dicom import DicomSettings, scan_folder
     from client.settings import HospitalSettings
 
-    slices = scan_folder(folder, DicomSettings(image_size=cfg.image_size))
+    settings = DicomSettings(image_size=cfg.image_size)
+    slices = scan_folder(folder, settings)
+    if cfg.spatial_dims == 3:  # the hospital's spacing-aware volume path (client/volumes.py)
+        from client.cache import slice_geometry
+
+        slices.meta.update(slice_geometry(folder, slices.meta, settings))
     hospital = HospitalSettings(data_dir=folder, label_attribute=attribute or "",
                                 label_patterns=((data.domain_a, pattern),) if pattern else ())
     selector = domain_selector(hospital, cfg, data)
@@ -214,7 +219,8 @@ def translation_inputs(folder: Path, cfg: Any, data: Any, n: int, attribute: str
     images = np.asarray(slices.images, dtype=np.float32)
     if images.ndim == 3:
         images = images[:, None]
-    x = stack(images, [groups[k] for k in chosen], cfg.spatial_dims, cfg.image_size).numpy()
+    x = stack(images, [groups[k] for k in chosen], cfg.spatial_dims, cfg.image_size,
+              meta=slices.meta if cfg.spatial_dims == 3 else None).numpy()
     unit = "volume" if cfg.spatial_dims == 3 else "slice"
     notes = []
     for k in chosen:
