@@ -59,3 +59,10 @@ def check_name(name: str) -> str:
         raise ValueError(f"hospital name {name!r} is not a valid metric label: use 1-63 letters, "
                          "digits, '.', '_' or '-' (no paths, no spaces)")
     return name
+
+
+# `fedsynth coordinator --metrics-port/--metrics-host`: the SuperLink's environment, inherited by
+# every run's ServerApp, which serves the coordinator's metrics there unless the run's own
+# metrics-port says otherwise (server/app.py).
+COORDINATOR_METRICS_PORT_ENV = "FEDSYNTH_COORDINATOR_METRICS_PORT"
+COORDINATOR_METRICS_HOST_ENV = "FEDSYNTH_COORDINATOR_METRICS_HOST"

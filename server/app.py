@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from protocol.keys import COORDINATOR_METRICS_HOST_ENV, COORDINATOR_METRICS_PORT_ENV
 
 from .federation import run_federation
 from .run_config import FederationConfig
@@ -24,7 +28,12 @@ def make_server_app(cfg: FederationConfig | None = None) -> ServerApp:
         flower_private.fast_object_pulls()  # replies' objects land just after the reply
         grid = PromptGrid(grid)
         run_cfg = cfg or FederationConfig.from_run_config(context.run_config)
-        # The ServerApp process lives for the whole run: it serves the coordinator's metrics.
+        # The ServerApp process lives for the whole run: it serves the coordinator's metrics,
+        # on the run's metrics-port, else on `fedsynth coordinator --metrics-port`'s.
+        if run_cfg.metrics_port <= 0 and os.environ.get(COORDINATOR_METRICS_PORT_ENV):
+            run_cfg = dataclasses.replace(
+                run_cfg, metrics_port=int(os.environ[COORDINATOR_METRICS_PORT_ENV]),
+                metrics_host=os.environ.get(COORDINATOR_METRICS_HOST_ENV, run_cfg.metrics_host))
         if run_cfg.metrics_port <= 0:
             run_federation(grid, run_cfg)
             return

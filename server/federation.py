@@ -52,6 +52,9 @@ class RoundSummary:
     # offline / restarted / timeout (did not answer, server/grid.py) or error (answered with one).
     failed_hospitals: dict[str, str] = field(default_factory=dict)
     evaluate_failed: dict[str, str] = field(default_factory=dict)  # the same, evaluate phase
+    # node id -> the name its key was registered under (where the coordinator knows one), so
+    # the report and `fedsynth status` name hospitals, not Flower node ids
+    names: dict[str, str] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +128,22 @@ def _named(grid: Grid, failed: Mapping[str, str]) -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a test double's attribute is not a namer
             label = str(node_id)
         out[label if label not in out else f"{label} ({node_id})"] = kind
+    return out
+
+
+def _node_names(grid: Grid, nodes: set[str]) -> dict[str, str]:
+    """node id -> registered name for ``nodes`` whose name the grid knows."""
+    name = getattr(grid, "node_name", None)
+    out: dict[str, str] = {}
+    if not callable(name):
+        return out
+    for node in sorted(nodes):
+        try:
+            label = str(name(node))
+        except Exception:  # noqa: BLE001 - a test double's attribute is not a namer
+            continue
+        if label and label != node:
+            out[node] = label
     return out
 
 
@@ -236,6 +255,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             evaluated=evaluated,
             failed_hospitals=_named(grid, train_report.failed_nodes),
             evaluate_failed=_named(grid, eval_failed),
+            names=_node_names(grid, {*train_report.per_hospital, *evaluated}),
         )
         folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
                                              "model": asdict(cfg.model)})

@@ -113,11 +113,24 @@ def _series(rows: Sequence[Mapping[str, Any]], section: str, keys: Mapping[str, 
 
 
 def hospital_names(root: Path) -> dict[str, str]:
-    """Node id → name where the run folder knows it (simulation writes ``node-names/``)."""
+    """Node id → name where the run folder knows it: the rows' ``names`` (a deployment: the
+    names the coordinator registered the hospitals' keys under) and, in simulation,
+    ``node-names/``."""
+    out: dict[str, str] = {}
+    metrics = root / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            names = row.get("names") if isinstance(row, dict) else None
+            if isinstance(names, dict):
+                out.update({str(k): str(v) for k, v in names.items()})
     folder = root / "node-names"
-    if not folder.is_dir():
-        return {}
-    return {f.stem: f.read_text().strip() for f in folder.glob("*.name")}
+    if folder.is_dir():
+        out.update({f.stem: f.read_text().strip() for f in folder.glob("*.name")})
+    return out
 
 
 def _participation(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> str:

@@ -40,8 +40,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     data = dict(zip(SITES, build_mr_ct_hospitals(root / "data", matrix=32)))
     port = free_port()
     address = f"127.0.0.1:{port}"
+    coord_metrics = free_port()  # `fedsynth coordinator --metrics-port`: every run's default
     coord = start("coordinator", ["coordinator", "--keys", str(keys.root), "--address", address,
-                                  "--state", str(root / "state"), "--rescan", "2"], root)
+                                  "--state", str(root / "state"), "--rescan", "2",
+                                  "--metrics-port", str(coord_metrics)], root)
     hospitals = {}
     for name in SITES:
         toml = root / f"{name}.toml"
@@ -75,7 +77,7 @@ model-public-key = "{keys.signing_pub}"
         names_file.write_text(json.dumps({node: name for name, node in nodes.items()}))
         yield {"root": root, "keys": keys, "address": address, "coord": coord,
                "hospitals": hospitals, "procs": procs, "data": data, "nodes": nodes,
-               "names_file": names_file}
+               "names_file": names_file, "coord_metrics": coord_metrics}
     finally:
         for p in procs:
             p.stop()
@@ -156,6 +158,7 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
     assert all(r["failed"] == 0 for r in rows), rows
     sites = _by_site(dep, rows[-1])
     assert set(sites) == set(SITES), rows  # named by the hospital-names file
+    assert set(rows[-1]["names"].values()) == set(SITES)  # and by the coordinator: key names
     assert sites["mr-and-ct"]["num-examples-generator"] > 0  # the one site with MR/CT pairs
     assert sites["mr-only"]["num-examples-generator"] == 0  # holds no pair: trains nothing
     _no_errors(dep)
@@ -168,7 +171,19 @@ def test_cyclegan_mr_to_ct_with_single_modality_sites(deployment, tmp_path: Path
     folder = _launch(dep, "cyclegan-mr-ct", family="cyclegan", image_size=32, width=8,
                      domain_attribute="modality", domain_a="MR", domain_b="CT", rounds=2,
                      local_steps=2, batch_size=2, min_hospitals=3, round_timeout=300)
-    wait_for("2 CycleGAN rounds", lambda: len(metrics_rows(folder)) >= 2, 600, dep["procs"])
+    scraped: dict[str, str] = {}
+
+    def done() -> bool:  # the run sets no metrics-port: the coordinator's --metrics-port serves
+        if not scraped:
+            try:
+                scraped["body"] = urllib.request.urlopen(
+                    f"http://127.0.0.1:{dep['coord_metrics']}/metrics", timeout=2).read().decode()
+            except OSError:
+                pass
+        return len(metrics_rows(folder)) >= 2
+
+    wait_for("2 CycleGAN rounds", done, 600, dep["procs"])
+    assert 'family="cyclegan"' in scraped.get("body", ""), "no metrics on --metrics-port"
     rows = metrics_rows(folder)
     assert all(r["failed"] == 0 and r["replied"] == 3 for r in rows), rows
     sites = _by_site(dep, rows[-1])

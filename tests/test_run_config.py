@@ -116,3 +116,25 @@ def test_launch_file_is_checked_before_submission(tmp_path: Path) -> None:
     path.write_text('[coordinator]\naddress = "127.0.0.1:9"\ninsecure = true\nmetrics-port = 1\n')
     with pytest.raises(ValueError, match=r"unknown \[coordinator\] key.*metrics-port.*\[run\]"):
         LaunchConfig.load(path)
+
+
+def test_hospital_settings_refuse_unknown_keys(tmp_path: Path) -> None:
+    """Issue 12: `[hospital] domain-a = ...` was silently ignored."""
+    from client.settings import DaemonSettings, SettingsError
+
+    (tmp_path / "data").mkdir()
+    toml = tmp_path / "h.toml"
+    base = '[coordinator]\naddress = "127.0.0.1:9"\ninsecure = true\n'
+    toml.write_text(base + f'[hospital]\ndata-dir = "{tmp_path / "data"}"\ndomain-a = "MR"\n')
+    with pytest.raises(SettingsError, match=r"unknown \[hospital\] setting\(s\) domain-a; known"):
+        DaemonSettings.load(toml)
+    toml.write_text(base + f'[hospital]\ndata-dir = "{tmp_path / "data"}"\n'
+                    'label-attribute = "modality"\nlabel-patterns = "MR=^MR$;CT=^CT$"\n'
+                    '[node]\nexecuter = "warm"\n')
+    with pytest.raises(SettingsError, match=r"unknown \[node\] setting\(s\) executer"):
+        DaemonSettings.load(toml)
+    toml.write_text(base + f'[hospital]\ndata-dir = "{tmp_path / "data"}"\n'
+                    'label-attribute = "modality"\n[hospital.label-patterns]\nMR = "^MR$"\n')
+    settings = DaemonSettings.load(toml)
+    assert settings.hospital.label_patterns == (("MR", "^MR$"),)
+    assert settings.hospital.to_node_config()["label-patterns"] == "MR=^MR$"

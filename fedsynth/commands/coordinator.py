@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no node authentication (local tests only; warns loudly)")
     p.add_argument("--log-file", type=Path, help="copy the SuperLink's and nginx's log here")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve the coordinator's Prometheus metrics on this port during every run "
+                        "(the run's own [run] metrics-port wins; 0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the metrics endpoint binds (default 127.0.0.1)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +84,19 @@ def _free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _with_metrics(env: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    """The SuperLink's environment plus the metrics endpoint every run's ServerApp serves."""
+    from fedsynth.errors import UserError
+    from protocol.keys import COORDINATOR_METRICS_HOST_ENV, COORDINATOR_METRICS_PORT_ENV
+
+    if not 0 <= args.metrics_port < 65536:
+        raise UserError(f"--metrics-port {args.metrics_port} is not a TCP port")
+    if args.metrics_port:
+        env[COORDINATOR_METRICS_PORT_ENV] = str(args.metrics_port)
+        env[COORDINATOR_METRICS_HOST_ENV] = str(args.metrics_host)
+    return env
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
     link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", state / "state.db",
                                                     tls, node_auth=tls is not None),
-                      env=superlink_env(), sink=sink_for("superlink"))
+                      env=_with_metrics(superlink_env(), args), sink=sink_for("superlink"))
     front = Supervisor("fleet-proxy", proxy.command(), sink=sink_for("proxy"))
 
     def stop() -> None:
