@@ -1,8 +1,11 @@
 """Quality benchmark: federated presets vs centralized vs each hospital alone (pix2pix T1w -> T2w).
 
-Data: phantom T1w/T2w pairs (``fedsynth.demo_data.phantom_pair``) from 4 hospitals with different
-scanner profiles (field strength, TR/TE, noise, field of view, rotation: a non-IID split). Every
-4th slice of every hospital is held out; the pooled held-out pairs are the one test set.
+Data: the demo hospitals' phantom T1w/T2w DICOM series (``fedsynth.demo_data``, no real files),
+``hospitals`` of them with different scanner profiles (field strength, TR/TE, noise, field of view,
+rotation: a non-IID split), as each hospital's ClientApp loads them (``client.datasets``: per-slice
+percentile scaling, pairs by study and slice position). Every 4th pair is held out
+(``holdout-every = 4``); the pooled held-out pairs are the one test set, and every row trains on
+exactly the hospitals' training pairs.
 
 Same compute budget ("optimiser steps x images"), with ``S = rounds x local_steps``:
 
@@ -13,45 +16,47 @@ Same compute budget ("optimiser steps x images"), with ``S = rounds x local_step
 - a hospital alone takes its own share, ``S`` steps at ``batch`` images, on its own data only
   (what it spends inside the federation, without the others).
 
-The federation runs in-process, without Flower's transport: the real ``GanStrategy`` builds the
-round's messages and aggregates real ``Message`` replies built by ``protocol.train_reply`` (under a
-task identity, as in the unit tests), and each hospital runs the family's ``train_step`` and
-answers with ``client.ua_gan.reply_plan``. Hospitals keep their Adam state between rounds
-(``keep_optimizers``; only weights are averaged, standard FedAvg practice); the row "local-d,
-fresh optimisers each round" rebuilds them every round instead, as ``client/trainer.py`` does
-today. ``ua-gan`` is not run: pix2pix's discriminator is conditioned on a real input image, which
+The federation is the deployed one without its transport: ``server.federation.run_federation``
+(the ServerApp's round loop: strategy, validation, run folder) over ``fedsynth.inprocess``'s Grid,
+which hands every message to the real ClientApp (``client.app.app``) of each virtual hospital.
+Hospitals keep their Adam state between rounds (``keep_optimizers``: ``KeptOptimizers`` wraps the
+ClientApp; only weights are averaged, standard FedAvg practice); the row "local-d, fresh
+optimisers each round" is the ClientApp as it is (``client/trainer.py`` builds them every round).
+``ua-gan`` is not run: pix2pix's discriminator is conditioned on a real input image, which
 UA-GAN's coordinator does not have.
 
-FedBN models keep per-hospital norm layers, so FedBN is scored as the mean over the hospitals'
-own models on the held-out set. Metrics on [0, 1] intensities: SSIM (MONAI, 7x7 Gaussian), PSNR,
-MAE. Two reference rows bound the scale: the input T1w scored as if it were the T2w, and the
-untrained generator. A seed sets the scanner profiles' jitter, the phantom noise, the network
-initialisations and the batches; ``--seeds`` (default 0 and 1) are averaged row by row, no seed is
-picked. The last line prints the two ratios the issue asks for, computed from the seed-averaged
-rows, over every federated row (the presets with kept optimisers, local-d with fresh ones, and
-local-d with FedAvgM on the coordinator).
+FedBN models keep per-hospital norm layers, so FedBN is scored as the mean over the hospitals' own
+models (each hospital's kept weights with the last model it received) on the held-out set. Metrics
+on [0, 1] intensities: SSIM (MONAI, 7x7 Gaussian), PSNR, MAE. Two reference rows bound the scale:
+the input T1w scored as if it were the T2w, and the untrained generator. A seed sets the scanner
+profiles' jitter, the phantom noise, the network initialisations and the batches; ``--seeds``
+(default 0 and 1) are averaged row by row, no seed is picked. The last line prints the two ratios
+the issue asks for, computed from the seed-averaged rows, over every federated row (the presets
+with kept optimisers, local-d with fresh ones, and local-d with FedAvgM on the coordinator).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import shutil
+import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message
 
-from client.ua_gan import reply_plan
+from fedsynth.demo_data import build_demo_hospitals
+from fedsynth.inprocess import InProcessGrid, run_inprocess
 from protocol import records as protocol
-from fedsynth.demo_data import default_profiles, phantom_pair
-from server.aggregation import norm_state_keys
-from server.presets import make_strategy
-from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
+from server.federation import FederationConfig
+from server.run_folder import load_checkpoint
+from shared_models import DataConfig, ModelConfig, StepContext, TrainConfig, get_family
 from shared_models.codec import decode_into
 
 log = logging.getLogger("bench.quality")
@@ -98,26 +103,53 @@ class BenchConfig:
                            lr_d=self.lr, seed=self.seed)
 
 
-def _norm(x: np.ndarray) -> np.ndarray:
-    """Per-image scaling to [-1, 1] (MR has no absolute units)."""
-    return (2 * x / max(float(x.max()), 1e-6) - 1).astype(np.float32)
+HOLDOUT_EVERY = 4  # every 4th pair (slice, for generation families) of a hospital is held out
+_WORK: dict[str, Path] = {}
+
+
+def work_dir() -> Path:
+    """This process's scratch folder (demo DICOM, slice caches, run folders); gone at exit."""
+    if "root" not in _WORK:
+        _WORK["root"] = Path(tempfile.mkdtemp(prefix="fedsynth-bench-quality-"))
+        atexit.register(shutil.rmtree, _WORK["root"], True)
+    return _WORK["root"]
+
+
+def hospital_settings(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Each virtual hospital's settings (its node config): the demo phantom DICOM of ``cfg.seed``
+    at ``cfg.image_size``, written once per process, a slice cache, CPU, 1 in 4 held out."""
+    root = work_dir() / f"data-{cfg.hospitals}h-seed{cfg.seed}-{cfg.image_size}px"
+    if not root.is_dir():
+        tmp = root.with_name(root.name + ".tmp")
+        build_demo_hospitals(tmp, cfg.hospitals, seed=cfg.seed, matrix=cfg.image_size,
+                             include_real=False)
+        tmp.rename(root)
+    folders = sorted((p for p in root.iterdir() if p.is_dir()),
+                     key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    return [{"data-dir": str(f), "cache-dir": str(work_dir() / "cache" / root.name / f.name),
+             "name": f"hospital-{i + 1}", "device": "cpu", "holdout-every": HOLDOUT_EVERY}
+            for i, f in enumerate(folders)]
+
+
+def load_hospital(settings: Mapping[str, Any], model: ModelConfig,
+                  data: DataConfig | None = None) -> tuple[dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor]]:
+    """(train, held out) tensors of ``model``'s family, exactly as the hospital's ClientApp
+    loads them (``client.datasets.local_data``)."""
+    from client.datasets import local_data
+    from client.settings import HospitalSettings
+
+    loaded = local_data(HospitalSettings.from_mapping(settings), model, data)
+    return ({k: v.clone() for k, v in loaded.train.items()},
+            {k: v.clone() for k, v in loaded.holdout.items()})
 
 
 def hospital_data(cfg: BenchConfig
                   ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Per-hospital training pairs and the pooled held-out pairs (every 4th slice)."""
-    train, held_a, held_b = [], [], []
-    for i, profile in enumerate(default_profiles(cfg.hospitals, cfg.seed)):
-        rng = np.random.default_rng([cfg.seed, i])
-        a_list, b_list = [], []
-        for s in range(profile.slices):
-            t1, t2 = phantom_pair(profile, s, cfg.image_size, rng)
-            (held_a if s % 4 == 3 else a_list).append(_norm(t1)[None])
-            (held_b if s % 4 == 3 else b_list).append(_norm(t2)[None])
-        train.append({"a": torch.from_numpy(np.stack(a_list)),
-                      "b": torch.from_numpy(np.stack(b_list))})
-    held = {"a": torch.from_numpy(np.stack(held_a)), "b": torch.from_numpy(np.stack(held_b))}
-    return train, held
+    """Per-hospital training pairs and the pooled held-out pairs (every 4th pair)."""
+    loaded = [load_hospital(h, cfg.model()) for h in hospital_settings(cfg)]
+    held = {k: torch.cat([h[k] for _, h in loaded]) for k in ("a", "b")}
+    return [t for t, _ in loaded], held
 
 
 def _train(family, nets, opts, data: Data, steps: int, batch: int) -> None:  # noqa: ANN001
@@ -156,75 +188,115 @@ def references(cfg: BenchConfig, held: Data) -> dict[str, dict[str, float]]:
             REFERENCE_ROWS[1]: score(family, nets, held)}
 
 
-class _Grid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
+ClientAppFn = Callable[[Message, Context], Message]
+_MISSING = object()
 
 
-def run_rounds(family: Any, strategy: Any, sites: list, site_opts: list, train: Sequence[Data],
-               arrays: dict[str, np.ndarray], model: Any, train_cfg: Any, cfg: "BenchConfig",
-               keep_optimizers: bool = True, local_train: Any = None) -> dict[str, np.ndarray]:
-    """``cfg.rounds`` rounds through ``strategy``: every hospital decodes its message, trains
-    ``cfg.local_steps`` steps, replies as ``client.app`` would; after aggregation the evaluate
-    message updates each hospital's copy. Returns the global arrays. ``local_train`` (default:
-    this module's paired-batch ``_train``) is one hospital's local work."""
-    local_train = local_train or _train
-    grid = _Grid(list(range(1, len(sites) + 1)))
-    for rnd in range(1, cfg.rounds + 1):
-        msgs = list(strategy.configure_train(rnd, protocol.to_record(arrays),
-                                             protocol.train_config(model, train_cfg, rnd), grid))
-        replies = []
-        for msg in msgs:
-            i = msg.metadata.dst_node_id - 1
-            nets = sites[i]
-            decode_into(nets, protocol.from_record(msg.content[protocol.ARRAYS]))
-            if not keep_optimizers:
-                site_opts[i] = family.optimizers(nets, train_cfg)
-            torch.manual_seed(cfg.seed * 1009 + rnd * 31 + i)
-            local_train(family, nets, site_opts[i], train[i], cfg.local_steps, cfg.batch)
-            comps, include = reply_plan(msg.content[protocol.CONFIG], nets, family.components)
-            examples = family.examples(train[i])
-            metrics = {protocol.NUM_EXAMPLES: max(examples.values()),
-                       **{protocol.examples_key(c): n for c, n in examples.items()}}
-            replies.append(Message(protocol.train_reply(encode(nets, comps, include=include),
-                                                        metrics), reply_to=msg))
-        record, _ = strategy.aggregate_train(rnd, replies)
-        if record is not None:
-            arrays = protocol.from_record(record)
-        # what a hospital receives after aggregation (the evaluate message) updates its copy
-        for msg in strategy.configure_evaluate(rnd, protocol.to_record(arrays),
-                                               ConfigRecord({}), grid):
-            decode_into(sites[msg.metadata.dst_node_id - 1],
-                        protocol.from_record(msg.content[protocol.ARRAYS]))
-    return arrays
+class KeptOptimizers:
+    """The ClientApp, with each hospital keeping its optimisers (Adam state) between rounds.
+
+    ``client/trainer.py`` builds fresh optimisers every round (``LocalTrainer.fit``), and nothing
+    in ``run_federation`` can change that: it happens at the hospital. This wrapper lets the
+    hospital's family hand back, during that hospital's train messages, the optimisers it built
+    for the hospital in its first round. They stay attached: the in-process hospitals share a
+    warm trainer (``client.app.trainer_for``) whose parameters are loaded in place every round.
+    """
+
+    def __init__(self, app: ClientAppFn | None = None) -> None:
+        if app is None:
+            from client.app import app as client_app
+
+            app = client_app
+        self.app = app
+        self.kept: dict[int, dict[str, torch.optim.Optimizer]] = {}
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        if str(msg.metadata.message_type) != "train":
+            return self.app(msg, context)
+        model, _, _ = protocol.parse_train_config(msg.content[protocol.CONFIG])
+        cls = type(get_family(model.family))
+        own = cls.__dict__.get("optimizers", _MISSING)
+        build = cls.optimizers
+        kept, node = self.kept, int(context.node_id)
+
+        def optimizers(family, nets, train):  # noqa: ANN001, ANN202
+            opts = kept.get(node)
+            params = {id(p) for net in nets.values() for p in net.parameters()}
+            if opts is None or any(id(p) not in params for o in opts.values()
+                                   for g in o.param_groups for p in g["params"]):
+                opts = kept[node] = build(family, nets, train)
+            return opts
+
+        cls.optimizers = optimizers
+        try:
+            return self.app(msg, context)
+        finally:
+            if own is _MISSING:
+                del cls.optimizers
+            else:
+                cls.optimizers = own
+
+
+@dataclass(frozen=True)
+class BenchFederationConfig(FederationConfig):
+    """A run configuration with policy overrides the run settings do not have (FedAvgM's
+    ``server_momentum``); ``run_federation`` reads them through ``policy_overrides``."""
+
+    extra_overrides: tuple[tuple[str, Any], ...] = ()
+
+    def policy_overrides(self) -> dict[str, Any]:
+        return {**super().policy_overrides(), **dict(self.extra_overrides)}
+
+
+RUN_SETTINGS = ("reducer", "server_opt", "server_lr", "sync_every")  # overrides with a setting
+
+
+def federation_config(preset: str, model: ModelConfig, train: TrainConfig, rounds: int,
+                      overrides: Mapping[str, Any] | None = None) -> FederationConfig:
+    """The run: ``preset`` with ``overrides``; hospitals evaluate in the last round only; 4-image
+    sample grids; one checkpoint; in this process's scratch folder."""
+    overrides = dict(overrides or {})
+    fields = {k: overrides.pop(k) for k in RUN_SETTINGS if k in overrides}
+    return BenchFederationConfig(
+        model=model, train=train, rounds=rounds, preset=preset, evaluate_every=rounds,
+        run_dir=str(work_dir() / "runs"), run_id=f"{preset}-{time.time_ns()}", num_samples=4,
+        keep_checkpoints=1, extra_overrides=tuple(sorted(overrides.items())), **fields)
+
+
+def run_federated(fcfg: FederationConfig, hospitals: Sequence[Mapping[str, Any]],
+                  keep_optimizers: bool = True) -> tuple[dict[str, np.ndarray], InProcessGrid]:
+    """``run_federation`` over the in-process grid of ``hospitals``: the final global arrays
+    (the last checkpoint) and the grid (each hospital's context)."""
+    app = KeptOptimizers() if keep_optimizers else None
+    folder, grid = run_inprocess(fcfg, hospitals, app=app)
+    arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1])
+    return arrays, grid
+
+
+def hospital_nets(family: Any, model: ModelConfig, grid: InProcessGrid) -> list[dict]:
+    """Each hospital's own model (personalised presets: FedBN's norm layers stay local)."""
+    out = []
+    for node in grid.node_ids:
+        nets = family.build(model)
+        decode_into(nets, grid.local_arrays(node))
+        out.append(nets)
+    return out
 
 
 def federated(preset: str, cfg: BenchConfig, train: Sequence[Data], held: Data,
               overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """Train ``preset`` (with policy ``overrides``) in-process through the real strategy."""
+    """Train ``preset`` (with policy ``overrides``) through ``run_federation`` and the real
+    ClientApp; ``train`` is what the hospitals load themselves (``hospital_data``)."""
     family = get_family("pix2pix")
-    model, train_cfg = cfg.model(), cfg.train_config()
-    torch.manual_seed(cfg.seed)
-    global_nets = family.build(model)
-    arrays = encode(global_nets)
-    sites = []
-    for i in range(cfg.hospitals):  # each hospital builds its own nets (its own init)
-        torch.manual_seed(cfg.seed * 100 + i + 1)
-        sites.append(family.build(model))
-    # decode_into copies into the parameters in place, so optimisers built once stay attached
-    site_opts = [family.optimizers(nets, train_cfg) for nets in sites]
-    strategy = make_strategy(preset, family.components, overrides=overrides or None,
-                             norm_keys=norm_state_keys(global_nets))
-    arrays = run_rounds(family, strategy, sites, site_opts, train, arrays, model, train_cfg,
-                        cfg, keep_optimizers=cfg.keep_optimizers)
+    model = cfg.model()
+    fcfg = federation_config(preset, model, cfg.train_config(), cfg.rounds, overrides)
+    arrays, grid = run_federated(fcfg, hospital_settings(cfg), cfg.keep_optimizers)
     if preset == "fedbn":  # personalised norm layers: score every hospital's own model
-        scores = [score(family, nets, held) for nets in sites]
+        scores = [score(family, nets, held) for nets in hospital_nets(family, model, grid)]
         return {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-    decode_into(global_nets, arrays)
-    return score(family, global_nets, held)
+    nets = family.build(model)
+    decode_into(nets, arrays)
+    return score(family, nets, held)
 
 
 def _solo(cfg: BenchConfig, data: Data, batch: int, held: Data) -> dict[str, float]:
@@ -252,34 +324,22 @@ def alone_rows(cfg: BenchConfig) -> list[str]:
     return [f"hospital-{i + 1} alone" for i in range(cfg.hospitals)]
 
 
-@contextmanager
-def task_identity() -> Iterator[None]:
-    """A task identity, as in the unit tests: ``Message`` needs one outside a Flower run."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def run_seed(cfg: BenchConfig, variants: Mapping[str, Variant] = VARIANTS
              ) -> dict[str, dict[str, float]]:
     """All rows of the table for ``cfg.seed``."""
-    with task_identity():
-        train, held = hospital_data(cfg)
-        rows = references(cfg, held)
-        t0 = time.perf_counter()
-        rows["centralized"] = centralized(cfg, train, held)
-        log.info("seed %d centralized %s (%.0f s)", cfg.seed, rows["centralized"],
-                 time.perf_counter() - t0)
-        for i, name in enumerate(alone_rows(cfg)):
-            rows[name] = alone(i, cfg, train, held)
-        log.info("alone done (%.0f s)", time.perf_counter() - t0)
-        for name, (preset, overrides, keep) in variants.items():
-            rows[name] = federated(preset, replace(cfg, keep_optimizers=keep), train, held,
-                                   overrides)
-            log.info("%s %s (%.0f s)", name, rows[name], time.perf_counter() - t0)
+    train, held = hospital_data(cfg)
+    rows = references(cfg, held)
+    t0 = time.perf_counter()
+    rows["centralized"] = centralized(cfg, train, held)
+    log.info("seed %d centralized %s (%.0f s)", cfg.seed, rows["centralized"],
+             time.perf_counter() - t0)
+    for i, name in enumerate(alone_rows(cfg)):
+        rows[name] = alone(i, cfg, train, held)
+    log.info("alone done (%.0f s)", time.perf_counter() - t0)
+    for name, (preset, overrides, keep) in variants.items():
+        rows[name] = federated(preset, replace(cfg, keep_optimizers=keep), train, held,
+                               overrides)
+        log.info("%s %s (%.0f s)", name, rows[name], time.perf_counter() - t0)
     return rows
 
 

@@ -1,23 +1,26 @@
 """Quality rows beyond pix2pix: CycleGAN (SSIM/PSNR/MAE) and DCGAN / conditional DCGAN (Fréchet, TSTR).
 
-Same data, split and compute budget as ``bench.quality`` (4 phantom hospitals with different scanner
-profiles, every 4th slice held out, ``S = rounds x local_steps`` optimiser steps per hospital,
-centralized = ``S`` steps on the pooled data at ``hospitals x batch`` images, alone = ``S`` steps
-on one hospital's data at ``batch`` images), and the same in-process federation through the real
-``GanStrategy`` (``make_strategy``), ``protocol.train_reply`` and ``client.ua_gan.reply_plan``, with
-hospitals keeping their Adam state between rounds. Differences from ``bench.quality``:
+Same hospitals and compute budget as ``bench.quality`` (4 demo phantom hospitals with different
+scanner profiles, each family's tensors as the hospital's ClientApp loads them, every 4th unit
+held out, ``S = rounds x local_steps`` optimiser steps per hospital, centralized = ``S`` steps on
+the pooled data at ``hospitals x batch`` images, alone = ``S`` steps on one hospital's data at
+``batch`` images), and the same federation: ``run_federation`` over ``fedsynth.inprocess``'s Grid
+to the real ClientApp, hospitals keeping their Adam state between rounds
+(``bench.quality.KeptOptimizers``). Differences from ``bench.quality``:
 
-- batches come from ``family.draw`` and the reported examples from ``family.examples``, so
-  CycleGAN draws its two domains with independent indices (unpaired: the T1w/T2w pairing of the
-  phantom is never used in training; it is only the ground truth of the held-out score);
+- the family's own data layout (``client.datasets``): CycleGAN gets every training slice of
+  each domain, drawn with independent indices (unpaired: the T1w/T2w pairing of the phantom is
+  never used in training; the held-out pairs are only the ground truth of the score), DCGAN
+  every slice of both contrasts, the conditional DCGAN the slices with their contrast as label;
+  centralized and alone rows draw batches with ``family.draw`` as the ClientApp's trainer does;
 - CycleGAN: ``sample(nets, a)`` = ``g_ab(a)``, scored against the true T2w with
   ``bench.quality._metrics`` (SSIM, PSNR, MAE on [0, 1]). ``fedmed-gan`` = both generators shared,
   both discriminators kept at each hospital.
 - DCGAN (unconditional) learns the mixture of T1w and T2w slices; the conditional DCGAN
   (``num_classes=2``) learns them with the contrast as label (0 = T1w, 1 = T2w). Fréchet distance:
   ``shared_models.quality.FeatureNet`` (fixed random conv features, ``FEATURE_SEED``), between
-  ``SAMPLES`` generated slices (half of each class for cdcgan) and the pooled held-out real T1w +
-  T2w slices. The held-out set is small (a few dozen slices for 176 feature dimensions), so the
+  ``SAMPLES`` generated slices (half of each class for cdcgan) and the pooled held-out real slices
+  (T1w and T2w). The held-out set is small (a few dozen slices for 176 feature dimensions), so the
   distance is biased upward; the row "reference: real training slices" (real vs real) is its floor.
 - TSTR (cdcgan only): a tiny CNN (``SmallClassifier``) trained on ``SAMPLES`` generated slices with
   the labels they were generated with, tested on the held-out real slices with their true contrast.
@@ -39,11 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.quality import (BenchConfig, _metrics, hospital_data, mean_rows, run_rounds,
-                           task_identity)
-from server.aggregation import norm_state_keys
-from server.presets import make_strategy
-from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
+from bench.quality import (BenchConfig, _metrics, federation_config, hospital_nets,
+                           hospital_settings, load_hospital, mean_rows, run_federated)
+from shared_models import ModelConfig, StepContext, TrainConfig, get_family
 from shared_models.codec import decode_into
 from shared_models.quality import FeatureNet, frechet_distance
 
@@ -81,23 +82,13 @@ class ExtraConfig:
                            seed=b.seed)
 
 
-def family_data(family: str, train: Sequence[Data], held: Data
+def family_data(family: str, cfg: ExtraConfig
                 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Per-hospital training data in ``family``'s batch keys, and its held-out set."""
-    if family == "cyclegan":
-        return [dict(t) for t in train], dict(held)
-
-    def images(d: Data) -> dict[str, torch.Tensor]:
-        out = {"image": torch.cat([d["a"], d["b"]]),
-               "label": torch.cat([torch.zeros(len(d["a"]), dtype=torch.long),
-                                   torch.ones(len(d["b"]), dtype=torch.long)])}
-        if family == "dcgan":
-            del out["label"]
-        return out
-
-    return [images(t) for t in train], images(held) | {
-        "label": torch.cat([torch.zeros(len(held["a"]), dtype=torch.long),
-                            torch.ones(len(held["b"]), dtype=torch.long)])}
+    """Per-hospital training data in ``family``'s batch keys, as each hospital's ClientApp loads
+    it (cdcgan: ``label`` = the contrast, 0 = T1w, 1 = T2w), and the pooled held-out set."""
+    loaded = [load_hospital(h, cfg.model(family)) for h in hospital_settings(cfg.bench)]
+    return ([t for t, _ in loaded],
+            {k: torch.cat([h[k] for _, h in loaded]) for k in loaded[0][1]})
 
 
 class SmallClassifier(nn.Module):
@@ -176,29 +167,20 @@ def _solo(family_name: str, cfg: ExtraConfig, data: Data, batch: int) -> Nets:
     return nets
 
 
-def federated(family_name: str, preset: str, cfg: ExtraConfig, train: Sequence[Data]
-              ) -> list[Nets]:
-    """Train ``preset`` in-process through the real strategy; the nets to score.
+def federated(family_name: str, preset: str, cfg: ExtraConfig) -> list[Nets]:
+    """Train ``preset`` through ``run_federation`` and the real ClientApp; the nets to score.
 
     Returns the global model, or for a preset with local norm layers each hospital's own model.
     """
     family, b = get_family(family_name), cfg.bench
-    model, train_cfg = cfg.model(family_name), cfg.train_config(family_name)
-    torch.manual_seed(b.seed)
-    global_nets = family.build(model)
-    arrays = encode(global_nets)
-    sites = []
-    for i in range(b.hospitals):
-        torch.manual_seed(b.seed * 100 + i + 1)
-        sites.append(family.build(model))
-    site_opts = [family.optimizers(nets, train_cfg) for nets in sites]
-    strategy = make_strategy(preset, family.components, norm_keys=norm_state_keys(global_nets))
-    arrays = run_rounds(family, strategy, sites, site_opts, train, arrays, model, train_cfg, b,
-                        local_train=_train)  # family.draw: any family's batch layout
+    model = cfg.model(family_name)
+    fcfg = federation_config(preset, model, cfg.train_config(family_name), b.rounds)
+    arrays, grid = run_federated(fcfg, hospital_settings(b), b.keep_optimizers)
     if preset == "fedbn":
-        return sites
-    decode_into(global_nets, arrays)
-    return [global_nets]
+        return hospital_nets(family, model, grid)
+    nets = family.build(model)
+    decode_into(nets, arrays)
+    return [nets]
 
 
 def alone_rows(cfg: ExtraConfig) -> list[str]:
@@ -211,33 +193,31 @@ def run_family(family_name: str, cfg: ExtraConfig,
     variants = VARIANTS[family_name] if variants is None else variants
     b = cfg.bench
     model = cfg.model(family_name)
-    train, held = hospital_data(b)
-    train, held = family_data(family_name, train, held)
+    train, held = family_data(family_name, cfg)
 
     def scored(nets_list: Sequence[Nets]) -> dict[str, float]:
         return score_nets(family_name, nets_list, held, model, b.seed)
 
     t0 = time.perf_counter()
     rows: dict[str, dict[str, float]] = {}
-    with task_identity():
-        if family_name == "cyclegan":
-            rows["reference: input T1w as is"] = _metrics(held["a"], held["b"])
-        else:
-            pooled = torch.cat([t["image"] for t in train])
-            real = {"frechet": frechet_distance(_features(pooled), _features(held["image"]))}
-            if model.num_classes:
-                labels = torch.cat([t["label"] for t in train])
-                real["tstr"] = tstr_accuracy(pooled, labels, held["image"], held["label"], b.seed)
-            rows["reference: real training slices"] = real
-        torch.manual_seed(b.seed)
-        rows[UNTRAINED] = scored([get_family(family_name).build(model)])
-        pooled_data = {k: torch.cat([t[k] for t in train]) for k in train[0]}
-        rows["centralized"] = scored([_solo(family_name, cfg, pooled_data, b.batch * b.hospitals)])
-        for i, name in enumerate(alone_rows(cfg)):
-            rows[name] = scored([_solo(family_name, cfg, train[i], b.batch)])
-        for name, preset in variants.items():
-            rows[name] = scored(federated(family_name, preset, cfg, train))
-        log.info("%s seed %d: %.0f s", family_name, b.seed, time.perf_counter() - t0)
+    if family_name == "cyclegan":
+        rows["reference: input T1w as is"] = _metrics(held["a"], held["b"])
+    else:
+        pooled = torch.cat([t["image"] for t in train])
+        real = {"frechet": frechet_distance(_features(pooled), _features(held["image"]))}
+        if model.num_classes:
+            labels = torch.cat([t["label"] for t in train])
+            real["tstr"] = tstr_accuracy(pooled, labels, held["image"], held["label"], b.seed)
+        rows["reference: real training slices"] = real
+    torch.manual_seed(b.seed)
+    rows[UNTRAINED] = scored([get_family(family_name).build(model)])
+    pooled_data = {k: torch.cat([t[k] for t in train]) for k in train[0]}
+    rows["centralized"] = scored([_solo(family_name, cfg, pooled_data, b.batch * b.hospitals)])
+    for i, name in enumerate(alone_rows(cfg)):
+        rows[name] = scored([_solo(family_name, cfg, train[i], b.batch)])
+    for name, preset in variants.items():
+        rows[name] = scored(federated(family_name, preset, cfg))
+    log.info("%s seed %d: %.0f s", family_name, b.seed, time.perf_counter() - t0)
     return rows
 
 

@@ -1,5 +1,6 @@
-"""A reduced ``make bench-quality``: the whole pipeline runs, training beats no training, and the
-two printed ratios come from the rows."""
+"""A reduced ``make bench-quality``: the whole pipeline runs (``run_federation`` over the
+in-process grid to the real ClientApp), training beats no training, and the two printed ratios
+come from the rows."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def test_data_split_is_non_iid_and_held_out() -> None:
     train, held = hospital_data(BenchConfig(hospitals=2, image_size=16))
     assert len(train) == 2 and len(held["a"]) > 0
     assert train[0]["a"].shape[1:] == (1, 16, 16) and train[0]["a"].min() >= -1.0
+    # every 4th pair of each hospital is held out, and never trained on
+    assert all(len(t["a"]) == len(t["b"]) for t in train)
+    assert sum(len(t["a"]) for t in train) >= 2 * len(held["a"])
+    flat = lambda x: {tuple(v.flatten().tolist()) for v in x}  # noqa: E731
+    assert not flat(held["a"]) & flat(torch.cat([t["a"] for t in train]))
     # different scanner settings: the two hospitals' mean T2w intensities differ
     assert abs(float(train[0]["b"].mean() - train[1]["b"].mean())) > 1e-3
 
@@ -48,9 +54,9 @@ def test_hospitals_keep_their_optimisers_only_when_asked(keep: bool,
     cfg = BenchConfig(hospitals=2, image_size=16, width=4, rounds=3, local_steps=2, batch=2,
                       keep_optimizers=keep)
     train, held = hospital_data(cfg)
-    with quality.task_identity():
-        quality.federated("local-d", cfg, train, held)
-    assert len(built) == (2 if keep else 2 + 2 * 3)
+    quality.federated("local-d", cfg, train, held)
+    # the ClientApp's trainer builds them every round; kept, each hospital's first ones serve on
+    assert len(built) == (2 if keep else 2 * 3)
     # a kept Adam has seen every local step of every round; a fresh one only the last round's
     steps = [float(s["step"]) for s in built[-1]["generator"].state.values()]
     assert steps and all(s == (cfg.steps if keep else cfg.local_steps) for s in steps)

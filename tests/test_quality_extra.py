@@ -1,5 +1,5 @@
 """A reduced ``python -m bench.quality_extra``: CycleGAN and conditional-DCGAN rows come from real
-training through the real strategy, and training beats no training."""
+training through ``run_federation`` and the real ClientApp, and training beats no training."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench.quality import BenchConfig, hospital_data
+from bench.quality import BenchConfig
 from bench.quality_extra import (UNTRAINED, ExtraConfig, alone_rows, family_data, run_family,
                                  summary, table, tstr_accuracy)
 
@@ -17,17 +17,20 @@ SMALL = ExtraConfig(bench=BenchConfig(hospitals=2, image_size=32, width=8, round
 
 
 def test_family_data_keys_and_labels() -> None:
-    train, held = hospital_data(SMALL.bench)
-    cd_train, cd_held = family_data("cdcgan", train, held)
-    assert set(cd_train[0]) == {"image", "label"}
-    assert int(cd_train[0]["label"].sum()) == len(train[0]["b"])  # label 1 = T2w
-    d_train, d_held = family_data("dcgan", train, held)
-    assert set(d_train[0]) == {"image"} and "label" in d_held  # held labels only for scoring
+    cd_train, cd_held = family_data("cdcgan", SMALL)
+    assert set(cd_train[0]) == set(cd_held) == {"image", "label"}
+    # both contrasts, label 1 = T2w, in equal numbers (the phantom writes a T1w/T2w pair a slice)
+    labels = cd_train[0]["label"]
+    assert 0 < int(labels.sum()) < len(labels)
+    d_train, d_held = family_data("dcgan", SMALL)
+    assert set(d_train[0]) == set(d_held) == {"image"}
+    assert len(d_train[0]["image"]) == len(cd_train[0]["image"])
+    c_train, c_held = family_data("cyclegan", SMALL)
+    assert set(c_train[0]) == {"a", "b"} and len(c_held["a"]) == len(c_held["b"]) > 0
 
 
 def test_tstr_separates_informative_from_shuffled_labels() -> None:
-    train, held = hospital_data(SMALL.bench)
-    cd_train, cd_held = family_data("cdcgan", train, held)
+    cd_train, cd_held = family_data("cdcgan", SMALL)
     x = torch.cat([t["image"] for t in cd_train])
     y = torch.cat([t["label"] for t in cd_train])
     real = tstr_accuracy(x, y, cd_held["image"], cd_held["label"], seed=0)
