@@ -310,6 +310,7 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
         assert sum(len(s.trainers) for s in clientapp._RUNS.values()) <= 1
         assert len(datasets._DATA) <= datasets.MAX_DATA_PER_HOSPITAL
     growth = _rss_mb() - base
+    print(f"[memory] RSS growth over 12 runs with different latent-dim: {growth:.0f} MB")
     assert growth < 150, f"RSS grew {growth:.0f} MB over 12 runs"
     # a model of the wrong family is refused, and its trainer is not kept
     wrong = get_family("cyclegan").build(ModelConfig(family="cyclegan", image_size=32))
