@@ -284,8 +284,13 @@ def train(msg: Message, context: Context) -> Message:
         # (one round trip per round; server/strategy.py, "folded" evaluation)
         evaluated_round = int(msg.content[protocol.CONFIG][protocol.EVALUATE_ROUND])
         t0 = time.perf_counter()
-        evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round) if data is not None
-                      else {"eval-examples": 0})
+        try:
+            evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round)
+                          if data is not None else {"eval-examples": 0})
+        except Exception:  # noqa: BLE001 - a failed evaluation must not cost the round's training
+            log.exception("evaluation of round %d failed at this hospital; training goes on",
+                          evaluated_round)
+            evaluation = {"eval-examples": 0}
         evaluation["eval-seconds"] = time.perf_counter() - t0
         hospital_metrics.record_evaluate(hospital.name, evaluated_round, evaluation)
     if data is None or not data.num_train:

@@ -50,7 +50,14 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
     cov_a = np.cov(feats_a, rowvar=False) + eps * np.eye(feats_a.shape[1])
     cov_b = np.cov(feats_b, rowvar=False) + eps * np.eye(feats_b.shape[1])
-    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
+    if len(feats_a) < 2 or len(feats_b) < 2:
+        return float("nan")  # no covariance from one sample
+    try:
+        covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
+    except (linalg.LinAlgError, ValueError):  # a degenerate product (tiny images, few samples)
+        return float("nan")
+    if not np.isfinite(covmean).all():
+        return float("nan")
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 
