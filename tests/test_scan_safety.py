@@ -7,8 +7,8 @@
 - FIFOs, sockets (and devices, dangling links) are ``not-a-file`` and never opened (opening a
   FIFO blocks).
 
-Permissions are tested for real: as root (who reads anything) the scan runs as ``nobody``
-through ``setpriv``, so the test folders live in a world-readable temp folder.
+Permissions are tested for real: as root (who reads anything) the scan runs in a forked child
+that dropped to ``nobody``, so the test folders live in a world-readable temp folder.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -42,39 +40,68 @@ from client.dicom import (
 
 REPO = Path(__file__).resolve().parents[1]
 
-_CHILD = r"""
-import builtins, json, logging, os, sys, warnings
-warnings.simplefilter("ignore")
-logging.disable(logging.CRITICAL)
-opened = []
-_os_open, _open = os.open, builtins.open
-def os_open(path, *a, **k):
-    opened.append(os.fspath(path)); return _os_open(path, *a, **k)
-def b_open(path, *a, **k):
-    if isinstance(path, (str, bytes, os.PathLike)):
-        opened.append(os.fsdecode(os.fspath(path)))
-    return _open(path, *a, **k)
-from client.dicom import DicomSettings, scan_folder
-os.open, builtins.open = os_open, b_open
-res = scan_folder(sys.argv[1], DicomSettings(image_size=32))
-os.open, builtins.open = _os_open, _open
-r = res.report
-print(json.dumps({"skipped": dict(r.skipped_files), "usable": r.usable_files, "seen": r.files_seen,
-                  "counts": r.counts(), "opened": opened}))
-"""
+def _warm_up() -> None:
+    """Import everything a scan uses (pixel decoders are imported on first use) while this
+    process can still read the virtualenv: the unprivileged child below may not."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(get_testdata_file("CT_small.dcm"), Path(tmp) / "ct.dcm")
+        scan_folder(tmp, DicomSettings(image_size=32))
 
 
 def _scan_as_unprivileged(folder: Path) -> dict:
-    """Scan ``folder`` in a child process that permissions apply to (``nobody`` when root)."""
-    cmd = [sys.executable, "-c", _CHILD, str(folder)]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot test permissions")
-        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"] + cmd
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": "/tmp", "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Scan ``folder`` in a forked child that permissions apply to (``nobody`` when root).
+
+    The child drops to ``nobody`` after fork, with every module already imported, so it needs no
+    access to the checkout or the virtualenv (a CI clone may live in a folder only root can
+    enter); it reports the scan and every path it opened through a pipe.
+    """
+    import builtins
+    import pwd
+
+    _warm_up()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop privileges, scan, report, exit without cleanup handlers
+        code = 0
+        try:
+            os.close(read_fd)
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            opened: list[str] = []
+            os_open, b_open = os.open, builtins.open
+
+            def tracked_os_open(path, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+                opened.append(os.fspath(path))
+                return os_open(path, *a, **k)
+
+            def tracked_open(path, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+                if isinstance(path, (str, bytes, os.PathLike)):
+                    opened.append(os.fsdecode(os.fspath(path)))
+                return b_open(path, *a, **k)
+
+            os.open, builtins.open = tracked_os_open, tracked_open
+            try:
+                res = scan_folder(str(folder), DicomSettings(image_size=32))
+            finally:
+                os.open, builtins.open = os_open, b_open
+            r = res.report
+            out = json.dumps({"skipped": dict(r.skipped_files), "usable": r.usable_files,
+                              "seen": r.files_seen, "counts": r.counts(), "opened": opened})
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out, code = json.dumps({"error": f"{type(exc).__name__}: {exc}"}), 1
+        with os.fdopen(write_fd, "w") as fh:
+            fh.write(out)
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as fh:
+        text = fh.read()
+    _, status = os.waitpid(pid, 0)
+    result = json.loads(text)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, result
+    return result
 
 
 @pytest.fixture()
