@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from protocol import records as protocol
-from protocol.signing import SIGNATURE_KEY, SignatureError, load_public_key, verify
+from protocol.signing import SignatureError, load_public_key, verify
 from shared_models import encode, get_family
 from shared_models.codec import decode_into
 

@@ -115,12 +115,10 @@ def format_node_config(values: Mapping[str, Any]) -> str:
 
 
 def supernode_command(superlink: str, root_cert: Path | None, node_key: Path | None,
-                      port: int, node_config: Mapping[str, Any], warm: bool = True) -> list[str]:
-    """Flower's SuperNode; with ``warm`` it starts no SuperExec of its own (``client.executor``
-    runs the tasks) and polls the coordinator with a shorter idle sleep (``fedsynth.supernode``)."""
-    head = ([sys.executable, "-m", "fedsynth.supernode", "--isolation", "process"] if warm
-            else [str(BIN_DIR / "flower-supernode")])
-    cmd = [*head, "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
+                      port: int, node_config: Mapping[str, Any]) -> list[str]:
+    """Flower's SuperNode, starting no SuperExec of its own (``client.executor`` runs the tasks)
+    and polling the coordinator with a shorter idle sleep (``fedsynth.supernode``)."""
+    cmd = [sys.executable, "-m", "fedsynth.supernode", "--isolation", "process", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port),
            "--node-config", format_node_config(node_config)]
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if node_key is not None:
@@ -154,14 +152,6 @@ def write_flwr_home(flwr_home: Path, address: str, root_cert: Path | None) -> Pa
     return path
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def write_launch_app(folder: Path) -> Path:
     """A Flower app folder holding only ``pyproject.toml``.
 
@@ -171,11 +161,11 @@ def write_launch_app(folder: Path) -> Path:
     ones) with its default from the run configuration (``server/run_config.py``).
     """
     from protocol.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
-    from server.run_config import defaults_flat
+    from server.run_config import defaults_flat, toml_value
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in defaults_flat().items())
+    config = "\n".join(f"{k} = {toml_value(v)}" for k, v in defaults_flat().items())
     (folder / "pyproject.toml").write_text(f"""\
 [build-system]
 requires = ["setuptools>=68"]
@@ -204,10 +194,10 @@ clientapp = "client.app:app"
 def run_config_arg(values: Mapping[str, Any]) -> str:
     """``--run-config`` text, after the run configuration accepted ``values`` (an unknown or
     mistyped key, or a bad value, is refused here with its name, not by Flower or the ServerApp)."""
-    from server.run_config import from_flat
+    from server.run_config import from_flat, toml_value
 
     from_flat(values)
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
 def flwr_cli(args: Sequence[str], flwr_home: Path, timeout: float = 120.0

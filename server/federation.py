@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,7 +19,7 @@ import torch
 from flwr.serverapp import Grid
 
 from protocol import records as protocol
-from shared_models import GanFamily, ModelConfig, TrainConfig, encode, get_family
+from shared_models import GanFamily, ModelConfig, encode, get_family
 from shared_models.codec import decode_into
 
 from protocol.signing import load_private_key, sign

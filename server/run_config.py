@@ -223,12 +223,13 @@ def settings_help() -> str:
     """``fedsynth launch --help``'s list of ``[run]`` settings."""
     width = max(len(s.key) for s in SETTINGS)
     lines = ["[run] settings (key = default: help):"]
-    lines += [f"  {s.key:<{width}} = {_toml(s.default):<10} {s.help}" for s in SETTINGS]
+    lines += [f"  {s.key:<{width}} = {toml_value(s.default):<10} {s.help}" for s in SETTINGS]
     lines.append(f"families: {', '.join(families())}; presets: {', '.join(PRESETS)}")
     return "\n".join(lines)
 
 
-def _toml(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A scalar as TOML (the launch app's declarations, ``--run-config``, examples/run.toml)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -258,7 +259,7 @@ def example_toml() -> str:
              "coordinator's own host",
              'root-certificates = "keys/ca.pem"', "", "[run]"]
     for s in SETTINGS:
-        value = {"signing-key": '"keys/model-signing.key"'}.get(s.key, _toml(s.default))
+        value = {"signing-key": '"keys/model-signing.key"'}.get(s.key, toml_value(s.default))
         lines.append(f"# {s.help}")
         lines.append(f"{s.key} = {value}")
     lines += ["", "# Other families: replace the family line with one of these blocks."]

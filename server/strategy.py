@@ -28,7 +28,7 @@ from protocol.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
 from .grid import failure_kind
-from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
+from .aggregation import ComponentPolicy, ServerOptState, aggregate
 from .validation import (
     DROPPED_METRIC_KEYS, EVAL_METRIC_KEYS, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS,
     NORM_OUTLIER_RATIO, UPDATE_NORM_RATIO, RejectedReply, cap_examples, check_norm_stats,
@@ -63,8 +63,8 @@ class RoundReport:
                 "refused-aggregates": float(self.refused_aggregates)}
 
 
-# ConfigRecord entries that tell a hospital what to send back this round (move to
-# protocol when the lead next touches it): comma-separated component names.
+# ConfigRecord entries that tell a hospital what to send back this round (defined in
+# protocol/keys.py): comma-separated component names.
 REPLY_COMPONENTS = protocol.REPLY_COMPONENTS
 LOCAL_NORM_COMPONENTS = protocol.LOCAL_NORM_COMPONENTS
 

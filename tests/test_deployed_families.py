@@ -24,7 +24,8 @@ import pytest
 
 from fedsynth.certs import init_federation, new_node_key
 
-from deploy_helpers import free_port, launch_toml, metrics_rows, run, start, wait_for
+from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
+                            wait_for)
 
 SITES = ("mr-only", "ct-only", "mr-and-ct")
 
@@ -44,27 +45,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
     coord = start("coordinator", ["coordinator", "--keys", str(keys.root), "--address", address,
                                   "--state", str(root / "state"), "--rescan", "2",
                                   "--metrics-port", str(coord_metrics)], root)
-    hospitals = {}
-    for name in SITES:
-        toml = root / f"{name}.toml"
-        toml.write_text(f"""\
-[coordinator]
-address = "{address}"
-root-certificates = "{keys.ca_cert}"
-
-[node]
-key = "{keys.root / 'nodes' / name}"
-port = {free_port()}
-
-[hospital]
-name = "{name}"
-data-dir = "{data[name]}"
-cache-dir = "{root / 'cache' / name}"
-device = "cpu"
-threads = 1
-model-public-key = "{keys.signing_pub}"
-""")
-        hospitals[name] = start(name, ["hospital", str(toml)], root)
+    hospitals = {name: start(name, ["hospital", str(hospital_toml(
+        root / f"{name}.toml", address, keys.root, name, data[name], free_port()))], root)
+        for name in SITES}
     procs = (coord, *hospitals.values())
     try:
         wait_for("3 hospitals connected", lambda: all(

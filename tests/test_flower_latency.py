@@ -169,10 +169,8 @@ def test_hospital_executor_setting(tmp_path) -> None:
         DaemonSettings.load(None, {**base, "node.executor": "flower"})
     with pytest.raises(SettingsError, match="executor = 'fast' is not one of"):
         DaemonSettings.load(None, {**base, "node.executor": "fast"})
-    warm = supernode_command("127.0.0.1:9", None, None, 9094, {}, warm=True)
+    warm = supernode_command("127.0.0.1:9", None, None, 9094, {})
     assert warm[1:5] == ["-m", "fedsynth.supernode", "--isolation", "process"]
-    assert supernode_command("127.0.0.1:9", None, None, 9094, {}, warm=False)[0].endswith(
-        "flower-supernode")
     assert executor_command(9094, 42)[-4:] == ["--runtime-api-address", "127.0.0.1:9094",
                                                "--parent-pid", "42"]
     assert executor_command(9094, None, ["ab" * 32])[-2:] == ["--approved-app", "ab" * 32]

@@ -150,22 +150,18 @@ def run(args: argparse.Namespace) -> int:
     node = Supervisor(
         "supernode",
         supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
-                          settings.port, settings.hospital.to_node_config(),
-                          warm=settings.executor == "warm"),
+                          settings.port, settings.hospital.to_node_config()),
         env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts)
-    executor = None
-    if settings.executor == "warm":
-        # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if
-        # it dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
-        executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
-                                                           settings.approved_apps), env=env,
-                              sink=sink, max_restarts=args.max_restarts)
-        threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
+    # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if it
+    # dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
+    executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
+                                                       settings.approved_apps), env=env,
+                          sink=sink, max_restarts=args.max_restarts)
+    threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
 
     def stop_all() -> None:
         node.stop()
-        if executor is not None:
-            executor.stop()
+        executor.stop()
 
     stop_on_signals(stop_all)
 
@@ -183,9 +179,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         code = node.run_forever(before_start=preflight)
     finally:
-        if executor is not None:
-            executor.stop()
-            executor.terminate()
+        executor.stop()
+        executor.terminate()
         if log_fh is not None:
             log_fh.close()
         if metrics_dir is not None:
