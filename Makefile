@@ -7,20 +7,40 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install demo test bench bench-quality clean
+.PHONY: install tools demo test bench bench-quality clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q '$(TORCH_PIN)'
+	# pyradiomics (frd-score's feature extractor) ships no wheel for this Python: build it against
+	# the venv's numpy (its sdist's isolated build cannot see numpy).
+	$(PY) -m pip install -q numpy setuptools wheel
+	$(PY) -m pip install -q --no-build-isolation 'pyradiomics-bhklab==3.1.4'
 	$(PY) -m pip install -q -e '.[demo,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fedsynth demo
 
-test: $(STAMP)
+# The Debian tools the tests drive for real. Root with apt installs what is missing; anyone else
+# gets one line naming it. Under CI=true a test skipped for a missing tool fails (tests/conftest.py).
+TOOLS := dcmdjpeg:dcmtk dciodvfy:dicom3tools prometheus:prometheus chromium:chromium \
+         nginx:nginx ip:iproute2 tc:iproute2 systemd-analyze:systemd
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -z "$${missing// /}" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages the tests use: $$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+	  echo "make test: missing Debian packages:$$missing -- install them with: sudo apt-get install$$missing"; exit 1; \
+	fi
+
+test: $(STAMP) tools
 	$(PY) -m pytest
 
 bench: $(STAMP)
