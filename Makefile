@@ -30,14 +30,14 @@ TOOLS := dcmdjpeg:dcmtk dciodvfy:dicom3tools prometheus:prometheus chromium:chro
          nginx:nginx ip:iproute2 tc:iproute2 systemd-analyze:systemd
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $${t%%:*} >/dev/null 2>&1 || missing="$$missing $${t#*:}"; done; \
-	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
-	if [ -z "$${missing// /}" ]; then exit 0; fi; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | xargs); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing Debian packages the tests use: $$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-	  echo "make test: missing Debian packages:$$missing -- install them with: sudo apt-get install$$missing"; exit 1; \
+	  echo "make test: missing Debian packages: $$missing -- install them with: sudo apt-get install $$missing"; exit 1; \
 	fi
 
 test: $(STAMP) tools

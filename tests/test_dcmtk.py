@@ -21,6 +21,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from client.dicom import DicomSettings, decode_frames, scan_folder
+from tools import skip_unless
 
 LOSSLESS = [
     ("dcmcjpls", [], "MR_small.dcm", "1.2.840.10008.1.2.4.80"),
@@ -37,8 +38,7 @@ LOSSLESS = [
 
 
 def _run(tool: str, args: list[str], src: Path, dst: Path) -> None:
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} (Debian dcmtk) not on PATH")
+    skip_unless(tool, "dcmtk")
     proc = subprocess.run([tool, *args, str(src), str(dst)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{tool} failed: {proc.stderr}"
 

@@ -24,6 +24,7 @@ from fedsynth.demo_data import (  # noqa: E402
     default_profiles,
     phantom_pair,
 )
+from tools import needs
 
 N_HOSPITALS = 3
 
@@ -245,7 +246,7 @@ def test_build_is_fast(tmp_path: Path) -> None:
     assert time.perf_counter() - start < 15.0
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy not on PATH")
+@needs("dciodvfy", "dicom3tools")
 def test_dciodvfy_reports_no_errors(built: tuple[Path, list[Path]]) -> None:
     _, paths = built
     f = sorted((paths[0] / "phantom" / "T1w").glob("*.dcm"))[0]

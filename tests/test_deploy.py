@@ -25,6 +25,7 @@ from fedsynth.cli import main
 
 from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
                             wait_for)
+from tools import skip_unless, which
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,9 +288,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = ROOT / "deploy" / "systemd" / "fedsynth-hospital.service"
     text = unit.read_text()
     assert "ExecStart=" in text and "Restart=" in text
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
+    skip_unless("systemd-analyze", "systemd")
+    tool = which("systemd-analyze")
     # verify resolves ExecStart's binary: point it at one that exists here
     fake = tmp_path / unit.name
     fake.write_text(text.replace("/opt/fedsynth/venv/bin/fedsynth", shutil.which("true")))

@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 
 from client.dicom import DicomSettings, is_synthetic, scan_folder
 from fedsynth.export import PATIENT_NAME, Provenance, from_stored, to_stored, write_dicom, write_png
+from tools import needs
 
 PROV = Provenance(family="dcgan", round=7, model={"image_size": 32, "latent_dim": 16},
                   checkpoint="round-007.npz")
@@ -89,7 +90,7 @@ def test_png_export(tmp_path: Path) -> None:
     assert to_stored(np.array([-2.0, -1.0, 0.0, 1.0, 5.0])).tolist() == [0, 0, 2048, 4095, 4095]
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) not on PATH")
+@needs("dciodvfy", "dicom3tools")
 @pytest.mark.parametrize("shape", [(1, 1, 32, 32), (1, 1, 4, 16, 16)], ids=["sc-2d", "multiframe-3d"])
 def test_dciodvfy_reports_no_errors(tmp_path: Path, shape: tuple[int, ...]) -> None:
     path = write_dicom(_images(shape), tmp_path, PROV)[0]

@@ -24,10 +24,10 @@ from fedsynth.fleet_proxy import (NGINX_MISSING, FleetProxy, ProxyError, ProxyTL
                                   fleet_routes, forwarded_paths, nginx_binary, write_proxy)
 
 from deploy_helpers import free_port
+from tools import needs, skip_unless, which
 
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed "
-                                 "(apt-get install nginx)")
+needs_nginx = needs("nginx", "nginx")
 PUBLIC = "127.0.0.2"
 SIGNED = {"flwr-public-key": "cHVi", "flwr-signature": "c2ln",
           "flwr-timestamp": "2026-01-01T00:00:00+00:00"}
@@ -253,9 +253,8 @@ def test_deploy_files_run_the_proxy(tmp_path: Path) -> None:
     assert "fedsynth coordinator" in text and "Restart=" in text
     assert "apt-get install" in (ROOT / ".ci" / "run").read_text() and \
         "nginx iproute2" in (ROOT / ".ci" / "run").read_text()
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed")
+    skip_unless("systemd-analyze", "systemd")
+    tool = which("systemd-analyze")
     fake = tmp_path / unit.name
     fake.write_text(text.replace("/opt/fedsynth/venv/bin/fedsynth", shutil.which("true")))
     out = subprocess.run([tool, "verify", str(fake)], capture_output=True, text=True,

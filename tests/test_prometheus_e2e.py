@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -30,6 +29,7 @@ import pytest
 import yaml
 
 from test_metric_labels import assert_labels_safe
+from tools import missing_tool, which
 
 ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -39,9 +39,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedsynth.json"
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "15s", "$__range": "15m",
                 "$hospital": ".*"}
 
-needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None or
-                                      shutil.which("promtool") is None,
-                                      reason="Debian package 'prometheus' is not installed")
+needs_prometheus = pytest.mark.skipif(which("prometheus") is None or which("promtool") is None,
+                                      reason=missing_tool("prometheus", "prometheus"))
 
 
 def _promtool(*args: str) -> str:

@@ -20,6 +20,7 @@ import pytest
 from fedsynth.cli import main as cli_main
 from server.report import ReportError, build_report, line_chart
 from server.run_folder import RunFolder
+from tools import missing_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -32,7 +33,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def render_in_chromium(page: Path, tmp: Path, name: str) -> str:
     """DOM after load (asserted rendered), and a screenshot kept under tmp and ARTIFACTS."""
     if CHROMIUM is None:
-        pytest.skip("Debian package 'chromium' is not installed")
+        pytest.skip(missing_tool("chromium", "chromium"))
     profile = tmp / "chromium-profile"
     base = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}"]
     url = page.resolve().as_uri()

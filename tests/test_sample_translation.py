@@ -28,6 +28,7 @@ from fedsynth.demo_data import build_demo_hospitals
 from fedsynth.export import from_stored
 from server.run_folder import RunFolder
 from shared_models import DataConfig, ModelConfig, encode, get_family
+from tools import skip_unless
 
 IDENTITY = {
     "PatientName": "DOE^JANE^QUINTINA",
@@ -151,8 +152,7 @@ def test_dicom_translation_names_its_input_but_not_the_patient(
     shutil.copyfile(next(patient_dir.rglob("*.dcm")), mixed / "real.dcm")
     assert scan_folder(mixed, DicomSettings(image_size=32)).report.skipped == {"synthetic": 3}
 
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (Debian dicom3tools) not on PATH")
+    skip_unless("dciodvfy", "dicom3tools")
     proc = subprocess.run(["dciodvfy", str(files[0])], capture_output=True, text=True, timeout=60)
     output = proc.stdout + proc.stderr
     errors = [line for line in output.splitlines() if line.startswith("Error")]
