@@ -155,10 +155,14 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
 
 def _seen_path(hospital: HospitalSettings, run_id: int):  # noqa: ANN202
     """Where the rounds acted on are kept across restarts (Flower keeps ``context.state`` in
-    the SuperNode's memory only): the hospital's cache folder, when it has one."""
+    the SuperNode's memory only): the hospital's cache folder, when it has one, in a folder of
+    the hospital's own, since hospitals may share a cache (virtual hospitals over one folder)."""
     if hospital.cache_dir is None:
         return None
-    return hospital.cache_dir / "run-state" / f"run-{int(run_id)}.json"
+    import hashlib
+
+    own = hashlib.sha256(hospital.name.encode()).hexdigest()[:16]
+    return hospital.cache_dir / "run-state" / own / f"run-{int(run_id)}.json"
 
 
 def _seen_on_disk(hospital: HospitalSettings, run_id: int) -> dict[str, int]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -29,6 +31,7 @@ def run_simulated_federation(
     observers: tuple[Observer, ...] = (),
     cpus: int | None = None,
     metrics: "CoordinatorMetrics | None" = None,
+    ray_address: str | None = None,
 ) -> Path:
     """Run ``cfg`` with one virtual hospital per entry of ``hospitals``; returns the run folder.
 
@@ -36,6 +39,9 @@ def run_simulated_federation(
     Every hospital trains with one torch thread: on a small machine several simulated hospitals
     contend badly otherwise. With ``metrics``, the coordinator's series are exported (bytes
     counted on the Grid, rounds observed) and per-hospital series carry the hospitals' names.
+
+    ``ray_address`` (``HOST:PORT`` of a running ``ray start --head``) runs the virtual hospitals on
+    that Ray cluster's nodes instead of a Ray started here; see :func:`_join_ray_cluster`.
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -78,12 +84,58 @@ def run_simulated_federation(
         run_federation(grid, replace(cfg, min_hospitals=max(cfg.min_hospitals, len(entries))),
                        observers)
 
-    cpus = cpus or os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR",
-                      "log_to_driver": True},
-    }
-    run_simulation(server_app=server_app, client_app=client_app,
-                   num_supernodes=len(entries), backend_config=backend_config)
+    backend_config: dict[str, Any] = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
+    if ray_address:
+        _join_ray_cluster(ray_address)
+    else:
+        cpus = cpus or os.cpu_count() or 1
+        backend_config["init_args"] = {"num_cpus": cpus, "include_dashboard": False,
+                                       "logging_level": "ERROR", "log_to_driver": True}
+    try:
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=len(entries), backend_config=backend_config)
+    finally:
+        if ray_address:
+            import ray
+
+            ray.shutdown()  # disconnects this driver; the cluster's nodes keep running
     return run_root
+
+
+def _join_ray_cluster(address: str) -> None:
+    """Connect this driver to a running Ray cluster before Flower's backend would start its own.
+
+    Flower's Ray backend calls ``ray.init`` only when Ray is not initialised, and passes its own
+    ``runtime_env`` (so ``init_args`` cannot carry one). The actors of a cluster run in worker
+    processes its raylets start, whose environment is the one ``ray start`` had, not this driver's:
+    the virtual hospitals' settings file (``FEDSYNTH_SIM_HOSPITALS``), the hospital-name folder and
+    the import path must reach them through the job's runtime environment, set here. Paths in the
+    hospital entries (data-dir, cache-dir) must exist on every node: here the nodes share a disk.
+    """
+    import ray
+
+    from client.metrics import SIM_NAMES_ENV
+
+    pythonpath = os.pathsep.join([p for p in sys.path if p] +
+                                 ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = {"PYTHONPATH": pythonpath}
+    for key in (SIM_ENV, SIM_NAMES_ENV, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    host, _, port = address.rpartition(":")
+    try:  # ray.init retries an absent head for minutes; a closed port is known at once
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({exc}); start one with "
+                              f"`ray start --head --port {port}`") from None
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, logging_level="ERROR",
+                 log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({exc}); start one with "
+                              f"`ray start --head --port {address.rsplit(':', 1)[-1]}`") from None
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    log.info("joined the Ray cluster at %s: %d node(s), %.0f CPUs", address, len(nodes),
+             sum(n.get("Resources", {}).get("CPU", 0) for n in nodes))

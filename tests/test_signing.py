@@ -261,3 +261,20 @@ def test_replay_record_survives_a_restart(keys, tmp_path: Path, task_identity, n
     with pytest.raises(SignatureError, match="replayed"):
         check_signature(hospital, _message(keys, nets, 3), fresh)
     check_signature(hospital, _message(keys, nets, 4), fresh)
+
+
+def test_hospitals_sharing_a_cache_keep_their_own_replay_records(keys, tmp_path: Path,
+                                                                 task_identity, nets) -> None:
+    """Virtual hospitals over one folder share its cache: one's record must not refuse another's
+    first message (it did: 100 virtual hospitals over 3 folders lost most of their rounds)."""
+    from client.app import check_signature
+    from client.settings import HospitalSettings
+
+    shared = tmp_path / "cache"
+    first, second = (HospitalSettings(data_dir=tmp_path, cache_dir=shared, name=name,
+                                      model_public_key=keys.signing_pub)
+                     for name in ("virtual-1", "virtual-4"))
+    check_signature(first, _message(keys, nets, 1), _context(tmp_path))
+    check_signature(second, _message(keys, nets, 1), _context(tmp_path))
+    with pytest.raises(SignatureError, match="replayed"):  # each still refuses its own replay
+        check_signature(second, _message(keys, nets, 1), _context(tmp_path))
