@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{c.ratio_of_medians:.3f}); CPU-time ratio {c.cpu_ratio:.3f}; max-weight-diff "
              f"{c.extra['max-weight-diff']:.1e}")
     for w in wire.wire_rounds(args.quick):
-        target = {"fp32": "<= 1.05", "fp16_reply": "~0.75", "fp16_both": "~0.50"}
+        target = {"fp32": "<= 1.05", "fp16_reply": "~0.75", "fp16_both": "~0.50",
+                  "int8_reply": "~0.375 (reply <= 0.26 x fp32)"}
         key = next(k for k in target if f"_{k}_" in w.name)
         emit(w.name, w.ratio, ".4f", target[key],
              f"per hospital {w.down / 1e6:.3f} MB down + {w.up / 1e6:.3f} MB up vs floor "

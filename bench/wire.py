@@ -113,6 +113,11 @@ def train_messages(model: ModelConfig, train: TrainConfig, down_dtype: str = "fl
             for p in net.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
     reply_arrays = encode(nets, family.components, train.wire_dtype)
+    if train.wire_dtype == "int8":  # the update against what was sent (client/wire.py)
+        from shared_models.codec import quantize_update
+
+        reply_arrays, _ = quantize_update(reply_arrays, {
+            k: v.astype(np.float32) for k, v in global_arrays.items()})
     metrics = {"loss-g": 0.7, "loss-d": 1.3, "d-real": 0.6, "d-fake": 0.4, "train-seconds": 9.5,
                "steps": train.local_steps, "images-per-second": 40.0,
                protocol.NUM_EXAMPLES: 120,
@@ -160,6 +165,8 @@ def wire_rounds(quick: bool = False) -> list[WireRound]:
         wire_round(f"wire_fp32_{tag}", model, "float32"),
         wire_round(f"wire_fp16_reply_{tag}", model, "float16"),
         wire_round(f"wire_fp16_both_{tag}", model, "float16", down_dtype="float16"),
+        # int8 replies (update + per-channel scales), float16 downloads: what int8 does
+        wire_round(f"wire_int8_reply_{tag}", model, "int8", down_dtype="float16"),
     ]
 
 

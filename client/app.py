@@ -304,7 +304,12 @@ def train(msg: Message, context: Context) -> Message:
     save_local(trainer, context)
     hospital_metrics.record_train(hospital.name, server_round, result.metrics,
                                   data.report if data is not None else None, trainer.device)
-    return Message(protocol.train_reply(result.arrays, {**result.metrics, **evaluation}),
+    arrays = result.arrays
+    if train_cfg.wire_dtype == "int8":  # the update, 8-bit, with error feedback (client/wire.py)
+        from .wire import int8_reply
+
+        arrays = int8_reply(arrays, msg, context)
+    return Message(protocol.train_reply(arrays, {**result.metrics, **evaluation}),
                    reply_to=msg)
 
 

@@ -256,9 +256,12 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             evaluate_failed=_named(grid, eval_failed),
             names=_node_names(grid, {*train_report.per_hospital, *evaluated}),
         )
+        # The row before the checkpoint: a coordinator killed between the two re-runs this round
+        # on resume and the row is replaced (one per round); the other order would leave a
+        # checkpointed round without its row, lost from metrics.jsonl.
+        folder.append_metrics(summary.row())
         folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
                                              "model": asdict(cfg.model)})
-        folder.append_metrics(summary.row())
         log.info("round %d/%d done in %.1fs: %d/%d hospitals replied, loss-g %.3f, loss-d %.3f%s",
                  rnd, cfg.rounds, summary.seconds, summary.replied, summary.selected,
                  summary.train.get("loss-g", float("nan")),

@@ -156,7 +156,9 @@ class GanStrategy(Strategy):
 
         The signature covers the arrays, every config entry and the message type (and, through the
         signer, the run): a hospital acts on nothing that is not signed."""
-        half = config.get("train.wire_dtype") == "float16"
+        # int8 is a reply format; its downloads go as float16 (the update is taken against them)
+        self._wire_dtype = str(config.get("train.wire_dtype", "float32"))
+        half = self._wire_dtype in ("float16", "int8")
         record = protocol.to_record({
             k: self._global[k].astype(np.float16)
             if half and self._global[k].dtype == np.float32 else self._global[k] for k in keys})
@@ -197,8 +199,10 @@ class GanStrategy(Strategy):
         self.last_folded = self._folded_evaluations(replies)
         notes: Counter[str] = Counter()
         expected = {k: self._global[k] for k in self.expected_keys(server_round, self._global)}
+        int8_base = self._int8_base(server_round)
         valid = self._validated(server_round, replies, lambda content: validate_train_reply(
-            content, expected, self.components, norm_keys=self.norm_keys, notes=notes))
+            content, expected, self.components, norm_keys=self.norm_keys, notes=notes,
+            int8_base=int8_base))
         report.dropped_metric_keys += notes[DROPPED_METRIC_KEYS]
         updates = {h: u for h, (u, _) in valid.items()}
         # Only replies that trained something are compared: a hospital holding nothing the
@@ -331,6 +335,16 @@ class GanStrategy(Strategy):
         return MetricRecord(self._mean_metrics(report.per_hospital, "eval-examples"))
 
     # -- helpers ------------------------------------------------------------------------------
+    def _int8_base(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """In an int8 run: the floating weights sent this round, as the hospitals got them
+        (float16 downloads, ``_outgoing``); int8 replies are updates against exactly these."""
+        if getattr(self, "_wire_dtype", "float32") != "int8":
+            return None
+        keys = set(self.sent_keys(server_round, self._global))
+        return {k: (v.astype(np.float16).astype(np.float32) if v.dtype == np.float32 else v)
+                for k, v in self._global.items()
+                if k in keys and np.issubdtype(v.dtype, np.floating)}
+
     def _validated(self, server_round: int, replies: Iterable[Message],
                    validate: Callable[[RecordDict], T]) -> dict[str, T]:
         """Each reply through ``validate``, keyed by hospital; failures and rejections counted."""

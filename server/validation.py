@@ -25,7 +25,7 @@ import numpy as np
 
 from protocol import records as protocol
 from flwr.app import RecordDict
-from shared_models.codec import split_key
+from shared_models.codec import CodecError, dequantize_update, is_int8_reply, split_key
 
 from .aggregation import Update, update_norm
 
@@ -43,7 +43,7 @@ class RejectedReply(ValueError):
     """Why one hospital's reply was not aggregated (the message names the key or value).
 
     ``kind`` is a short fixed label (``decode``, ``missing-key``, ``extra-key``, ``shape``,
-    ``dtype``, ``non-finite``, ``norm-stats``, ``norm``, ``metric``, ``no-record``) for counters
+    ``dtype``, ``non-finite``, ``norm-stats``, ``norm``, ``metric``, ``no-record``, ``int8``) for counters
     and metric labels: it never carries text from the reply itself.
     """
 
@@ -132,8 +132,15 @@ def validate_train_reply(
     *,
     norm_keys: frozenset[str] = frozenset(),
     notes: Counter[str] | None = None,
+    int8_base: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[Update, dict[str, float]]:
     """Check a train reply against the expected arrays; return the update and its metrics.
+
+    ``int8_base``: in a ``wire-dtype = "int8"`` run, the weights the hospital was sent (as it got
+    them); an int8 key is its update against them (``shared_models.codec.dequantize_update``,
+    which refuses scales that are not finite, negative, beyond ``MAX_INT8_SCALE`` or of the wrong
+    shape, and int8 arrays for keys that were not sent). The weights it gives back then go through
+    every check below like any other reply. Outside an int8 run an int8 reply is refused.
 
     ``expected`` maps each key the hospital must send to an array of the right shape and a float
     or integer dtype. Floating arrays may come as float32 or float16 (the wire format). Metric keys
@@ -152,6 +159,13 @@ def validate_train_reply(
         arrays = protocol.from_record(content.array_records[protocol.ARRAYS])
     except ValueError as exc:
         raise RejectedReply("decode", f"arrays do not decode: {exc}") from None
+    if is_int8_reply(arrays):
+        if int8_base is None:
+            raise RejectedReply("int8", "int8 arrays in a run whose wire-dtype is not int8")
+        try:
+            arrays = dequantize_update(arrays, int8_base)
+        except CodecError as exc:
+            raise RejectedReply("int8", str(exc)) from None
     missing = set(expected) - set(arrays)
     extra = set(arrays) - set(expected)
     if missing:

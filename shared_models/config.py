@@ -59,14 +59,17 @@ class TrainConfig:
     beta1: float = setting(0.5, "Adam beta1 (DCGAN: 0.5, Radford et al. 2016)")
     beta2: float = setting(0.999, "Adam beta2")
     prox_mu: float = setting(0.0, "FedProx proximal weight at the hospitals; 0 disables it")
-    wire_dtype: str = setting("float32", "arrays on the wire: float32 or float16")
+    wire_dtype: str = setting("float32", "arrays on the wire: float32, float16 or int8 (int8: "
+                              "replies carry the update as 8-bit with per-channel scales and "
+                              "error feedback at the hospital; downloads go as float16)")
     seed: int = setting(0, "seed of the initial weights and the hospitals' batch draws")
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("local_steps and batch_size must be >= 1")
-        if self.wire_dtype not in ("float32", "float16"):
-            raise ValueError(f"wire_dtype must be float32 or float16, got {self.wire_dtype!r}")
+        if self.wire_dtype not in ("float32", "float16", "int8"):
+            raise ValueError("wire_dtype must be float32, float16 or int8, got "
+                             f"{self.wire_dtype!r}")
         if not (self.lr_g >= 0 and self.lr_d >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
                 and self.prox_mu >= 0):
             raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
