@@ -13,7 +13,7 @@ import sys
 
 from fedsynth.errors import UserError
 
-COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample")
+COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
