@@ -150,26 +150,33 @@ def test_batch_norm_nets_are_refused_and_dp_runs_build_group_norm() -> None:
                 [torch.optim.SGD(nets["discriminator"].parameters(), lr=0.1)])
 
 
-@pytest.mark.parametrize("family", ["dcgan", "pix2pix"])
-def test_dp_training_moves_weights_and_reports_no_real_data_statistic(family: str) -> None:
-    model = ModelConfig(family=family, image_size=16, width=4, latent_dim=8, norm="group")
+@pytest.mark.parametrize("family, steps", [("dcgan", 3), ("pix2pix", 3), ("cdcgan", 1),
+                                           ("wgan-gp", 1), ("cyclegan", 1)])
+def test_dp_training_moves_weights_and_reports_no_real_data_statistic(family: str,
+                                                                      steps: int) -> None:
+    model = ModelConfig(family=family, image_size=16, width=4, latent_dim=8, norm="group",
+                        num_classes=2 if family == "cdcgan" else 0)
     x = torch.rand(12, 1, 16, 16) * 2 - 1
-    data = {"image": x} if family == "dcgan" else {"a": x, "b": x.flip(-1)}
+    data = ({"image": x} if get_family(family).task == "generation"
+            else {"a": x, "b": x.flip(-1)})
+    if family == "cdcgan":
+        data["label"] = torch.arange(12) % 2
     t = LocalTrainer(model, CPU, "off")
     t.reset(0)
     before = {c: torch.cat([p.detach().flatten().clone() for p in n.parameters()])
               for c, n in t.nets.items()}
-    train = TrainConfig(local_steps=3, batch_size=4, dp_noise_multiplier=0.8,
+    train = TrainConfig(local_steps=steps, batch_size=4, dp_noise_multiplier=0.8,
                         dp_max_grad_norm=1.0)
     result = t.fit(data, train, seed=1)
     _, per_step = t.family.dp_plan(data, 4)
-    assert result.dp_releases == 3 * per_step and result.dp_sample_rate == pytest.approx(4 / 12)
+    assert result.dp_releases == steps * per_step
+    assert result.dp_sample_rate == pytest.approx(4 / 12)
     for c, n in t.nets.items():
         after = torch.cat([p.detach().flatten() for p in n.parameters()])
         assert torch.isfinite(after).all() and not torch.equal(after, before[c]), c
     # losses on the sampled records are non-private statistics: none is reported
     assert not {"loss-d", "d-real", "loss-l1"} & set(result.metrics)
-    if family == "pix2pix":
+    if family in ("pix2pix", "cyclegan"):
         assert "loss-g" not in result.metrics
 
 
