@@ -53,13 +53,13 @@ def test_a_planted_copy_is_found_and_unseen_real_slices_are_not_copies(hospital_
                                                for v in scalars.values())
 
 
-def _checkpoint(root: Path, **train: object) -> Path:
+def _checkpoint(root: Path, norm: str = "batch", **train: object) -> Path:
     from dataclasses import asdict
 
     from server.run_folder import RunFolder
     from shared_models import encode, get_family
 
-    cfg = ModelConfig(family="dcgan", image_size=32, width=8, latent_dim=16)
+    cfg = ModelConfig(family="dcgan", image_size=32, width=8, latent_dim=16, norm=norm)
     torch.manual_seed(0)
     nets = get_family("dcgan").build(cfg)
     folder = RunFolder(root)
@@ -103,7 +103,9 @@ def test_export_gate_refuses_a_planted_copy_and_records_privacy(
     from fedsynth.export import from_stored
 
     folder, train, _ = hospital_slices
-    ckpt = _checkpoint(tmp_path / "run", dp_noise_multiplier=1.0, dp_max_grad_norm=1.0)
+    # a DP run's checkpoint: group norm (shared_models.dp)
+    ckpt = _checkpoint(tmp_path / "run", norm="group", dp_noise_multiplier=1.0,
+                       dp_max_grad_norm=1.0)
     copy = train["image"][5].numpy()
     real_generate = sample.generate
 
