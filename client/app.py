@@ -24,8 +24,10 @@ from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
 from . import metrics as hospital_metrics
+from . import privacy
 from .datasets import DataSelectionError, LocalData, clear_local_data, local_data
 from .settings import HospitalSettings
+from .privacy import PrivacyRefused
 from .trainer import LocalTrainer, pick_device
 from .ua_gan import UA_ACTION, reply_plan, ua_train
 
@@ -100,6 +102,10 @@ def _private_errors(handler: Callable[[Message, Context], Message]
     def wrapper(msg: Message, context: Context) -> Message:
         try:
             return handler(msg, context)
+        except PrivacyRefused as exc:  # logged in one line where it was refused
+            hospital_metrics.record_failure(_name_of(context), handler.__name__)
+            raise HospitalError(f"{handler.__name__} refused by the hospital's privacy settings "
+                                f"({type(exc).__name__})") from None
         except Exception as exc:  # noqa: BLE001 - every local failure must be sanitised
             log.exception("round failed at this hospital")
             hospital_metrics.record_failure(_name_of(context), handler.__name__)
@@ -282,6 +288,9 @@ def train(msg: Message, context: Context) -> Message:
     hospital_metrics.reset_peak_memory(trainer.device)
     reply = reply_plan(msg.content[protocol.CONFIG], trainer.nets, trainer.family.components)
     check_never_send(hospital, reply[0])
+    usable = data is not None and bool(data.num_train)
+    dp_plan = privacy.plan_round(hospital, context, trainer.family, train_cfg,
+                                 data.train if usable else None, server_round)
     evaluation: dict[str, float] = {}
     if protocol.EVALUATE_ROUND in msg.content[protocol.CONFIG]:
         # the model just received is the previous round's aggregate: evaluate it before training
@@ -297,10 +306,13 @@ def train(msg: Message, context: Context) -> Message:
             evaluation = {"eval-examples": 0}
         evaluation["eval-seconds"] = time.perf_counter() - t0
         hospital_metrics.record_evaluate(hospital.name, evaluated_round, evaluation)
-    if data is None or not data.num_train:
+    if not usable:
         result = trainer.idle(train_cfg, reply)  # zero examples: counts for nothing
     else:
         result = trainer.fit(data.train, train_cfg, seed, reply=reply)
+    if dp_plan is not None:  # charge the releases made; epsilon spent so far travels
+        result.metrics[privacy.DP_EPSILON] = privacy.charge(
+            hospital, context, dp_plan, result.dp_releases, result.dp_sample_rate)
     save_local(trainer, context)
     hospital_metrics.record_train(hospital.name, server_round, result.metrics,
                                   data.report if data is not None else None, trainer.device)

@@ -78,7 +78,11 @@ class _Series:
         self.refusals = Counter(
             "fedsynth_hospital_refused_messages",
             "Messages this hospital refused by its own policy (reason: unsigned, signature, "
-            "replay, never-send, ua-policy, bundle-*).", h + ["reason"], registry=r)
+            "replay, never-send, ua-policy, dp-budget, bundle-*).", h + ["reason"], registry=r)
+        self.dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon_spent",
+                                "Differential privacy spent by this run so far at this hospital "
+                                "(epsilon at its dp-delta; DP-SGD runs only).", h, registry=r,
+                                multiprocess_mode="mostrecent")
         self.images_per_second = Gauge("fedsynth_hospital_train_images_per_second",
                                        "Training throughput of the last round.", h, registry=r,
                                        multiprocess_mode="mostrecent")
@@ -168,11 +172,14 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
     for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
         if key in metrics:
             s.loss.labels(name, component).set(float(metrics[key]))
+    if "dp-epsilon" in metrics:
+        s.dp_epsilon.labels(name).set(float(metrics["dp-epsilon"]))
     if report is not None:
         record_scan(name, report)
     _success(s, name, "train", server_round)
     # Counters of rare events exist at 0 from the first round on, so "no failure" is a value.
     s.signature_failures.labels(name).inc(0)
+    s.refusals.labels(name, "dp-budget").inc(0)  # the privacy-budget alert's series
     for kind in ("train", "evaluate"):
         s.messages.labels(name, kind, "error").inc(0)
 
@@ -219,7 +226,7 @@ def record_signature_failure(hospital: str) -> None:
 
 REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
-                   "bundle-code", "bundle-malformed", "bundle-components")
+                   "bundle-code", "bundle-malformed", "bundle-components", "dp-budget")
 
 
 @_safely

@@ -8,6 +8,7 @@ JSON list named by ``FEDSYNTH_SIM_HOSPITALS``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,16 @@ class HospitalSettings:
     # read from, and (name, regex) pairs; the run's names and their order stay the federation's.
     label_attribute: str = ""
     label_patterns: tuple[tuple[str, str], ...] = ()
+    # Differential privacy (client/privacy.py): this hospital's budget per run, (dp-epsilon,
+    # dp-delta); inf = no budget. A finite budget, or require-dp, refuses runs without DP-SGD
+    # (train dp-noise-multiplier = 0) and UA-GAN rounds (their replies are not DP).
+    dp_epsilon: float = float("inf")
+    dp_delta: float = 1e-5
+    require_dp: bool = False
+
+    @property
+    def needs_dp(self) -> bool:
+        return self.require_dp or math.isfinite(self.dp_epsilon)
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
@@ -99,6 +110,9 @@ class HospitalSettings:
             ua_max_fakes=int(m.get("ua-max-fakes", 256)),
             label_attribute=str(m.get("label-attribute", "")),
             label_patterns=_patterns(m.get("label-patterns", ())),
+            dp_epsilon=_positive(m.get("dp-epsilon", float("inf")), "dp-epsilon", inf_ok=True),
+            dp_delta=_delta(m.get("dp-delta", 1e-5)),
+            require_dp=_flag(m.get("require-dp", False), "require-dp"),
         )
 
     @classmethod
@@ -133,6 +147,12 @@ class HospitalSettings:
             out["label-attribute"] = self.label_attribute
         if self.label_patterns:
             out["label-patterns"] = ";".join(f"{n}={p}" for n, p in self.label_patterns)
+        if math.isfinite(self.dp_epsilon):
+            out["dp-epsilon"] = self.dp_epsilon
+        if self.dp_delta != 1e-5:
+            out["dp-delta"] = self.dp_delta
+        if self.require_dp:
+            out["require-dp"] = True
         out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
                     "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
                     "ua-max-fakes": self.ua_max_fakes})
@@ -149,6 +169,26 @@ class HospitalSettings:
                 load_public_key(self.model_public_key)  # readable, and an Ed25519 public key
             except SignatureError as exc:
                 raise SettingsError(f"hospital model-public-key: {exc}") from None
+
+
+def _positive(value: Any, name: str, inf_ok: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not (x > 0 and (inf_ok or math.isfinite(x))):
+        raise SettingsError(f"hospital setting {name!r} must be a number > 0, got {value!r}")
+    return x
+
+
+def _delta(value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not 0 < x < 1:
+        raise SettingsError(f"hospital setting 'dp-delta' must be in (0, 1), got {value!r}")
+    return x
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -192,7 +232,7 @@ HOSPITAL_KEYS = ("data-dir", "cache-dir", "device", "amp", "threads", "modalitie
                  "holdout-every", "name", "model-public-key", "max-decoded-mb",
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
-                 "label-patterns")
+                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp")
 NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
 COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 

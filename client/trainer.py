@@ -24,6 +24,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.codec import decode_into
+from shared_models.dp import PrivateSteps
 from shared_models.family import GanFamily, Nets
 from shared_models.quality import FeatureNet, frechet_distance, mmd_rbf
 
@@ -65,6 +66,10 @@ def pick_amp(device: torch.device, requested: str = "auto") -> torch.dtype | Non
 class LocalResult:
     arrays: dict[str, np.ndarray]
     metrics: dict[str, float]
+    # DP-SGD (shared_models.dp): releases made and their Poisson rate; the hospital's
+    # accountant (client.privacy) charges exactly these, never sent
+    dp_releases: int = 0
+    dp_sample_rate: float = 0.0
 
 
 class LocalTrainer:
@@ -164,20 +169,31 @@ class LocalTrainer:
         on_device = {k: self._to_device(v) for k, v in data.items()}
         opts = self.family.optimizers(self.nets, train)
         ctx = self._context(train)
+        if train.dp:  # DP-SGD: the family draws secret Poisson batches itself (shared_models.dp)
+            rate, _per_step = self.family.dp_plan(data, train.batch_size)
+            ctx.dp = PrivateSteps(on_device, train.batch_size, rate, train.dp_noise_multiplier,
+                                  train.dp_max_grad_norm, self.device)
+            if ctx.amp_dtype == torch.float16:  # per-record gradients in fp16 would underflow
+                ctx.amp_dtype, ctx.scaler = None, None
         for net in self.nets.values():
             net.train()
         data_seconds = time.perf_counter() - t0
         images = 0
         totals: dict[str, torch.Tensor] = {}
         for _ in range(train.local_steps):
-            batch = self.family.draw(on_device, train.batch_size)
-            images += sum(len(batch[k]) for k in self.family.batch_keys if k in batch)
+            if ctx.dp is not None:
+                batch: dict[str, torch.Tensor] = {}
+                images += train.batch_size  # the expected count: the drawn one stays here
+            else:
+                batch = self.family.draw(on_device, train.batch_size)
+                images += sum(len(batch[k]) for k in self.family.batch_keys if k in batch)
             out = self.family.train_step(batch, self.nets, opts, ctx)
             for k, v in out.items():
                 totals[k] = totals[k] + v if k in totals else v.clone()
         # the one host sync of the round
         keys = sorted(totals)
-        means = (torch.stack([totals[k].float() for k in keys]) / train.local_steps).tolist()
+        means = ((torch.stack([totals[k].float() for k in keys]) / train.local_steps).tolist()
+                 if keys else [])
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = dict(zip(keys, means))
         metrics.update({
@@ -190,6 +206,9 @@ class LocalTrainer:
         })
         components, include = reply or (self.family.components, None)
         arrays = encode(self.nets, components, train.wire_dtype, include)
+        if ctx.dp is not None:
+            return LocalResult(arrays=arrays, metrics=metrics, dp_releases=ctx.dp.releases,
+                               dp_sample_rate=ctx.dp.sample_rate)
         return LocalResult(arrays=arrays, metrics=metrics)
 
     def idle(self, train: TrainConfig,

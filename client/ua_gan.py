@@ -182,6 +182,9 @@ def ua_train(msg: Message, context: Context) -> Message:
     if hospital.threads:
         torch.set_num_threads(hospital.threads)
     check_signature(hospital, msg, context)
+    from .privacy import refuse_ua_gan
+
+    refuse_ua_gan(hospital)
     if "ua-gan" in hospital.never_send:
         _refuse(hospital, "never-send", PolicyRefused(
             "this hospital's never-send setting refuses UA-GAN rounds"))

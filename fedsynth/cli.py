@@ -14,7 +14,7 @@ import sys
 from fedsynth.errors import UserError
 
 COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample",
-            "simulate")
+            "simulate", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,6 +62,9 @@ class Provenance:
     model: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str = ""  # file name only, never a path
     translation: str = ""  # translation families: "<domain a> -> <domain b>"; "" for generation
+    # privacy record (``fedsynth sample --audit``): the model's DP epsilon as the hospitals
+    # reported it and the memorisation audit's scalars; written as JSON in element (0009,xx06)
+    privacy: Mapping[str, Any] | None = None
 
     def text(self) -> str:
         base = f"{self.family} round {self.round}"
@@ -150,6 +153,8 @@ def _base_dataset(sop_class: str, study_uid: str, series_uid: str, patient_id: s
     block.add_new(0x04, "LO", provenance.checkpoint[:64])
     if note:
         block.add_new(0x05, "LT", note[:1024])
+    if provenance.privacy is not None:
+        block.add_new(0x06, "UT", json.dumps(dict(provenance.privacy), sort_keys=True))
     return ds
 
 

@@ -24,7 +24,9 @@ def examples_key(component: str) -> str:
 # Scalar metrics a hospital may report; anything else in a reply is rejected by the coordinator.
 TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
-                 "loss-cycle", "loss-identity")
+                 "loss-cycle", "loss-identity",
+                 # epsilon spent so far by this run's DP-SGD at the hospital (client/privacy.py)
+                 "dp-epsilon")
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
                 "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds")
 

@@ -189,6 +189,10 @@ class CoordinatorMetrics:
                            ["hospital"], registry=r)
         self.h_loss = Gauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.",
                             ["hospital", "component"], registry=r)
+        self.h_dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon",
+                                  "Differential privacy the hospital reported spent so far in "
+                                  "this run (epsilon at its own delta; DP-SGD runs only).",
+                                  ["hospital"], registry=r)
         self.sent = Counter("fedsynth_sent_bytes", "Model bytes sent to hospitals.",
                             ["hospital", "kind"], registry=r)
         self.received = Counter("fedsynth_received_bytes", "Model bytes received from hospitals.",
@@ -283,6 +287,8 @@ class CoordinatorMetrics:
             self.h_loss.labels(name, "generator").set(_finite_or_nan(m.get("loss-g", math.nan)))
             self.h_loss.labels(name, "discriminator").set(
                 _finite_or_nan(m.get("loss-d", math.nan)))
+            if "dp-epsilon" in m:
+                self.h_dp_epsilon.labels(name).set(_finite_or_nan(m["dp-epsilon"]))
 
     __call__ = observe
 

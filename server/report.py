@@ -153,6 +153,31 @@ def _participation(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) 
             + "".join(body) + "</table>")
 
 
+def _privacy(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str],
+             config: Mapping[str, Any]) -> tuple[str, str]:
+    """DP runs: a chart of the epsilon each hospital reported, and a table of the last values
+    (each at the hospital's own delta; a hospital that refused a round stays at its last)."""
+    per_h: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for node, m in (r.get("hospitals") or {}).items():
+            if "dp-epsilon" in m:
+                per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
+                    (float(r["round"]), float(m["dp-epsilon"])))
+    if not per_h:
+        return "", ""
+    train = config.get("train", {})
+    chart = line_chart("Privacy spent per hospital (DP epsilon)", dict(sorted(per_h.items())))
+    body = "".join(f"<tr><td>{html.escape(h)}</td><td>{_fmt(pts[-1][1])}</td>"
+                   f"<td>{int(pts[-1][0])}</td></tr>" for h, pts in sorted(per_h.items()))
+    table = (f"<h2>Privacy</h2><p>DP-SGD at the hospitals: noise multiplier "
+             f"{html.escape(str(train.get('dp_noise_multiplier', '?')))}, clipping norm "
+             f"{html.escape(str(train.get('dp_max_grad_norm', '?')))}; epsilon as each "
+             "hospital's accountant reported it, at its own delta.</p>"
+             '<table class="part"><tr><th>hospital</th><th>epsilon spent</th>'
+             f"<th>last round reported</th></tr>{body}</table>")
+    return chart, table
+
+
 def _pick_grids(paths: Sequence[Path]) -> list[Path]:
     if len(paths) <= MAX_GRIDS:
         return list(paths)
@@ -236,6 +261,9 @@ def build_report(root: Path) -> str:
                 per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
                     (float(r["round"]), float(m["images-per-second"])))
     charts.append(line_chart("Hospital throughput (images/s)", dict(sorted(per_h.items()))))
+    privacy = _privacy(rows, names, config)
+    if privacy[0]:
+        charts.append(privacy[0])
 
     model = config.get("model", {})
     title = f"fedsynth run {config.get('run_id', root.name)}"
@@ -247,6 +275,7 @@ def build_report(root: Path) -> str:
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
         f'<h2>Curves</h2><div class="charts">{"".join(charts)}</div>'
         f"<h2>Participation</h2>{_participation(rows, names)}"
+        f"{privacy[1]}"
         f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"
         f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>"
         f"<script>{_SCRIPT}</script></body></html>"

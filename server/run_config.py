@@ -97,6 +97,9 @@ class FederationConfig:
         if self.model.num_classes != wants:
             object.__setattr__(self, "model",
                                dataclasses.replace(self.model, num_classes=wants))
+        norm = "group" if self.train.dp else "batch"  # DP needs per-sample norms (shared_models.dp)
+        if self.model.norm != norm:
+            object.__setattr__(self, "model", dataclasses.replace(self.model, norm=norm))
 
     def policy_overrides(self) -> dict[str, Any]:
         """The ``ComponentPolicy`` fields this run sets for every shared component."""

@@ -9,6 +9,7 @@ adding a field here (or to the coordinator's ``FederationConfig``) and nowhere e
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
@@ -37,6 +38,11 @@ class ModelConfig:
     spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix)")
     num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
                                run=False)
+    # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
+    # DP (train dp-noise-multiplier > 0): derived by the run configuration, so every side builds
+    # the same architecture.
+    norm: str = setting("batch", "normalisation: batch (as published) or group (DP runs)",
+                        run=False)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -46,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.latent_dim < 1 or self.width < 1 or self.num_classes < 0:
             raise ValueError("latent_dim and width must be >= 1, num_classes >= 0")
+        if self.norm not in ("batch", "group"):
+            raise ValueError(f"norm must be batch or group, got {self.norm!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class TrainConfig:
                               "replies carry the update as 8-bit with per-channel scales and "
                               "error feedback at the hospital; downloads go as float16)")
     seed: int = setting(0, "seed of the initial weights and the hospitals' batch draws")
+    dp_noise_multiplier: float = setting(0.0, "DP-SGD at the hospitals: Gaussian noise std / "
+                                         "clipping norm on every real-data gradient; 0: no DP")
+    dp_max_grad_norm: float = setting(1.0, "DP-SGD: per-record gradient clipping norm (L2)")
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1:
@@ -73,6 +84,14 @@ class TrainConfig:
         if not (self.lr_g >= 0 and self.lr_d >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
                 and self.prox_mu >= 0):
             raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
+        if not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0
+                and math.isfinite(self.dp_noise_multiplier)
+                and math.isfinite(self.dp_max_grad_norm)):
+            raise ValueError("dp-noise-multiplier must be >= 0 and dp-max-grad-norm > 0")
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier > 0
 
 
 # The per-slice text attributes a hospital keeps for these rules (client/dicom.py META_KEYS):

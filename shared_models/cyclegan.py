@@ -31,6 +31,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig
+from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
@@ -79,7 +80,76 @@ class CycleGAN(FamilyBase):
         }
         for net in nets.values():
             init_normal(net)
-        return nets
+        return per_sample_norms(nets, cfg.norm)  # instance norm only: nothing to swap
+
+    def dp_records(self, data: Mapping[str, torch.Tensor]) -> int:
+        """The smaller domain present: its records have the highest inclusion probability."""
+        sizes = [len(data[k]) for k in self.batch_keys if k in data and len(data[k])]
+        if not sizes:
+            raise ValueError("family 'cyclegan': no images of domain a or b")
+        return min(sizes)
+
+    def dp_plan(self, data: Mapping[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """Generators' joint step + (with both domains) the discriminators' joint step. Each
+        domain is Poisson-sampled at batch / N_domain <= q = batch / min(N_a, N_b)."""
+        both = all(k in data and len(data[k]) for k in self.batch_keys)
+        return sample_rate(batch_size, self.dp_records(data)), 2 if both else 1
+
+    def _domain_rate(self, dp, key: str) -> dict[str, torch.Tensor]:  # noqa: ANN001
+        """A Poisson sample of domain ``key`` at batch / N_key (<= the accounted rate)."""
+        n = len(dp.data[key])
+        mask = dp.rand(n) < min(1.0, dp.batch_size / n)
+        return {key: dp.data[key][mask.nonzero().squeeze(1)]}
+
+    def dp_step(self, nets: Nets, opts: Optimizers, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The DP path of ``train_step`` (shared_models.dp): every term of a record of domain a
+        (adversarial of G(a), both cycles through it, identity of F on a; D_A on a, D_B on G(a))
+        is that record's, clipped with it; likewise for b. Only FedProx is public."""
+        g_ab, g_ba, d_a, d_b = (nets[c] for c in self.components)
+        dp = ctx.dp
+        present = [k for k in self.batch_keys if k in dp.data and len(dp.data[k])]
+
+        def g_a(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            a = ex["a"]
+            fake_b = g_ab(a)
+            return (_ls(d_b(fake_b), 1.0) + self.cycle_weight * _l1(g_ba(fake_b), a)
+                    + self.identity_weight * _l1(g_ba(a), a))
+
+        def g_b(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            b = ex["b"]
+            fake_a = g_ba(b)
+            return (_ls(d_a(fake_a), 1.0) + self.cycle_weight * _l1(g_ab(fake_a), b)
+                    + self.identity_weight * _l1(g_ab(b), b))
+
+        def d_of_a(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            a = ex["a"]
+            with torch.no_grad():
+                fake_b = g_ab(a)
+            return 0.5 * (_ls(d_a(a), 1.0) + _ls(d_b(fake_b), 0.0))
+
+        def d_of_b(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            b = ex["b"]
+            with torch.no_grad():
+                fake_a = g_ba(b)
+            return 0.5 * (_ls(d_b(b), 1.0) + _ls(d_a(fake_a), 0.0))
+
+        terms = {"a": (g_a, d_of_a), "b": (g_b, d_of_b)}
+        set_requires_grad([d_a, d_b], False)
+        try:
+            with ctx.autocast():
+                dp.step({"g_ab": g_ab, "g_ba": g_ba},
+                        [(terms[k][0], self._domain_rate(dp, k)) for k in present],
+                        [opts["g_ab"], opts["g_ba"]],
+                        ctx.prox_term("g_ab", g_ab) + ctx.prox_term("g_ba", g_ba))
+        finally:
+            set_requires_grad([d_a, d_b], True)
+        if len(present) == 2:
+            with ctx.autocast():
+                dp.step({"d_a": d_a, "d_b": d_b},
+                        [(terms[k][1], self._domain_rate(dp, k)) for k in present],
+                        [opts["d_a"], opts["d_b"]],
+                        ctx.prox_term("d_a", d_a) + ctx.prox_term("d_b", d_b))
+        return {}  # every loss here is a statistic of the sampled records: none travels
 
     def examples(self, data: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """See the module table: a discriminator counts only when both domains are present."""
@@ -104,6 +174,8 @@ class CycleGAN(FamilyBase):
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
+        if ctx.dp is not None:
+            return self.dp_step(nets, opts, ctx)
         g_ab, g_ba, d_a, d_b = (nets[c] for c in self.components)
         a, b = batch.get("a"), batch.get("b")
         if a is None and b is None:

@@ -6,11 +6,14 @@ D maximises log D(x) + log(1 - D(G(z))); G maximises log D(G(z)).
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
+from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
@@ -30,13 +33,49 @@ class DCGAN(FamilyBase):
                            cfg.width, cfg.num_classes)
         d = DCGANDiscriminator(cfg.spatial_dims, cfg.channels, cfg.image_size, cfg.width,
                                cfg.num_classes)
+        nets = per_sample_norms({"generator": g, "discriminator": d}, cfg.norm)
         init_dcgan_weights(g)
         init_dcgan_weights(d)
-        return {"generator": g, "discriminator": d}
+        return nets
+
+    def dp_plan(self, data: Mapping[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """One release per step: D's real term (G sees only fakes through the released D)."""
+        return sample_rate(batch_size, self.dp_records(data)), 1
+
+    def dp_step(self, nets: Nets, opts: Optimizers, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The DP path of ``train_step`` (shared_models.dp): D's real term per record, clipped and
+        noised; its fake term and the generator's step are post-processing."""
+        g, d, dp = nets["generator"], nets["discriminator"], ctx.dp
+        keys = ("image", "label") if g.num_classes else ("image",)
+        real = dp.poisson(keys)
+        b = dp.batch_size
+        z = dp.randn(b, g.latent_dim)
+        # fake labels uniform over the classes: never copied from the sampled records
+        labels = dp.randint(g.num_classes, b) if g.num_classes else None
+        ones, zeros = torch.ones(b, device=z.device), torch.zeros(b, device=z.device)
+
+        def real_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            logit = d(ex["image"], ex.get("label")).float()
+            return bce(logit, torch.ones_like(logit))
+
+        with ctx.autocast():
+            fake = g(z, labels)
+            d_fake = d(fake.detach(), labels)
+            public = bce(d_fake.float(), zeros) + ctx.prox_term("discriminator", d)
+            dp.step({"discriminator": d}, [(real_term, real)], [opts["discriminator"]], public)
+        with ctx.autocast():
+            loss_g = bce(d(fake, labels).float(), ones) + ctx.prox_term("generator", g)
+        ctx.step(loss_g, opts["generator"])
+        # only what is computed from released weights and fakes: a loss on the sampled records
+        # would be a non-private statistic of them
+        return {"loss-g": loss_g.detach(),
+                "d-fake": torch.sigmoid(d_fake.detach().float()).mean()}
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
+        if ctx.dp is not None:
+            return self.dp_step(nets, opts, ctx)
         g: nn.Module = nets["generator"]
         d: nn.Module = nets["discriminator"]
         real = batch["image"]

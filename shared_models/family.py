@@ -14,6 +14,7 @@ from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
+from .dp import PrivacyError, PrivateSteps, per_sample_norms
 
 Nets = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
@@ -32,6 +33,9 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     prox_mu: float = 0.0
     anchor: dict[str, list[torch.Tensor]] | None = None
+    # DP-SGD of this round (shared_models.dp): set, the family takes its ``dp_step`` path, which
+    # draws its own Poisson batches from ``dp.data`` (the batch handed to train_step is empty).
+    dp: PrivateSteps | None = None
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -117,6 +121,15 @@ class FamilyBase:
 
     def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
         return (train.beta1, train.beta2)
+
+    def dp_plan(self, data: Mapping[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """DP accounting of one local step: (Poisson sample rate q, DP releases per step).
+
+        A family without a ``dp_step`` cannot train under DP; the hospital refuses the round."""
+        raise PrivacyError(f"family {self.name!r} has no differentially private training")
+
+    def dp_records(self, data: Mapping[str, torch.Tensor]) -> int:
+        return _length(data, self.batch_keys)
 
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
         """One Adam per component: generators (``generator``, ``g_*``) at ``lr_g``, the rest

@@ -10,10 +10,13 @@ Batches hold paired ``a`` (input) and ``b`` (target) tensors, drawn with one sha
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
+from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
@@ -33,13 +36,54 @@ class Pix2Pix(FamilyBase):
     def build(self, cfg: ModelConfig) -> Nets:
         g = UNetGenerator(cfg.spatial_dims, cfg.channels, cfg.channels, cfg.image_size, cfg.width)
         d = PatchGAN(cfg.spatial_dims, 2 * cfg.channels, cfg.image_size, cfg.width)
+        nets = per_sample_norms({"generator": g, "discriminator": d}, cfg.norm)
         init_normal(g)
         init_normal(d)
-        return {"generator": g, "discriminator": d}
+        return nets
+
+    def dp_plan(self, data: Mapping[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """Two releases per step: D (both its terms see the real input a) and G (adversarial and
+        L1 terms see a and b), each on its own Poisson sample of the pairs."""
+        return sample_rate(batch_size, self.dp_records(data)), 2
+
+    def dp_step(self, nets: Nets, opts: Optimizers, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The DP path of ``train_step`` (shared_models.dp): both updates are per-pair losses,
+        clipped and noised; only FedProx is public."""
+        g, d, dp = nets["generator"], nets["discriminator"], ctx.dp
+
+        def d_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            a, b = ex["a"], ex["b"]
+            with torch.no_grad():
+                fake = g(a)
+            real_logit = d(torch.cat([a, b], 1)).float()
+            fake_logit = d(torch.cat([a, fake], 1)).float()
+            return 0.5 * (bce(real_logit, torch.ones_like(real_logit))
+                          + bce(fake_logit, torch.zeros_like(fake_logit)))
+
+        def g_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            a, b = ex["a"], ex["b"]
+            fake = g(a)
+            pred = d(torch.cat([a, fake], 1)).float()
+            return (bce(pred, torch.ones_like(pred))
+                    + self.l1_weight * (fake.float() - b.float()).abs().mean())
+
+        with ctx.autocast():
+            dp.step({"discriminator": d}, [(d_term, dp.poisson(("a", "b")))],
+                    [opts["discriminator"]], ctx.prox_term("discriminator", d))
+        set_requires_grad([d], False)
+        try:
+            with ctx.autocast():
+                dp.step({"generator": g}, [(g_term, dp.poisson(("a", "b")))],
+                        [opts["generator"]], ctx.prox_term("generator", g))
+        finally:
+            set_requires_grad([d], True)
+        return {}  # every loss here is a statistic of the sampled pairs: none travels
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
+        if ctx.dp is not None:
+            return self.dp_step(nets, opts, ctx)
         g, d = nets["generator"], nets["discriminator"]
         a, b = batch["a"], batch["b"]
 

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
+from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
@@ -55,9 +56,47 @@ class WGANGP(FamilyBase):
                            cfg.width)
         d = DCGANDiscriminator(cfg.spatial_dims, cfg.channels, cfg.image_size, cfg.width,
                                norm=LAYER_NORM)
+        nets = per_sample_norms({"generator": g, "discriminator": d}, cfg.norm)
         init_dcgan_weights(g)
         init_dcgan_weights(d)
-        return {"generator": g, "discriminator": d}
+        return nets
+
+    def dp_plan(self, data: Mapping[str, torch.Tensor], batch_size: int) -> tuple[float, int]:
+        """``n_critic`` releases per step: every critic update (its real term and the gradient
+        penalty at real/fake interpolates), each on its own Poisson sample."""
+        return sample_rate(batch_size, self.dp_records(data)), self.n_critic
+
+    def dp_step(self, nets: Nets, opts: Optimizers, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """The DP path of ``train_step`` (shared_models.dp): per record, -D(x) + lambda * the
+        penalty at its interpolate, clipped and noised; E[D(G(z))] and G's step are public."""
+        from torch.func import grad as func_grad
+
+        g, d, dp = nets["generator"], nets["discriminator"], ctx.dp
+        b = dp.batch_size
+
+        def critic_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            x, fake, eps = ex["image"].float(), ex["fake"].float(), ex["eps"]
+            mixed = eps * x + (1 - eps) * fake
+            gx = func_grad(lambda m: d(m).float().sum())(mixed)
+            penalty = (gx.flatten(1).norm(2, dim=1) - 1) ** 2
+            return (-d(x).float() + self.gp_weight * penalty).mean()
+
+        for _ in range(self.n_critic):
+            real = dp.poisson(("image",))
+            n = len(real["image"])
+            with torch.no_grad():
+                real["fake"] = g(dp.randn(n, g.latent_dim)).float()
+                fake = g(dp.randn(b, g.latent_dim))
+            real["eps"] = dp.rand(n, *([1] * (real["image"].ndim - 1)))
+            public = d(fake).float().mean() + ctx.prox_term("discriminator", d)
+            dp.step({"discriminator": d}, [(critic_term, real)], [opts["discriminator"]], public)
+        d.requires_grad_(False)
+        try:
+            loss_g = -d(g(dp.randn(b, g.latent_dim))).float().mean() + ctx.prox_term("generator", g)
+            ctx.step(loss_g, opts["generator"])
+        finally:
+            d.requires_grad_(True)
+        return {"loss-g": loss_g.detach()}  # the critic's terms are statistics of the records
 
     def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
         return ADAM_BETAS  # the paper's (0, 0.9), whatever TrainConfig says
@@ -75,6 +114,8 @@ class WGANGP(FamilyBase):
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext
     ) -> dict[str, torch.Tensor]:
         """``n_critic`` critic updates on the batch's chunks, then one generator update."""
+        if ctx.dp is not None:
+            return self.dp_step(nets, opts, ctx)
         g, d = nets["generator"], nets["discriminator"]
         real_all = batch["image"]
         if real_all.shape[0] % self.n_critic == 0 and real_all.shape[0] >= self.n_critic:

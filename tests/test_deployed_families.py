@@ -100,6 +100,7 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
         "family": "pix2pix", "image_size": 16, "latent_dim": 17, "width": 8, "spatial_dims": 3,
         "local_steps": 2, "batch_size": 2, "lr_g": 3e-4, "lr_d": 3e-4, "beta1": 0.4,
         "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7,
+        "dp_noise_multiplier": 0.8, "dp_max_grad_norm": 2.0,
         "classes": "MR,CT", "class_attribute": "modality", "class_patterns": "^MR$;^CT$",
         "domain_a": "MR", "domain_b": "CT", "domain_attribute": "modality",
         "domain_a_pattern": "^MR$", "domain_b_pattern": "^CT$",

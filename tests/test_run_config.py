@@ -46,6 +46,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "family": "pix2pix", "image-size": 64, "latent-dim": 17, "width": 9, "spatial-dims": 3,
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11,
+        "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
         "domain-attribute": "modality", "domain-a-pattern": "^MR$", "domain-b-pattern": "^CT$",

@@ -65,7 +65,43 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="BatchNorm statistics: stored (the checkpoint's), batch (over the sampled "
                         "batch) or auto: batch when the stored ones were never trained, e.g. "
                         "under fedbn, where hospitals keep their norm layers (default)")
+    p.add_argument("--audit", type=Path, metavar="DATA_DIR",
+                   help="export gate, at the hospital: check every image against the training "
+                        "slices of DATA_DIR (fedsynth audit) and never write a near-copy; DICOM "
+                        "records the model's DP epsilon and the audit in its private block")
+    from .audit import add_data_options
+
+    add_data_options(p)
+    p.add_argument("--ssim-threshold", type=float, default=0.9,
+                   help="with --audit: SSIM at or above which a closest-ever image is a "
+                        "near-copy (default 0.9)")
     p.set_defaults(func=run)
+
+
+def _apply_gate(args: argparse.Namespace, images: np.ndarray, notes: list[str] | None,
+                cfg: Any, data: Any, run: dict, round_: int
+                ) -> tuple[np.ndarray, list[str] | None, dict[str, Any] | None, np.ndarray]:
+    """``--audit``: drop near-copies of the hospital's training slices (never written).
+
+    Returns the images and notes kept, the privacy record for the DICOM and the keep mask."""
+    if args.audit is None:
+        return images, notes, None, np.ones(len(images), dtype=bool)
+    from fedsynth.errors import UserError
+
+    from .audit import gate, model_epsilon
+
+    try:
+        keep, scalars = gate(images, args.audit, cfg, data, args.holdout_every,
+                             args.modalities, args.ssim_threshold)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    refused = int((~keep).sum())
+    if refused:
+        log.warning("export gate: %d of %d images are near-copies of training slices of %s "
+                    "and are not written", refused, len(images), args.audit)
+    privacy = {**model_epsilon(args.checkpoint, round_, run), "audit": scalars}
+    kept_notes = [n for n, k in zip(notes, keep) if k] if notes is not None else None
+    return images[keep], kept_notes, privacy, keep
 
 
 def _generator_components(nets: dict[str, Any]) -> tuple[str, ...]:
@@ -258,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     cfg, data = meta.pop("_config"), meta.pop("_data")
-    meta.pop("_run")
+    run_cfg = meta.pop("_run")
     name = str(meta["family"])
     prov = dict(family=name, round=int(meta.get("round", 0)), model=asdict(cfg),
                 checkpoint=args.checkpoint.name)
@@ -277,14 +313,20 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:  # NoUsableDicomError, DataSelectionError, settings
             raise UserError(str(exc)) from exc
         images = translate(family, nets, inputs, args.norm_stats)
+        notes = [f"translated from {data.domain_a} by fedsynth {name} ({note})"
+                 for note in notes]
+        images, notes, privacy, keep = _apply_gate(args, images, notes, cfg, data, run_cfg,
+                                                   prov["round"])
+        inputs = inputs[keep]
         what = f"translations of {len(images)} of {total} {data.domain_a} inputs"
-        if args.format == "png":
+        if not len(images):
+            paths = []
+        elif args.format == "png":
             paths = write_png(images, args.out, prefix="translation", inputs=inputs)
         else:
             tag = f"{data.domain_a} -> {data.domain_b}"
-            notes = [f"translated from {data.domain_a} by fedsynth {name} ({note})"
-                     for note in notes]
-            paths = write_dicom(images, args.out, Provenance(**prov, translation=tag),
+            paths = write_dicom(images, args.out,
+                                Provenance(**prov, translation=tag, privacy=privacy),
                                 prefix="translation", notes=notes)
     else:
         if args.input is not None or args.input_attribute or args.input_pattern:
@@ -307,9 +349,15 @@ def run(args: argparse.Namespace) -> int:
             notes = [f"class {names[k]} (label {k})" for k in labels]
             what = (f"samples of class {names[label]}" if label is not None
                     else "samples of classes " + ", ".join(names) + " in turn")
+        images, notes, privacy, keep = _apply_gate(args, images, notes, cfg, data, run_cfg,
+                                                   prov["round"])
         if args.format == "png":
-            paths = write_png(images, args.out)
+            paths = write_png(images, args.out) if len(images) else []
         else:
-            paths = write_dicom(images, args.out, Provenance(**prov), notes=notes)
+            paths = (write_dicom(images, args.out, Provenance(**prov, privacy=privacy),
+                                 notes=notes) if len(images) else [])
+    if args.audit is not None:
+        print(f"export gate: {int((~keep).sum())} near-copies of training slices refused "
+              "(not written)")
     print(f"wrote {len(paths)} {args.format} files to {args.out} ({what})")
     return 0

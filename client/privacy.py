@@ -1,0 +1,149 @@
+"""The hospital's privacy ledger and budget: what DP-SGD rounds have spent, and the refusal.
+
+Per run, the hospital keeps the history of its DP releases (``shared_models.dp.Accountant``:
+noise multiplier, Poisson rate, count) in ``context.state`` and, when it has a cache folder, in
+``<cache-dir>/run-state/run-<id>-dp.json`` (as the replay record), so a restarted daemon does not
+forget what it spent. Before a round it projects epsilon(dp-delta) after the round's releases;
+above its ``dp-epsilon`` it refuses the round, logging ONE line, and the coordinator counts it as
+failed, by name, while the run goes on without it. After a round it charges exactly the releases
+the trainer made (a family that made more than it declared fails the round: nothing is sent) and
+reports epsilon spent so far as the ``dp-epsilon`` metric, the one scalar DP adds to a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from shared_models import TrainConfig
+from shared_models.dp import DP_EPSILON, Accountant, PrivacyError  # noqa: F401
+
+from .settings import HospitalSettings
+
+log = logging.getLogger(__name__)
+
+LEDGER_STATE = "fedsynth-dp-ledger"  # in context.state: ConfigRecord {"history": json}
+
+
+class PrivacyRefused(RuntimeError):
+    """This hospital's privacy settings refuse the round (no DP, or over its budget)."""
+
+
+class PrivacyBudgetExhausted(PrivacyRefused):
+    """The round would take epsilon past this hospital's ``dp-epsilon``."""
+
+
+@dataclass
+class RoundPlan:
+    """What a DP round will charge: Poisson rate q, releases, and the ledger it charges."""
+
+    ledger: Accountant
+    noise_multiplier: float
+    sample_rate: float
+    releases: int
+
+
+def _ledger_path(hospital: HospitalSettings, run_id: int) -> Path | None:
+    if hospital.cache_dir is None:
+        return None
+    return hospital.cache_dir / "run-state" / f"run-{int(run_id)}-dp.json"
+
+
+def load_ledger(hospital: HospitalSettings, context: Any) -> Accountant:
+    """The run's ledger: from ``context.state`` or the cache folder, whichever has spent more.
+
+    An unreadable file on disk is NOT treated as empty (that would reset the budget): the
+    round fails until the hospital's IT looks at it."""
+    candidates = []
+    if LEDGER_STATE in context.state.config_records:
+        candidates.append(Accountant.from_json(
+            str(context.state.config_records[LEDGER_STATE]["history"])))
+    path = _ledger_path(hospital, context.run_id)
+    if path is not None and path.exists():
+        try:
+            candidates.append(Accountant.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise PrivacyError(f"privacy ledger {path} is unreadable ({exc}); refusing to train "
+                               "rather than forget what this run has spent") from None
+    return max(candidates, key=lambda a: a.releases, default=Accountant())
+
+
+def save_ledger(hospital: HospitalSettings, context: Any, ledger: Accountant) -> None:
+    from flwr.app import ConfigRecord
+
+    context.state[LEDGER_STATE] = ConfigRecord({"history": ledger.to_json()})
+    path = _ledger_path(hospital, context.run_id)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(ledger.to_json())
+    os.replace(tmp, path)  # an OSError fails the round: the spend must be on record
+
+
+def _refuse(hospital: HospitalSettings, exc: PrivacyRefused) -> None:
+    from . import metrics as hospital_metrics
+
+    log.error("REFUSED round (dp-budget): %s", exc)
+    hospital_metrics.record_refusal(hospital.name, "dp-budget")
+    raise exc
+
+
+def plan_round(hospital: HospitalSettings, context: Any, family: Any, train: TrainConfig,
+               data: Mapping[str, torch.Tensor] | None, server_round: int) -> RoundPlan | None:
+    """Refuse a round this hospital's privacy settings forbid; else what DP will charge.
+
+    None for a run without DP at a hospital that does not require it."""
+    if not train.dp:
+        if hospital.needs_dp:
+            _refuse(hospital, PrivacyRefused(
+                f"round {server_round}: the run trains without differential privacy "
+                f"(train dp-noise-multiplier = 0) and this hospital requires it "
+                f"(dp-epsilon = {hospital.dp_epsilon:g}, require-dp = "
+                f"{str(hospital.require_dp).lower()})"))
+        return None
+    ledger = load_ledger(hospital, context)
+    spent = ledger.epsilon(hospital.dp_delta)
+    if data is None:
+        return RoundPlan(ledger, train.dp_noise_multiplier, 0.0, 0)
+    rate, per_step = family.dp_plan(data, train.batch_size)
+    releases = per_step * train.local_steps
+    after = ledger.epsilon(hospital.dp_delta, (train.dp_noise_multiplier, rate, releases))
+    if after > hospital.dp_epsilon:
+        _refuse(hospital, PrivacyBudgetExhausted(
+            f"round {server_round} would take epsilon from {spent:.4g} to {after:.4g} "
+            f"(delta = {hospital.dp_delta:g}), past this hospital's dp-epsilon = "
+            f"{hospital.dp_epsilon:g}; it trains no further round of this run"))
+    return RoundPlan(ledger, train.dp_noise_multiplier, rate, releases)
+
+
+def charge(hospital: HospitalSettings, context: Any, plan: RoundPlan, releases: int,
+           sample_rate: float) -> float:
+    """Charge the releases the trainer made; epsilon spent so far (the reply's ``dp-epsilon``).
+
+    More releases than planned, or at another rate, fail the round before anything is sent."""
+    if releases > plan.releases or (releases and sample_rate > plan.sample_rate):
+        raise PrivacyError(f"the round made {releases} DP releases at q = {sample_rate:g}; "
+                           f"{plan.releases} at q = {plan.sample_rate:g} were accounted")
+    plan.ledger.add(plan.noise_multiplier, plan.sample_rate, releases)
+    save_ledger(hospital, context, plan.ledger)
+    eps = plan.ledger.epsilon(hospital.dp_delta)
+    log.info("privacy: epsilon = %.4g spent (delta = %g, %d DP releases this run, budget %g)",
+             eps, hospital.dp_delta, plan.ledger.releases, hospital.dp_epsilon)
+    return eps
+
+
+def refuse_ua_gan(hospital: HospitalSettings) -> None:
+    """UA-GAN replies (logits and input gradients on the hospital's slices) are not DP."""
+    if hospital.needs_dp:
+        _refuse(hospital, PrivacyRefused(
+            "UA-GAN rounds send discriminator outputs and input gradients that are not "
+            "differentially private; this hospital requires DP"))
+

@@ -1,0 +1,158 @@
+"""``fedsynth audit CHECKPOINT DATA_DIR``: a memorisation audit at the hospital.
+
+Draws ``--n`` images from the checkpoint (generation families: fixed-seed noise; translation
+families: translations of the hospital's held-out domain-A slices) and compares them with that
+hospital's training and held-out slices (the split the hospital trains with: every
+``--holdout-every``-th slice held out, as its ``holdout-every`` setting) with
+``shared_models.audit``: nearest-neighbour distances in pixel, SSIM and feature space, their
+train / held-out ratio and the near-copies. Prints a table, or ``--json`` the scalars. Nothing
+is written or sent anywhere; run it where the data is.
+
+For a translation family the held-out targets are the translated inputs' own pairs, so its
+"to held-out" distances are small by design and the ratio leans above 1: the near-copy count
+(a translation closer to a training target than any held-out target is) is the measure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from shared_models.audit import SSIM_THRESHOLD
+
+    p = sub.add_parser(
+        "audit", help="memorisation audit: generated images vs this hospital's training slices",
+        description="Compare images drawn from CHECKPOINT with the training and held-out slices "
+                    "of DATA_DIR (at this hospital; nothing leaves): nearest-neighbour distances, "
+                    "train/held-out ratio and near-copies of training slices.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint .npz written by a federated run")
+    p.add_argument("data_dir", type=Path, help="the hospital's DICOM folder (its data-dir)")
+    add_data_options(p)
+    p.add_argument("--n", type=int, default=64, help="images to draw and audit (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ssim-threshold", type=float, default=SSIM_THRESHOLD,
+                   help=f"SSIM at or above which a closest-ever image is a near-copy "
+                        f"(default {SSIM_THRESHOLD})")
+    p.add_argument("--json", action="store_true", help="print the scalars as JSON")
+    p.set_defaults(func=run)
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--holdout-every", type=int, default=10,
+                   help="the hospital's holdout-every setting: every n-th slice is held out "
+                        "(default 10, the hospital default)")
+    p.add_argument("--modalities", default="",
+                   help="the hospital's modalities setting (comma separated; default: all)")
+
+
+def hospital_split(data_dir: Path, cfg: Any, data: Any, holdout_every: int,
+                   modalities: str = "") -> tuple[Any, Any, Any]:
+    """(training, held-out, LocalData) of ``data_dir`` as the hospital splits them for ``cfg``:
+    generation families their ``image``, translation families their domain-B targets."""
+    from client.datasets import local_data
+    from client.settings import HospitalSettings
+
+    if not data_dir.is_dir():
+        raise ValueError(f"data folder '{data_dir}' is not a folder")
+    if holdout_every < 2:
+        raise ValueError(f"--holdout-every must be at least 2, got {holdout_every}")
+    hospital = HospitalSettings(
+        data_dir=data_dir, holdout_every=holdout_every,
+        modalities=tuple(m.strip().upper() for m in modalities.split(",") if m.strip()))
+    local = local_data(hospital, cfg, data)
+    key = "b" if "b" in local.train else "image"
+    if key not in local.holdout or not len(local.train.get(key, ())) \
+            or not len(local.holdout[key]):
+        raise ValueError(f"'{data_dir}' has no training and held-out {key!r} slices for this "
+                         f"model (held out: every {holdout_every}-th)")
+    return local.train[key], local.holdout[key], local
+
+
+def draw(family: Any, nets: dict, cfg: Any, n: int, seed: int, local: Any) -> np.ndarray:
+    """``n`` images from the checkpoint: samples, or translations of held-out inputs."""
+    from .sample import generate, translate
+
+    if getattr(family, "task", "generation") == "translation":
+        inputs = local.holdout.get("a")
+        if inputs is None or not len(inputs):
+            raise ValueError("no held-out domain-A slice to translate")
+        return translate(family, nets, inputs[:n].numpy())
+    return generate(family, nets, cfg, n, seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedsynth.errors import UserError
+    from shared_models.audit import audit, table
+
+    from .sample import load_generator
+
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, got {args.n}")
+    try:
+        family, nets, meta = load_generator(args.checkpoint)
+        cfg, data = meta["_config"], meta["_data"]
+        train, held, local = hospital_split(args.data_dir, cfg, data, args.holdout_every,
+                                            args.modalities)
+        images = draw(family, nets, cfg, args.n, args.seed, local)
+        result = audit(torch.from_numpy(images), train, held, args.ssim_threshold)
+    except ValueError as exc:  # includes the DICOM reader's "no usable slice" errors
+        raise UserError(str(exc)) from exc
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint.name, "family": str(meta["family"]),
+                          "round": int(meta.get("round", 0)), **result.scalars()}, indent=2))
+    else:
+        print(f"memorisation audit of {args.checkpoint.name} ({meta['family']}, round "
+              f"{int(meta.get('round', 0))})")
+        print(table(result))
+    return 0
+
+
+def model_epsilon(checkpoint: Path, round_: int, run: dict) -> dict[str, Any]:
+    """The checkpoint's DP record from its run folder: the noise multiplier of the run and the
+    largest epsilon any hospital reported up to the checkpoint's round (each at its own delta;
+    the weakest guarantee among them). ``dp-epsilon`` None: no DP, or no metrics.jsonl found."""
+    train = run.get("train") or {}
+    sigma = float(train.get("dp_noise_multiplier", train.get("dp-noise-multiplier", 0)) or 0)
+    root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
+        else checkpoint.parent
+    eps: list[float] = []
+    metrics = root / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict) or int(row.get("round", 0)) > round_:
+                continue
+            for m in (row.get("hospitals") or {}).values():
+                if isinstance(m, dict) and isinstance(m.get("dp-epsilon"), (int, float)):
+                    eps.append(float(m["dp-epsilon"]))
+    return {"dp-noise-multiplier": sigma, "dp-epsilon": max(eps) if eps else None,
+            "dp-epsilon-source": "max over hospitals' reports up to this round" if eps
+            else ("no DP in this run" if sigma == 0 else "no hospital report found")}
+
+
+def gate(images: np.ndarray, data_dir: Path, cfg: Any, data: Any, holdout_every: int,
+         modalities: str, ssim_threshold: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """The export gate: (mask of images that may be written, the audit's scalars with the
+    number refused). A near-copy of a training slice of ``data_dir`` is refused."""
+    import torch
+
+    from shared_models.audit import audit
+
+    train, held, _ = hospital_split(data_dir, cfg, data, holdout_every, modalities)
+    result = audit(torch.from_numpy(np.ascontiguousarray(images)), train, held, ssim_threshold)
+    keep = np.ones(len(images), dtype=bool)
+    keep[result.near_copy_index] = False
+    scalars = result.scalars()
+    scalars["refused-near-copies"] = int((~keep).sum())
+    return keep, scalars
