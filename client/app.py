@@ -160,15 +160,8 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
 
 
 def _seen_path(hospital: HospitalSettings, run_id: int):  # noqa: ANN202
-    """Where the rounds acted on are kept across restarts (Flower keeps ``context.state`` in
-    the SuperNode's memory only): the hospital's cache folder, when it has one, in a folder of
-    the hospital's own, since hospitals may share a cache (virtual hospitals over one folder)."""
-    if hospital.cache_dir is None:
-        return None
-    import hashlib
-
-    own = hashlib.sha256(hospital.name.encode()).hexdigest()[:16]
-    return hospital.cache_dir / "run-state" / own / f"run-{int(run_id)}.json"
+    """Where the rounds acted on are kept across restarts (``HospitalSettings.run_state_path``)."""
+    return hospital.run_state_path(run_id, "seen")
 
 
 def _seen_on_disk(hospital: HospitalSettings, run_id: int) -> dict[str, int]:

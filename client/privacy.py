@@ -50,9 +50,7 @@ class RoundPlan:
 
 
 def _ledger_path(hospital: HospitalSettings, run_id: int) -> Path | None:
-    if hospital.cache_dir is None:
-        return None
-    return hospital.cache_dir / "run-state" / f"run-{int(run_id)}-dp.json"
+    return hospital.run_state_path(run_id, "dp")
 
 
 def load_ledger(hospital: HospitalSettings, context: Any) -> Accountant:

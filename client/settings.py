@@ -77,6 +77,18 @@ class HospitalSettings:
     dp_delta: float = 1e-5
     require_dp: bool = False
 
+    def run_state_path(self, run_id: int, kind: str) -> Path | None:
+        """A file of per-run state kept across restarts (Flower keeps ``context.state`` in the
+        SuperNode's memory only): in the cache folder, when there is one, under a folder of this
+        hospital's own, since hospitals may share a cache (virtual hospitals over one folder) and
+        must not share replay records or privacy ledgers."""
+        if self.cache_dir is None:
+            return None
+        import hashlib
+
+        own = hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        return self.cache_dir / "run-state" / own / f"run-{int(run_id)}-{kind}.json"
+
     @property
     def needs_dp(self) -> bool:
         return self.require_dp or math.isfinite(self.dp_epsilon)

@@ -269,7 +269,7 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
     assert "past this hospital's dp-epsilon" in refusals[0].getMessage()
     assert not [r for r in caplog.records if "round failed at this hospital" in r.getMessage()]
     # the ledger is on disk, per run, so a restarted daemon does not forget the spend
-    ledgers = list((tmp_path / "cache").glob("*/run-state/run-*-dp.json"))
+    ledgers = list((tmp_path / "cache").glob("*/run-state/*/run-*-dp.json"))
     assert len(ledgers) == 2
     # the DP reply carries epsilon and nothing else new (a run without DP, same hospitals)
     plain, _ = run_inprocess(_cfg(tmp_path, "plain", 0.0), _hospitals(tmp_path / "p"))
