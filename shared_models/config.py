@@ -61,8 +61,21 @@ class TrainConfig:
     prox_mu: float = setting(0.0, "FedProx proximal weight at the hospitals; 0 disables it")
     wire_dtype: str = setting("float32", "arrays on the wire: float32 or float16")
     seed: int = setting(0, "seed of the initial weights and the hospitals' batch draws")
+    # Small local data (shared_models/small_data.py; BENCHMARKS.md "Small local data")
+    augment: str = setting("", "DiffAugment of everything D sees, real and fake: comma-separated "
+                           "translation, cutout, brightness, contrast ('' off; dcgan, cdcgan, "
+                           "wgan-gp, pix2pix)")
+    r1_gamma: float = setting(0.0, "R1 penalty weight on real images (Mescheder 2018); 0 off "
+                              "(dcgan, cdcgan, pix2pix)")
+    ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
+                               "steps, sent in place of the last step's; 0 off, else in (0, 1)")
 
     def __post_init__(self) -> None:
+        from .augment import parse_policy
+
+        parse_policy(self.augment)  # an unknown op is refused here, by name
+        if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
+            raise ValueError("r1_gamma must be >= 0 and ema_decay in [0, 1)")
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("local_steps and batch_size must be >= 1")
         if self.wire_dtype not in ("float32", "float16"):

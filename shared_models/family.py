@@ -14,6 +14,7 @@ from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
+from .small_data import SmallData
 
 Nets = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
@@ -25,6 +26,7 @@ class StepContext:
 
     ``amp_dtype`` None means fp32. With fp16 a ``scaler`` is required (bf16 needs none).
     ``anchor`` holds the round's received global parameters, per component, for FedProx.
+    ``small_data``: what the discriminator sees (augmentation) and its R1 penalty.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -32,6 +34,8 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     prox_mu: float = 0.0
     anchor: dict[str, list[torch.Tensor]] | None = None
+    # DiffAugment policy and R1 weight of the round (shared_models.small_data); off by default
+    small_data: SmallData = field(default_factory=SmallData)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
