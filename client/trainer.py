@@ -27,6 +27,7 @@ from shared_models.codec import decode_into
 from shared_models.dp import PrivateSteps
 from shared_models.family import GanFamily, Nets
 from shared_models.quality import FeatureNet, frechet_distance, mmd_rbf
+from shared_models.small_data import GeneratorEMA, SmallData, check_supported, generator_components
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class LocalTrainer:
             anchor = {c: [p.detach().clone() for p in n.parameters()] for c, n in self.nets.items()}
         scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
-                           prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor)
+                           prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor,
+                           small_data=SmallData.from_train(train))
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` on this trainer's device, in its memory format (as the trainer's own nets)."""
@@ -164,6 +166,7 @@ class LocalTrainer:
                              f"family {self.family.name!r} has {list(self.family.components)}")
         if not any(counts.values()):
             raise ValueError("no training images")
+        check_supported(self.family.name, train)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         on_device = {k: self._to_device(v) for k, v in data.items()}
@@ -175,6 +178,9 @@ class LocalTrainer:
                                   train.dp_max_grad_norm, self.device)
             if ctx.amp_dtype == torch.float16:  # per-record gradients in fp16 would underflow
                 ctx.amp_dtype, ctx.scaler = None, None
+        # ema-decay: the generator sent back is its moving average over this round's steps
+        ema = (GeneratorEMA(self.nets, generator_components(self.family.components),
+                            train.ema_decay) if train.ema_decay > 0 else None)
         for net in self.nets.values():
             net.train()
         data_seconds = time.perf_counter() - t0
@@ -188,8 +194,12 @@ class LocalTrainer:
                 batch = self.family.draw(on_device, train.batch_size)
                 images += sum(len(batch[k]) for k in self.family.batch_keys if k in batch)
             out = self.family.train_step(batch, self.nets, opts, ctx)
+            if ema is not None:
+                ema.update()
             for k, v in out.items():
                 totals[k] = totals[k] + v if k in totals else v.clone()
+        if ema is not None:
+            ema.apply()
         # the one host sync of the round
         keys = sorted(totals)
         means = ((torch.stack([totals[k].float() for k in keys]) / train.local_steps).tolist()

@@ -25,6 +25,7 @@ from shared_models.codec import decode_into
 from protocol.signing import load_private_key, sign
 
 from .aggregation import norm_state_keys
+from .ema import ServerEMA, split_ema
 from .presets import make_strategy
 from .run_config import FederationConfig  # noqa: F401 - the run configuration, re-exported
 from .run_folder import RunFolder, load_checkpoint
@@ -155,8 +156,11 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
     arrays = encode(nets)
     start_round = 1
+    ema = ServerEMA(cfg.server_ema_decay)  # server-ema-decay: grids/checkpoints' generator
     if cfg.resume and (ckpt := folder.latest_checkpoint()) is not None:
-        arrays, meta = load_checkpoint(ckpt)
+        stored, meta = load_checkpoint(ckpt, with_ema=True)
+        arrays, kept = split_ema(stored)
+        ema = ServerEMA(cfg.server_ema_decay, kept)
         start_round = int(meta["round"]) + 1
         log.info("resuming %s after round %d", folder.root.name, start_round - 1)
     folder.write_config({"model": asdict(cfg.model), "train": asdict(cfg.train),
@@ -230,7 +234,8 @@ def run_federation(grid: Grid, cfg: FederationConfig,
             eval_failed = dict(strategy.last_evaluate.failed_nodes)
         t_eval = time.monotonic()
 
-        decode_into(nets, arrays)
+        ema.update(arrays)
+        decode_into(nets, ema.overlay(arrays))  # the grid shows the average when one is kept
         samples = _grid_images(family, nets, noise, labels)
         folder.save_samples(rnd, samples)
         summary = RoundSummary(
@@ -260,8 +265,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         # on resume and the row is replaced (one per round); the other order would leave a
         # checkpointed round without its row, lost from metrics.jsonl.
         folder.append_metrics(summary.row())
-        folder.save_checkpoint(rnd, arrays, {"round": rnd, "family": cfg.model.family,
-                                             "model": asdict(cfg.model)})
+        folder.save_checkpoint(rnd, {**arrays, **ema.checkpoint_arrays()},
+                               {"round": rnd, "family": cfg.model.family,
+                                "model": asdict(cfg.model)})
         log.info("round %d/%d done in %.1fs: %d/%d hospitals replied, loss-g %.3f, loss-d %.3f%s",
                  rnd, cfg.rounds, summary.seconds, summary.replied, summary.selected,
                  summary.train.get("loss-g", float("nan")),

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
 from shared_models.config import setting
+from shared_models.small_data import check_supported
 
 from .presets import PRESETS
 from .run_folder import check_run_id
@@ -57,6 +58,9 @@ class FederationConfig:
     round_timeout_s: float = setting(3600.0, "seconds a round waits for replies before it goes "
                                      "on with those it has", key="round-timeout")
     evaluate_every: int = setting(1, "hospitals evaluate every k rounds, and in the last")
+    server_ema_decay: float = setting(0.0, "coordinator: moving average of the aggregated "
+                                      "generator across rounds; grids and checkpoints' samples "
+                                      "come from it (0: off)")
     run_dir: str = setting("runs", "folder of run folders, on the coordinator's machine")
     run_id: str = setting("", "name of this run's folder (default: run-YYYYmmdd-HHMMSS)")
     resume: bool = setting(False, "continue run-id after its last completed round")
@@ -93,6 +97,9 @@ class FederationConfig:
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
         family = get_family(self.model.family)  # an unknown family fails here, by name
+        check_supported(self.model.family, self.train)  # augment / r1-gamma the family ignores
+        if not 0 <= self.server_ema_decay < 1:
+            raise ValueError(f"server-ema-decay must be in [0, 1), got {self.server_ema_decay}")
         wants = len(self.data.class_names) if family.data_layout == "labelled" else 0
         if self.model.num_classes != wants:
             object.__setattr__(self, "model",

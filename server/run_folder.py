@@ -132,9 +132,22 @@ class RunFolder:
         return path if path.is_file() else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays and meta of a checkpoint written by ``RunFolder.save_checkpoint``."""
+def load_checkpoint(path: Path, *, ema: bool = False, with_ema: bool = False
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and meta of a checkpoint written by ``RunFolder.save_checkpoint``.
+
+    The raw weights (what a resumed run continues from); with ``ema`` the coordinator's moving
+    average of the generator (``server/ema.py``) in place of the generator where the checkpoint
+    has one (what ``fedsynth sample`` draws from); ``with_ema`` keeps the ``ema:`` keys as stored.
+    """
+    from .ema import split_ema
+
     with np.load(path, allow_pickle=False) as data:
         meta = json.loads(data["__meta__"].tobytes().decode())
         arrays = {k: data[k] for k in data.files if k != "__meta__"}
-    return arrays, meta
+    if with_ema:
+        return arrays, meta
+    raw, average = split_ema(arrays)
+    if ema:
+        raw.update({k: v for k, v in average.items() if k in raw})
+    return raw, meta

@@ -74,8 +74,21 @@ class TrainConfig:
     dp_noise_multiplier: float = setting(0.0, "DP-SGD at the hospitals: Gaussian noise std / "
                                          "clipping norm on every real-data gradient; 0: no DP")
     dp_max_grad_norm: float = setting(1.0, "DP-SGD: per-record gradient clipping norm (L2)")
+    # Small local data (shared_models/small_data.py; BENCHMARKS.md "Small local data")
+    augment: str = setting("", "DiffAugment of everything D sees, real and fake: comma-separated "
+                           "translation, cutout, brightness, contrast ('' off; dcgan, cdcgan, "
+                           "wgan-gp, pix2pix)")
+    r1_gamma: float = setting(0.0, "R1 penalty weight on real images (Mescheder 2018); 0 off "
+                              "(dcgan, cdcgan, pix2pix)")
+    ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
+                               "steps, sent in place of the last step's; 0 off, else in (0, 1)")
 
     def __post_init__(self) -> None:
+        from .augment import parse_policy
+
+        parse_policy(self.augment)  # an unknown op is refused here, by name
+        if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
+            raise ValueError("r1_gamma must be >= 0 and ema_decay in [0, 1)")
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("local_steps and batch_size must be >= 1")
         if self.wire_dtype not in ("float32", "float16", "int8"):
@@ -88,6 +101,11 @@ class TrainConfig:
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
             raise ValueError("dp-noise-multiplier must be >= 0 and dp-max-grad-norm > 0")
+        if self.dp and (self.augment or self.r1_gamma > 0):
+            # the DP step (shared_models/dp.py) clips per-record gradients of the plain losses;
+            # R1 is another real-data term, and augmented real batches are not wired into it
+            raise ValueError("augment and r1-gamma are not supported with DP-SGD "
+                             "(dp-noise-multiplier > 0): turn them off for a DP run")
 
     @property
     def dp(self) -> bool:

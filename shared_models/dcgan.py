@@ -85,17 +85,20 @@ class DCGAN(FamilyBase):
         zeros = torch.zeros_like(ones)
 
         # Discriminator: real -> 1, fake -> 0 (fake detached: G is not updated here).
+        # ctx.small_data: D sees real and fake through the same DiffAugment policy; R1 on reals.
+        aug = ctx.small_data
         with ctx.autocast():
             fake = g(z, labels)
-            d_real = d(real, labels)
-            d_fake = d(fake.detach(), labels)
+            real_seen = aug.real_view(real)
+            d_real = d(real_seen, labels)
+            d_fake = d(aug.view(fake.detach()), labels)
             loss_d = bce(d_real.float(), ones) + bce(d_fake.float(), zeros)
-            loss_d = loss_d + ctx.prox_term("discriminator", d)
+            loss_d = loss_d + aug.r1(d_real, real_seen) + ctx.prox_term("discriminator", d)
         ctx.step(loss_d, opts["discriminator"])
 
-        # Generator: non-saturating loss, fake -> 1 through the updated D.
+        # Generator: non-saturating loss, fake -> 1 through the updated D (and the augmentation).
         with ctx.autocast():
-            loss_g = bce(d(fake, labels).float(), ones) + ctx.prox_term("generator", g)
+            loss_g = bce(d(aug.view(fake), labels).float(), ones) + ctx.prox_term("generator", g)
         ctx.step(loss_g, opts["generator"])
 
         return {

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelConfig, TrainConfig
 from .dp import PrivacyError, PrivateSteps, per_sample_norms
+from .small_data import SmallData
 
 Nets = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
@@ -26,6 +27,7 @@ class StepContext:
 
     ``amp_dtype`` None means fp32. With fp16 a ``scaler`` is required (bf16 needs none).
     ``anchor`` holds the round's received global parameters, per component, for FedProx.
+    ``small_data``: what the discriminator sees (augmentation) and its R1 penalty.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -36,6 +38,8 @@ class StepContext:
     # DP-SGD of this round (shared_models.dp): set, the family takes its ``dp_step`` path, which
     # draws its own Poisson batches from ``dp.data`` (the batch handed to train_step is empty).
     dp: PrivateSteps | None = None
+    # DiffAugment policy and R1 weight of the round (shared_models.small_data); off by default
+    small_data: SmallData = field(default_factory=SmallData)
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(

@@ -88,20 +88,24 @@ class Pix2Pix(FamilyBase):
         a, b = batch["a"], batch["b"]
 
         # D: (a, b) -> real, (a, G(a)) -> fake; 0.5 * the sum, as in sec. 3.3.
+        # ctx.small_data: each (a, b) pair is augmented as one image (the same shift and cutout
+        # on both channels), real and fake alike; R1 on the real pairs.
+        aug = ctx.small_data
         with ctx.autocast():
             fake = g(a)
-            d_real = d(torch.cat([a, b], 1)).float()
-            d_fake = d(torch.cat([a, fake.detach()], 1)).float()
+            real_seen = aug.real_view(torch.cat([a, b], 1))
+            d_real = d(real_seen).float()
+            d_fake = d(aug.view(torch.cat([a, fake.detach()], 1))).float()
             loss_d = 0.5 * (bce(d_real, torch.ones_like(d_real))
                             + bce(d_fake, torch.zeros_like(d_fake)))
-            loss_d = loss_d + ctx.prox_term("discriminator", d)
+            loss_d = loss_d + aug.r1(d_real, real_seen) + ctx.prox_term("discriminator", d)
         ctx.step(loss_d, opts["discriminator"])
 
         # G: fool the updated D + lambda * L1 to the target (eq. 4).
         set_requires_grad([d], False)
         try:
             with ctx.autocast():
-                pred = d(torch.cat([a, fake], 1)).float()
+                pred = d(aug.view(torch.cat([a, fake], 1))).float()
                 loss_adv = bce(pred, torch.ones_like(pred))
                 loss_l1 = (fake.float() - b.float()).abs().mean()
                 loss_g = loss_adv + self.l1_weight * loss_l1 + ctx.prox_term("generator", g)

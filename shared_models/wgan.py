@@ -127,6 +127,8 @@ class WGANGP(FamilyBase):
             with ctx.autocast():
                 with torch.no_grad():
                     fake = g(z)
+                # DiffAugment (ctx.small_data): the critic sees both through the same policy
+                real, fake = ctx.small_data.view(real), ctx.small_data.view(fake)
                 d_real = d(real).float().mean()
                 d_fake = d(fake).float().mean()
             gp = gradient_penalty(d, real, fake)
@@ -138,7 +140,8 @@ class WGANGP(FamilyBase):
         d.requires_grad_(False)
         try:
             with ctx.autocast():
-                loss_g = -d(g(z)).float().mean() + ctx.prox_term("generator", g)
+                loss_g = (-d(ctx.small_data.view(g(z))).float().mean()
+                          + ctx.prox_term("generator", g))
             ctx.step(loss_g, opts["generator"])
         finally:
             d.requires_grad_(True)

@@ -47,22 +47,31 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11,
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
+        "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
         "domain-attribute": "modality", "domain-a-pattern": "^MR$", "domain-b-pattern": "^CT$",
         "num-server-rounds": 7, "preset": "local-d", "reducer": "median", "server-opt": "avgm",
         "server-lr": 0.5, "sync-every": 2, "ua-fake-batch": 8, "min-hospitals": 2,
-        "fraction-train": 0.5, "round-timeout": 99.0, "evaluate-every": 3, "run-dir": "/r",
+        "fraction-train": 0.5, "round-timeout": 99.0, "evaluate-every": 3,
+        "server-ema-decay": 0.5, "run-dir": "/r",
         "run-id": "abc", "resume": True, "signing-key": "/k", "num-samples": 4,
         "keep-checkpoints": 2, "examples-ratio": 2.0, "max-examples": 1000.0,
         "update-norm-ratio": 5.0, "norm-floor-rms": 0.5, "metrics-port": 9111,
         "metrics-host": "0.0.0.0", "hospital-names": "/n.json",
     }
+    # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
+    small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
+                  "r1-gamma": 0.5}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
-        assert values[s.key] != s.default, f"{s.key}: pick a non-default value"
+        assert values[s.key] != s.default or small_data[s.key] != s.default, \
+            f"{s.key}: pick a non-default value"
     cfg = from_flat(values)
     assert cfg.to_flat() == values
+    assert from_flat(small_data).to_flat() == small_data
+    with pytest.raises(ValueError, match="not supported with DP-SGD"):
+        from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
     assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2}).model.num_classes == 3
     assert cfg.data.class_names == ("cyst", "metastasis", "haemangioma")

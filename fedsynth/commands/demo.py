@@ -9,6 +9,11 @@ from pathlib import Path
 
 log = logging.getLogger("fedsynth.demo")
 
+# What the demo runs by default: sized to finish in about 5 minutes on 2 CPU cores with a last
+# grid that shows the phantom's anatomy (README "Quick start"; BENCHMARKS.md "Small local data").
+DEMO = {"rounds": 6, "local_steps": 25, "width": 32, "augment": "", "r1_gamma": 0.0,
+        "ema_decay": 0.0, "server_ema_decay": 0.0}
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a small real federation on generated DICOM hospitals")
@@ -17,10 +22,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="fedgan",
                    help="aggregation preset: fedgan, fedmed-gan, fedbn, local-d, ua-gan")
     p.add_argument("--hospitals", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", type=int, default=25)
+    p.add_argument("--rounds", type=int, default=DEMO["rounds"])
+    p.add_argument("--local-steps", type=int, default=DEMO["local_steps"])
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--width", type=int, default=DEMO["width"],
+                   help="channels of the networks' widest-resolution layer")
+    # small local data (shared_models/small_data.py): defaults from BENCHMARKS.md "Small local data"
+    p.add_argument("--augment", default=DEMO["augment"],
+                   help="DiffAugment policy of what D sees ('' off)")
+    p.add_argument("--r1-gamma", type=float, default=DEMO["r1_gamma"], help="R1 weight (0 off)")
+    p.add_argument("--ema-decay", type=float, default=DEMO["ema_decay"],
+                   help="hospital: generator EMA over the local steps (0 off)")
+    p.add_argument("--server-ema-decay", type=float, default=DEMO["server_ema_decay"],
+                   help="coordinator: generator EMA across rounds, drawn in the grids (0 off)")
     p.add_argument("--data-dir", type=Path, default=Path("demo-data"))
     p.add_argument("--run-dir", type=Path, default=Path("runs"))
     p.add_argument("--run-id", default="")
@@ -50,10 +65,12 @@ def run(args: argparse.Namespace) -> int:
              args.hospitals, args.data_dir)
     folders = build_demo_hospitals(args.data_dir, args.hospitals)
     cfg = FederationConfig(
-        model=ModelConfig(family=args.family, image_size=args.image_size,
+        model=ModelConfig(family=args.family, image_size=args.image_size, width=args.width,
                           num_classes=2 if args.family == "cdcgan" else 0),
-        train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size),
+        train=TrainConfig(local_steps=args.local_steps, batch_size=args.batch_size,
+                          **_small_data(args)),
         rounds=args.rounds, run_dir=str(args.run_dir), run_id=args.run_id, preset=args.preset,
+        server_ema_decay=args.server_ema_decay if _generates(args.family) else 0.0,
     )
     hospitals = [{"data-dir": str(f.resolve()),
                   "cache-dir": str((args.data_dir / ".cache" / f.name).resolve())}
@@ -77,4 +94,30 @@ def run(args: argparse.Namespace) -> int:
     report = root / "report.html"
     if report.exists():
         print(f"  report        : {report}")
+    if _generates(args.family):
+        from fedsynth.demo_quality import frechet_vs_floor
+
+        ckpt = root / "checkpoints" / f"round-{cfg.rounds:03d}.npz"
+        q = frechet_vs_floor(ckpt, hospitals)
+        print(f"  quality       : last-round Fréchet distance {q['frechet']:.4f} vs real-vs-real "
+              f"floor {q['floor']:.4f} = {q['factor']:.1f}x the floor ({q['generated']:.0f} "
+              f"generated vs {q['real'] - q['generated']:.0f} real slices; floor: two disjoint "
+              "halves of the real slices)")
     return 0
+
+
+def _generates(family: str) -> bool:
+    from shared_models import get_family
+
+    return get_family(family).task == "generation"
+
+
+def _small_data(args: argparse.Namespace) -> dict:
+    """The small-data settings, for the generation families they were measured on (the
+    translation families train as before: no measurement chose them there)."""
+    from shared_models.small_data import AUGMENT_FAMILIES, R1_FAMILIES
+
+    gen = _generates(args.family)
+    return {"augment": args.augment if gen and args.family in AUGMENT_FAMILIES else "",
+            "r1_gamma": args.r1_gamma if gen and args.family in R1_FAMILIES else 0.0,
+            "ema_decay": args.ema_decay if gen else 0.0}

@@ -121,7 +121,7 @@ def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise ValueError(f"checkpoint '{path}' does not exist")
     try:
-        arrays, meta = load_checkpoint(path)
+        arrays, meta = load_checkpoint(path, ema=True)  # the coordinator's average, if kept
     except Exception as exc:
         raise ValueError(f"checkpoint '{path}' is not a fedsynth checkpoint: "
                          f"{type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,194 @@
+"""Small local data: DiffAugment, R1 and generator EMA, off vs on, side by side (DCGAN / cDCGAN).
+
+The hospitals are the demo's (``fedsynth.demo_data``: phantom T1w/T2w series with each hospital's
+scanner profile plus the real clinical DICOM files that ship in packages), a few dozen slices
+each; every 4th slice is held out. Every row is one federation through ``run_federation`` over
+``fedsynth.inprocess``'s Grid to the real ClientApp (what ``fedsynth launch`` deploys, without the
+transport), with the same budget (rounds x local steps x batch) and seed; only the small-data
+settings differ. The score is the Fréchet distance (``shared_models.quality``: fixed random conv
+features) between the final checkpoint's generator (the coordinator's moving average where
+``server-ema-decay`` keeps one: ``load_checkpoint(ema=True)``, what ``fedsynth sample`` draws from)
+and the pooled held-out real slices, with as many generated slices as there are real training
+slices; "reference: real training slices" (real vs real, the same sizes) is the floor the
+distance is biased to on so few slices. Rows are averaged over ``--seeds`` (the seed sets the
+phantoms' jitter, the initial weights and the batches); no seed is picked.
+
+Run: ``python -m bench.small_data`` (``make bench-small-data``; ``--family``, ``--seeds``,
+``--rounds``...). Prints a Markdown table and, last, each variant's ratio to "off".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedsynth.demo_data import build_demo_hospitals
+from fedsynth.inprocess import run_inprocess
+from server.federation import FederationConfig
+from server.run_folder import load_checkpoint
+from shared_models import ModelConfig, TrainConfig, get_family
+from shared_models.codec import decode_into
+from shared_models.quality import FeatureNet, frechet_distance
+
+log = logging.getLogger("bench.small_data")
+
+# row -> (train settings, coordinator's server-ema-decay); augment = DiffAugment's 4 grey ops,
+# r1 = R1 at gamma 1, ema = generator EMA at decay 0.99 over local steps and 0.5 across rounds
+VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
+    "off": ({}, 0.0),
+    "augment": ({"augment": "translation,cutout,brightness,contrast"}, 0.0),
+    "augment+r1": ({"augment": "translation,cutout,brightness,contrast", "r1_gamma": 1.0}, 0.0),
+    "augment+r1+ema": (
+        {"augment": "translation,cutout,brightness,contrast", "r1_gamma": 1.0,
+         "ema_decay": 0.99}, 0.5),
+}
+FLOOR = "reference: real training slices"
+HOLDOUT_EVERY = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    family: str = "dcgan"
+    hospitals: int = 3
+    image_size: int = 32
+    width: int = 16
+    rounds: int = 6
+    local_steps: int = 40
+    batch: int = 16
+    lr: float = 2e-4
+
+
+def hospitals(root: Path, cfg: Config, seed: int) -> list[dict[str, Any]]:
+    data = root / f"data-seed{seed}"
+    if not data.is_dir():
+        build_demo_hospitals(data, cfg.hospitals, seed=seed, matrix=max(64, cfg.image_size))
+    folders = sorted((p for p in data.iterdir() if p.is_dir() and p.name.startswith("hospital")),
+                     key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    return [{"data-dir": str(f), "cache-dir": str(root / "cache" / data.name / f.name),
+             "device": "cpu", "holdout-every": HOLDOUT_EVERY} for f in folders]
+
+
+def real_slices(settings: Sequence[Mapping[str, Any]], model: ModelConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled training slices, pooled held-out slices) as the hospitals load them."""
+    from client.datasets import local_data
+    from client.settings import HospitalSettings
+
+    loaded = [local_data(HospitalSettings.from_mapping(s), model) for s in settings]
+    return (torch.cat([d.train["image"] for d in loaded]),
+            torch.cat([d.holdout["image"] for d in loaded]))
+
+
+def features(x: torch.Tensor) -> np.ndarray:
+    return FeatureNet(1)(x.float()).numpy()
+
+
+@torch.no_grad()
+def generated(family_name: str, model: ModelConfig, arrays: Mapping[str, np.ndarray], n: int,
+              seed: int) -> torch.Tensor:
+    family = get_family(family_name)
+    nets = family.build(model)
+    decode_into(nets, arrays)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    noise = torch.randn(n, model.latent_dim, generator=gen)
+    labels = torch.arange(n) % model.num_classes if model.num_classes else None
+    return family.sample(nets, noise, labels).float()
+
+
+def run_variant(cfg: Config, root: Path, seed: int, train_over: Mapping[str, Any],
+                server_ema: float, n: int, held_feats: np.ndarray) -> tuple[float, float]:
+    model = ModelConfig(family=cfg.family, image_size=cfg.image_size, width=cfg.width)
+    train = TrainConfig(local_steps=cfg.local_steps, batch_size=cfg.batch, lr_g=cfg.lr,
+                        lr_d=cfg.lr, seed=seed, **train_over)
+    fcfg = FederationConfig(model=model, train=train, rounds=cfg.rounds, preset="fedgan",
+                            evaluate_every=cfg.rounds, run_dir=str(root / "runs"),
+                            run_id=f"run-{time.time_ns()}", num_samples=4, keep_checkpoints=1,
+                            server_ema_decay=server_ema)
+    t0 = time.perf_counter()
+    folder, _ = run_inprocess(fcfg, hospitals(root, cfg, seed))
+    seconds = time.perf_counter() - t0
+    arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1],
+                                ema=True)
+    fake = generated(cfg.family, fcfg.model, arrays, n, seed)
+    return frechet_distance(features(fake), held_feats), seconds
+
+
+def run(cfg: Config, seeds: Sequence[int], variants: Sequence[str]
+        ) -> dict[str, dict[str, float]]:
+    root = Path(tempfile.mkdtemp(prefix="fedsynth-bench-small-data-"))
+    try:
+        per: dict[str, list[tuple[float, float]]] = {v: [] for v in (FLOOR, *variants)}
+        for seed in seeds:
+            model = FederationConfig(model=ModelConfig(family=cfg.family,
+                                                       image_size=cfg.image_size)).model
+            train_real, held = real_slices(hospitals(root, cfg, seed), model)
+            held_feats = features(held)
+            per[FLOOR].append((frechet_distance(features(train_real), held_feats), 0.0))
+            for name in variants:
+                over, server_ema = VARIANTS[name]
+                fd, secs = run_variant(cfg, root, seed, over, server_ema, len(train_real),
+                                       held_feats)
+                per[name].append((fd, secs))
+                log.info("seed %d %-45s FD %.3f (%.0f s)", seed, name, fd, secs)
+        return {k: {"frechet": float(np.mean([f for f, _ in v])),
+                    "frechet-sd": float(np.std([f for f, _ in v])),
+                    "seconds": float(np.mean([s for _, s in v]))} for k, v in per.items()}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def table(rows: Mapping[str, Mapping[str, float]], seeds: Sequence[int]) -> str:
+    lines = [f"| row ({len(seeds)} seeds) | Fréchet distance (mean ± sd) | vs off | "
+             "seconds per run |", "|---|---|---|---|"]
+    off = rows.get("off", {}).get("frechet", float("nan"))
+    for name, r in rows.items():
+        ratio = "" if name == FLOOR else f"{r['frechet'] / off:.2f}"
+        secs = "" if name == FLOOR else f"{r['seconds']:.0f}"
+        lines.append(f"| {name} | {r['frechet']:.3f} ± {r['frechet-sd']:.3f} | {ratio} | {secs} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = Config()
+    p.add_argument("--family", default=d.family, choices=("dcgan", "cdcgan"))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--local-steps", type=int, default=d.local_steps)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--width", type=int, default=d.width)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated rows of: " + ", ".join(VARIANTS))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("flwr", "server", "client", "fedsynth"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    cfg = replace(d, family=a.family, rounds=a.rounds, local_steps=a.local_steps,
+                  image_size=a.image_size, width=a.width)
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    t0 = time.perf_counter()
+    rows = run(cfg, seeds, variants)
+    print(f"\n{cfg.family}, {cfg.hospitals} demo hospitals, {cfg.image_size} px, width "
+          f"{cfg.width}, {cfg.rounds} rounds x {cfg.local_steps} local steps x batch "
+          f"{cfg.batch}, fedgan; {time.perf_counter() - t0:.0f} s in all\n")
+    print(table(rows, seeds))
+    off = rows["off"]["frechet"] if "off" in rows else float("nan")
+    print("\n" + "; ".join(f"{n} / off = {r['frechet'] / off:.2f}" for n, r in rows.items()
+                           if n not in ("off", FLOOR)))
+
+
+if __name__ == "__main__":
+    main()
