@@ -26,7 +26,9 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
                  "loss-cycle", "loss-identity")
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
-                "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds")
+                "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds",
+                # Fréchet Radiomics Distance; precision/recall/density/coverage (FeatureNet)
+                "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage")
 
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
