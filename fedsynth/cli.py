@@ -13,7 +13,8 @@ import sys
 
 from fedsynth.errors import UserError
 
-COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample")
+COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data",
+            "sample", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,13 +4,13 @@ Three lesion classes are inserted into MR and CT slices, in the spirit of Frid-A
 liver lesions (cyst, metastasis, haemangioma), which differ in shape, size, contrast and texture:
 
 ============  =====================================  ===========  ===================================
-class         shape                                  size (of FOV) contrast / texture
+class         shape                                  radius/matrix contrast / texture
 ============  =====================================  ===========  ===================================
-cyst          round, sharp edge                      5-8 %        dark (T1 hypo-intense; CT
+cyst          round, sharp edge                      8-11 %       dark (T1 hypo-intense; CT
                                                                   hypo-dense, -35 HU), homogeneous
-metastasis    irregular (radius with harmonics 2-5)  6-11 %       ring-enhancing: bright rim, dark
+metastasis    irregular (radius with harmonics 2-5)  11-15 %      ring-enhancing: bright rim, dark
                                                                   necrotic centre, mottled texture
-haemangioma   lobulated (3-5 overlapping discs)      9-14 %       bright, with brighter nodules at
+haemangioma   lobulated (3-5 overlapping discs)      15-20 %      bright, with brighter nodules at
                                                                   the periphery (peripheral nodular
                                                                   enhancement)
 ============  =====================================  ===========  ===================================
@@ -67,7 +67,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_SUFFIX = "-seg.dcm"
 
 # Radius of each class, as a fraction of the matrix (min, max).
-_RADIUS = {"cyst": (0.05, 0.08), "metastasis": (0.06, 0.11), "haemangioma": (0.09, 0.14)}
+_RADIUS = {"cyst": (0.08, 0.11), "metastasis": (0.11, 0.15), "haemangioma": (0.15, 0.20)}
 # Intensity change per class in units of the local tissue level (MR) or of 45 HU (CT).
 _CT_UNIT_HU = 45.0
 _REAL_MR = (("MR_small.dcm",), ("MR2_UNCR.dcm", "MR2_J2KR.dcm"),
@@ -89,9 +89,9 @@ class LesionSite:
 
 
 LESION_SITES: tuple[LesionSite, ...] = (
-    LesionSite("hospital-1", "MR", 0, 60, (0.50, 0.30, 0.20), 1.00),
-    LesionSite("hospital-2", "MR", 1, 60, (0.20, 0.45, 0.35), 1.15),
-    LesionSite("hospital-3", "CT", 0, 60, (0.35, 0.20, 0.45), 1.00),
+    LesionSite("hospital-1", "MR", 0, 120, (0.50, 0.30, 0.20), 1.00),
+    LesionSite("hospital-2", "MR", 1, 120, (0.20, 0.45, 0.35), 1.15),
+    LesionSite("hospital-3", "CT", 0, 120, (0.35, 0.20, 0.45), 1.00),
     LesionSite("hospital-4", "MR", 2, 16, (0.50, 0.30, 0.20), 0.80, small=True),
 )
 

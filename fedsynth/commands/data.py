@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lesions.add_argument("--seed", type=int, default=0)
     lesions.add_argument("--matrix", type=int, default=64, help="rows and columns of each slice")
     lesions.add_argument("--scale", type=float, default=1.0,
-                         help="multiply every hospital's slice count (60, 60, 60 and 16)")
+                         help="multiply every hospital's slice count (120, 120, 120 and 16)")
     lesions.add_argument("--no-real", action="store_true",
                          help="phantom backgrounds only (no pydicom / pydicom-data slices)")
     lesions.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG masks")
