@@ -93,6 +93,7 @@ def _extractor():  # noqa: ANN202 - radiomics.featureextractor.RadiomicsFeatureE
         from frd_score import frd
 
         radiomics.setVerbosity(logging.ERROR)
+        logging.getLogger("radiomics").setLevel(logging.ERROR)  # its handler and the root's
         _EXTRACTOR["x"] = frd.get_feature_extractor(
             frd_version=frd.FRD_VERSION_V0, features=list(RADIOMICS_CLASSES),
             image_types=["Original"])
