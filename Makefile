@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy clean
+.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ bench-ray: $(STAMP)
 # membership inference (LOGAN, GAN-Leaks) vs DP (no DP, eps 8, eps 1) with utility beside
 bench-privacy: $(STAMP)
 	$(PY) -m bench.privacy
+
+# Downstream utility of synthetic lesion slices (issue 13): classifier on the small hospital's real
+# slices, + local / federated cGAN synthetic, synthetic only (TSTR), every hospital pooled.
+bench-utility: $(STAMP)
+	$(PY) -m bench.utility
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache

@@ -101,6 +101,9 @@ class _Series:
         self.eval_frechet = Gauge("fedsynth_hospital_eval_frechet_distance",
                                   "Fréchet distance of the last local evaluation.", h, registry=r,
                                   multiprocess_mode="mostrecent")
+        self.eval_frd = Gauge("fedsynth_hospital_eval_frd",
+                              "Fréchet Radiomics Distance of the last local evaluation.", h,
+                              registry=r, multiprocess_mode="mostrecent")
         self.usable = Gauge("fedsynth_hospital_scan_usable_slices",
                             "Usable slices in the local data scan, by modality.",
                             h + ["modality"], registry=r, multiprocess_mode="mostrecent")
@@ -188,6 +191,7 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
 def record_evaluate(hospital: str, server_round: int, metrics: Mapping[str, float]) -> None:
     s, name = series(), label_name(hospital)
     s.eval_frechet.labels(name).set(float(metrics.get("eval-frechet", float("nan"))))
+    s.eval_frd.labels(name).set(float(metrics.get("eval-frd", float("nan"))))
     _success(s, name, "evaluate", server_round)
 
 

@@ -26,12 +26,16 @@ from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_fam
 from shared_models.codec import decode_into
 from shared_models.dp import PrivateSteps
 from shared_models.family import GanFamily, Nets
-from shared_models.quality import FeatureNet, frechet_distance, mmd_rbf
+from shared_models.quality import (FeatureNet, frechet_distance, frechet_radiomics_distance,
+                                   mmd_rbf, prdc, radiomics_features)
 from shared_models.small_data import GeneratorEMA, SmallData, check_supported, generator_components
 
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 32  # held-out images translated per forward pass (bounds device memory)
+# Radiomic features (FRD) of at most this many held-out and generated images per evaluation: the
+# per-round cost stays bounded (~10 ms an image at 32 px on one core), whatever the hospital holds.
+FRD_MAX_IMAGES = 64
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -96,6 +100,8 @@ class LocalTrainer:
                 net.to(memory_format=self.memory_format)
         # device copies of the (per-process cached) training tensors: uploaded once, not per round
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # radiomic features of the held-out slices: computed once, they do not change per round
+        self._real_radiomics: tuple[torch.Tensor, np.ndarray] | None = None
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         decode_into(self.nets, arrays)
@@ -251,8 +257,10 @@ class LocalTrainer:
         """Quality on held-out local data, the way the field measures the family's task.
 
         Translation: SSIM, PSNR and MAE of the translated ``a`` against its paired ``b`` (NaN and
-        0 examples when the hospital holds no pairs). Generation: D's view of real vs fake and
-        Fréchet distance / MMD on the fixed ``FeatureNet``'s features.
+        0 examples when the hospital holds no pairs). Generation: D's view of real vs fake,
+        Fréchet distance / MMD and precision / recall / density / coverage on the fixed
+        ``FeatureNet``'s features, and the Fréchet Radiomics Distance (``eval-frd``, on at most
+        ``FRD_MAX_IMAGES`` of each). Only these scalars leave the hospital.
         """
         if self.family.task == "translation":
             return self._evaluate_translation(holdout)
@@ -304,13 +312,25 @@ class LocalTrainer:
             d.train()
         feat = FeatureNet(self.model.channels)
         fr, ff = feat(images.float().cpu()).numpy(), feat(fake).numpy()
+        coverage = prdc(fr, ff[:n])
         return {
             "eval-d-real": d_real_v,
             "eval-d-fake": d_fake_v,
             "eval-frechet": frechet_distance(fr, ff) if n >= 2 else float("nan"),
             "eval-mmd": mmd_rbf(fr, ff),
+            "eval-frd": frechet_radiomics_distance(self._radiomics_of(images),
+                                                   radiomics_features(fake[:FRD_MAX_IMAGES])),
+            **{f"eval-{k}": v for k, v in coverage.items()},
             "eval-examples": n,
         }
+
+    def _radiomics_of(self, images: torch.Tensor) -> np.ndarray:
+        """Radiomic features of the first ``FRD_MAX_IMAGES`` held-out images, kept across rounds
+        (the held-out tensor is the per-process cached one)."""
+        kept = self._real_radiomics
+        if kept is None or kept[0] is not images:
+            kept = self._real_radiomics = (images, radiomics_features(images[:FRD_MAX_IMAGES]))
+        return kept[1]
 
 
 def discriminator_round(d: nn.Module, opt: torch.optim.Optimizer, real: torch.Tensor,

@@ -13,8 +13,8 @@ import sys
 
 from fedsynth.errors import UserError
 
-COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data", "sample",
-            "simulate", "audit")
+COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data",
+            "sample", "simulate", "audit", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:

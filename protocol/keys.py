@@ -28,7 +28,9 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
                  # epsilon spent so far by this run's DP-SGD at the hospital (client/privacy.py)
                  "dp-epsilon")
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
-                "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds")
+                "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds",
+                # Fréchet Radiomics Distance; precision/recall/density/coverage (FeatureNet)
+                "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage")
 
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry

@@ -130,6 +130,9 @@ def _finite_or_nan(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
+PRDC_MEASURES = ("precision", "recall", "density", "coverage")
+
+
 class CoordinatorMetrics:
     """All coordinator series on one registry; ``observe`` is a ``run_federation`` observer."""
 
@@ -173,6 +176,11 @@ class CoordinatorMetrics:
         self.frechet = Gauge("fedsynth_eval_frechet_distance",
                              "Fréchet distance, hospitals' held-out slices vs samples.", registry=r)
         self.mmd = Gauge("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", registry=r)
+        self.frd = Gauge("fedsynth_eval_frd",
+                         "Fréchet Radiomics Distance, hospitals' held-out slices vs samples.",
+                         registry=r)
+        self.prdc = Gauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of "
+                          "samples vs hospitals' held-out slices.", ["measure"], registry=r)
         self.diversity = Gauge("fedsynth_sample_diversity",
                                "Mean pairwise L2 distance of the fixed-noise samples.", registry=r)
         self.nonfinite = Counter("fedsynth_nonfinite_losses",
@@ -275,6 +283,9 @@ class CoordinatorMetrics:
                 gauge.set(_finite_or_nan(summary.train[key]))
         for section, key, gauge in (("evaluate", "eval-frechet", self.frechet),
                                     ("evaluate", "eval-mmd", self.mmd),
+                                    ("evaluate", "eval-frd", self.frd),
+                                    *(("evaluate", f"eval-{m}", self.prdc.labels(m))
+                                      for m in PRDC_MEASURES),
                                     ("server", "sample-diversity", self.diversity)):
             values = getattr(summary, section)
             if key in values:

@@ -250,6 +250,12 @@ def build_report(root: Path) -> str:
                    _series(rows, "evaluate", {"frechet": "eval-frechet"})),
         line_chart("MMD (held-out, lower is better)",
                    _series(rows, "evaluate", {"mmd": "eval-mmd"})),
+        line_chart("Fréchet Radiomics Distance (held-out, lower is better)",
+                   _series(rows, "evaluate", {"frd": "eval-frd"})),
+        line_chart("Precision, recall, density, coverage (held-out; recall and coverage fall "
+                   "under mode collapse)",
+                   _series(rows, "evaluate", {m: f"eval-{m}" for m in
+                                              ("precision", "recall", "density", "coverage")})),
         line_chart("Sample diversity (falls under mode collapse)",
                    _series(rows, "server", {"diversity": "sample-diversity"})),
         line_chart("Round duration", _series(rows, "", {"seconds": "seconds"})),

@@ -76,6 +76,12 @@ def test_replies_hold_only_model_arrays_and_scalar_metrics(identified_hospital: 
     eval_content = eval_reply.content
     assert set(eval_content.keys()) == {protocol.METRICS}
     assert set(dict(eval_content.metric_records[protocol.METRICS])) <= set(protocol.EVAL_METRICS)
+    # the generation family's evaluation: exactly these scalars (a new one is added here on purpose)
+    assert set(dict(eval_content.metric_records[protocol.METRICS])) == {
+        "eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples", "eval-seconds",
+        "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage"}
+    assert all(isinstance(v, (int, float))
+               for v in dict(eval_content.metric_records[protocol.METRICS]).values())
 
     blob = _wire_bytes(content) + _wire_bytes(eval_content)
     needles = [s.encode() for s in SECRETS] + [b"Hospital_St_Elsewhere", b"patient_DOE_JANE",

@@ -35,6 +35,7 @@ ALLOWED: dict[str, re.Pattern[str] | frozenset[str]] = {
                | {"other"}),
     "kind": frozenset({"train", "evaluate", "query", "other"}),
     "on": frozenset({"real", "fake"}),
+    "measure": frozenset({"precision", "recall", "density", "coverage"}),
     "modality": frozenset(MODALITIES) | {"other"},
     "device": frozenset({"cpu", "cuda", "mps"}),
     "family": re.compile(r"^[a-z0-9-]{1,32}$"),

@@ -20,7 +20,9 @@ from flower_helpers import server_message, task_identity
 def _summary(rnd: int, **over: object) -> SimpleNamespace:
     base = dict(round=rnd, seconds=4.0, selected=3, replied=2, failed=1, rejected=0,
                 train={"loss-g": 1.5, "loss-d": 0.6, "d-real": 0.7, "d-fake": 0.3},
-                evaluate={"eval-frechet": 12.0, "eval-mmd": 0.2},
+                evaluate={"eval-frechet": 12.0, "eval-mmd": 0.2, "eval-frd": 3.5,
+                          "eval-precision": 0.8, "eval-recall": 0.25, "eval-density": 0.9,
+                          "eval-coverage": 0.3},
                 server={"sample-diversity": 0.4},
                 hospitals={"11": {"images-per-second": 80.0, "loss-g": 1.4, "loss-d": 0.5},
                            "22": {"images-per-second": 40.0, "loss-g": 1.6, "loss-d": 0.7}})
@@ -52,6 +54,9 @@ def test_observer_exports_each_round() -> None:
     assert v("fedsynth_hospital_rounds_total", {"hospital": "north"}) == 2
     assert v("fedsynth_hospital_images_per_second", {"hospital": "north"}) == 90.0
     assert v("fedsynth_eval_frechet_distance") == 12.0
+    assert v("fedsynth_eval_frd") == 3.5
+    assert v("fedsynth_eval_prdc", {"measure": "recall"}) == 0.25
+    assert v("fedsynth_eval_prdc", {"measure": "coverage"}) == 0.3
     assert 0 <= v("fedsynth_seconds_since_last_checkpoint") < 5
 
 

@@ -75,7 +75,9 @@ def run_folder(tmp_path: Path) -> Path:
             "failed": 2 - len(hospitals), "rejected": 0, "hospitals": hospitals,
             "train": {"loss-g": float("nan") if rnd == 2 else 1.0 + rnd, "loss-d": 0.7 / rnd,
                       "d-real": 0.6, "d-fake": 0.4},
-            "evaluate": {"eval-frechet": 10.0 / rnd, "eval-mmd": 0.1 / rnd},
+            "evaluate": {"eval-frechet": 10.0 / rnd, "eval-mmd": 0.1 / rnd, "eval-frd": 5.0 / rnd,
+                         "eval-precision": 0.5, "eval-recall": 0.2 * rnd,
+                         "eval-density": 0.6, "eval-coverage": 0.1 * rnd},
             "server": {"sample-diversity": 0.5},
         })
     return folder.root
@@ -83,7 +85,8 @@ def run_folder(tmp_path: Path) -> Path:
 
 def test_report_holds_curves_table_and_every_grid(run_folder: Path) -> None:
     page = build_report(run_folder)
-    assert page.count('<svg class="chart"') == 7
+    assert page.count('<svg class="chart"') == 9
+    assert "Fréchet Radiomics Distance" in page and "coverage" in page
     assert page.count("data:image/png;base64,") == 5
     assert "hospital-1" in page and "node …222" in page  # unnamed node shown by a short id
     assert 'class="miss"' in page  # hospital 222 missing from rounds 3 and 4
@@ -115,7 +118,7 @@ def test_cli_writes_report_and_names_a_bad_folder(run_folder: Path, tmp_path: Pa
 def test_report_renders_in_headless_chromium(run_folder: Path, tmp_path: Path) -> None:
     assert cli_main(["report", str(run_folder)]) == 0
     dom = render_in_chromium(run_folder / "report.html", tmp_path, "synthetic")
-    assert 'data-images="5"' in dom and 'data-charts="7"' in dom
+    assert 'data-images="5"' in dom and 'data-charts="9"' in dom
 
 
 @pytest.mark.slow

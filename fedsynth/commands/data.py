@@ -27,6 +27,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="skip a file whose pixels would decode to more MB (too-large); "
                            "the hospital setting max-decoded-mb")
     scan.set_defaults(func=run_scan)
+    lesions = data_sub.add_parser(
+        "make-lesions", help="write the labelled lesion data set (cyst, metastasis, haemangioma "
+                             "in MR and CT slices, with DICOM SEG masks) from packaged data")
+    lesions.add_argument("out_dir", type=Path, help="folder to write hospital-N/ into")
+    lesions.add_argument("--seed", type=int, default=0)
+    lesions.add_argument("--matrix", type=int, default=64, help="rows and columns of each slice")
+    lesions.add_argument("--scale", type=float, default=1.0,
+                         help="multiply every hospital's slice count (120, 120, 120 and 16)")
+    lesions.add_argument("--no-real", action="store_true",
+                         help="phantom backgrounds only (no pydicom / pydicom-data slices)")
+    lesions.add_argument("--no-seg", action="store_true", help="do not write the DICOM SEG masks")
+    lesions.set_defaults(func=run_make_lesions)
 
 
 def report_dict(report) -> dict:  # type: ignore[no-untyped-def]
@@ -97,4 +109,22 @@ def run_scan(args: argparse.Namespace) -> int:
         print(json.dumps(report_dict(result.report), indent=2, sort_keys=True))
     else:
         _print_text(result.report)
+    return 0
+
+
+def run_make_lesions(args: argparse.Namespace) -> int:
+    from fedsynth.errors import UserError
+    from fedsynth.lesion_data import CLASS_ATTRIBUTE, CLASSES, build_lesion_hospitals, manifest
+
+    if args.matrix < 16 or args.scale <= 0:
+        raise UserError("--matrix must be >= 16 and --scale > 0")
+    paths = build_lesion_hospitals(args.out_dir, seed=args.seed, matrix=args.matrix,
+                                   scale=args.scale, include_real=not args.no_real,
+                                   write_seg=not args.no_seg)
+    for h in manifest(args.out_dir)["hospitals"]:
+        counts = ", ".join(f"{c} {n}" for c, n in h["class_counts"].items())
+        print(f"{h['name']}: {h['modality']}{' (small)' if h['small'] else ''}, "
+              f"{len(h['files'])} slices: {counts}")
+    print(f"{len(paths)} hospitals in {args.out_dir}; the run's label rule: "
+          f'[data] classes = "{",".join(CLASSES)}", class-attribute = "{CLASS_ATTRIBUTE}"')
     return 0
