@@ -61,6 +61,8 @@ class TrainConfig:
     prox_mu: float = setting(0.0, "FedProx proximal weight at the hospitals; 0 disables it")
     wire_dtype: str = setting("float32", "arrays on the wire: float32 or float16")
     seed: int = setting(0, "seed of the initial weights and the hospitals' batch draws")
+    lesion_weight: float = setting(1.0, "mask-conditioned families: weight of the masked (lesion) "
+                                   "pixels in the L1 and adversarial terms; 1 weighs all alike")
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1:
@@ -68,8 +70,9 @@ class TrainConfig:
         if self.wire_dtype not in ("float32", "float16"):
             raise ValueError(f"wire_dtype must be float32 or float16, got {self.wire_dtype!r}")
         if not (self.lr_g >= 0 and self.lr_d >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
-                and self.prox_mu >= 0):
-            raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
+                and self.prox_mu >= 0 and self.lesion_weight > 0):
+            raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1), "
+                             "lesion_weight > 0")
 
 
 # The per-slice text attributes a hospital keeps for these rules (client/dicom.py META_KEYS):
@@ -100,6 +103,11 @@ class DataConfig:
                                     "from, e.g. modality for MR -> CT")
     domain_a_pattern: str = setting("", "regular expression for domain A (default: its name)")
     domain_b_pattern: str = setting("", "regular expression for domain B (default: its name)")
+    mask_labels: str = setting("lesion", "mask labels in channel order, comma separated (masked "
+                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)")
+    mask_label_patterns: str = setting("", "one regular expression per mask label, ';' separated "
+                                       "(default: each label), searched in a segment's label, "
+                                       "description and code (scheme:value)")
 
     def __post_init__(self) -> None:
         for attr in (self.class_attribute, self.domain_attribute):
@@ -117,7 +125,13 @@ class DataConfig:
             raise ValueError("domain_a and domain_b must be two different names")
         import re
 
-        for p in (*pats, self.domain_a_pattern, self.domain_b_pattern):
+        if not self.mask_label_names:
+            raise ValueError("mask_labels must name at least one label")
+        mask_pats = self.mask_label_pattern_list
+        if mask_pats and len(mask_pats) != len(self.mask_label_names):
+            raise ValueError(f"mask_label_patterns has {len(mask_pats)} patterns for "
+                             f"{len(self.mask_label_names)} mask labels")
+        for p in (*pats, *mask_pats, self.domain_a_pattern, self.domain_b_pattern):
             try:
                 re.compile(p)
             except re.error as exc:
@@ -126,6 +140,14 @@ class DataConfig:
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(x.strip() for x in self.classes.split(",") if x.strip())
+
+    @property
+    def mask_label_names(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.mask_labels.split(",") if x.strip())
+
+    @property
+    def mask_label_pattern_list(self) -> tuple[str, ...]:
+        return tuple(self.mask_label_patterns.split(";")) if self.mask_label_patterns else ()
 
     @property
     def class_pattern_list(self) -> tuple[str, ...]:

@@ -99,10 +99,11 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
     given = {
         "family": "pix2pix", "image_size": 16, "latent_dim": 17, "width": 8, "spatial_dims": 3,
         "local_steps": 2, "batch_size": 2, "lr_g": 3e-4, "lr_d": 3e-4, "beta1": 0.4,
-        "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7,
+        "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7, "lesion_weight": 3.0,
         "classes": "MR,CT", "class_attribute": "modality", "class_patterns": "^MR$;^CT$",
         "domain_a": "MR", "domain_b": "CT", "domain_attribute": "modality",
         "domain_a_pattern": "^MR$", "domain_b_pattern": "^CT$",
+        "mask_labels": "liver,lesion", "mask_label_patterns": "^liver;GTV|lesion",
         "num_server_rounds": 2, "preset": "local-d", "reducer": "median", "server_opt": "avgm",
         "server_lr": 0.5, "sync_every": 2, "ua_fake_batch": 8, "min_hospitals": 3,
         "fraction_train": 0.99, "round_timeout": 300.0, "evaluate_every": 2,

@@ -45,10 +45,11 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     values = {
         "family": "pix2pix", "image-size": 64, "latent-dim": 17, "width": 9, "spatial-dims": 3,
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
-        "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11,
+        "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11, "lesion-weight": 4.0,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
         "domain-attribute": "modality", "domain-a-pattern": "^MR$", "domain-b-pattern": "^CT$",
+        "mask-labels": "liver,lesion", "mask-label-patterns": "^liver;GTV|lesion",
         "num-server-rounds": 7, "preset": "local-d", "reducer": "median", "server-opt": "avgm",
         "server-lr": 0.5, "sync-every": 2, "ua-fake-batch": 8, "min-hospitals": 2,
         "fraction-train": 0.5, "round-timeout": 99.0, "evaluate-every": 3, "run-dir": "/r",
