@@ -93,7 +93,8 @@ class FederationConfig:
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
         family = get_family(self.model.family)  # an unknown family fails here, by name
-        wants = len(self.data.class_names) if family.data_layout == "labelled" else 0
+        wants = (len(self.data.class_names) if family.data_layout == "labelled" else
+                 len(self.data.mask_label_names) if family.data_layout == "masked" else 0)
         if self.model.num_classes != wants:
             object.__setattr__(self, "model",
                                dataclasses.replace(self.model, num_classes=wants))
@@ -245,6 +246,10 @@ FAMILY_EXAMPLES = {
     "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\""],
     "cyclegan": ["family = \"cyclegan\"", "domain-attribute = \"modality\"",
                  "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired"],
+    "maskgan": ["family = \"maskgan\"", "mask-labels = \"lesion\"  # DICOM SEG / RTSTRUCT labels",
+                "lesion-weight = 5.0  # the masked pixels weigh 5x in the losses"],
+    "aae": ["family = \"aae\"  # masks from noise: stage 1 of `fedsynth sample --stage2`",
+            "mask-labels = \"lesion\"", "latent-dim = 16"],
 }
 
 

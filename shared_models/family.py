@@ -32,6 +32,8 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     prox_mu: float = 0.0
     anchor: dict[str, list[torch.Tensor]] | None = None
+    # mask-conditioned families: weight of the masked pixels in the L1 / adversarial terms
+    lesion_weight: float = 1.0
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -167,7 +169,7 @@ def register(name: str) -> Callable[[Callable[[], GanFamily]], Callable[[], GanF
 
 def _load_families() -> None:
     """Import the family modules (each registers itself on import)."""
-    from . import cdcgan, cyclegan, dcgan, pix2pix, wgan  # noqa: F401
+    from . import aae, cdcgan, cyclegan, dcgan, maskgan, pix2pix, wgan  # noqa: F401
 
 
 def get_family(name: str) -> GanFamily:

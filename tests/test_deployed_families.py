@@ -211,3 +211,34 @@ def test_conditional_dcgan_with_the_run_files_classes(deployment, tmp_path: Path
                   "--format", "png", "--class", "CT"], tmp_path)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert list((tmp_path / "ct").rglob("*.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mask_conditioned_family_with_dicom_seg_at_the_hospitals(deployment, tmp_path: Path
+                                                                   ) -> None:
+    """maskgan (issue 15): each hospital's phantom series gets a DICOM SEG (written by
+    highdicom) beside it; the hospitals pair their slices with the masks and train label map ->
+    image, every site contributes, and `fedsynth sample --input` draws images for a folder's
+    masks."""
+    from tests.seg_helpers import add_phantom_segs
+
+    dep = deployment
+    for name in SITES:
+        assert add_phantom_segs(dep["data"][name] / "phantom"), name
+    folder = _launch(dep, "maskgan-lesion", family="maskgan", image_size=32, width=8,
+                     mask_labels="lesion", lesion_weight=4.0, rounds=2, local_steps=2,
+                     batch_size=2, min_hospitals=3, round_timeout=300)
+    wait_for("2 maskgan rounds", lambda: len(metrics_rows(folder)) >= 2, 600, dep["procs"])
+    rows = metrics_rows(folder)
+    assert all(r["failed"] == 0 and r["replied"] == 3 for r in rows), rows
+    sites = _by_site(dep, rows[-1])
+    assert all(sites[s]["num-examples-generator"] > 0 for s in SITES), sites
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["num_classes"] == 1 and config["train"]["lesion_weight"] == 4.0
+    _no_errors(dep)
+    ckpt = sorted((folder / "checkpoints").glob("round-*.npz"))[-1]
+    sample = run(["sample", str(ckpt), "--n", "4", "--out", str(tmp_path / "masked"),
+                  "--input", str(dep["data"]["mr-and-ct"])], tmp_path)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert len(list((tmp_path / "masked").glob("mask-synthetic-*.png"))) == 4
