@@ -153,9 +153,14 @@ def test_sample_draws_images_for_a_folders_masks(masked_hospitals: list[Path], t
     assert main(["sample", str(ckpt), "--n", "2", "--out", str(tmp_path / "dcm"),
                  "--format", "dicom", "--input", str(masked_hospitals[0])]) == 0
     files = sorted((tmp_path / "dcm").rglob("*.dcm"))
-    assert files
-    ds = pydicom.dcmread(files[0])
-    assert ds.Rows == 16
+    segs = [f for f in files if f.name.endswith("-seg.dcm")]
+    assert len(files) == 4 and len(segs) == 2  # each synthetic image with its mask's SEG
+    for seg_path in segs:
+        seg = pydicom.dcmread(seg_path)
+        image = pydicom.dcmread(seg_path.with_name(seg_path.name.replace("-seg", "")))
+        assert seg.Modality == "SEG" and image.Rows == 16
+        ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+        assert ref.ReferencedSOPInstanceUID == image.SOPInstanceUID
     capsys.readouterr()
     assert main(["sample", str(ckpt), "--n", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--input" in capsys.readouterr().err
@@ -223,6 +228,11 @@ def test_two_stage_sampling_draws_a_mask_then_its_image(masked_hospitals: list[P
     assert main(["sample", str(ckpts["aae"]), "--stage2", str(ckpts["maskgan"]), "--n", "3",
                  "--out", str(tmp_path / "two")]) == 0
     assert len(list((tmp_path / "two").glob("two-stage-*.png"))) == 3
+    assert main(["sample", str(ckpts["aae"]), "--stage2", str(ckpts["maskgan"]), "--n", "2",
+                 "--format", "dicom", "--out", str(tmp_path / "two-dcm")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two-dcm").glob("*.dcm")) == [
+        "two-stage-0001-seg.dcm", "two-stage-0001.dcm", "two-stage-0002-seg.dcm",
+        "two-stage-0002.dcm"]
     assert main(["sample", str(ckpts["maskgan"]), "--stage2", str(ckpts["aae"]), "--n", "1",
                  "--out", str(tmp_path / "bad"), "--input", str(masked_hospitals[0])]) == 2
     assert main(["sample", str(ckpts["aae"]), "--stage2", str(ckpts["aae"]), "--n", "1",

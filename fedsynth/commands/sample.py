@@ -8,6 +8,12 @@ slices of domain A are chosen with the run's data rules (the run folder's ``conf
 the defaults) and translated A -> B (cyclegan: ``g_ab``). A DICOM translation names its input
 only as "input slice k of N" and its modality; nothing of the input file's identity is copied.
 
+Mask-conditioned models (maskgan) draw an image for each mask of ``--input DICOM_DIR``'s DICOM
+SEG / RTSTRUCT files (the run's ``mask-labels``, read as a hospital reads them). A mask
+generator (aae) draws masks from noise; with ``--stage2 MASKGAN_CHECKPOINT`` each drawn mask
+gets its image (two-stage synthesis). ``--format dicom`` of either writes every synthetic image
+with a DICOM SEG of its mask beside it (``fedsynth.seg_export``), both marked synthetic.
+
 Normalisation statistics: see ``server.images.sample_images`` (``--norm-stats``). A checkpoint
 whose BatchNorm statistics were never aggregated (FedBN keeps them at the hospitals) is sampled
 with batch statistics by default.
@@ -280,6 +286,16 @@ def mask_inputs(folder: Path, cfg: Any, data: Any, n: int) -> tuple[np.ndarray, 
     return m[chosen], notes, total
 
 
+def _labelled_dicom(images: np.ndarray, masks: np.ndarray, data: Any, out: Path, prov: Any,
+                    prefix: str, notes: list[str]) -> list[Path]:
+    """Each synthetic image (fedsynth.export) with a DICOM SEG of its mask beside it."""
+    from fedsynth.export import write_dicom
+    from fedsynth.seg_export import write_segs
+
+    paths = write_dicom(images, out, prov, prefix=prefix, notes=notes)
+    return paths + write_segs(paths, masks, data.mask_label_names, prov)
+
+
 def _mask_grey(masks: np.ndarray) -> np.ndarray:
     """K-channel masks {0, 1} -> one grey image in [-1, 1]: label k at grey (k + 1) / K."""
     k = masks.shape[1]
@@ -306,6 +322,11 @@ def run(args: argparse.Namespace) -> int:
                 checkpoint=args.checkpoint.name)
     translation = getattr(family, "task", "generation") == "translation"
     masked = getattr(family, "data_layout", "") == "masked"
+    if args.format == "dicom" and cfg.spatial_dims == 3 and (
+            masked or args.stage2 is not None):
+        raise UserError("labelled DICOM (image + SEG) is 2D only: a synthetic volume is a "
+                        "multi-frame Secondary Capture without a frame of reference, which a "
+                        "DICOM SEG cannot reference frame by frame; use --format png")
     if args.stage2 is not None and getattr(family, "output", "image") != "mask":
         raise UserError(f"--stage2 follows a mask generator (aae); {name} draws no masks")
 
@@ -348,8 +369,8 @@ def run(args: argparse.Namespace) -> int:
                 prov["translation"] = f"{name} mask ({labels}) -> {meta2['family']} image"
                 notes = [f"two-stage synthetic: mask {i + 1} drawn by fedsynth {name}, image by "
                          f"{meta2['family']} ({args.stage2.name})" for i in range(len(images))]
-                paths = write_dicom(images, args.out, Provenance(**prov), prefix="two-stage",
-                                    notes=notes)
+                paths = _labelled_dicom(images, masks, data, args.out, Provenance(**prov),
+                                        "two-stage", notes)
     elif masked:
         if args.class_name is not None:
             raise UserError(f"--class is for conditional generation; {name} draws images for "
@@ -371,8 +392,8 @@ def run(args: argparse.Namespace) -> int:
             paths = write_png(images, args.out, prefix="mask-synthetic", inputs=shown)
         else:
             notes = [f"synthesised by fedsynth {name} from a {note}" for note in notes]
-            paths = write_dicom(images, args.out, Provenance(**prov, translation=
-                                f"mask ({data.mask_labels}) -> image"), notes=notes)
+            paths = _labelled_dicom(images, masks, data, args.out, Provenance(
+                **prov, translation=f"mask ({data.mask_labels}) -> image"), "synthetic", notes)
     elif translation:
         if args.class_name is not None:
             raise UserError(f"--class is for conditional generation; {name} translates images")
