@@ -249,10 +249,18 @@ def _seg_frame_refs(ds: Dataset) -> list[tuple[int, str, int]]:
     pfg = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(pfg) != n_frames:
         raise ValueError(f"{n_frames} frames but {len(pfg)} per-frame functional groups")
+    sfg = ds.get("SharedFunctionalGroupsSequence")
+    shared = sfg[0] if sfg else Dataset()
+
+    def group(item: Dataset, keyword: str) -> Dataset:
+        """A functional group from the frame's item, else the shared one (a one-segment SEG
+        keeps its SegmentIdentificationSequence there)."""
+        return (item if keyword in item else shared)[keyword][0]
+
     refs = []
     for item in pfg:
-        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        src = item.DerivationImageSequence[0].SourceImageSequence[0]
+        segment = int(group(item, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        src = group(item, "DerivationImageSequence").SourceImageSequence[0]
         frames = src.get("ReferencedFrameNumber")
         frame = int(frames if not isinstance(frames, (list, tuple)) and frames is not None
                     else (frames[0] if frames else 1))

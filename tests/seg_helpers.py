@@ -172,32 +172,9 @@ def rtstruct_expected(n: int, rows: int, cols: int) -> np.ndarray:
     return m
 
 
-def add_phantom_segs(hospital_dir: Path, label: str = "lesion") -> list[Path]:
-    """A DICOM SEG (highdicom) beside every image series under ``hospital_dir``: segment
-    ``label`` = the brightest tenth of each slice's foreground, so the image follows the mask."""
-    import pydicom
 
-    series: dict[str, list] = {}
-    for path in sorted(Path(hospital_dir).rglob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        if "PixelData" not in ds or ds.get("Modality") in ("SEG", "RTSTRUCT"):
-            continue
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or "ImagePositionPatient" not in ds:
-            continue
-        series.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
-    out = []
-    for uid, items in sorted(series.items()):
-        images = [ds for _, ds in items]
-        pix = np.stack([ds.pixel_array.astype(np.float32) for ds in images])
-        masks = np.zeros(pix.shape + (2,), dtype=bool)
-        for i, p in enumerate(pix):
-            fg = p[p > np.percentile(p, 20)]
-            if fg.size:
-                masks[i, ..., 0] = p >= np.percentile(fg, 90)
-        if not masks.any():
-            continue
-        target = items[0][0].parent / f"seg-{uid[-8:]}.dcm"
-        write_seg(images, masks, target)
-        out.append(target)
-    # segment 1 is "Lesion" (write_seg's label): the run's mask-labels pattern matches it
-    return out
+def add_phantom_segs(hospital_dir: Path, label: str = "lesion") -> list[Path]:
+    """fedsynth.mask_demo's phantom lesion SEGs (kept here under the tests' name)."""
+    from fedsynth.mask_demo import add_phantom_segs as add
+
+    return add(hospital_dir, label)

@@ -228,3 +228,19 @@ def test_masked_layout_pairs_images_with_their_masks(tmp_path: Path, dims: int) 
         assert train["mask"].shape == (1, 1, 32, 32, 32)
         assert 0 < float(train["mask"].mean()) < 0.2
         assert set(train["mask"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_a_one_segment_seg_keeps_its_segment_in_the_shared_groups(tmp_path: Path) -> None:
+    """highdicom writes a one-segment SEG's SegmentIdentificationSequence into the shared
+    functional groups: still read, frame by frame."""
+    from fedsynth.mask_demo import write_seg
+
+    images = h.ct_series(tmp_path / "d")
+    truth = h.lesion_masks(4, 32, 32)[..., :1]
+    write_seg(images, truth, tmp_path / "d" / "seg.dcm", ("lesion",))
+    ds = pydicom.dcmread(tmp_path / "d" / "seg.dcm")
+    assert "SegmentIdentificationSequence" in ds.SharedFunctionalGroupsSequence[0]
+    slices, got = _load(tmp_path / "d", "lesion")
+    rows = _rows_by_sop(slices)
+    for i, ds in enumerate(images):
+        np.testing.assert_array_equal(got.masks[rows[ds.SOPInstanceUID], 0], truth[i, ..., 0])
