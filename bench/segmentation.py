@@ -83,9 +83,9 @@ def hospital_pairs(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return data["image"].numpy(), data["mask"].numpy()
 
 
-def run(hospitals: int = 3, size: int = 32, rounds: int = 4, local_steps: int = 25,
+def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 20,
         small: int = 6, synthetic: int = 96, unet_steps: int = 150, seeds: int = 3,
-        width: int = 16, log=print) -> dict:  # type: ignore[no-untyped-def]
+        width: int = 8, log=print) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
     from fedsynth.commands.sample import generate, load_generator, translate
@@ -163,7 +163,7 @@ def run(hospitals: int = 3, size: int = 32, rounds: int = 4, local_steps: int = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--unet-steps", type=int, default=150)
     p.add_argument("--size", type=int, default=32)
     args = p.parse_args(argv)

@@ -3,7 +3,7 @@
 The demo hospitals (``fedsynth.demo_data``) hold phantom MR/CT series and no segmentation; the
 mask-conditioned families need some. :func:`add_phantom_segs` writes, beside each single-frame
 image series under a folder, one binary SEG whose segment (named ``label``) is the brightest
-tenth of each slice's foreground -- a stand-in lesion whose image follows its mask, enough to
+tenth of each slice's foreground after a Gaussian blur (blobs, not noise speckle) -- a stand-in lesion whose image follows its mask, enough to
 show the pipeline end to end (not a clinical lesion model).
 """
 
@@ -41,6 +41,7 @@ def write_seg(images: list, masks: np.ndarray, path: Path, labels: tuple[str, ..
 def add_phantom_segs(folder: Path, label: str = "lesion") -> list[Path]:
     """One SEG per image series under ``folder`` (segment ``label``); returns the files."""
     import pydicom
+    from scipy.ndimage import gaussian_filter
 
     series: dict[str, list] = {}
     for path in sorted(Path(folder).rglob("*.dcm")):
@@ -56,9 +57,10 @@ def add_phantom_segs(folder: Path, label: str = "lesion") -> list[Path]:
         pix = np.stack([ds.pixel_array.astype(np.float32) for ds in images])
         masks = np.zeros(pix.shape + (1,), dtype=bool)
         for i, p in enumerate(pix):
-            fg = p[p > np.percentile(p, 20)]
+            smooth = gaussian_filter(p, sigma=max(1.0, p.shape[0] / 24))  # blobs, not speckle
+            fg = smooth[p > np.percentile(p, 20)]
             if fg.size:
-                masks[i, ..., 0] = p >= np.percentile(fg, 90)
+                masks[i, ..., 0] = smooth >= np.percentile(fg, 90)
         if not masks.any():
             continue
         target = items[0][0].parent / f"seg-{uid[-8:]}.dcm"
