@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility clean
+.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility bench-segmentation docs-mask-grid clean
 
 install: $(STAMP)
 
@@ -61,6 +61,14 @@ bench-privacy: $(STAMP)
 # slices, + local / federated cGAN synthetic, synthetic only (TSTR), every hospital pooled.
 bench-utility: $(STAMP)
 	$(PY) -m bench.utility
+
+# U-Net Dice: small hospital real / + federated synthetic / synthetic only / pooled (issue 15).
+bench-segmentation: $(STAMP)
+	$(PY) -m bench.segmentation
+
+# The README's mask | real | synthetic | overlay grid (maskgan, phantom SEGs; ~2 min on a CPU).
+docs-mask-grid: $(STAMP)
+	$(PY) -m bench.mask_grid --out docs/img/maskgan-grid.png
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache

@@ -47,7 +47,7 @@ from client.dicom import (
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 4  # 3: label attributes in the slice metadata; 4: slice geometry
+CACHE_FORMAT = 5  # 3: label attributes in the slice metadata; 4: slice geometry; 5: SOP refs
 _META_KEYS = dicom.META_KEYS
 # Per-slice geometry kept next to the scan's metadata, NaN where unknown: ``pixel_spacing``
 # (N, 2) mm per pixel (row, column) of the CACHED slice (after the aspect-keeping resize to
@@ -149,7 +149,7 @@ def _meta_to_json(meta: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         values = meta[key]
         if key == "position":
             out[key] = [None if math.isnan(float(v)) else float(v) for v in values]
-        elif key == "file_index":
+        elif key in ("file_index", "frame_number"):
             out[key] = [int(v) for v in values]
         else:
             out[key] = [str(v) for v in values]
@@ -167,6 +167,7 @@ def _report_to_json(report: ScanReport) -> dict[str, Any]:
         "skipped_files": [[p, r] for p, r in report.skipped_files],
         "usable_by_size": dict(report.usable_by_size),
         "series": [asdict(s) for s in report.series],
+        "segmentation_files": list(report.segmentation_files),
     }
 
 
@@ -181,6 +182,7 @@ def _report_from_json(d: dict[str, Any]) -> ScanReport:
         skipped_files=[(str(p), str(r)) for p, r in d["skipped_files"]],
         usable_by_size={str(k): int(v) for k, v in d["usable_by_size"].items()},
         series=[SeriesSummary(**s) for s in d["series"]],
+        segmentation_files=[str(p) for p in d.get("segmentation_files", [])],
     )
 
 

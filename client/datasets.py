@@ -9,7 +9,10 @@ The family's ``data_layout`` says which tensors:
   every hospital); the patterns may be local (a site names its series its own way);
 - ``paired`` (pix2pix): ``a``/``b`` slices of domain A and B matched by study and slice position;
 - ``unpaired`` (CycleGAN): all A slices as ``a``, all B slices as ``b``, independently; either may be
-  empty (a hospital holding one domain only).
+  empty (a hospital holding one domain only);
+- ``masked`` (mask-conditioned families): ``image`` + float ``mask`` (N, K, ...) in {0, 1}, channel
+  k = the run's mask label k (``DataConfig.mask_labels``), from the DICOM SEG / RTSTRUCT files of
+  the folder (:mod:`client.segmentation`); only slices of a series some segmentation covers.
 
 With ``spatial_dims`` 3 the unit is a volume: the cached slices of one series, with the slice
 geometry the cache keeps (positions, pixel spacing, orientation), assembled by
@@ -40,6 +43,7 @@ from shared_models import DataConfig, ModelConfig, get_family
 from . import volumes
 from .cache import load_slices
 from .dicom import DicomSettings, ScanReport
+from .segmentation import SliceMasks
 from .settings import HospitalSettings
 
 log = logging.getLogger(__name__)
@@ -231,11 +235,15 @@ def _held(n: int, every: int) -> np.ndarray:
 
 def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: str,
                   model: ModelConfig, holdout_every: int,
-                  selector: Selector | None = None
+                  selector: Selector | None = None, masks: SliceMasks | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(train, holdout) tensors of ``layout`` from slices ``images`` (N, 1, S, S) and their meta."""
     dims, size = model.spatial_dims, model.image_size
     every_row = np.arange(len(images))
+    if layout == "masked":
+        if masks is None:
+            raise ValueError("layout 'masked' needs the slices' masks")
+        return _masked_tensors(images, meta, model, holdout_every, masks)
     if layout == "image":
         groups = list(units(meta, every_row, dims).values()) if dims == 3 else [
             np.array([i]) for i in every_row]
@@ -306,6 +314,30 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
     raise ValueError(f"unknown data layout {layout!r}")
 
 
+def _masked_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], model: ModelConfig,
+                    holdout_every: int, masks: SliceMasks
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``image`` + ``mask`` units of the slices some segmentation covers (3D: their series)."""
+    dims, size = model.spatial_dims, model.image_size
+    rows = np.flatnonzero(masks.covered)
+    groups = list(units(meta, rows, dims).values()) if dims == 3 else [np.array([i]) for i in rows]
+    if not groups:
+        raise DataSelectionError(
+            f"no slice has a mask of {list(masks.labels)}: {masks.report.summary()}")
+    held = _held(len(groups), holdout_every)
+
+    def tensors(chosen: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        x = stack(images, chosen, dims, size, meta)
+        # each channel resampled like the image, as -1/1 (background is the -1 padding), then cut
+        chans = [stack(masks.masks[:, k:k + 1] * 2.0 - 1.0, chosen, dims, size, meta) > 0
+                 for k in range(len(masks.labels))]
+        return {"image": x, "mask": torch.cat(chans, dim=1).float()}
+
+    train = tensors([g for g, h in zip(groups, held) if not h])
+    hold = tensors([g for g, h in zip(groups, held) if h]) if held.any() else dict(train)
+    return train, hold
+
+
 _DATA: dict[tuple, LocalData] = {}  # warm per process and run: a Ray actor or the executor
 MAX_DATA_PER_HOSPITAL = 2  # model configs kept warm per hospital (image size, family, ...)
 
@@ -335,8 +367,15 @@ def local_data(hospital: HospitalSettings, model: ModelConfig,
         selector = class_selector(hospital, model, data)
     elif family.data_layout in ("paired", "unpaired"):
         selector = domain_selector(hospital, model, data)
+    masks = None
+    if family.data_layout == "masked":
+        from .segmentation import LabelRule, load_masks
+
+        masks = load_masks(hospital.data_dir, slices, settings,
+                           LabelRule.from_config(data.mask_labels, data.mask_label_patterns))
+        log.info("%s: %s", hospital.name, masks.report.summary())
     train, holdout = build_tensors(images, slices.meta, family.data_layout, model,
-                                   hospital.holdout_every, selector)
+                                   hospital.holdout_every, selector, masks)
     log.info("%s: %s training tensors %s, held out %s", hospital.name, family.name,
              {k: len(v) for k, v in train.items()}, {k: len(v) for k, v in holdout.items()})
     mine = [k for k in _DATA if k[0] == hospital]

@@ -54,7 +54,7 @@ from pydicom.errors import InvalidDicomError
 logger = logging.getLogger(__name__)
 
 # Bump when the preprocessing changes so cached slices from older code are not reused.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3  # 3: SOP instance, frame and frame of reference per slice
 
 # Skip reasons: short fixed strings, used as keys in ScanReport.skipped.
 NOT_DICOM = "not-dicom"
@@ -98,6 +98,9 @@ SKIP_REASONS: tuple[str, ...] = (
 TRANSIENT_SKIP_REASONS = frozenset({UNREADABLE, UNREADABLE_FOLDER})
 
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+# Segmentation Storage and RT Structure Set Storage: masks, not images (client.segmentation)
+_SEGMENTATION_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4",
+                                       "1.2.840.10008.5.1.4.1.1.481.3"})
 
 # Modalities whose objects are not anatomical images even when they carry pixel
 # data (an RT dose grid or a segmentation mask would poison the GAN's training set).
@@ -207,6 +210,9 @@ class ScanReport:
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     usable_by_size: dict[str, int] = field(default_factory=dict)
     series: list[SeriesSummary] = field(default_factory=list)
+    # DICOM SEG / RTSTRUCT files (relative paths, skipped as non-image objects): the masks the
+    # "masked" layout reads (client.segmentation)
+    segmentation_files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One human-readable line for logs and the local UI."""
@@ -259,7 +265,9 @@ class SliceSet:
 LABEL_ATTRIBUTES = {"protocol_name": "ProtocolName", "body_part": "BodyPartExamined",
                     "image_comments": "ImageComments", "sequence_name": "SequenceName"}
 META_KEYS = ("modality", "series_description", "study_uid", "series_uid", "position",
-             "file_index", *LABEL_ATTRIBUTES)
+             "file_index", *LABEL_ATTRIBUTES, "sop_uid", "frame_number", "frame_of_reference")
+# sop_uid / frame_number (1-based within its file) / frame_of_reference: what a segmentation's
+# references name (client.segmentation matches masks to slices by them)
 
 
 @dataclass
@@ -283,6 +291,8 @@ class FileRecord:
     pixel_spacing: tuple[float, float] | None
     # the text attributes a run's class / domain rule may read (shared_models DataConfig)
     labels: dict[str, str] = field(default_factory=dict)
+    sop_uid: str = ""
+    frame_of_reference: str = ""
 
 
 class NoUsableDicomError(ValueError):
@@ -1069,8 +1079,12 @@ def _check_folder(folder: Path) -> None:
         raise NoUsableDicomError(f"no usable DICOM image in folder '{folder}': not a directory")
 
 
-def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | tuple[str, str]]:
+def iter_files(folder: Path, settings: DicomSettings, segmentations: list[str] | None = None
+               ) -> Iterator[FileRecord | tuple[str, str]]:
     """Read every candidate file once: a :class:`FileRecord` if usable, else ``(rel, reason)``.
+
+    ``segmentations``, when given, collects the relative paths of the DICOM SEG and RTSTRUCT
+    files met (skipped as non-image objects; :mod:`client.segmentation` reads their masks).
 
     Never raises for a bad file; raises :class:`NoUsableDicomError` only when ``folder``
     is missing or not a directory.
@@ -1085,6 +1099,7 @@ def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | t
             yield rel, problem or NOT_A_FILE
             continue
         index += 1  # position in list_candidate_files(folder)
+        ds = Dataset()
         try:
             try:
                 ds, raw = _read_file(path, settings)
@@ -1097,6 +1112,10 @@ def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | t
                 raise _Skip(UNDECODABLE, f"{type(exc).__name__}: {exc}") from exc
         except _Skip as skip:
             logger.debug("skip %s: %s %s", rel, skip.reason, skip.detail)
+            if segmentations is not None and skip.reason == NON_IMAGE_OBJECT and (
+                    _str(ds, "SOPClassUID") in _SEGMENTATION_SOP_CLASSES
+                    or _str(ds, "Modality").upper() in ("SEG", "RTSTRUCT")):
+                segmentations.append(rel)
             yield rel, skip.reason
             continue
         yield FileRecord(
@@ -1105,6 +1124,7 @@ def iter_files(folder: Path, settings: DicomSettings) -> Iterator[FileRecord | t
             series_description=_str(ds, "SeriesDescription"), frames=frames, positions=positions,
             orientation=orientation, pixel_spacing=spacing,
             labels={key: _str(ds, keyword) for key, keyword in LABEL_ATTRIBUTES.items()},
+            sop_uid=_str(ds, "SOPInstanceUID"), frame_of_reference=_str(ds, "FrameOfReferenceUID"),
         )
 
 
@@ -1132,8 +1152,9 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
     chunks: list[np.ndarray] = []
     meta_lists: dict[str, list[Any]] = {k: [] for k in META_KEYS}
     files_seen = usable_files = 0
+    segmentation_files: list[str] = []
 
-    for item in iter_files(folder, settings):
+    for item in iter_files(folder, settings, segmentation_files):
         files_seen += 1
         if isinstance(item, tuple):
             rel, reason = item
@@ -1164,6 +1185,9 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
         meta_lists["file_index"].extend([item.index] * n)
         for key in LABEL_ATTRIBUTES:
             meta_lists[key].extend([item.labels.get(key, "")] * n)
+        meta_lists["sop_uid"].extend([item.sop_uid] * n)
+        meta_lists["frame_number"].extend(range(1, n + 1))
+        meta_lists["frame_of_reference"].extend([item.frame_of_reference] * n)
 
     total = sum(c.shape[0] for c in chunks)
     report = ScanReport(
@@ -1176,6 +1200,7 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
         skipped_files=skipped_files,
         usable_by_size=by_size,
         series=sorted(series.values(), key=lambda s: (s.study_uid, s.series_uid)),
+        segmentation_files=segmentation_files,
     )
     if total == 0:
         raise no_usable_error(folder, files_seen, skipped)
@@ -1190,7 +1215,7 @@ def meta_arrays(meta_lists: dict[str, list[Any]]) -> dict[str, np.ndarray]:
     for key, values in meta_lists.items():
         if key == "position":
             out[key] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-        elif key == "file_index":
+        elif key in ("file_index", "frame_number"):
             out[key] = np.array(values, dtype=np.int64)
         else:
             out[key] = np.array([str(v) for v in values], dtype=str)

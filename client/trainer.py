@@ -122,7 +122,8 @@ class LocalTrainer:
         scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
                            prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor,
-                           small_data=SmallData.from_train(train))
+                           small_data=SmallData.from_train(train),
+                           lesion_weight=train.lesion_weight if train is not None else 1.0)
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` on this trainer's device, in its memory format (as the trainer's own nets)."""
@@ -264,10 +265,13 @@ class LocalTrainer:
         """
         if self.family.task == "translation":
             return self._evaluate_translation(holdout)
+        if hasattr(self.family, "evaluate_holdout"):  # aae: reconstruction of held-out masks
+            return self.family.evaluate_holdout(self.nets, holdout, self.device)
         return self._evaluate_generation(holdout, seed)
 
     def _evaluate_translation(self, holdout: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        a, b = holdout.get("a"), holdout.get("b")
+        key_a, key_b = getattr(self.family, "pair_keys", ("a", "b"))  # maskgan: mask -> image
+        a, b = holdout.get(key_a), holdout.get(key_b)
         if a is None or b is None or len(a) == 0 or len(a) != len(b):
             return {"eval-ssim": float("nan"), "eval-psnr": float("nan"),
                     "eval-mae": float("nan"), "eval-examples": 0}

@@ -79,6 +79,8 @@ def fixed_inputs(family: GanFamily, model: ModelConfig, n: int
     families: phantom T1-weighted slices from ``shared_models.phantoms`` — synthetic inputs, because
     the coordinator holds no patient image.
     """
+    if hasattr(family, "grid_inputs"):  # mask-conditioned: phantom masks (maskgan.grid_inputs)
+        return family.grid_inputs(model, n), None
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
     if getattr(family, "task", "generation") != "translation":
         gen = torch.Generator().manual_seed(1234)
@@ -106,7 +108,8 @@ def _grid_images(family: GanFamily, nets: dict, inputs: torch.Tensor,
 
     out = sample_images(family, nets, inputs, labels).float()
     if getattr(family, "task", "generation") == "translation":
-        out = torch.stack([inputs, out], 1).flatten(0, 1)
+        shown = family.show_input(inputs) if hasattr(family, "show_input") else inputs
+        out = torch.stack([shown, out], 1).flatten(0, 1)
     return out.numpy()
 
 

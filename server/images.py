@@ -31,7 +31,7 @@ MIN_BATCH_STATS = 16  # images drawn at least when sampling with batch statistic
 
 
 def _is_generator(component: str) -> bool:
-    return component == "generator" or component.startswith("g_")
+    return component in ("generator", "decoder") or component.startswith("g_")
 
 
 def _batch_norms(net: Any) -> list[Any]:

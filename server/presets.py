@@ -13,6 +13,9 @@ Each preset is a set of ``ComponentPolicy`` per component of the one component-a
 | fedbn      | shared, example-weighted| shared, example-weighted| kept locally  |
 | ua-gan     | trained by coordinator  | kept at each hospital   | —             |
 
+The adversarial autoencoder (``aae``) counts its ``encoder`` and ``decoder`` as generators and its
+``latent_discriminator`` as a discriminator.
+
 ``fedmed-gan`` (Wang et al. 2022, for CycleGAN's two generators) and ``local-d`` share the same
 policy; both names are kept because the literature and the consortium's papers use both.
 ``overrides`` (e.g. ``reducer="median"``, ``server_opt="adam"``, ``sync_every=2``) replace
@@ -33,11 +36,14 @@ PolicyTable = Callable[[tuple[str, ...]], dict[str, ComponentPolicy]]
 
 
 def is_generator(component: str) -> bool:
-    return component == "generator" or component.startswith("g_")
+    """Generators, and the adversarial autoencoder's encoder and decoder (aae)."""
+    return component in ("generator", "encoder", "decoder") or component.startswith("g_")
 
 
 def is_discriminator(component: str) -> bool:
-    return component == "discriminator" or component.startswith("d_")
+    """Discriminators, and the adversarial autoencoder's ``latent_discriminator`` (aae)."""
+    return (component == "discriminator" or component.startswith("d_")
+            or component.endswith("_discriminator"))
 
 
 def _fedgan(components: tuple[str, ...]) -> dict[str, ComponentPolicy]:

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
 from shared_models.config import setting
+from shared_models.family import FamilyBase
 from shared_models.small_data import check_supported
 
 from .presets import PRESETS
@@ -98,9 +99,14 @@ class FederationConfig:
             raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
         family = get_family(self.model.family)  # an unknown family fails here, by name
         check_supported(self.model.family, self.train)  # augment / r1-gamma the family ignores
+        if self.train.dp and type(family).dp_plan is FamilyBase.dp_plan:
+            raise ValueError(f"family {self.model.family!r} has no DP-SGD training "
+                             "(dp-noise-multiplier > 0 needs dcgan, cdcgan, wgan-gp, pix2pix or "
+                             "cyclegan)")
         if not 0 <= self.server_ema_decay < 1:
             raise ValueError(f"server-ema-decay must be in [0, 1), got {self.server_ema_decay}")
-        wants = len(self.data.class_names) if family.data_layout == "labelled" else 0
+        wants = (len(self.data.class_names) if family.data_layout == "labelled" else
+                 len(self.data.mask_label_names) if family.data_layout == "masked" else 0)
         if self.model.num_classes != wants:
             object.__setattr__(self, "model",
                                dataclasses.replace(self.model, num_classes=wants))
@@ -255,6 +261,10 @@ FAMILY_EXAMPLES = {
     "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\""],
     "cyclegan": ["family = \"cyclegan\"", "domain-attribute = \"modality\"",
                  "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired"],
+    "maskgan": ["family = \"maskgan\"", "mask-labels = \"lesion\"  # DICOM SEG / RTSTRUCT labels",
+                "lesion-weight = 5.0  # the masked pixels weigh 5x in the losses"],
+    "aae": ["family = \"aae\"  # masks from noise: stage 1 of `fedsynth sample --stage2`",
+            "mask-labels = \"lesion\"", "latent-dim = 16"],
 }
 
 

@@ -30,12 +30,14 @@ def setting(default: Any, help: str, key: str | None = None,  # noqa: A002 - the
 class ModelConfig:
     """What network to build: identical on every side of the federation."""
 
-    family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan")
+    family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan, "
+                          "maskgan (mask -> image), aae (masks)")
     image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
     channels: int = setting(1, "image channels (grey-level medical images)", run=False)
     latent_dim: int = setting(64, "size of the generator's noise vector")
     width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
-    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix)")
+    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix, "
+                                   "maskgan, aae)")
     num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
                                run=False)
     # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
@@ -82,6 +84,8 @@ class TrainConfig:
                               "(dcgan, cdcgan, pix2pix)")
     ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
                                "steps, sent in place of the last step's; 0 off, else in (0, 1)")
+    lesion_weight: float = setting(1.0, "mask-conditioned families: weight of the masked (lesion) "
+                                   "pixels in the L1 and adversarial terms; 1 weighs all alike")
 
     def __post_init__(self) -> None:
         from .augment import parse_policy
@@ -95,8 +99,9 @@ class TrainConfig:
             raise ValueError("wire_dtype must be float32, float16 or int8, got "
                              f"{self.wire_dtype!r}")
         if not (self.lr_g >= 0 and self.lr_d >= 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1
-                and self.prox_mu >= 0):
-            raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1)")
+                and self.prox_mu >= 0 and self.lesion_weight > 0):
+            raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1), "
+                             "lesion_weight > 0")
         if not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
@@ -140,6 +145,11 @@ class DataConfig:
                                     "from, e.g. modality for MR -> CT")
     domain_a_pattern: str = setting("", "regular expression for domain A (default: its name)")
     domain_b_pattern: str = setting("", "regular expression for domain B (default: its name)")
+    mask_labels: str = setting("lesion", "mask labels in channel order, comma separated (masked "
+                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)")
+    mask_label_patterns: str = setting("", "one regular expression per mask label, ';' separated "
+                                       "(default: each label), searched in a segment's label, "
+                                       "description and code (scheme:value)")
 
     def __post_init__(self) -> None:
         for attr in (self.class_attribute, self.domain_attribute):
@@ -157,7 +167,13 @@ class DataConfig:
             raise ValueError("domain_a and domain_b must be two different names")
         import re
 
-        for p in (*pats, self.domain_a_pattern, self.domain_b_pattern):
+        if not self.mask_label_names:
+            raise ValueError("mask_labels must name at least one label")
+        mask_pats = self.mask_label_pattern_list
+        if mask_pats and len(mask_pats) != len(self.mask_label_names):
+            raise ValueError(f"mask_label_patterns has {len(mask_pats)} patterns for "
+                             f"{len(self.mask_label_names)} mask labels")
+        for p in (*pats, *mask_pats, self.domain_a_pattern, self.domain_b_pattern):
             try:
                 re.compile(p)
             except re.error as exc:
@@ -166,6 +182,14 @@ class DataConfig:
     @property
     def class_names(self) -> tuple[str, ...]:
         return tuple(x.strip() for x in self.classes.split(",") if x.strip())
+
+    @property
+    def mask_label_names(self) -> tuple[str, ...]:
+        return tuple(x.strip() for x in self.mask_labels.split(",") if x.strip())
+
+    @property
+    def mask_label_pattern_list(self) -> tuple[str, ...]:
+        return tuple(self.mask_label_patterns.split(";")) if self.mask_label_patterns else ()
 
     @property
     def class_pattern_list(self) -> tuple[str, ...]:

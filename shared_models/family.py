@@ -40,6 +40,8 @@ class StepContext:
     dp: PrivateSteps | None = None
     # DiffAugment policy and R1 weight of the round (shared_models.small_data); off by default
     small_data: SmallData = field(default_factory=SmallData)
+    # mask-conditioned families: weight of the masked pixels in the L1 / adversarial terms
+    lesion_weight: float = 1.0
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
@@ -184,7 +186,7 @@ def register(name: str) -> Callable[[Callable[[], GanFamily]], Callable[[], GanF
 
 def _load_families() -> None:
     """Import the family modules (each registers itself on import)."""
-    from . import cdcgan, cyclegan, dcgan, pix2pix, wgan  # noqa: F401
+    from . import aae, cdcgan, cyclegan, dcgan, maskgan, pix2pix, wgan  # noqa: F401
 
 
 def get_family(name: str) -> GanFamily:

@@ -99,12 +99,13 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
     given = {
         "family": "pix2pix", "image_size": 16, "latent_dim": 17, "width": 8, "spatial_dims": 3,
         "local_steps": 2, "batch_size": 2, "lr_g": 3e-4, "lr_d": 3e-4, "beta1": 0.4,
-        "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7,
+        "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7, "lesion_weight": 3.0,
         "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 2.0,
         "augment": "translation,cutout", "r1_gamma": 0.5, "ema_decay": 0.9,
         "classes": "MR,CT", "class_attribute": "modality", "class_patterns": "^MR$;^CT$",
         "domain_a": "MR", "domain_b": "CT", "domain_attribute": "modality",
         "domain_a_pattern": "^MR$", "domain_b_pattern": "^CT$",
+        "mask_labels": "liver,lesion", "mask_label_patterns": "^liver;GTV|lesion",
         "num_server_rounds": 2, "preset": "local-d", "reducer": "median", "server_opt": "avgm",
         "server_lr": 0.5, "sync_every": 2, "ua_fake_batch": 8, "min_hospitals": 3,
         "fraction_train": 0.99, "round_timeout": 300.0, "evaluate_every": 2,
@@ -213,3 +214,34 @@ def test_conditional_dcgan_with_the_run_files_classes(deployment, tmp_path: Path
                   "--format", "png", "--class", "CT"], tmp_path)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert list((tmp_path / "ct").rglob("*.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mask_conditioned_family_with_dicom_seg_at_the_hospitals(deployment, tmp_path: Path
+                                                                   ) -> None:
+    """maskgan (issue 15): each hospital's phantom series gets a DICOM SEG (written by
+    highdicom) beside it; the hospitals pair their slices with the masks and train label map ->
+    image, every site contributes, and `fedsynth sample --input` draws images for a folder's
+    masks."""
+    from tests.seg_helpers import add_phantom_segs
+
+    dep = deployment
+    for name in SITES:
+        assert add_phantom_segs(dep["data"][name] / "phantom"), name
+    folder = _launch(dep, "maskgan-lesion", family="maskgan", image_size=32, width=8,
+                     mask_labels="lesion", lesion_weight=4.0, rounds=2, local_steps=2,
+                     batch_size=2, min_hospitals=3, round_timeout=300)
+    wait_for("2 maskgan rounds", lambda: len(metrics_rows(folder)) >= 2, 600, dep["procs"])
+    rows = metrics_rows(folder)
+    assert all(r["failed"] == 0 and r["replied"] == 3 for r in rows), rows
+    sites = _by_site(dep, rows[-1])
+    assert all(sites[s]["num-examples-generator"] > 0 for s in SITES), sites
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"]["num_classes"] == 1 and config["train"]["lesion_weight"] == 4.0
+    _no_errors(dep)
+    ckpt = sorted((folder / "checkpoints").glob("round-*.npz"))[-1]
+    sample = run(["sample", str(ckpt), "--n", "4", "--out", str(tmp_path / "masked"),
+                  "--input", str(dep["data"]["mr-and-ct"])], tmp_path)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert len(list((tmp_path / "masked").glob("mask-synthetic-*.png"))) == 4

@@ -127,3 +127,41 @@ def test_ua_gan_refuses_families_without_a_probability_discriminator() -> None:
         make_strategy("ua-gan", ("g_ab",), model=ModelConfig(family="cyclegan"),
                       train=TrainConfig())
     assert isinstance(make_strategy("fedgan", ("generator",)), GanStrategy)
+
+
+AAE_NORM = frozenset({"encoder.norm.weight", "decoder.norm.weight"})
+AAE_EXPECTED = {  # preset -> component -> (weight, norm) after one round; 0.0: kept at home
+    "fedgan": {"encoder": (4.0, 4.0), "decoder": (4.0, 4.0), "latent_discriminator": (4.0, None)},
+    "fedmed-gan": {"encoder": (4.0, 4.0), "decoder": (4.0, 4.0),
+                   "latent_discriminator": (0.0, None)},
+    "local-d": {"encoder": (4.0, 4.0), "decoder": (4.0, 4.0), "latent_discriminator": (0.0, None)},
+    "fedbn": {"encoder": (4.0, 0.0), "decoder": (4.0, 0.0), "latent_discriminator": (4.0, None)},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(AAE_EXPECTED))
+def test_adversarial_autoencoder_components_under_every_preset(preset: str) -> None:
+    """aae (issue 15): encoder and decoder are shared like generators, the latent discriminator
+    is a discriminator (private under local-d / fedmed-gan); UA-GAN refuses the family."""
+    from tests.test_strategy import FakeGrid, reply
+
+    components = get_family("aae").components
+    assert components == ("encoder", "decoder", "latent_discriminator")
+    arrays = {f"{c}.w": np.zeros(2, np.float32) for c in components}
+    arrays.update({k: np.zeros(1, np.float32) for k in AAE_NORM})
+    strategy = make_strategy(preset, components, norm_keys=AAE_NORM)
+    answers = {1: (1.0, dict.fromkeys(components, 10)), 2: (5.0, dict.fromkeys(components, 30))}
+    with task_identity():
+        out = list(strategy.configure_train(1, protocol.to_record(arrays), ConfigRecord({}),
+                                            FakeGrid(answers)))
+        want = strategy.expected_keys(1, arrays)
+        replies = [reply(m, {k: np.full_like(arrays[k], answers[m.metadata.dst_node_id][0])
+                             for k in want}, answers[m.metadata.dst_node_id][1]) for m in out]
+        record, _ = strategy.aggregate_train(1, replies)
+    new = protocol.from_record(record)
+    for component, (w, norm) in AAE_EXPECTED[preset].items():
+        assert new[f"{component}.w"] == pytest.approx(np.full(2, w)), (preset, component)
+        if norm is not None:
+            assert new[f"{component}.norm.weight"] == pytest.approx([norm]), (preset, component)
+    with pytest.raises(ValueError, match="ua-gan"):
+        make_strategy("ua-gan", components, model=ModelConfig(family="aae"), train=TrainConfig())

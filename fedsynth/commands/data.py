@@ -26,6 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     scan.add_argument("--max-decoded-mb", type=float, default=256.0,
                       help="skip a file whose pixels would decode to more MB (too-large); "
                            "the hospital setting max-decoded-mb")
+    scan.add_argument("--mask-labels", default="",
+                      help="count masks of these labels only (comma separated, the run's "
+                           "mask-labels; default: every segment label found)")
+    scan.add_argument("--mask-label-patterns", default="",
+                      help="one regular expression per mask label, ';' separated")
     scan.set_defaults(func=run_scan)
     lesions = data_sub.add_parser(
         "make-lesions", help="write the labelled lesion data set (cyst, metastasis, haemangioma "
@@ -60,6 +65,32 @@ def report_dict(report) -> dict:  # type: ignore[no-untyped-def]
         "skipped_files": [{"file": f, "reason": r} for f, r in report.skipped_files],
         "counts": report.counts(),
     }
+
+
+def masks_dict(masks) -> dict:  # type: ignore[no-untyped-def]
+    """What the segmentation files gave (client.segmentation.MaskReport), JSON-able."""
+    return {"summary": masks.summary(), "slices_by_label": masks.slices_by_label,
+            "unmatched": masks.unmatched,
+            "unmatched_files": [{"file": f, "reason": r} for f, r in masks.unmatched_files],
+            "counts": masks.counts()}
+
+
+_MASK_HINTS = {
+    "no-matching-image": "it references no image of this folder (SOP instance / frame of "
+                         "reference): are its images elsewhere, or filtered out?",
+    "no-wanted-label": "none of its segments matches the run's mask-labels",
+    "grid-mismatch": "its frames are not the size of the images they reference",
+    "malformed": "its references or frames do not add up (highdicom refuses it)",
+    "too-large": "raise --max-decoded-mb if it is a real segmentation",
+}
+
+
+def _print_masks(masks) -> None:  # type: ignore[no-untyped-def]
+    print(f"masks: {masks.summary()}")
+    for rel, reason in masks.unmatched_files:
+        print(f"  unmatched segmentation {reason:18s} {rel}")
+    for reason, n in sorted(masks.unmatched.items()):
+        print(f"note: {n} {reason}: {_MASK_HINTS.get(reason, '')}")
 
 
 def _print_text(report) -> None:  # type: ignore[no-untyped-def]
@@ -101,14 +132,25 @@ def run_scan(args: argparse.Namespace) -> int:
                                  body_parts=tuple(args.body_part), series_pattern=args.series_pattern,
                                  min_size=args.min_size, max_decoded_mb=args.max_decoded_mb)
         result = scan_folder(args.folder, settings)
+        masks = None
+        if result.report.segmentation_files:
+            from client.segmentation import LabelRule, load_masks
+
+            rule = LabelRule.from_config(args.mask_labels, args.mask_label_patterns)
+            masks = load_masks(args.folder, result, settings, rule).report
     except NoUsableDicomError as exc:
         raise UserError(str(exc)) from exc
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     if args.json:
-        print(json.dumps(report_dict(result.report), indent=2, sort_keys=True))
+        out = report_dict(result.report)
+        if masks is not None:
+            out["masks"] = masks_dict(masks)
+        print(json.dumps(out, indent=2, sort_keys=True))
     else:
         _print_text(result.report)
+        if masks is not None:
+            _print_masks(masks)
     return 0
 
 

@@ -8,6 +8,12 @@ slices of domain A are chosen with the run's data rules (the run folder's ``conf
 the defaults) and translated A -> B (cyclegan: ``g_ab``). A DICOM translation names its input
 only as "input slice k of N" and its modality; nothing of the input file's identity is copied.
 
+Mask-conditioned models (maskgan) draw an image for each mask of ``--input DICOM_DIR``'s DICOM
+SEG / RTSTRUCT files (the run's ``mask-labels``, read as a hospital reads them). A mask
+generator (aae) draws masks from noise; with ``--stage2 MASKGAN_CHECKPOINT`` each drawn mask
+gets its image (two-stage synthesis). ``--format dicom`` of either writes every synthetic image
+with a DICOM SEG of its mask beside it (``fedsynth.seg_export``), both marked synthetic.
+
 Normalisation statistics: see ``server.images.sample_images`` (``--norm-stats``). A checkpoint
 whose BatchNorm statistics were never aggregated (FedBN keeps them at the hospitals) is sampled
 with batch statistics by default.
@@ -61,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-pattern", metavar="REGEX",
                    help="with --input: this folder's regular expression for domain A (default: "
                         "the run's domain-a-pattern, else the domain's name)")
+    p.add_argument("--stage2", type=Path, metavar="CHECKPOINT",
+                   help="two-stage synthesis: with a mask generator checkpoint (aae), the "
+                        "mask-conditioned checkpoint (maskgan) that draws each mask's image")
     p.add_argument("--norm-stats", choices=NORM_STATS, default="auto",
                    help="BatchNorm statistics: stored (the checkpoint's), batch (over the sampled "
                         "batch) or auto: batch when the stored ones were never trained, e.g. "
@@ -105,7 +114,7 @@ def _apply_gate(args: argparse.Namespace, images: np.ndarray, notes: list[str] |
 
 
 def _generator_components(nets: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(c for c in nets if c == "generator" or c.startswith("g_"))
+    return tuple(c for c in nets if c in ("generator", "decoder") or c.startswith("g_"))
 
 
 def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -281,6 +290,55 @@ def translate(family: Any, nets: dict[str, Any], inputs: np.ndarray,
     return np.concatenate(out)
 
 
+def mask_inputs(folder: Path, cfg: Any, data: Any, n: int) -> tuple[np.ndarray, list[str], int]:
+    """(masks, notes, N): at most ``n`` masks of the run's labels from the DICOM SEG / RTSTRUCT
+    files of ``folder`` (read as a hospital reads them, :mod:`client.segmentation`), evenly spaced
+    among the N slices (3D: volumes) that hold a mask; notes name nothing of the files."""
+    from client.cache import slice_geometry
+    from client.datasets import build_tensors
+    from client.dicom import DicomSettings, scan_folder
+    from client.segmentation import LabelRule, load_masks
+
+    settings = DicomSettings(image_size=cfg.image_size)
+    slices = scan_folder(folder, settings)
+    if cfg.spatial_dims == 3:
+        slices.meta.update(slice_geometry(folder, slices.meta, settings))
+    masks = load_masks(folder, slices, settings,
+                       LabelRule.from_config(data.mask_labels, data.mask_label_patterns))
+    images = np.asarray(slices.images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    train, _ = build_tensors(images, slices.meta, "masked", cfg, 0, masks=masks)
+    m = train["mask"].numpy()
+    lit = np.flatnonzero(m.reshape(len(m), -1).max(1) > 0)
+    if not len(lit):
+        raise ValueError(f"no mask of {list(masks.labels)} in '{folder}': "
+                         f"{masks.report.summary()}")
+    total = len(lit)
+    chosen = lit[np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(int))]
+    unit = "volume" if cfg.spatial_dims == 3 else "slice"
+    notes = [f"mask of input {unit} {k + 1} of {len(m)} ({', '.join(masks.labels)})"
+             for k in chosen]
+    return m[chosen], notes, total
+
+
+def _labelled_dicom(images: np.ndarray, masks: np.ndarray, data: Any, out: Path, prov: Any,
+                    prefix: str, notes: list[str]) -> list[Path]:
+    """Each synthetic image (fedsynth.export) with a DICOM SEG of its mask beside it."""
+    from fedsynth.export import write_dicom
+    from fedsynth.seg_export import write_segs
+
+    paths = write_dicom(images, out, prov, prefix=prefix, notes=notes)
+    return paths + write_segs(paths, masks, data.mask_label_names, prov)
+
+
+def _mask_grey(masks: np.ndarray) -> np.ndarray:
+    """K-channel masks {0, 1} -> one grey image in [-1, 1]: label k at grey (k + 1) / K."""
+    k = masks.shape[1]
+    level = np.arange(1, k + 1, dtype=np.float32).reshape(1, k, *[1] * (masks.ndim - 2))
+    return ((masks * level).max(1, keepdims=True) / max(k, 1) * 2.0 - 1.0).astype(np.float32)
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -299,8 +357,80 @@ def run(args: argparse.Namespace) -> int:
     prov = dict(family=name, round=int(meta.get("round", 0)), model=asdict(cfg),
                 checkpoint=args.checkpoint.name)
     translation = getattr(family, "task", "generation") == "translation"
+    masked = getattr(family, "data_layout", "") == "masked"
+    if args.format == "dicom" and cfg.spatial_dims == 3 and (
+            masked or args.stage2 is not None):
+        raise UserError("labelled DICOM (image + SEG) is 2D only: a synthetic volume is a "
+                        "multi-frame Secondary Capture without a frame of reference, which a "
+                        "DICOM SEG cannot reference frame by frame; use --format png")
+    if args.stage2 is not None and getattr(family, "output", "image") != "mask":
+        raise UserError(f"--stage2 follows a mask generator (aae); {name} draws no masks")
 
-    if translation:
+    if getattr(family, "output", "image") == "mask":  # stage 1: masks from noise
+        if args.input is not None or args.class_name is not None:
+            raise UserError(f"{name} draws masks from noise: --input and --class do not apply")
+        masks = generate(family, nets, cfg, args.n, args.seed, None, args.norm_stats)
+        import torch
+
+        labels = data.mask_labels
+        if args.stage2 is None:
+            if args.format == "dicom":
+                raise UserError("masks alone are written as PNG; give --stage2 CHECKPOINT (a "
+                                "maskgan) for synthetic images with their DICOM SEG")
+            grey = _mask_grey(masks)
+            paths = write_png(grey, args.out, prefix="mask")
+            what = f"masks ({labels}) from the stage-1 model"
+        else:
+            try:
+                fam2, nets2, meta2 = load_generator(args.stage2)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+            cfg2 = meta2["_config"]
+            if getattr(fam2, "data_layout", "") != "masked" or fam2.task != "translation":
+                raise UserError(f"--stage2 '{args.stage2}' is a {meta2['family']} checkpoint, "
+                                f"not a mask-conditioned one (maskgan)")
+            if (cfg2.image_size, cfg2.spatial_dims, cfg2.num_classes) != (
+                    cfg.image_size, cfg.spatial_dims, cfg.num_classes):
+                raise UserError(
+                    f"the stages do not fit: stage 1 draws {cfg.num_classes}-label masks of "
+                    f"{cfg.image_size} px in {cfg.spatial_dims}D, stage 2 takes "
+                    f"{cfg2.num_classes}-label masks of {cfg2.image_size} px in "
+                    f"{cfg2.spatial_dims}D")
+            images = translate(fam2, nets2, masks, args.norm_stats)
+            what = f"two-stage samples: {name} masks ({labels}), {meta2['family']} images"
+            if args.format == "png":
+                shown = fam2.show_input(torch.from_numpy(masks)).numpy()
+                paths = write_png(images, args.out, prefix="two-stage", inputs=shown)
+            else:
+                prov["translation"] = f"{name} mask ({labels}) -> {meta2['family']} image"
+                notes = [f"two-stage synthetic: mask {i + 1} drawn by fedsynth {name}, image by "
+                         f"{meta2['family']} ({args.stage2.name})" for i in range(len(images))]
+                paths = _labelled_dicom(images, masks, data, args.out, Provenance(**prov),
+                                        "two-stage", notes)
+    elif masked:
+        if args.class_name is not None:
+            raise UserError(f"--class is for conditional generation; {name} draws images for "
+                            f"masks")
+        if args.input is None:
+            raise UserError(f"checkpoint '{args.checkpoint}' is a {name} mask-conditioned model "
+                            f"(labels {data.mask_labels}): give a DICOM folder whose SEG / "
+                            f"RTSTRUCT masks it should draw images for with --input DICOM_DIR")
+        try:
+            masks, notes, total = mask_inputs(args.input, cfg, data, args.n)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        images = translate(family, nets, masks, args.norm_stats)
+        what = f"images for {len(images)} of {total} masks ({data.mask_labels})"
+        if args.format == "png":
+            import torch
+
+            shown = family.show_input(torch.from_numpy(masks)).numpy()
+            paths = write_png(images, args.out, prefix="mask-synthetic", inputs=shown)
+        else:
+            notes = [f"synthesised by fedsynth {name} from a {note}" for note in notes]
+            paths = _labelled_dicom(images, masks, data, args.out, Provenance(
+                **prov, translation=f"mask ({data.mask_labels}) -> image"), "synthetic", notes)
+    elif translation:
         if args.class_name is not None:
             raise UserError(f"--class is for conditional generation; {name} translates images")
         if args.input is None:
