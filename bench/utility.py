@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.quality import federation_config, run_federated, work_dir
+from bench.quality import federation_config, work_dir
 from fedsynth.lesion_data import CLASSES, LESION_SITES, RUN_DATA_SETTINGS, build_lesion_hospitals
 from fedsynth.utility import (ClassifierBudget, class_balanced_labels, concat, fidelity,
                               train_and_score)
@@ -141,15 +141,27 @@ def local_gan(cfg: UtilityConfig, data: Data) -> dict[str, nn.Module]:
     return nets
 
 
-def federated_gan(cfg: UtilityConfig) -> dict[str, nn.Module]:
-    """The federated cdcgan: ``run_federation`` over every hospital's ClientApp."""
+def federated_gan(cfg: UtilityConfig) -> tuple[dict[str, nn.Module], list[int]]:
+    """The federated cdcgan (``run_federation`` over every hospital's ClientApp), and the
+    optimiser steps each hospital reported over the run (the budget check)."""
+    import json
+
+    from bench.quality import KeptOptimizers
+    from fedsynth.inprocess import run_inprocess
+    from server.run_folder import load_checkpoint
+
     family = get_family("cdcgan")
     fcfg = replace(federation_config(cfg.preset, cfg.model(), cfg.train_config(), cfg.rounds),
                    data=data_config())
-    arrays, _ = run_federated(fcfg, hospital_settings(cfg))
+    folder, _ = run_inprocess(fcfg, hospital_settings(cfg), app=KeptOptimizers())
+    arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1])
+    steps: dict[str, int] = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        for node, m in (json.loads(line).get("hospitals") or {}).items():
+            steps[node] = steps.get(node, 0) + int(m.get("steps", 0))
     nets = family.build(cfg.model())
     decode_into(nets, arrays)
-    return nets
+    return nets, sorted(steps.values())
 
 
 @torch.no_grad()
@@ -181,7 +193,7 @@ def run_seed(cfg: UtilityConfig) -> tuple[dict[str, dict[str, float]], dict[str,
     pooled = concat(*train)
     local_nets = local_gan(cfg, small)
     t_local = time.perf_counter() - t0
-    fed_nets = federated_gan(cfg)
+    fed_nets, fed_steps = federated_gan(cfg)
     t_fed = time.perf_counter() - t0 - t_local
     syn_local = synthesise(local_nets, cfg, cfg.synthetic_per_class, cfg.seed)
     syn_fed = synthesise(fed_nets, cfg, cfg.synthetic_per_class, cfg.seed)
@@ -193,6 +205,7 @@ def run_seed(cfg: UtilityConfig) -> tuple[dict[str, dict[str, float]], dict[str,
     info = {"train": [len(t["label"]) for t in train], "held": len(held["label"]),
             "held_classes": np.bincount(held["label"].numpy(), minlength=len(CLASSES)).tolist(),
             "local_gan": gan_quality(syn_local, held), "federated_gan": gan_quality(syn_fed, held),
+            "steps": {"federated_per_hospital": fed_steps, "local_gan": cfg.steps},
             "seconds": {"local_gan": t_local, "federated_gan": t_fed,
                         "total": time.perf_counter() - t0}}
     log.info("seed %d: %s %s", cfg.seed, rows, info)
