@@ -1,4 +1,4 @@
-"""Utility benchmark: what a conditional GAN's synthetic slices do for a downstream lesion classifier.
+"""Utility benchmark: what a conditional GAN's synthetic slices do for a lesion classifier.
 
 Data: the labelled lesion data set (``fedsynth.lesion_data``: cyst / metastasis / haemangioma in
 MR and CT slices of four hospitals with their own scanner profiles and class mixes; hospital-4 is
@@ -8,7 +8,8 @@ held-out slices of every hospital are the one test set (a hospital too small to 
 none, and its slices only train).
 
 A small MONAI ``DenseNet`` (``spatial_dims=2``, 16 initial features, growth 8, three dense blocks of
-3 layers; ``fedsynth.utility.classifier``) is trained for the same number of steps and batch size in every row on:
+3 layers; ``fedsynth.utility.classifier``) is trained for the same number of steps and batch
+size in every row on:
 
 - (a) the small hospital's real training slices alone;
 - (b) those plus synthetic slices of a conditional DCGAN (family ``cdcgan``) trained at the small
@@ -242,7 +243,8 @@ def table(rows: Mapping[str, Mapping[str, float]]) -> str:
 def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[str, float]],
            infos: Sequence[Mapping[str, Any]], seconds: float) -> list[str]:
     gain, tstr = ratios(rows)
-    out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({', '.join(s.modality for s in LESION_SITES)}; "
+    modalities = ", ".join(s.modality for s in LESION_SITES)
+    out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({modalities}; "
            f"small = {LESION_SITES[small_index()].name}), {cfg.image_size}px, width {cfg.width}, "
            f"preset {cfg.preset}, {cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
            f"{cfg.batch}, lr {cfg.lr:g}; classifier {cfg.clf_steps} steps x {cfg.clf_batch}; "
