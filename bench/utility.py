@@ -1,4 +1,4 @@
-"""Utility benchmark: what a conditional GAN's synthetic slices do for a downstream lesion classifier.
+"""Utility benchmark: what a conditional GAN's synthetic slices do for a lesion classifier.
 
 Data: the labelled lesion data set (``fedsynth.lesion_data``: cyst / metastasis / haemangioma in
 MR and CT slices of four hospitals with their own scanner profiles and class mixes; hospital-4 is
@@ -8,7 +8,8 @@ held-out slices of every hospital are the one test set (a hospital too small to 
 none, and its slices only train).
 
 A small MONAI ``DenseNet`` (``spatial_dims=2``, 16 initial features, growth 8, three dense blocks of
-3 layers; ``fedsynth.utility.classifier``) is trained for the same number of steps and batch size in every row on:
+3 layers; ``fedsynth.utility.classifier``) is trained for the same number of steps and batch
+size in every row on:
 
 - (a) the small hospital's real training slices alone;
 - (b) those plus synthetic slices of a conditional DCGAN (family ``cdcgan``) trained at the small
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.quality import federation_config, run_federated, work_dir
+from bench.quality import federation_config, work_dir
 from fedsynth.lesion_data import CLASSES, LESION_SITES, RUN_DATA_SETTINGS, build_lesion_hospitals
 from fedsynth.utility import (ClassifierBudget, class_balanced_labels, concat, fidelity,
                               train_and_score)
@@ -141,15 +142,27 @@ def local_gan(cfg: UtilityConfig, data: Data) -> dict[str, nn.Module]:
     return nets
 
 
-def federated_gan(cfg: UtilityConfig) -> dict[str, nn.Module]:
-    """The federated cdcgan: ``run_federation`` over every hospital's ClientApp."""
+def federated_gan(cfg: UtilityConfig) -> tuple[dict[str, nn.Module], list[int]]:
+    """The federated cdcgan (``run_federation`` over every hospital's ClientApp), and the
+    optimiser steps each hospital reported over the run (the budget check)."""
+    import json
+
+    from bench.quality import KeptOptimizers
+    from fedsynth.inprocess import run_inprocess
+    from server.run_folder import load_checkpoint
+
     family = get_family("cdcgan")
     fcfg = replace(federation_config(cfg.preset, cfg.model(), cfg.train_config(), cfg.rounds),
                    data=data_config())
-    arrays, _ = run_federated(fcfg, hospital_settings(cfg))
+    folder, _ = run_inprocess(fcfg, hospital_settings(cfg), app=KeptOptimizers())
+    arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1])
+    steps: dict[str, int] = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        for node, m in (json.loads(line).get("hospitals") or {}).items():
+            steps[node] = steps.get(node, 0) + int(m.get("steps", 0))
     nets = family.build(cfg.model())
     decode_into(nets, arrays)
-    return nets
+    return nets, sorted(steps.values())
 
 
 @torch.no_grad()
@@ -181,7 +194,7 @@ def run_seed(cfg: UtilityConfig) -> tuple[dict[str, dict[str, float]], dict[str,
     pooled = concat(*train)
     local_nets = local_gan(cfg, small)
     t_local = time.perf_counter() - t0
-    fed_nets = federated_gan(cfg)
+    fed_nets, fed_steps = federated_gan(cfg)
     t_fed = time.perf_counter() - t0 - t_local
     syn_local = synthesise(local_nets, cfg, cfg.synthetic_per_class, cfg.seed)
     syn_fed = synthesise(fed_nets, cfg, cfg.synthetic_per_class, cfg.seed)
@@ -193,6 +206,7 @@ def run_seed(cfg: UtilityConfig) -> tuple[dict[str, dict[str, float]], dict[str,
     info = {"train": [len(t["label"]) for t in train], "held": len(held["label"]),
             "held_classes": np.bincount(held["label"].numpy(), minlength=len(CLASSES)).tolist(),
             "local_gan": gan_quality(syn_local, held), "federated_gan": gan_quality(syn_fed, held),
+            "steps": {"federated_per_hospital": fed_steps, "local_gan": cfg.steps},
             "seconds": {"local_gan": t_local, "federated_gan": t_fed,
                         "total": time.perf_counter() - t0}}
     log.info("seed %d: %s %s", cfg.seed, rows, info)
@@ -229,7 +243,8 @@ def table(rows: Mapping[str, Mapping[str, float]]) -> str:
 def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[str, float]],
            infos: Sequence[Mapping[str, Any]], seconds: float) -> list[str]:
     gain, tstr = ratios(rows)
-    out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({', '.join(s.modality for s in LESION_SITES)}; "
+    modalities = ", ".join(s.modality for s in LESION_SITES)
+    out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({modalities}; "
            f"small = {LESION_SITES[small_index()].name}), {cfg.image_size}px, width {cfg.width}, "
            f"preset {cfg.preset}, {cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
            f"{cfg.batch}, lr {cfg.lr:g}; classifier {cfg.clf_steps} steps x {cfg.clf_batch}; "

@@ -147,7 +147,7 @@ def _lesion_shape(kind: str, size: int, rng: np.random.Generator, tissue: np.nda
 def insert_lesion(image: np.ndarray, tissue: np.ndarray, kind: str, rng: np.random.Generator, *,
                   modality: str, contrast: float, noise_sigma: float
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(image with one lesion of class ``kind``, its bool mask). Outside the mask nothing changes."""
+    """(image with one lesion of class ``kind``, its bool mask); nothing outside the mask changes."""
     if kind not in CLASSES:
         raise ValueError(f"unknown lesion class {kind!r}: one of {CLASSES}")
     size = image.shape[0]
@@ -220,7 +220,8 @@ def _real_pixels(name_slot: Sequence[str]) -> tuple[np.ndarray, str] | None:
             continue
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array.astype(np.float64)
-        arr = arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        arr = arr * slope + float(ds.get("RescaleIntercept", 0) or 0)
         return arr, name
     return None
 

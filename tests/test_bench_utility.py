@@ -37,6 +37,9 @@ def test_reduced_bench_prints_rows_and_ratios() -> None:
         assert 0.0 <= r["bacc"] <= 1.0
     info = infos[0]
     assert info["train"][utility.small_index()] == min(info["train"])  # (a) is the small site
+    # the budget: every federated hospital took rounds x local steps, as the hospital alone
+    assert info["steps"]["federated_per_hospital"] == [TINY.steps] * len(LESION_SITES)
+    assert info["steps"]["local_gan"] == TINY.steps
     lines = utility.report(TINY, [0], rows, infos, 1.0)
     gain, tstr = utility.ratios(rows)
     assert gain == pytest.approx(rows["c"]["bacc"] - rows["a"]["bacc"])

@@ -49,3 +49,22 @@ def test_prdc_tells_mode_collapse_from_poor_fidelity() -> None:
     assert collapsed["coverage"] < 0.2 and collapsed["recall"] < 0.2  # diversity gone
     assert noise["precision"] < fresh["precision"] and noise["density"] < fresh["density"]
     assert all(np.isnan(v) for v in prdc(real[:2], real[:2]).values())
+
+
+def test_hospital_evaluation_reports_frd_and_prdc_as_scalars() -> None:
+    import math
+
+    from client.trainer import FRD_MAX_IMAGES, LocalTrainer
+    from shared_models import ModelConfig
+
+    trainer = LocalTrainer(ModelConfig(family="cdcgan", image_size=32, width=8, num_classes=3),
+                           torch.device("cpu"))
+    held = {"image": _blobs(12, 0), "label": torch.arange(12) % 3}
+    first = trainer.evaluate(held, seed=1)
+    assert trainer._real_radiomics is not None and trainer._real_radiomics[0] is held["image"]
+    again = trainer.evaluate(held, seed=1)  # held-out features reused: same numbers
+    assert first["eval-frd"] == again["eval-frd"] and math.isfinite(first["eval-frd"])
+    assert first["eval-frd"] > 0  # an untrained generator is not the held-out blobs
+    for key in ("eval-precision", "eval-recall", "eval-density", "eval-coverage"):
+        assert isinstance(first[key], float) and 0.0 <= first[key] <= 12.0, key
+    assert FRD_MAX_IMAGES >= 32
