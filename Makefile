@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality clean
+.PHONY: install tools demo test bench bench-quality bench-small-data clean
 
 install: $(STAMP)
 
@@ -49,6 +49,10 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality
 	$(PY) -m bench.quality_extra
+
+# DiffAugment / R1 / generator EMA off vs on, 3 seeds (BENCHMARKS.md "Small local data")
+bench-small-data: $(STAMP)
+	$(PY) -m bench.small_data
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache
