@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility bench-segmentation docs-mask-grid clean
+.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ bench-segmentation: $(STAMP)
 # The README's mask | real | synthetic | overlay grid (maskgan, phantom SEGs; ~2 min on a CPU).
 docs-mask-grid: $(STAMP)
 	$(PY) -m bench.mask_grid --out docs/img/maskgan-grid.png
+
+# DiffAugment / R1 / generator EMA off vs on, 3 seeds (BENCHMARKS.md "Small local data")
+bench-small-data: $(STAMP)
+	$(PY) -m bench.small_data
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache

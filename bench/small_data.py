@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], float]] = {
     "off": ({}, 0.0),
     "augment": ({"augment": "translation,cutout,brightness,contrast"}, 0.0),
     "augment+r1": ({"augment": "translation,cutout,brightness,contrast", "r1_gamma": 1.0}, 0.0),
+    # the demo's defaults: augment, EMA 0.95 over local steps, 0.5 across rounds
+    "augment+ema": ({"augment": "translation,cutout,brightness,contrast", "ema_decay": 0.95},
+                    0.5),
     "augment+r1+ema": (
         {"augment": "translation,cutout,brightness,contrast", "r1_gamma": 1.0,
          "ema_decay": 0.99}, 0.5),
@@ -60,9 +63,9 @@ class Config:
     family: str = "dcgan"
     hospitals: int = 3
     image_size: int = 32
-    width: int = 16
-    rounds: int = 6
-    local_steps: int = 40
+    width: int = 8
+    rounds: int = 4
+    local_steps: int = 25
     batch: int = 16
     lr: float = 2e-4
 
@@ -168,7 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated rows of: " + ", ".join(VARIANTS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: no spinning threads on a shared machine)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("flwr", "server", "client", "fedsynth"):
         logging.getLogger(name).setLevel(logging.WARNING)
