@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality clean
+.PHONY: install tools demo test bench bench-net bench-quality clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ test: $(STAMP) tools
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# shaped links (tbf, netns) fp32/fp16/int8 against their floor, and a 120-round soak (root)
+bench-net: $(STAMP)
+	$(PY) -m bench.net
 
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality
