@@ -62,33 +62,72 @@ def host_usage(net: Harness, name: str) -> tuple[float, int]:
 
 
 def shaped_run(fed: Federation, wire: str, rounds: int, **run: object) -> dict:
+    """One run in ``wire``; tbf counters read as each round's row lands, so every round has the
+    bytes each hospital moved in it (round 1 also carries the run's start, the last round its
+    separate evaluate message)."""
     net = fed.harness
-    before = {h: tbf_bytes(net, h) for h in RATES}
+    marks = [{h: tbf_bytes(net, h) for h in RATES}]
     folder = fed.launch(f"shaped-{wire}", rounds=rounds, wire_dtype=wire, **run)
-    wait_for(f"{rounds} rounds ({wire})", lambda: len(metrics_rows(folder)) >= rounds,
-             300 + 90 * rounds, fed.procs())
-    time.sleep(1.0)
-    after = {h: tbf_bytes(net, h) for h in RATES}
+    deadline = time.monotonic() + 300 + 90 * rounds
+    while len(marks) <= rounds:
+        if time.monotonic() > deadline or not all(p.popen.poll() is None for p in fed.procs()):
+            raise AssertionError(f"{wire}: {len(marks) - 1}/{rounds} rounds")
+        if len(metrics_rows(folder)) >= len(marks):
+            marks.append({h: tbf_bytes(net, h) for h in RATES})
+        time.sleep(0.2)
     rows = metrics_rows(folder)
     names = {n: node for r in rows for node, n in r.get("names", {}).items()}
-    out = {"wire": wire, "rounds": [], "bytes": {}}
-    for h in RATES:
-        up = (after[h][0] - before[h][0]) / rounds
-        down = (after[h][1] - before[h][1]) / rounds
-        out["bytes"][h] = {"up": up, "down": down}
-    for r in rows[1:]:
-        floors = {}
+    out: dict = {"wire": wire, "rounds": []}
+    for i, r in enumerate(rows):
+        floors, moved = {}, {}
         for h, mbit in RATES.items():
+            up = marks[i + 1][h][0] - marks[i][h][0]
+            down = marks[i + 1][h][1] - marks[i][h][1]
             m = r["hospitals"].get(names.get(h, ""), {})
             compute = float(m.get("train-seconds", 0.0)) + float(m.get("eval-seconds", 0.0))
-            b = out["bytes"][h]
-            floors[h] = (b["up"] + b["down"]) * 8 / (mbit * 1e6) + compute
-        out["rounds"].append({"round": r["round"], "seconds": r["seconds"], "floor": max(
-            floors.values()), "slowest": max(floors, key=floors.get), "floors": floors,
-            "replied": r["replied"]})
-    out["ratio"] = (sum(x["seconds"] for x in out["rounds"])
-                    / sum(x["floor"] for x in out["rounds"]))
+            floors[h] = (up + down) * 8 / (mbit * 1e6) + compute
+            moved[h] = {"up": up, "down": down, "compute": compute}
+        out["rounds"].append({"round": r["round"], "seconds": r["seconds"],
+                              "floor": max(floors.values()),
+                              "slowest": max(floors, key=floors.get), "floors": floors,
+                              "moved": moved, "replied": r["replied"]})
+    later = out["rounds"][1:]
+    out["ratio"] = sum(x["seconds"] for x in later) / sum(x["floor"] for x in later)
     return out
+
+
+TCP_PROBE = """
+import socket, sys, time
+mode, addr, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "server":
+    s = socket.create_server((addr, 9555)); c, _ = s.accept(); got = 0
+    while got < n:
+        b = c.recv(1 << 16)
+        if not b: break
+        got += len(b)
+    c.sendall(b"k"); c.close()
+else:
+    c = socket.create_connection((addr, 9555), 10); t = time.monotonic()
+    c.sendall(b"\\0" * n); c.shutdown(socket.SHUT_WR); c.recv(1)
+    print(time.monotonic() - t)
+"""
+
+
+def tcp_probe(net: Harness, name: str, nbytes: int) -> float:
+    """Seconds one plain TCP stream takes to push ``nbytes`` from ``name`` to the coordinator
+    (what the link itself gives a single connection, without TLS, HTTP or Flower)."""
+    import subprocess
+
+    server = subprocess.Popen([*net.hosts[COORD].exec(), sys.executable, "-c", TCP_PROBE,
+                               "server", net.coordinator.address, str(nbytes)])
+    try:
+        time.sleep(1.0)
+        out = subprocess.run([*net.hosts[name].exec(), sys.executable, "-c", TCP_PROBE,
+                              "client", net.coordinator.address, str(nbytes)],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return float(out.stdout.strip())
+    finally:
+        server.wait(timeout=30)
 
 
 def soak(fed: Federation, rounds: int, **run: object) -> dict:
@@ -140,18 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fed = Federation(net).prepare(matrix=args.image_size)
         fed.start_all()
+        if args.wires:
+            n = 5_000_000
+            for h in RATES:
+                sec = tcp_probe(net, h, n)
+                result.setdefault("tcp", {})[h] = sec
+                print(f"tcp_probe_{h}: {n * 8 / sec / 1e6:.2f} Mbit/s of {RATES[h]:g} "
+                      f"({n / 1e6:.0f} MB up in {sec:.2f} s, one plain TCP stream)", flush=True)
         for wire in [w for w in args.wires.split(",") if w]:
             res = shaped_run(fed, wire, args.shaped_rounds, family=args.family,
                              image_size=args.image_size, local_steps=args.local_steps,
                              batch_size=4)
             result["shaped"].append(res)
-            b = res["bytes"]["h3"]
             print(f"net_round_over_floor_{wire}_{args.family}{args.image_size}: "
-                  f"{res['ratio']:.3f}  (h3 @5 Mbit/s moves {b['up'] / 1e6:.2f} MB up + "
-                  f"{b['down'] / 1e6:.2f} MB down a round; round s "
-                  f"{[round(x['seconds'], 1) for x in res['rounds']]}, floor s "
-                  f"{[round(x['floor'], 1) for x in res['rounds']]}, slowest "
-                  f"{[x['slowest'] for x in res['rounds']]})", flush=True)
+                  f"{res['ratio']:.3f}  (rounds 2..{args.shaped_rounds})", flush=True)
+            for x in res["rounds"]:
+                b = x["moved"]["h3"]
+                print(f"  round {x['round']}: {x['seconds']:.1f} s, floor {x['floor']:.1f} s "
+                      f"({x['slowest']}); h3 moved {b['up'] / 1e6:.2f} MB up, "
+                      f"{b['down'] / 1e6:.2f} MB down, computed {b['compute']:.1f} s; "
+                      f"replied {x['replied']}", flush=True)
         if args.soak_rounds:
             s = soak(fed, args.soak_rounds, family=args.family,
                      image_size=args.soak_image_size, local_steps=2, batch_size=4,
