@@ -53,6 +53,7 @@ bench-net: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality
 	$(PY) -m bench.quality_extra
+	$(PY) -m bench.quality_int8
 
 clean:
 	rm -rf $(VENV) runs demo-data .pytest_cache
