@@ -29,6 +29,7 @@ from bench.netns import COORD, Federation, Harness, HarnessError, available
 
 ROUND_TIMEOUT = 30.0  # the coordinator's round timeout in the link-cut run: the stated bound
 SLACK = 15.0          # what a round may take beyond it (aggregation, samples, a poll interval)
+ROUNDS = 6
 
 
 def _unavailable(why: str) -> None:
@@ -68,12 +69,15 @@ def _received(proc) -> int:  # noqa: ANN001
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(720)
 def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federation) -> None:
     fed = netns_federation
     net, h3 = fed.harness, fed.harness.procs["h3"]
     base = _received(h3)
-    folder = fed.launch("cut", rounds=4, local_steps=40, min_hospitals=2,
+    # 6 rounds: back on line, h3's SuperNode first finishes the stale round-2 message it was
+    # pulling (its reply is too late and is not counted) and Flower may list it offline for a
+    # round; it trains again within the next ~2 rounds (one of 2 runs: round 3, the other: 5)
+    folder = fed.launch("cut", rounds=ROUNDS, local_steps=40, min_hospitals=2,
                         round_timeout=ROUND_TIMEOUT)
     # round 2's train message reached h3: it is training now; its line goes dead
     wait_for("round 2 reaching h3", lambda: _received(h3) >= base + 2, 300, fed.procs())
@@ -87,12 +91,12 @@ def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federat
     finally:
         net.restore("h3")
     down_s = time.monotonic() - t_cut
-    wait_for("round 4", lambda: len(metrics_rows(folder)) >= 4, 360, fed.procs())
+    wait_for(f"round {ROUNDS}", lambda: len(metrics_rows(folder)) >= ROUNDS, 480, fed.procs())
     rows = metrics_rows(folder)
     print(f"\n[netns] link cut {down_s:.0f} s; round seconds "
           f"{[round(r['seconds'], 1) for r in rows]}; failed "
           f"{[r['failed_hospitals'] for r in rows]}; replied {[r['replied'] for r in rows]}")
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert down_s > rows[1]["seconds"]  # the line was down for longer than the round took
     assert rows[0]["replied"] == 3, rows[0]
     assert rows[1]["replied"] == 2 and set(rows[1]["failed_hospitals"]) == {"h3"}, rows[1]
@@ -100,8 +104,8 @@ def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federat
     h3_node = _node_of(rows, "h3")
     assert h3_node not in rows[1]["hospitals"]
     later = [r["round"] for r in rows[2:] if h3_node in r["hospitals"]]
-    assert later, rows  # h3 trained again in round 3 or 4
-    assert rows[-1]["replied"] == 3, rows[-1]
+    assert later, rows  # h3 trained again in a later round
+    assert all(r["replied"] == 3 for r in rows if r["round"] >= later[0]), rows  # and stays
     assert h3.popen.poll() is None  # the same daemon, never restarted by anyone
 
 
