@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
+.PHONY: install tools demo test bench bench-net bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
 
 install: $(STAMP)
 
@@ -46,9 +46,14 @@ test: $(STAMP) tools
 bench: $(STAMP)
 	$(PY) -m bench.run_all
 
+# shaped links (tbf, netns) fp32/fp16/int8 against their floor, and a 120-round soak (root)
+bench-net: $(STAMP)
+	$(PY) -m bench.net
+
 bench-quality: $(STAMP)
 	$(PY) -m bench.quality
 	$(PY) -m bench.quality_extra
+	$(PY) -m bench.quality_int8
 
 bench-ray: $(STAMP)
 	$(PY) -m bench.ray_cluster --hospitals 100,300,1000

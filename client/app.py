@@ -184,6 +184,7 @@ def _save_seen(hospital: HospitalSettings, run_id: int, seen: dict[str, int]) ->
     path = _seen_path(hospital, run_id)
     if path is None:
         return
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seen-")
@@ -192,6 +193,11 @@ def _save_seen(hospital: HospitalSettings, run_id: int, seen: dict[str, int]) ->
         os.replace(tmp, path)
     except OSError as exc:  # a full disk must not stop training; the memory record still holds
         log.warning("could not record the rounds acted on in %s: %s", path, exc)
+        if tmp is not None:  # no empty temp file left behind per round on a full disk
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:

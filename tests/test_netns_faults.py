@@ -29,6 +29,7 @@ from bench.netns import COORD, Federation, Harness, HarnessError, available
 
 ROUND_TIMEOUT = 30.0  # the coordinator's round timeout in the link-cut run: the stated bound
 SLACK = 15.0          # what a round may take beyond it (aggregation, samples, a poll interval)
+ROUNDS = 6
 
 
 def _unavailable(why: str) -> None:
@@ -68,12 +69,15 @@ def _received(proc) -> int:  # noqa: ANN001
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(720)
 def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federation) -> None:
     fed = netns_federation
     net, h3 = fed.harness, fed.harness.procs["h3"]
     base = _received(h3)
-    folder = fed.launch("cut", rounds=4, local_steps=40, min_hospitals=2,
+    # 6 rounds: back on line, h3's SuperNode first finishes the stale round-2 message it was
+    # pulling (its reply is too late and is not counted) and Flower may list it offline for a
+    # round; it trains again within the next ~2 rounds (one of 2 runs: round 3, the other: 5)
+    folder = fed.launch("cut", rounds=ROUNDS, local_steps=40, min_hospitals=2,
                         round_timeout=ROUND_TIMEOUT)
     # round 2's train message reached h3: it is training now; its line goes dead
     wait_for("round 2 reaching h3", lambda: _received(h3) >= base + 2, 300, fed.procs())
@@ -87,12 +91,12 @@ def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federat
     finally:
         net.restore("h3")
     down_s = time.monotonic() - t_cut
-    wait_for("round 4", lambda: len(metrics_rows(folder)) >= 4, 360, fed.procs())
+    wait_for(f"round {ROUNDS}", lambda: len(metrics_rows(folder)) >= ROUNDS, 480, fed.procs())
     rows = metrics_rows(folder)
     print(f"\n[netns] link cut {down_s:.0f} s; round seconds "
           f"{[round(r['seconds'], 1) for r in rows]}; failed "
           f"{[r['failed_hospitals'] for r in rows]}; replied {[r['replied'] for r in rows]}")
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert down_s > rows[1]["seconds"]  # the line was down for longer than the round took
     assert rows[0]["replied"] == 3, rows[0]
     assert rows[1]["replied"] == 2 and set(rows[1]["failed_hospitals"]) == {"h3"}, rows[1]
@@ -100,8 +104,8 @@ def test_link_cut_mid_round_fails_by_name_and_recovers(netns_federation: Federat
     h3_node = _node_of(rows, "h3")
     assert h3_node not in rows[1]["hospitals"]
     later = [r["round"] for r in rows[2:] if h3_node in r["hospitals"]]
-    assert later, rows  # h3 trained again in round 3 or 4
-    assert rows[-1]["replied"] == 3, rows[-1]
+    assert later, rows  # h3 trained again in a later round
+    assert all(r["replied"] == 3 for r in rows if r["round"] >= later[0]), rows  # and stays
     assert h3.popen.poll() is None  # the same daemon, never restarted by anyone
 
 
@@ -136,3 +140,58 @@ def test_coordinator_host_power_loss_resumes_without_losing_or_doubling(
     assert all(samples[r] > t_kill for r in range(done[-1] + 1, 4)), (samples, t_kill)
     assert done[-1] < 3  # the kill did land before the run's end
     assert all(p.popen.poll() is None for n, p in net.procs.items() if n in net.rates)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_full_disk_at_a_hospital_costs_its_cache_not_its_rounds(
+        netns_federation: Federation, tmp_path: Path) -> None:
+    """h3's cache folder on a 256 KiB tmpfs, filled to the last byte before the run: its slice
+    cache and replay record cannot be written. It trains every round anyway (the cache is an
+    optimisation; the replay record is also kept in memory), leaves no partial file behind, and
+    once there is room again the next run writes its cache."""
+    fed = netns_federation
+    net = fed.harness
+    mount = tmp_path / "h3-cache"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs",
+                           str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        _unavailable(f"cannot mount a tmpfs: {made.stderr.strip()}")
+    try:
+        filler = mount / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill it to the last byte: ENOSPC at
+        try:                                            # the first write the hospital makes
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        net.procs["h3"].stop()
+        h3 = fed.harness.start("h3", "h3-tmpfs", ["hospital", str(fed.hospital_config(
+            "h3", cache_dir=mount))])
+        net.procs["h3"] = h3
+        wait_for("h3 on its full disk connected", lambda: "SuperNode ID" in h3.text(), 300,
+                 fed.procs())
+        folder = fed.launch("full-disk", rounds=2, local_steps=10)
+        wait_for("2 rounds", lambda: len(metrics_rows(folder)) >= 2, 300, fed.procs())
+        rows = metrics_rows(folder)
+        assert all(r["replied"] == 3 and not r["failed_hospitals"] for r in rows), rows
+        assert "could not write slice cache" in h3.text()
+        # nothing half-written: no partial cache entry, no temp file of the replay record
+        files = sorted(str(p.relative_to(mount)) for p in mount.rglob("*") if not p.is_dir())
+        assert files == ["filler"], files
+        assert h3.popen.poll() is None
+
+        filler.unlink()  # room again: the next run writes the cache
+        folder = fed.launch("disk-room", rounds=1, local_steps=5)
+        wait_for("1 round", lambda: len(metrics_rows(folder)) >= 1, 300, fed.procs())
+        assert metrics_rows(folder)[0]["replied"] == 3
+        assert list(mount.glob("*.json")), sorted(p.name for p in mount.iterdir())
+    finally:
+        if "h3-tmpfs" in net.procs:  # back to its own disk for whatever runs next
+            net.procs.pop("h3-tmpfs", None)
+            net.procs["h3"].stop()
+            fed.start_hospital("h3")
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
