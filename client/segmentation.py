@@ -354,8 +354,11 @@ def _plane_distance(points: np.ndarray, geom: tuple) -> float:
     return float(np.max(np.abs((points - ipp) @ normal)))
 
 
-def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int]
-                   ) -> dict[tuple[int, int], np.ndarray] | str:
+def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int],
+                   budget: int) -> dict[tuple[int, int], np.ndarray] | str:
+    """{(slice row, channel): mask}, or an unmatched reason. ``budget``: the most pixels all its
+    contours may rasterise together (the decode budget; a structure set of millions of
+    full-slice contours is refused as too large instead of burning the CPU)."""
     try:
         rois: dict[int, tuple[list[str], str]] = {}
         for item in ds.StructureSetROISequence:
@@ -388,6 +391,7 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
     out: dict[tuple[int, int], np.ndarray] = {}
     xor: set[tuple[int, int]] = set()
     any_match = False
+    spent = 0
     for number, kind, points, refs in contours:
         row = None
         if refs is not None and refs[0]:
@@ -409,6 +413,9 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
         geom = slices.geometry(row)
         if geom is None:
             continue
+        spent += geom[4][0] * geom[4][1]  # rasterising touches at most the whole slice
+        if spent > budget:
+            return TOO_LARGE
         mask = _rasterise(points, geom)
         key = (row, channel[number])
         if key not in out:
@@ -483,7 +490,7 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
         if kind == "SEG":
             got = _read_seg(ds, index, file_rule, found, settings.max_decoded_bytes)
         elif kind == "RTSTRUCT":
-            got = _read_rtstruct(ds, index, file_rule, found)
+            got = _read_rtstruct(ds, index, file_rule, found, settings.max_decoded_bytes)
         else:
             got = MALFORMED
         if isinstance(got, str):
