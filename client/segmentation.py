@@ -35,7 +35,8 @@ label whose pattern it matches.
 A segmentation that cannot be used is never fatal: it is counted under one reason of
 :data:`UNMATCHED_REASONS` (``fedsynth data scan`` lists them). Hostile files are refused before
 any decode: the scanner's file-size limit and decoded-pixel budget (``max-decoded-mb``) hold
-for the SEG's frames, and a frame count that disagrees with its per-frame references is malformed.
+for the SEG's frames, and a frame count that disagrees with its per-frame references is malformed;
+an RTSTRUCT may rasterise at most that budget's worth of slice pixels over all its contours.
 Everything here stays at the hospital; only :meth:`MaskReport.counts` (integers under fixed keys)
 is fit for metrics.
 """
