@@ -35,7 +35,8 @@ label whose pattern it matches.
 A segmentation that cannot be used is never fatal: it is counted under one reason of
 :data:`UNMATCHED_REASONS` (``fedsynth data scan`` lists them). Hostile files are refused before
 any decode: the scanner's file-size limit and decoded-pixel budget (``max-decoded-mb``) hold
-for the SEG's frames, and a frame count that disagrees with its per-frame references is malformed.
+for the SEG's frames, and a frame count that disagrees with its per-frame references is malformed;
+an RTSTRUCT may rasterise at most that budget's worth of slice pixels over all its contours.
 Everything here stays at the hospital; only :meth:`MaskReport.counts` (integers under fixed keys)
 is fit for metrics.
 """
@@ -354,8 +355,11 @@ def _plane_distance(points: np.ndarray, geom: tuple) -> float:
     return float(np.max(np.abs((points - ipp) @ normal)))
 
 
-def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int]
-                   ) -> dict[tuple[int, int], np.ndarray] | str:
+def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int],
+                   budget: int) -> dict[tuple[int, int], np.ndarray] | str:
+    """{(slice row, channel): mask}, or an unmatched reason. ``budget``: the most pixels all its
+    contours may rasterise together (the decode budget; a structure set of millions of
+    full-slice contours is refused as too large instead of burning the CPU)."""
     try:
         rois: dict[int, tuple[list[str], str]] = {}
         for item in ds.StructureSetROISequence:
@@ -388,6 +392,7 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
     out: dict[tuple[int, int], np.ndarray] = {}
     xor: set[tuple[int, int]] = set()
     any_match = False
+    spent = 0
     for number, kind, points, refs in contours:
         row = None
         if refs is not None and refs[0]:
@@ -409,6 +414,9 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
         geom = slices.geometry(row)
         if geom is None:
             continue
+        spent += geom[4][0] * geom[4][1]  # rasterising touches at most the whole slice
+        if spent > budget:
+            return TOO_LARGE
         mask = _rasterise(points, geom)
         key = (row, channel[number])
         if key not in out:
@@ -483,7 +491,7 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
         if kind == "SEG":
             got = _read_seg(ds, index, file_rule, found, settings.max_decoded_bytes)
         elif kind == "RTSTRUCT":
-            got = _read_rtstruct(ds, index, file_rule, found)
+            got = _read_rtstruct(ds, index, file_rule, found, settings.max_decoded_bytes)
         else:
             got = MALFORMED
         if isinstance(got, str):

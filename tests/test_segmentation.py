@@ -244,3 +244,29 @@ def test_a_one_segment_seg_keeps_its_segment_in_the_shared_groups(tmp_path: Path
     rows = _rows_by_sop(slices)
     for i, ds in enumerate(images):
         np.testing.assert_array_equal(got.masks[rows[ds.SOPInstanceUID], 0], truth[i, ..., 0])
+
+
+def test_rtstruct_with_too_many_contours_is_refused_within_the_budget(tmp_path: Path) -> None:
+    """Rasterising is bounded by the decode budget: 200 contours on 32x32 slices are 204800
+    pixels, over a 0.1 MB budget (104857 bytes), so the structure set is too large."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    folder = tmp_path / "d"
+    images = h.ct_series(folder)
+    ds = h.write_rtstruct(images, folder / "rs.dcm")
+    c0 = ds.ROIContourSequence[0].ContourSequence[0]
+    many = Sequence()
+    for _ in range(200):
+        c = Dataset()
+        c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", c0.NumberOfContourPoints
+        c.ContourData, c.ContourImageSequence = c0.ContourData, c0.ContourImageSequence
+        many.append(c)
+    ds.ROIContourSequence[0].ContourSequence = many
+    ds.save_as(folder / "rs.dcm")
+    settings = DicomSettings(image_size=SIZE, max_decoded_mb=0.1)
+    slices = scan_folder(folder, settings)
+    got = segm.load_masks(folder, slices, settings, segm.LabelRule.from_config("lesion", "GTV"))
+    assert got.report.unmatched == {"too-large": 1} and got.masks.sum() == 0
+    _, fine = _load(folder, "lesion", "GTV")  # the default budget: read
+    assert fine.report.matched_files == 1

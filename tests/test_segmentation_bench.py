@@ -22,7 +22,8 @@ def test_dice_counts_overlap() -> None:
 def test_reduced_segmentation_bench_runs_every_condition() -> None:
     lines: list[str] = []
     out = run(hospitals=2, size=16, rounds=1, local_steps=1, small=4, synthetic=8,
-              unet_steps=3, seeds=1, width=4, log=lines.append)
+              unet_steps=3, seeds=1, width=4, aae_rounds=1, aae_local_steps=1,
+              log=lines.append)
     assert set(out["scores"]) == {"(a) small hospital real", "(b) small real + federated synthetic",
                                   "(c) federated synthetic only", "(d) all hospitals real, pooled"}
     assert all(0.0 <= v[0] <= 1.0 for v in out["scores"].values())
