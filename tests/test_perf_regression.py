@@ -82,13 +82,16 @@ class _MarkSteps:
 def _tiny(family_name: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A small model of ``family_name`` and 8 examples of every batch key it trains on."""
     family = get_family(family_name)
-    classes = 3 if getattr(family, "data_layout", "") == "labelled" else 0
+    layout = getattr(family, "data_layout", "")
+    classes = {"labelled": 3, "masked": 2}.get(layout, 0)
     model = ModelConfig(family=family_name, image_size=32, width=8, num_classes=classes)
     gen = torch.Generator().manual_seed(0)
     data: dict[str, torch.Tensor] = {}
     for key in family.batch_keys:
         if key == "label":
             data[key] = torch.randint(max(classes, 1), (8,), generator=gen)
+        elif key == "mask":  # K label channels in {0, 1}
+            data[key] = (torch.rand(8, classes, 32, 32, generator=gen) > 0.8).float()
         else:
             data[key] = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
     return model, data
