@@ -14,7 +14,7 @@ from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
-from .dp import PrivacyError, PrivateSteps, per_sample_norms
+from .dp import PrivacyError, PrivateSteps
 
 Nets = dict[str, nn.Module]
 Optimizers = dict[str, torch.optim.Optimizer]
