@@ -315,8 +315,12 @@ def train(msg: Message, context: Context) -> Message:
     if dp_plan is not None:  # charge the releases made; epsilon spent so far travels
         result.metrics[privacy.DP_EPSILON] = privacy.charge(
             hospital, context, dp_plan, result.dp_releases, result.dp_sample_rate)
+    audited = privacy.audit_round(hospital, trainer, data if usable else None, server_round,
+                                  train_cfg.dp) if hospital.audit_every else {}
+    if not train_cfg.dp:
+        result.metrics.update(audited)
     save_local(trainer, context)
-    hospital_metrics.record_train(hospital.name, server_round, result.metrics,
+    hospital_metrics.record_train(hospital.name, server_round, {**result.metrics, **audited},
                                   data.report if data is not None else None, trainer.device)
     return Message(protocol.train_reply(result.arrays, {**result.metrics, **evaluation}),
                    reply_to=msg)
