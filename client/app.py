@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 class HospitalError(RuntimeError):
     """Sent to the coordinator instead of the local exception (whose text stays at the site)."""
 
+    already_logged = False  # a refusal by the hospital's settings: logged in one line already
+
+
+class HospitalRefusal(HospitalError):
+    already_logged = True
+
 
 class RunState:
     """What this process keeps for one Flower run: warm trainers and UA-GAN optimisers.
@@ -104,8 +110,8 @@ def _private_errors(handler: Callable[[Message, Context], Message]
             return handler(msg, context)
         except PrivacyRefused as exc:  # logged in one line where it was refused
             hospital_metrics.record_failure(_name_of(context), handler.__name__)
-            raise HospitalError(f"{handler.__name__} refused by the hospital's privacy settings "
-                                f"({type(exc).__name__})") from None
+            raise HospitalRefusal(f"{handler.__name__} refused by the hospital's privacy "
+                                  f"settings ({type(exc).__name__})") from None
         except Exception as exc:  # noqa: BLE001 - every local failure must be sanitised
             log.exception("round failed at this hospital")
             hospital_metrics.record_failure(_name_of(context), handler.__name__)
@@ -312,8 +318,12 @@ def train(msg: Message, context: Context) -> Message:
     if dp_plan is not None:  # charge the releases made; epsilon spent so far travels
         result.metrics[privacy.DP_EPSILON] = privacy.charge(
             hospital, context, dp_plan, result.dp_releases, result.dp_sample_rate)
+    audited = privacy.audit_round(hospital, trainer, data if usable else None, server_round,
+                                  train_cfg.dp) if hospital.audit_every else {}
+    if not train_cfg.dp:
+        result.metrics.update(audited)
     save_local(trainer, context)
-    hospital_metrics.record_train(hospital.name, server_round, result.metrics,
+    hospital_metrics.record_train(hospital.name, server_round, {**result.metrics, **audited},
                                   data.report if data is not None else None, trainer.device)
     arrays = result.arrays
     if train_cfg.wire_dtype == "int8":  # the update, 8-bit, with error feedback (client/wire.py)

@@ -168,7 +168,10 @@ def run_task(runtime_api_address: str, token: str, task_id: int,
     except Exception as exc:  # noqa: BLE001 - reported to the coordinator as Flower does
         # client.app already replaced any local detail with a generic HospitalError, so the
         # reason below carries no path or DICOM attribute (test_client_privacy checks the text).
-        log.error("task %d failed: %s", task_id, type(exc).__name__, exc_info=exc)
+        if getattr(exc, "already_logged", False):  # a refusal, logged in its one line
+            log.debug("task %d refused: %s", task_id, exc)
+        else:
+            log.error("task %d failed: %s", task_id, type(exc).__name__, exc_info=exc)
         details = f"{type(exc)}:<'{exc}'>"
         if message is not None:
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),

@@ -83,6 +83,11 @@ class _Series:
                                 "Differential privacy spent by this run so far at this hospital "
                                 "(epsilon at its dp-delta; DP-SGD runs only).", h, registry=r,
                                 multiprocess_mode="mostrecent")
+        self.audit_near_copies = Gauge(
+            "fedsynth_hospital_audit_near_copy_share",
+            "Share of the last memorisation audit's samples that are near-copies of this "
+            "hospital's training slices (audit-every rounds only).", h, registry=r,
+            multiprocess_mode="mostrecent")
         self.images_per_second = Gauge("fedsynth_hospital_train_images_per_second",
                                        "Training throughput of the last round.", h, registry=r,
                                        multiprocess_mode="mostrecent")
@@ -177,6 +182,8 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
             s.loss.labels(name, component).set(float(metrics[key]))
     if "dp-epsilon" in metrics:
         s.dp_epsilon.labels(name).set(float(metrics["dp-epsilon"]))
+    if "audit-near-copy-share" in metrics:
+        s.audit_near_copies.labels(name).set(float(metrics["audit-near-copy-share"]))
     if report is not None:
         record_scan(name, report)
     _success(s, name, "train", server_round)

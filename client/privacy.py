@@ -145,3 +145,34 @@ def refuse_ua_gan(hospital: HospitalSettings) -> None:
             "UA-GAN rounds send discriminator outputs and input gradients that are not "
             "differentially private; this hospital requires DP"))
 
+
+
+AUDIT_SAMPLES = 64  # generated slices per audit round
+
+
+def audit_round(hospital: HospitalSettings, trainer: Any, data: Any, server_round: int,
+                dp: bool) -> dict[str, float]:
+    """The memorisation audit after this round's training (``audit-every``), generation
+    families only: ``AUDIT_SAMPLES`` samples of the generator this round sends against the
+    training and held-out slices (``shared_models.audit``). Logged and returned as two scalars;
+    in a DP run they stay here (a count of near-copies of training slices is a statistic of
+    them, outside the DP guarantee): the caller sends them only when ``dp`` is False."""
+    from shared_models.audit import audit
+
+    if (not hospital.audit_every or server_round % hospital.audit_every or data is None
+            or trainer.family.task != "generation" or "image" not in data.holdout
+            or not len(data.holdout["image"]) or not len(data.train.get("image", ()))):
+        return {}
+    cfg = trainer.model
+    gen = torch.Generator().manual_seed(server_round)
+    noise = torch.randn(AUDIT_SAMPLES, cfg.latent_dim, generator=gen).to(trainer.device)
+    labels = (torch.arange(AUDIT_SAMPLES, device=trainer.device) % cfg.num_classes
+              if cfg.num_classes else None)
+    fakes = trainer.family.sample(trainer.nets, noise, labels).float().cpu()
+    result = audit(fakes, data.train["image"], data.holdout["image"])
+    log.info("memorisation audit after round %d: %d of %d samples are near-copies of training "
+             "slices; pixel distance ratio train/held-out %.3f%s", server_round,
+             result.near_copies, result.generated, result.pixel.ratio,
+             "" if not dp else " (kept here: DP run)")
+    return {"audit-near-copy-share": result.near_copy_share,
+            "audit-pixel-ratio": result.pixel.ratio}

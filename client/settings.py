@@ -76,6 +76,9 @@ class HospitalSettings:
     dp_epsilon: float = float("inf")
     dp_delta: float = 1e-5
     require_dp: bool = False
+    # Memorisation audit (shared_models.audit) after every n-th round this hospital trains: its
+    # scalars are logged, on the metrics port and (runs without DP only) in the reply; 0: off
+    audit_every: int = 0
 
     def run_state_path(self, run_id: int, kind: str) -> Path | None:
         """A file of per-run state kept across restarts (Flower keeps ``context.state`` in the
@@ -125,6 +128,7 @@ class HospitalSettings:
             dp_epsilon=_positive(m.get("dp-epsilon", float("inf")), "dp-epsilon", inf_ok=True),
             dp_delta=_delta(m.get("dp-delta", 1e-5)),
             require_dp=_flag(m.get("require-dp", False), "require-dp"),
+            audit_every=_count(m.get("audit-every", 0), "audit-every"),
         )
 
     @classmethod
@@ -165,6 +169,8 @@ class HospitalSettings:
             out["dp-delta"] = self.dp_delta
         if self.require_dp:
             out["require-dp"] = True
+        if self.audit_every:
+            out["audit-every"] = self.audit_every
         out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
                     "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
                     "ua-max-fakes": self.ua_max_fakes})
@@ -191,6 +197,17 @@ def _positive(value: Any, name: str, inf_ok: bool = False) -> float:
     if not (x > 0 and (inf_ok or math.isfinite(x))):
         raise SettingsError(f"hospital setting {name!r} must be a number > 0, got {value!r}")
     return x
+
+
+def _count(value: Any, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or isinstance(value, bool) or (isinstance(value, float) and n != value):
+        raise SettingsError(f"hospital setting {name!r} must be a whole number >= 0, "
+                            f"got {value!r}")
+    return n
 
 
 def _delta(value: Any) -> float:
@@ -244,7 +261,7 @@ HOSPITAL_KEYS = ("data-dir", "cache-dir", "device", "amp", "threads", "modalitie
                  "holdout-every", "name", "model-public-key", "max-decoded-mb",
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
-                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp")
+                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every")
 NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
 COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 

@@ -26,7 +26,9 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
                  "loss-cycle", "loss-identity",
                  # epsilon spent so far by this run's DP-SGD at the hospital (client/privacy.py)
-                 "dp-epsilon")
+                 "dp-epsilon",
+                 # the hospital's memorisation audit (audit-every; runs without DP only)
+                 "audit-near-copy-share", "audit-pixel-ratio")
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
                 "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds",
                 # Fréchet Radiomics Distance; precision/recall/density/coverage (FeatureNet)

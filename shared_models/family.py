@@ -14,7 +14,7 @@ from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
-from .dp import PrivacyError, PrivateSteps, per_sample_norms
+from .dp import PrivacyError, PrivateSteps
 from .small_data import SmallData
 
 Nets = dict[str, nn.Module]

@@ -137,3 +137,35 @@ def test_export_gate_refuses_a_planted_copy_and_records_privacy(
                               timeout=60)
         errors = [x for x in (proc.stdout + proc.stderr).splitlines() if x.startswith("Error")]
         assert proc.returncode == 0 and not errors, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_hospital_audits_after_chosen_rounds_and_sends_scalars_only_without_dp(
+        tmp_path: Path, caplog) -> None:
+    import logging
+
+    from fedsynth.inprocess import run_inprocess
+    from server.federation import FederationConfig
+    from shared_models import TrainConfig
+
+    (folder,) = build_demo_hospitals(tmp_path / "data", 1, matrix=32, include_real=False)
+    hospital = {"data-dir": str(folder), "device": "cpu", "holdout-every": 4, "audit-every": 1}
+
+    def run(run_id: str, dp: float) -> list[dict]:
+        cfg = FederationConfig(model=ModelConfig(image_size=32, width=4, latent_dim=8),
+                               train=TrainConfig(local_steps=1, batch_size=4,
+                                                 dp_noise_multiplier=dp),
+                               run_dir=str(tmp_path / "runs"), run_id=run_id, num_samples=2,
+                               rounds=1)
+        out, _ = run_inprocess(cfg, [hospital])
+        return [next(iter(json.loads(x)["hospitals"].values()))
+                for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    caplog.set_level(logging.INFO)
+    plain = run("plain", 0.0)
+    assert 0 <= plain[0]["audit-near-copy-share"] <= 1 and plain[0]["audit-pixel-ratio"] > 0
+    assert any("memorisation audit after round 1" in r.getMessage() for r in caplog.records)
+    private = run("dp", 1.0)  # a DP run: the audit's scalars stay at the hospital
+    assert not {"audit-near-copy-share", "audit-pixel-ratio"} & set(private[0])
+    assert "dp-epsilon" in private[0]
+    assert any("(kept here: DP run)" in r.getMessage() for r in caplog.records)

@@ -268,6 +268,9 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
     assert len(refusals) == 2  # one line per refused round
     assert "past this hospital's dp-epsilon" in refusals[0].getMessage()
     assert not [r for r in caplog.records if "round failed at this hospital" in r.getMessage()]
+    # the coordinator learns the kind of refusal, nothing more
+    assert any("refused by the hospital's privacy settings (PrivacyBudgetExhausted)"
+               in r.getMessage() for r in caplog.records)
     # the ledger is on disk, per run, so a restarted daemon does not forget the spend
     ledgers = list((tmp_path / "cache").glob("*/run-state/*/run-*-dp.json"))
     assert len(ledgers) == 2

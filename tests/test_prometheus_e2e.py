@@ -53,7 +53,7 @@ def _promtool(*args: str) -> str:
 @needs_prometheus
 def test_promtool_check_config_and_rules() -> None:
     assert "SUCCESS" in _promtool("check", "config", "prometheus.yml")
-    assert "SUCCESS: 10 rules found" in _promtool("check", "rules", "rules/fedsynth.rules.yml")
+    assert "SUCCESS: 11 rules found" in _promtool("check", "rules", "rules/fedsynth.rules.yml")
 
 
 @needs_prometheus
@@ -166,8 +166,9 @@ def scraped(demo_hospitals: list[Path], tmp_path_factory: pytest.TempPathFactory
         cfg = FederationConfig(model=ModelConfig(image_size=32),
                                train=TrainConfig(local_steps=2, batch_size=4),
                                rounds=2, run_dir=str(tmp / "runs"), run_id="prom-e2e")
-        hospitals = [{"data-dir": str(h), "cache-dir": str(tmp / "cache" / h.name)}
-                     for h in demo_hospitals]
+        # audit-every: the memorisation audit's gauge (alert FedsynthNearCopies) is scraped too
+        hospitals = [{"data-dir": str(h), "cache-dir": str(tmp / "cache" / h.name),
+                      "audit-every": 1} for h in demo_hospitals]
         root = run_simulated_federation(cfg, hospitals, metrics=metrics)
         # wait until Prometheus saw the end of the run on both exporters
         deadline = time.monotonic() + 30
