@@ -2,7 +2,7 @@
 
 Per run, the hospital keeps the history of its DP releases (``shared_models.dp.Accountant``:
 noise multiplier, Poisson rate, count) in ``context.state`` and, when it has a cache folder, in
-``<cache-dir>/run-state/run-<id>-dp.json`` (as the replay record), so a restarted daemon does not
+``<cache-dir>/run-state/<hospital>/run-<id>-dp.json`` (beside the replay record), so a restarted daemon does not
 forget what it spent. Before a round it projects epsilon(dp-delta) after the round's releases;
 above its ``dp-epsilon`` it refuses the round, logging ONE line, and the coordinator counts it as
 failed, by name, while the run goes on without it. After a round it charges exactly the releases
