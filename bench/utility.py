@@ -45,6 +45,7 @@ from fedsynth.lesion_data import CLASSES, LESION_SITES, RUN_DATA_SETTINGS, build
 from fedsynth.utility import (ClassifierBudget, class_balanced_labels, concat, fidelity,
                               train_and_score)
 from shared_models import DataConfig, ModelConfig, StepContext, TrainConfig, get_family
+from shared_models.small_data import SmallData
 from shared_models.codec import decode_into
 
 log = logging.getLogger("bench.utility")
@@ -75,6 +76,7 @@ class UtilityConfig:
     clf_batch: int = 32
     clf_lr: float = 2e-3
     seed: int = 0
+    augment: str = ""  # DiffAugment policy of both GANs (shared_models.small_data)
 
     @property
     def steps(self) -> int:
@@ -86,7 +88,7 @@ class UtilityConfig:
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, batch_size=self.batch, lr_g=self.lr,
-                           lr_d=self.lr, seed=self.seed)
+                           lr_d=self.lr, seed=self.seed, augment=self.augment)
 
 
 def data_config() -> DataConfig:
@@ -135,7 +137,7 @@ def local_gan(cfg: UtilityConfig, data: Data) -> dict[str, nn.Module]:
     torch.manual_seed(cfg.seed)
     nets = family.build(cfg.model())
     opts = family.optimizers(nets, cfg.train_config())
-    ctx = StepContext()
+    ctx = StepContext(small_data=SmallData.from_train(cfg.train_config()))  # as the hospitals
     torch.manual_seed(cfg.seed * 1009 + 7)
     for _ in range(cfg.steps):
         family.train_step(family.draw(data, cfg.batch), nets, opts, ctx)
@@ -246,7 +248,8 @@ def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[
     modalities = ", ".join(s.modality for s in LESION_SITES)
     out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({modalities}; "
            f"small = {LESION_SITES[small_index()].name}), {cfg.image_size}px, width {cfg.width}, "
-           f"preset {cfg.preset}, {cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
+           f"preset {cfg.preset}, augment {cfg.augment or 'off'}, "
+           f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
            f"{cfg.batch}, lr {cfg.lr:g}; classifier {cfg.clf_steps} steps x {cfg.clf_batch}; "
            f"{cfg.synthetic_per_class} synthetic per class; seeds {list(seeds)} (mean ± sd), "
            f"{seconds:.0f} s",
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lr", "scale", "clf_lr"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     parser.add_argument("--preset", default=d.preset)
+    parser.add_argument("--augment", default=d.augment,
+                        help="DiffAugment policy of both GANs, e.g. translation,cutout")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--verbose", action="store_true")
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cfg = UtilityConfig(**{k: getattr(args, k) for k in (
         "image_size", "width", "rounds", "local_steps", "batch", "synthetic_per_class",
-        "clf_steps", "clf_batch", "lr", "scale", "clf_lr", "preset")})
+        "clf_steps", "clf_batch", "lr", "scale", "clf_lr", "preset", "augment")})
     t0 = time.perf_counter()
     rows, infos = run(cfg, args.seeds)
     for line in report(cfg, args.seeds, rows, infos, time.perf_counter() - t0):
