@@ -45,9 +45,13 @@ def _descriptions(labels: Sequence[str]) -> list:
 
 
 def write_segs(image_paths: Sequence[Path], masks: np.ndarray, labels: Sequence[str],
-               provenance: Provenance) -> list[Path]:
+               provenance: Provenance, real_masks: bool = False) -> list[Path]:
     """One SEG per synthetic 2D image file (``masks`` (N, K, H, W) in {0, 1}), written beside
-    it as ``<image stem>-seg.dcm``."""
+    it as ``<image stem>-seg.dcm``.
+
+    ``real_masks``: the masks are the hospital's own segmentations (maskgan drawing images for
+    an input folder's masks): the SEG says so, since the lesion geometry is a patient's, and
+    such a pair must be treated as patient data, not as synthetic data."""
     import highdicom as hd
 
     masks = np.asarray(masks)
@@ -71,8 +75,9 @@ def write_segs(image_paths: Sequence[Path], masks: np.ndarray, labels: Sequence[
             series_number=2, sop_instance_uid=generate_uid(), instance_number=i + 1,
             manufacturer="fedsynth", manufacturer_model_name="fedsynth",
             software_versions="fedsynth", device_serial_number="none",
-            content_description="SYNTHETIC - not a patient",
-            content_label="SYNTHETIC", omit_empty_frames=False,
+            content_description=("REAL mask from a patient; image synthetic" if real_masks
+                                 else "SYNTHETIC - not a patient"),
+            content_label="REALMASK" if real_masks else "SYNTHETIC", omit_empty_frames=False,
             series_description=f"{SERIES_PREFIX} mask of {provenance.text()}"[:64])
         seg.PatientOrientation = ""  # type 2C (General Image): the source has no orientation
         block = seg.private_block(_PRIVATE_GROUP, SYNTHETIC_PRIVATE_CREATOR, create=True)
@@ -80,7 +85,9 @@ def write_segs(image_paths: Sequence[Path], masks: np.ndarray, labels: Sequence[
         block.add_new(0x02, "IS", str(int(provenance.round)))
         block.add_new(0x03, "UT", json.dumps(dict(provenance.model), sort_keys=True))
         block.add_new(0x04, "LO", provenance.checkpoint[:64])
-        block.add_new(0x05, "LT", f"mask of the synthetic image {Path(path).name}")
+        block.add_new(0x05, "LT", ("REAL segmentation (from the input folder) of the synthetic "
+                                   if real_masks else "mask of the synthetic image ")
+                      + Path(path).name)
         target = Path(path).with_name(f"{Path(path).stem}-seg.dcm")
         tmp = target.with_suffix(".dcm.tmp")
         seg.save_as(tmp)

@@ -161,7 +161,14 @@ def test_sample_draws_images_for_a_folders_masks(masked_hospitals: list[Path], t
         assert seg.Modality == "SEG" and image.Rows == 16
         ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
         assert ref.ReferencedSOPInstanceUID == image.SOPInstanceUID
+        # the mask is the input folder's real segmentation: the SEG must not call it synthetic
+        assert seg.ContentLabel == "REALMASK" and "REAL" in seg.ContentDescription
     capsys.readouterr()
+    # the export gate does not audit mask-conditioned exports: refused, nothing written
+    assert main(["sample", str(ckpt), "--n", "2", "--out", str(tmp_path / "gated"),
+                 "--format", "dicom", "--input", str(masked_hospitals[0]),
+                 "--audit", str(masked_hospitals[0])]) == 2
+    assert "--audit" in capsys.readouterr().err and not (tmp_path / "gated").exists()
     assert main(["sample", str(ckpt), "--n", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--input" in capsys.readouterr().err
 

@@ -323,13 +323,13 @@ def mask_inputs(folder: Path, cfg: Any, data: Any, n: int) -> tuple[np.ndarray, 
 
 
 def _labelled_dicom(images: np.ndarray, masks: np.ndarray, data: Any, out: Path, prov: Any,
-                    prefix: str, notes: list[str]) -> list[Path]:
+                    prefix: str, notes: list[str], real_masks: bool = False) -> list[Path]:
     """Each synthetic image (fedsynth.export) with a DICOM SEG of its mask beside it."""
     from fedsynth.export import write_dicom
     from fedsynth.seg_export import write_segs
 
     paths = write_dicom(images, out, prov, prefix=prefix, notes=notes)
-    return paths + write_segs(paths, masks, data.mask_label_names, prov)
+    return paths + write_segs(paths, masks, data.mask_label_names, prov, real_masks=real_masks)
 
 
 def _mask_grey(masks: np.ndarray) -> np.ndarray:
@@ -365,6 +365,12 @@ def run(args: argparse.Namespace) -> int:
                         "DICOM SEG cannot reference frame by frame; use --format png")
     if args.stage2 is not None and getattr(family, "output", "image") != "mask":
         raise UserError(f"--stage2 follows a mask generator (aae); {name} draws no masks")
+    if args.audit is not None and (masked or getattr(family, "output", "image") == "mask"):
+        # the gate compares generated slices with training slices; a mask-conditioned image is
+        # pixel-aligned to its mask, which the gate does not audit: refuse rather than pass it
+        raise UserError(f"--audit (the export gate) does not yet check {name} exports (mask "
+                        "generators and mask-conditioned images); export without it only after "
+                        "`fedsynth audit` at this hospital")
 
     if getattr(family, "output", "image") == "mask":  # stage 1: masks from noise
         if args.input is not None or args.class_name is not None:
@@ -427,9 +433,13 @@ def run(args: argparse.Namespace) -> int:
             shown = family.show_input(torch.from_numpy(masks)).numpy()
             paths = write_png(images, args.out, prefix="mask-synthetic", inputs=shown)
         else:
-            notes = [f"synthesised by fedsynth {name} from a {note}" for note in notes]
+            # the mask is the hospital's own (real) segmentation; only the image is synthetic
+            notes = [f"synthesised by fedsynth {name} from a {note}; the mask is a REAL "
+                     "segmentation from the input folder, only the image is synthetic"
+                     for note in notes]
             paths = _labelled_dicom(images, masks, data, args.out, Provenance(
-                **prov, translation=f"mask ({data.mask_labels}) -> image"), "synthetic", notes)
+                **prov, translation=f"mask ({data.mask_labels}) -> image"), "synthetic", notes,
+                real_masks=True)
     elif translation:
         if args.class_name is not None:
             raise UserError(f"--class is for conditional generation; {name} translates images")
