@@ -149,3 +149,35 @@ def test_hospital_settings_refuse_unknown_keys(tmp_path: Path) -> None:
     settings = DaemonSettings.load(toml)
     assert settings.hospital.label_patterns == (("MR", "^MR$"),)
     assert settings.hospital.to_node_config()["label-patterns"] == "MR=^MR$"
+
+
+@pytest.mark.parametrize("pattern", ["(.*.*)*X", "(a+)+$", "(a|ab)*c", r"(MR)\1", "(x?)*y",
+                                     "a" * 300])
+@pytest.mark.parametrize("key", ["class-patterns", "domain-a-pattern", "mask-label-patterns"])
+def test_run_sent_patterns_that_could_hang_a_hospital_are_refused(key: str, pattern: str) -> None:
+    """A coordinator's pattern runs in the hospital's daemon on its slices' text, and Python's re
+    has no time limit: ``re.search('(.*.*)*X', 'liver lesion segmentation 1234567')`` did not end
+    in 8 s. Nested or alternating repetition and backreferences are refused at launch, and again
+    by the hospital (it rebuilds DataConfig from the signed record)."""
+    import time
+
+    from shared_models import DataConfig
+
+    flat = {"class-patterns": f"{pattern};b", "domain-a-pattern": pattern,
+            "mask-label-patterns": pattern}[key]
+    extra = {"class-patterns": {"classes": "a,b"}, "mask-label-patterns": {"mask-labels": "a"},
+             "domain-a-pattern": {}}[key]
+    why = "backtrack|backreferences|at most"
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=why):
+        from_flat({key: flat, **extra})
+    with pytest.raises(ValueError, match=why):
+        DataConfig(**{k.replace("-", "_"): v for k, v in {key: flat, **extra}.items()})
+    assert time.monotonic() - t0 < 5
+
+
+def test_ordinary_label_patterns_still_pass() -> None:
+    from shared_models import DataConfig
+
+    DataConfig(classes="cyst,meta,haem", class_patterns="^cyst$;meta|metastasis;haem.*oma",
+               domain_a_pattern="^(T1|T2)w?$", mask_label_patterns="GTV|lesion")
