@@ -1,9 +1,10 @@
 """The hospital's privacy ledger and budget: what DP-SGD rounds have spent, and the refusal.
 
-Per run, the hospital keeps the history of its DP releases (``shared_models.dp.Accountant``:
-noise multiplier, Poisson rate, count) in ``context.state`` and, when it has a cache folder, in
-``<cache-dir>/run-state/<hospital>/run-<id>-dp.json`` (beside the replay record), so a restarted daemon does not
-forget what it spent. Before a round it projects epsilon(dp-delta) after the round's releases;
+The hospital keeps the history of its DP releases (``shared_models.dp.Accountant``: noise
+multiplier, Poisson rate, count) over EVERY run in ``<cache-dir>/run-state/<hospital>/
+dp-ledger.json`` (and the current run's copy in ``context.state``): runs on the same slices
+compose, so its ``dp-epsilon`` is one budget for all of them, and a restarted daemon does not
+forget what it spent. A hospital with a budget and no cache folder refuses DP rounds. Before a round it projects epsilon(dp-delta) after the round's releases;
 above its ``dp-epsilon`` it refuses the round, logging ONE line, and the coordinator counts it as
 failed, by name, while the run goes on without it. After a round it charges exactly the releases
 the trainer made (a family that made more than it declared fails the round: nothing is sent) and
@@ -50,7 +51,10 @@ class RoundPlan:
 
 
 def _ledger_path(hospital: HospitalSettings, run_id: int) -> Path | None:
-    return hospital.run_state_path(run_id, "dp")
+    """One ledger per hospital over ALL runs: every run trains on the same slices, so their
+    releases compose; a per-run ledger would let a coordinator spend a fresh dp-epsilon with
+    each new run."""
+    return hospital.state_path("dp-ledger")
 
 
 def load_ledger(hospital: HospitalSettings, context: Any) -> Accountant:
@@ -107,6 +111,10 @@ def plan_round(hospital: HospitalSettings, context: Any, family: Any, train: Tra
                 f"(dp-epsilon = {hospital.dp_epsilon:g}, require-dp = "
                 f"{str(hospital.require_dp).lower()})"))
         return None
+    if hospital.needs_dp and hospital.cache_dir is None:
+        _refuse(hospital, PrivacyRefused(
+            f"round {server_round}: this hospital has a privacy budget but no cache-dir, so its "
+            "ledger would not survive a restart; set cache-dir"))
     ledger = load_ledger(hospital, context)
     spent = ledger.epsilon(hospital.dp_delta)
     if data is None:
@@ -118,7 +126,8 @@ def plan_round(hospital: HospitalSettings, context: Any, family: Any, train: Tra
         _refuse(hospital, PrivacyBudgetExhausted(
             f"round {server_round} would take epsilon from {spent:.4g} to {after:.4g} "
             f"(delta = {hospital.dp_delta:g}), past this hospital's dp-epsilon = "
-            f"{hospital.dp_epsilon:g}; it trains no further round of this run"))
+            f"{hospital.dp_epsilon:g} (one budget over every run on this hospital's slices); it "
+            "trains no further DP round"))
     return RoundPlan(ledger, train.dp_noise_multiplier, rate, releases)
 
 
@@ -133,7 +142,8 @@ def charge(hospital: HospitalSettings, context: Any, plan: RoundPlan, releases: 
     plan.ledger.add(plan.noise_multiplier, plan.sample_rate, releases)
     save_ledger(hospital, context, plan.ledger)
     eps = plan.ledger.epsilon(hospital.dp_delta)
-    log.info("privacy: epsilon = %.4g spent (delta = %g, %d DP releases this run, budget %g)",
+    log.info("privacy: epsilon = %.4g spent (delta = %g, %d DP releases on this hospital's "
+             "slices, all runs; budget %g)",
              eps, hospital.dp_delta, plan.ledger.releases, hospital.dp_epsilon)
     return eps
 

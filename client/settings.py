@@ -92,9 +92,22 @@ class HospitalSettings:
         own = hashlib.sha256(self.name.encode()).hexdigest()[:16]
         return self.cache_dir / "run-state" / own / f"run-{int(run_id)}-{kind}.json"
 
+    def state_path(self, kind: str) -> Path | None:
+        """A file of this hospital's state across runs (the privacy ledger: every run on these
+        slices charges one budget), beside its per-run state."""
+        run_file = self.run_state_path(0, kind)
+        return None if run_file is None else run_file.with_name(f"{kind}.json")
+
     @property
     def needs_dp(self) -> bool:
         return self.require_dp or math.isfinite(self.dp_epsilon)
+
+    def __post_init__(self) -> None:
+        if self.require_dp and not math.isfinite(self.dp_epsilon):
+            # without a budget any noise multiplier the coordinator picks (0.01: epsilon ~1e5 a
+            # round) would count as DP
+            raise SettingsError("hospital setting require-dp needs a finite dp-epsilon (the "
+                                "budget the noise must keep this hospital within)")
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
@@ -178,6 +191,9 @@ class HospitalSettings:
 
     def check_local(self) -> None:
         """Fail at daemon start, with the setting's name, rather than in every round."""
+        if self.needs_dp and self.cache_dir is None:
+            raise SettingsError("hospital settings dp-epsilon / require-dp need a cache-dir: "
+                                "the privacy ledger must survive a restart of the daemon")
         if not self.data_dir.is_dir():
             raise SettingsError(f"hospital data-dir '{self.data_dir}' is not a folder")
         if self.model_public_key is not None:

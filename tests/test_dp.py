@@ -188,7 +188,14 @@ def _context(run_id: int = 9) -> Context:
 
 def test_hospital_settings_and_refusals(tmp_path: Path) -> None:
     h = HospitalSettings.from_mapping({"data-dir": str(tmp_path), "require-dp": True,
-                                       "dp-delta": 1e-6})
+                                       "dp-epsilon": 4.0, "dp-delta": 1e-6,
+                                       "cache-dir": str(tmp_path / "c")})
+    # require-dp without a budget would accept any noise level the coordinator picks
+    with pytest.raises(SettingsError, match="require-dp needs a finite dp-epsilon"):
+        HospitalSettings.from_mapping({"data-dir": ".", "require-dp": True})
+    # a budget needs a ledger that survives a restart
+    with pytest.raises(SettingsError, match="need a cache-dir"):
+        HospitalSettings.from_mapping({"data-dir": str(tmp_path), "dp-epsilon": 4.0}).check_local()
     assert h.needs_dp and HospitalSettings.from_mapping(h.to_node_config()) == h
     with pytest.raises(SettingsError, match="dp-epsilon"):
         HospitalSettings.from_mapping({"data-dir": ".", "dp-epsilon": -1})
@@ -272,7 +279,7 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
     assert any("refused by the hospital's privacy settings (PrivacyBudgetExhausted)"
                in r.getMessage() for r in caplog.records)
     # the ledger is on disk, per run, so a restarted daemon does not forget the spend
-    ledgers = list((tmp_path / "cache").glob("*/run-state/*/run-*-dp.json"))
+    ledgers = list((tmp_path / "cache").glob("*/run-state/*/dp-ledger.json"))
     assert len(ledgers) == 2
     # the DP reply carries epsilon and nothing else new (a run without DP, same hospitals)
     plain, _ = run_inprocess(_cfg(tmp_path, "plain", 0.0), _hospitals(tmp_path / "p"))
@@ -299,3 +306,25 @@ def test_the_hospital_exports_its_epsilon_and_a_budget_refusal_series() -> None:
     # exists at 0 from the first round, so the alert's series is there before any refusal
     assert v("fedsynth_hospital_refused_messages_total",
              {"hospital": "north", "reason": "dp-budget"}) == 0
+
+
+def test_one_budget_over_every_run_and_no_ledger_without_a_cache(tmp_path: Path) -> None:
+    """A coordinator starting run after run must not get a fresh dp-epsilon each time: the
+    ledger is the hospital's, over all runs on its slices (review finding: it was per run)."""
+    from client.privacy import charge
+
+    fam = get_family("dcgan")
+    data = {"image": torch.zeros(64, 1, 16, 16)}
+    train = TrainConfig(dp_noise_multiplier=1.0, local_steps=20, batch_size=16)
+    probe = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "probe")
+    plan = plan_round(probe, _context(1), fam, train, data, 1)
+    one_round = charge(probe, _context(1), plan, plan.releases, plan.sample_rate)
+    hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "c",
+                                dp_epsilon=one_round * 1.05)  # epsilon grows sublinearly
+    first = plan_round(hospital, _context(run_id=1), fam, train, data, 1)
+    charge(hospital, _context(run_id=1), first, first.releases, first.sample_rate)
+    with pytest.raises(PrivacyBudgetExhausted, match="every run"):
+        plan_round(hospital, _context(run_id=2), fam, train, data, 1)  # a new run, same slices
+    no_cache = HospitalSettings(data_dir=tmp_path, dp_epsilon=100.0)
+    with pytest.raises(PrivacyRefused, match="no cache-dir"):
+        plan_round(no_cache, _context(), fam, train, data, 1)
