@@ -204,6 +204,8 @@ class _Slices:
                 self._files = dicom.list_candidate_files(self.folder)
             try:
                 ds, _ = dicom._read_file(self._files[k], self.settings)
+                for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):  # keep the header, not pixels
+                    ds.pop(tag, None)
                 self._headers[k] = ds
             except Exception:
                 log.debug("cannot re-read the image of slice %d", row, exc_info=True)
@@ -298,6 +300,11 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
     if not channel:
         return NO_WANTED_LABEL
     numbers = sorted(channel)
+    # what the read below materialises: every wanted segment on every matched source frame, which
+    # can be far more than the SEG's own frames (S segments of one frame each on S slices: S^2)
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if len(numbers) * len(matched) * rows * cols > budget:
+        return TOO_LARGE
     out: dict[tuple[int, int], np.ndarray] = {}
     try:
         for uid in sorted({u for u, _ in matched}):
@@ -333,18 +340,39 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
 # ----------------------------------------------------------------------------- RTSTRUCT
 
 
+# A hostile structure set must not hold a hospital's CPU for hours: skimage's polygon fill costs
+# about (vertices x bounding-box pixels), and matching an unreferenced contour to its slice costs a
+# plane test per slice of its frame of reference. Real structure sets stay far below these.
+MAX_CONTOUR_POINTS = 20_000        # vertices of one contour
+MAX_RTSTRUCT_POINTS = 2_000_000    # vertices of all contours of one file
+MAX_RASTER_WORK = 5e10             # sum over contours of vertices x bounding-box pixels (~1 min)
+MAX_PLANE_TESTS = 500_000          # contour-to-slice plane tests of one file (~10 s)
+
+
+def _grid_coords(points: np.ndarray, geom: tuple) -> tuple[np.ndarray, np.ndarray]:
+    ipp, row_cos, col_cos, spacing, _shape = geom
+    d = points - ipp
+    # snapped to 1/1000 pixel: ContourData is decimal text (16 characters), so a vertex on a
+    # pixel centre comes back a hair off it and would flip that boundary pixel
+    return np.round(d @ col_cos / spacing[0], 3), np.round(d @ row_cos / spacing[1], 3)
+
+
+def _raster_work(points: np.ndarray, geom: tuple) -> float:
+    """What filling this contour costs: vertices x its bounding box's pixels on the slice."""
+    rows, cols = _grid_coords(points, geom)
+    h, w = geom[4]
+    height = np.clip(rows.max(), 0, h) - np.clip(rows.min(), 0, h) + 1
+    width = np.clip(cols.max(), 0, w) - np.clip(cols.min(), 0, w) + 1
+    return float(len(points)) * float(height) * float(width)
+
+
 def _rasterise(points: np.ndarray, geom: tuple) -> np.ndarray:
     """The pixels of the slice grid ``geom`` whose centres lie inside or on the polygon."""
     from skimage.draw import polygon
 
-    ipp, row_cos, col_cos, spacing, shape = geom
-    d = points - ipp
-    # snapped to 1/1000 pixel: ContourData is decimal text (16 characters), so a vertex on a
-    # pixel centre comes back a hair off it and would flip that boundary pixel
-    cols = np.round(d @ row_cos / spacing[1], 3)
-    rows = np.round(d @ col_cos / spacing[0], 3)
-    mask = np.zeros(shape, dtype=bool)
-    rr, cc = polygon(rows, cols, shape=shape)
+    rows, cols = _grid_coords(points, geom)
+    mask = np.zeros(geom[4], dtype=bool)
+    rr, cc = polygon(rows, cols, shape=geom[4])
     mask[rr, cc] = True
     return mask
 
@@ -372,13 +400,22 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
                 rois[number][0].extend([dicom._str(obs, "ROIObservationLabel"),
                                         *_code_texts(_first(obs, "RTROIIdentificationCodeSequence"))])
         contours = []
+        total_points = 0
         for roi in ds.get("ROIContourSequence") or []:
             number = int(roi.ReferencedROINumber)
             for c in roi.get("ContourSequence") or []:
                 kind = dicom._str(c, "ContourGeometricType").upper()
                 if kind not in ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR"):
                     continue
-                data = np.asarray([float(v) for v in c.ContourData], dtype=np.float64)
+                declared = dicom._int(c, "NumberOfContourPoints", 0)
+                raw = c.get("ContourData")
+                n_values = len(raw) if raw is not None else 0
+                if max(declared, n_values // 3) > MAX_CONTOUR_POINTS:
+                    return TOO_LARGE
+                total_points += n_values // 3
+                if total_points > MAX_RTSTRUCT_POINTS:
+                    return TOO_LARGE
+                data = np.asarray([float(v) for v in raw], dtype=np.float64)
                 if data.size < 9 or data.size % 3 or not np.isfinite(data).all():
                     raise ValueError("contour data is not a list of at least three points")
                 ref = _first(c, "ContourImageSequence")
@@ -393,6 +430,8 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
     xor: set[tuple[int, int]] = set()
     any_match = False
     spent = 0
+    work = 0.0
+    plane_tests = 0
     for number, kind, points, refs in contours:
         row = None
         if refs is not None and refs[0]:
@@ -402,6 +441,9 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
                 row = None  # a reference that does not hold the contour: try the frame
         if row is None and number in rois:
             for cand in slices.in_frame_of_reference(rois[number][1]):
+                plane_tests += 1
+                if plane_tests > MAX_PLANE_TESTS:
+                    return TOO_LARGE
                 geom = slices.geometry(int(cand))
                 if geom is not None and _plane_distance(points, geom) <= PLANE_TOLERANCE_MM:
                     row = int(cand)
@@ -415,7 +457,8 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
         if geom is None:
             continue
         spent += geom[4][0] * geom[4][1]  # rasterising touches at most the whole slice
-        if spent > budget:
+        work += _raster_work(points, geom)
+        if spent > budget or work > MAX_RASTER_WORK:
             return TOO_LARGE
         mask = _rasterise(points, geom)
         key = (row, channel[number])

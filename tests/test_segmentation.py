@@ -270,3 +270,38 @@ def test_rtstruct_with_too_many_contours_is_refused_within_the_budget(tmp_path: 
     assert got.report.unmatched == {"too-large": 1} and got.masks.sum() == 0
     _, fine = _load(folder, "lesion", "GTV")  # the default budget: read
     assert fine.report.matched_files == 1
+
+
+@pytest.mark.parametrize("attack", ["one-huge-contour", "many-unmatched-contours"])
+def test_hostile_rtstruct_cannot_hold_the_cpu(tmp_path: Path, attack: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filling costs vertices x bounding box; matching an unreferenced contour costs a plane test
+    per slice. A contour of 30,000 points (a 10,000-point one took 1 s on 256x256), or a
+    structure set of contours that match no slice, is refused as too-large within seconds."""
+    import time
+
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    folder = tmp_path / "d"
+    images = h.ct_series(folder)
+    ds = h.write_rtstruct(images, folder / "rs.dcm")
+    c0 = ds.ROIContourSequence[0].ContourSequence[0]
+    if attack == "one-huge-contour":
+        pts = np.asarray(c0.ContourData, dtype=float).reshape(-1, 3)
+        ring = np.repeat(pts, 30_000 // len(pts) + 1, axis=0)[:30_000]
+        c0.ContourData, c0.NumberOfContourPoints = [f"{v:.3f}" for v in ring.ravel()], len(ring)
+    else:  # far off every slice's plane, no image reference: each is tested against every slice
+        monkeypatch.setattr(segm, "MAX_PLANE_TESTS", 200)  # the mechanism, at a test's size
+        many = Sequence()
+        for k in range(segm.MAX_PLANE_TESTS // len(images) + 10):
+            c = Dataset()
+            c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", 3
+            c.ContourData = [0.0, 0.0, 5000.0 + k, 1.0, 0.0, 5000.0 + k, 0.0, 1.0, 5000.0 + k]
+            many.append(c)
+        ds.ROIContourSequence[0].ContourSequence = many
+    ds.save_as(folder / "rs.dcm")
+    t0 = time.monotonic()
+    _, got = _load(folder, "lesion", "GTV")
+    assert got.report.unmatched == {"too-large": 1} and got.masks.sum() == 0
+    assert time.monotonic() - t0 < 60
