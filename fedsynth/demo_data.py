@@ -333,6 +333,24 @@ def phantom_ct(profile: ScannerProfile, slice_index: int, matrix: int,
     return (hu + rng.normal(0.0, 8.0, hu.shape)).astype(np.float32)
 
 
+def as_ct(ds: Dataset, series_description: str) -> None:
+    """Turn a phantom MR slice's header (``_mr_dataset``) into a CT one: CT Image Storage, no MR
+    attributes, stored values in HU + 1024 (rescale intercept -1024), a soft-tissue window."""
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.Modality = "CT"
+    ds.SeriesDescription = series_description
+    ds.ManufacturerModelName = "PhantomCT"
+    for keyword in ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+                    "SequenceName", "RepetitionTime", "EchoTime", "EchoTrainLength",
+                    "ImagingFrequency", "ImagedNucleus", "MagneticFieldStrength",
+                    "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.KVP = "120"
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+
+
 def _write_ct_series(hospital_dir: Path, profile: ScannerProfile, matrix: int, seed: int,
                      index: int) -> int:
     """A CT series of the phantom (same study, geometry and positions as its MR series)."""
@@ -348,23 +366,9 @@ def _write_ct_series(hospital_dir: Path, profile: ScannerProfile, matrix: int, s
                          slice_index=k, seed=seed, study_uid=study_uid, series_uid=series_uid,
                          frame_uid=frame_uid)
         sop_uid = _uid(seed, profile.name, "CT", k)
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop_uid
-        ds.Modality = "CT"
-        ds.SeriesDescription = "PHANTOM CT"
+        as_ct(ds, "PHANTOM CT")
         ds.SeriesNumber = 3
-        ds.ManufacturerModelName = "PhantomCT"
-        for keyword in ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
-                        "SequenceName", "RepetitionTime", "EchoTime", "EchoTrainLength",
-                        "ImagingFrequency", "ImagedNucleus", "MagneticFieldStrength",
-                        "WindowCenter", "WindowWidth"):
-            if keyword in ds:
-                delattr(ds, keyword)
-        ds.KVP = "120"
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter, ds.WindowWidth = 40, 400
         stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype(np.uint16)
         ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
         ds.save_as(folder / f"{k + 1:03d}.dcm", enforce_file_format=True)

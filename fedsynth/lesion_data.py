@@ -49,7 +49,7 @@ import numpy as np
 import pydicom
 from scipy import ndimage
 
-from fedsynth.demo_data import _mr_dataset, _uid, _usable_real_file
+from fedsynth.demo_data import _mr_dataset, _uid, _usable_real_file, as_ct
 from shared_models.phantoms import (
     _Z_RANGE, ScannerProfile, _geometry, _rician, _spin_echo, _tissue_maps, default_profiles)
 
@@ -63,7 +63,6 @@ CLASS_ATTRIBUTE = "image_comments"  # the client.dicom meta key of ImageComments
 RUN_DATA_SETTINGS = {"classes": ",".join(CLASSES), "class_attribute": CLASS_ATTRIBUTE}
 COMMENT_PREFIX = "lesion class: "
 MANIFEST_NAME = "manifest.json"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_SUFFIX = "-seg.dcm"
 
 # Radius of each class, as a fraction of the matrix (min, max).
@@ -295,19 +294,7 @@ def _image_dataset(sl: LesionSlice, site: LesionSite, profile: ScannerProfile, i
     ds.ImageComments = COMMENT_PREFIX + sl.cls
     ds.DerivationDescription = f"lesion inserted into {sl.source}"
     if site.modality == "CT":
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.Modality = "CT"
-        ds.SeriesDescription = "LESION CT"
-        ds.ManufacturerModelName = "PhantomCT"
-        for keyword in ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
-                        "SequenceName", "RepetitionTime", "EchoTime", "EchoTrainLength",
-                        "ImagingFrequency", "ImagedNucleus", "MagneticFieldStrength",
-                        "WindowCenter", "WindowWidth"):
-            if keyword in ds:
-                delattr(ds, keyword)
-        ds.KVP = "120"
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
-        ds.WindowCenter, ds.WindowWidth = 40, 400
+        as_ct(ds, "LESION CT")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.AcquisitionNumber = 1
     else:
