@@ -14,10 +14,6 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q '$(TORCH_PIN)'
-	# pyradiomics (frd-score's feature extractor) ships no wheel for this Python: build it against
-	# the venv's numpy (its sdist's isolated build cannot see numpy).
-	$(PY) -m pip install -q numpy setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation 'pyradiomics-bhklab==3.1.4'
 	$(PY) -m pip install -q -e '.[demo,test]'
 	touch $(STAMP)
 
