@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test bench bench-net bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
+.PHONY: install tools demo test test-quick bench bench-net bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ tools:
 
 test: $(STAMP) tools
 	$(PY) -m pytest
+
+# The edit loop: tests that start no Flower simulation and no real process (not marked slow).
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -89,8 +89,14 @@ def _extractor():  # noqa: ANN202 - radiomics.featureextractor.RadiomicsFeatureE
         import logging
 
         logging.getLogger("radiomics").setLevel(logging.ERROR)  # per-image info lines
-        import radiomics
-        from frd_score import frd
+        try:
+            import radiomics
+            from frd_score import frd
+        except ImportError as exc:  # a hand-made install without the declared dependency
+            raise RuntimeError(
+                f"FRD needs pyradiomics and frd-score ({exc}); install fedsynth with pip so its "
+                "declared dependencies come too, or `pip install pyradiomics-bhklab==3.1.4`"
+            ) from None
 
         radiomics.setVerbosity(logging.ERROR)
         logging.getLogger("radiomics").setLevel(logging.ERROR)  # its handler and the root's

@@ -88,6 +88,11 @@ def load_settings(args: argparse.Namespace):  # noqa: ANN201
         format_node_config(settings.hospital.to_node_config())  # e.g. a space in a value
     except (SettingsError, CertError, ValueError) as exc:
         raise UserError(str(exc)) from None
+    missing = [m for m in ("radiomics", "frd_score") if importlib.util.find_spec(m) is None]
+    if missing:  # the evaluation's FRD would fail at the first round, not here
+        raise UserError(f"this fedsynth install lacks {', '.join(missing)} (the FRD evaluation "
+                        "needs them): reinstall fedsynth with pip, which brings its declared "
+                        "dependencies, or `pip install pyradiomics-bhklab==3.1.4 frd-score`")
     if settings.hospital.model_public_key is None:
         if not settings.hospital.accept_unsigned_models:
             raise UserError("no model-public-key pinned ([hospital] model-public-key or "
