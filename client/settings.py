@@ -247,8 +247,11 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
-    """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;..."""
-    import re
+    """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;...
+
+    Matched by the same RE2 engine as the run's patterns (``shared_models.patterns``): a pattern
+    RE2 cannot compile, or one over its length cap, stops the daemon at start."""
+    from shared_models.patterns import PatternError, check_pattern
 
     if isinstance(value, Mapping):
         pairs = [(str(k), str(v)) for k, v in value.items()]
@@ -266,10 +269,10 @@ def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
                                 "pattern may not contain ';' (it separates patterns on the "
                                 "SuperNode's command line)")
         try:
-            re.compile(regex)
-        except re.error as exc:
-            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r} is not "
-                                f"a regular expression ({exc})") from None
+            check_pattern(regex)
+        except PatternError as exc:
+            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r}: "
+                                f"{exc}") from None
     return tuple(pairs)
 
 
