@@ -241,3 +241,17 @@ def test_operator_show_and_reset(tmp_path: Path, capsys, monkeypatch) -> None:
     with pytest.raises(PrivacyBudgetExhausted):
         plan_round(tight, _context(), FAMILY, TRAIN, DATA, 1)
 
+
+def test_the_operator_docs_have_what_the_refusals_point_to() -> None:
+    """Each refusal names a section of docs/hospital-it.md: it must be there, with the command."""
+    from client.app import _seen_on_disk  # noqa: F401 - the replay record's refusal lives there
+    from client.privacy import FIX
+
+    doc = (ROOT / "docs" / "hospital-it.md").read_text()
+    for heading in ("### The privacy ledger", "### The replay record", "### The state folder"):
+        assert heading in doc
+    assert "'The privacy ledger'" in FIX and "fedsynth ledger reset" in doc
+    assert "`dp-ledger`" in doc and "`replay-record`" in doc  # the refusal reasons
+    security = (ROOT / "docs" / "security.md").read_text()
+    section = security.split("### (c)")[1].split("### (d)")[0]
+    assert "holds in memory" not in section and "state-dir" in section
