@@ -165,45 +165,62 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
     _save_seen(hospital, context.run_id, {**on_disk, kind: server_round})
 
 
-def _seen_path(hospital: HospitalSettings, run_id: int):  # noqa: ANN202
-    """Where the rounds acted on are kept across restarts (``HospitalSettings.run_state_path``)."""
-    return hospital.run_state_path(run_id, "seen")
+def _seen_paths(hospital: HospitalSettings, run_id: int) -> list:
+    """Where the rounds acted on are kept across restarts (``HospitalSettings.run_state_path``:
+    the state folder, else the cache folder); first the one written, then the cache folder's
+    record of an earlier version, still read so that an upgrade mid-run forgets nothing."""
+    path = hospital.run_state_path(run_id, "seen")
+    paths = [] if path is None else [path]
+    if hospital.state_dir is not None and hospital.cache_dir is not None:
+        old = hospital.cache_state_path(f"run-{int(run_id)}-seen")
+        if old is not None and old != path:
+            paths.append(old)
+    return paths
+
+
+class ReplayRecordUnusable(SignatureError):
+    """The replay record on disk cannot be read: refuse, never accept (an unreadable record
+    read as empty once let an old round through after a restart)."""
 
 
 def _seen_on_disk(hospital: HospitalSettings, run_id: int) -> dict[str, int]:
     import json
 
-    path = _seen_path(hospital, run_id)
-    try:
-        data = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-        return {str(k): int(v) for k, v in data.items()}
-    except (OSError, ValueError, TypeError, AttributeError):
-        log.warning("replay record %s unreadable: treated as empty", path)
-        return {}
+    from .statefiles import read_state
+
+    seen: dict[str, int] = {}
+    for path in _seen_paths(hospital, run_id):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            data = json.loads(read_state(path))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            for kind, value in data.items():
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"round {value!r} of {kind!r} is not a whole number")
+                seen[str(kind)] = max(value, seen.get(str(kind), value))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            _refuse(hospital, "replay-record", ReplayRecordUnusable(
+                f"replay record {path} is unreadable ({why}): every message of run {run_id} "
+                "is refused (a new run is not affected); to let this hospital rejoin the run, "
+                "an operator removes the file (docs/hospital-it.md, 'The replay record')"))
+    return seen
 
 
 def _save_seen(hospital: HospitalSettings, run_id: int, seen: dict[str, int]) -> None:
     import json
-    import os
-    import tempfile
 
-    path = _seen_path(hospital, run_id)
-    if path is None:
+    from .statefiles import write_atomic
+
+    paths = _seen_paths(hospital, run_id)
+    if not paths:
         return
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".seen-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(seen, fh)
-        os.replace(tmp, path)
+    try:  # atomically and flushed: a torn record must never be what a restart reads
+        write_atomic(paths[0], json.dumps(seen), prefix=".seen-")
     except OSError as exc:  # a full disk must not stop training; the memory record still holds
-        log.warning("could not record the rounds acted on in %s: %s", path, exc)
-        if tmp is not None:  # no empty temp file left behind per round on a full disk
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        log.warning("could not record the rounds acted on in %s: %s", paths[0], exc)
 
 
 def _refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:

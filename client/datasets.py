@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from shared_models import DataConfig, ModelConfig, get_family
+from shared_models.patterns import compile_pattern, literal
 
 from . import volumes
 from .cache import load_slices
@@ -83,7 +83,7 @@ class Selector:
             raise DataSelectionError(f"label attribute {self.attribute!r} is not one of "
                                      f"{sorted(meta)}")
         values = meta[self.attribute]
-        regexes = [re.compile(p, re.IGNORECASE) for p in self.patterns]
+        regexes = [compile_pattern(p) for p in self.patterns]  # RE2: linear time, run-sent
         hits = np.array([[bool(r.search(str(v))) for r in regexes] for v in values],
                         dtype=bool).reshape(len(values), len(regexes))
         out = np.where(hits.sum(1) == 1, hits.argmax(1), -1)
@@ -102,7 +102,7 @@ def _selector(hospital: HospitalSettings, attribute: str, names: tuple[str, ...]
     classes/domains ARE and their order; a site says how ITS series are called.
     """
     local = dict(hospital.label_patterns)
-    chosen = tuple(local.get(n) or p or re.escape(n) for n, p in zip(names, patterns))
+    chosen = tuple(local.get(n) or p or literal(n) for n, p in zip(names, patterns))
     return Selector(hospital.label_attribute or attribute, names, chosen)
 
 

@@ -36,7 +36,6 @@ import json
 import logging
 import io
 import os
-import re
 import stat
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -50,6 +49,8 @@ import torch.nn.functional as F
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from shared_models.patterns import check_pattern, compile_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +164,7 @@ class DicomSettings:
         if not self.max_decoded_mb > 0:
             raise ValueError(f"max_decoded_mb must be > 0, got {self.max_decoded_mb}")
         if self.series_pattern:
-            try:
-                re.compile(self.series_pattern)
-            except re.error as exc:
-                raise ValueError(f"series_pattern {self.series_pattern!r} is not a valid regular "
-                                 f"expression: {exc}") from exc
+            check_pattern(self.series_pattern)  # RE2 (linear time), as every label pattern
 
     @property
     def max_decoded_bytes(self) -> int:
@@ -560,7 +557,7 @@ def is_synthetic(ds: Dataset) -> bool:
         return False
 
 
-def _check_header(ds: Dataset, settings: DicomSettings, series_re: re.Pattern[str] | None) -> None:
+def _check_header(ds: Dataset, settings: DicomSettings, series_re: Any | None) -> None:
     """Apply the cheap skips that need no pixel decode."""
     sop = _str(ds, "SOPClassUID")
     media_sop = _str(getattr(ds, "file_meta", Dataset()), "MediaStorageSOPClassUID")
@@ -1091,7 +1088,8 @@ def iter_files(folder: Path, settings: DicomSettings, segmentations: list[str] |
     """
     folder = Path(folder)
     _check_folder(folder)
-    series_re = re.compile(settings.series_pattern) if settings.series_pattern else None
+    series_re = (compile_pattern(settings.series_pattern, ignore_case=False)
+                 if settings.series_pattern else None)
     index = -1
     for rel, path, problem in walk_folder(folder):
         if problem or path is None:

@@ -78,7 +78,8 @@ class _Series:
         self.refusals = Counter(
             "fedsynth_hospital_refused_messages",
             "Messages this hospital refused by its own policy (reason: unsigned, signature, "
-            "replay, never-send, ua-policy, dp-budget, bundle-*).", h + ["reason"], registry=r)
+            "replay, replay-record, never-send, ua-policy, dp-budget, dp-ledger, bundle-*).",
+            h + ["reason"], registry=r)
         self.dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon_spent",
                                 "Differential privacy spent by this run so far at this hospital "
                                 "(epsilon at its dp-delta; DP-SGD runs only).", h, registry=r,
@@ -237,7 +238,8 @@ def record_signature_failure(hospital: str) -> None:
 
 REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
-                   "bundle-code", "bundle-malformed", "bundle-components", "dp-budget")
+                   "bundle-code", "bundle-malformed", "bundle-components", "dp-budget",
+                   "dp-ledger", "replay-record")
 
 
 @_safely

@@ -43,14 +43,16 @@ is fit for metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from shared_models.patterns import check_pattern, compile_pattern, literal
 
 from . import dicom
 
@@ -101,15 +103,24 @@ class LabelRule:
         pats = tuple(patterns.split(";")) if patterns else ()
         if pats and len(pats) != len(names):
             raise ValueError(f"mask label patterns has {len(pats)} patterns for {len(names)} labels")
-        return cls(names, tuple(p or re.escape(n) for n, p in zip(names, pats or ("",) * len(names))))
+        for p in pats:
+            check_pattern(p)  # the run's (or the command line's): capped, RE2 only
+        return cls(names, tuple(p or literal(n)
+                                for n, p in zip(names, pats or ("",) * len(names))))
 
     def channel(self, texts: Sequence[str]) -> int | None:
         """Channel of a segment described by ``texts``; None when no label wants it."""
         joined = " | ".join(t for t in texts if t)
-        for k, pattern in enumerate(self.patterns):
-            if re.search(pattern, joined, re.IGNORECASE):
+        for k, regex in enumerate(_compiled(self.patterns)):
+            if regex.search(joined) is not None:
                 return k
         return None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(rule_patterns: tuple[str, ...]) -> tuple:
+    """A rule's patterns compiled once by RE2 (linear time: they are run-sent), not per segment."""
+    return tuple(compile_pattern(p) for p in rule_patterns)
 
 
 def _code_texts(item: Dataset | None) -> list[str]:
@@ -572,4 +583,4 @@ def _open_rule(ds: Dataset, kind: str | None) -> LabelRule:
     except Exception:
         pass
     names = list(dict.fromkeys(names))
-    return LabelRule(tuple(names), tuple(f"^{re.escape(n)}( \\||$)" for n in names))
+    return LabelRule(tuple(names), tuple(f"^{literal(n)}( \\||$)" for n in names))

@@ -40,7 +40,10 @@ def _max_decoded_mb(m: Mapping[str, Any]) -> float:
 @dataclass(frozen=True)
 class HospitalSettings:
     data_dir: Path
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # disposable: preprocessed slices (systemd CacheDirectory=)
+    # Kept: the privacy ledger and the replay records (systemd StateDirectory=, whose
+    # $STATE_DIRECTORY is the default of ``state-dir``). Never cleaned; back it up.
+    state_dir: Path | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU) | off
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
@@ -80,23 +83,33 @@ class HospitalSettings:
     # scalars are logged, on the metrics port and (runs without DP only) in the reply; 0: off
     audit_every: int = 0
 
-    def run_state_path(self, run_id: int, kind: str) -> Path | None:
-        """A file of per-run state kept across restarts (Flower keeps ``context.state`` in the
-        SuperNode's memory only): in the cache folder, when there is one, under a folder of this
-        hospital's own, since hospitals may share a cache (virtual hospitals over one folder) and
-        must not share replay records or privacy ledgers."""
-        if self.cache_dir is None:
+    def _own_folder(self, root: Path | None) -> Path | None:
+        """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
+        over one folder) and must not share replay records or privacy ledgers."""
+        if root is None:
             return None
         import hashlib
 
-        own = hashlib.sha256(self.name.encode()).hexdigest()[:16]
-        return self.cache_dir / "run-state" / own / f"run-{int(run_id)}-{kind}.json"
+        return root / "run-state" / hashlib.sha256(self.name.encode()).hexdigest()[:16]
+
+    def run_state_path(self, run_id: int, kind: str) -> Path | None:
+        """A file of per-run state kept across restarts (Flower keeps ``context.state`` in the
+        SuperNode's memory only; the replay record): in the state folder, or, at a hospital
+        without one (simulation, a demo), in the cache folder as before."""
+        own = self._own_folder(self.state_dir or self.cache_dir)
+        return None if own is None else own / f"run-{int(run_id)}-{kind}.json"
 
     def state_path(self, kind: str) -> Path | None:
         """A file of this hospital's state across runs (the privacy ledger: every run on these
-        slices charges one budget), beside its per-run state."""
-        run_file = self.run_state_path(0, kind)
-        return None if run_file is None else run_file.with_name(f"{kind}.json")
+        slices charges one budget): in the state folder only, never the disposable cache."""
+        own = self._own_folder(self.state_dir)
+        return None if own is None else own / f"{kind}.json"
+
+    def cache_state_path(self, kind: str) -> Path | None:
+        """Where a file of ``state_path`` lay before it moved to the state folder (the cache):
+        read once to carry an old ledger over, and for the cache's copy of the ledger marker."""
+        own = self._own_folder(self.cache_dir)
+        return None if own is None else own / f"{kind}.json"
 
     @property
     def needs_dp(self) -> bool:
@@ -119,6 +132,7 @@ class HospitalSettings:
         return cls(
             data_dir=Path(str(m["data-dir"])).expanduser(),
             cache_dir=Path(str(m["cache-dir"])).expanduser() if m.get("cache-dir") else None,
+            state_dir=_state_dir(m),
             device=str(m.get("device", "auto")),
             amp=str(m.get("amp", "auto")),
             threads=int(m.get("threads", 0)),
@@ -162,6 +176,8 @@ class HospitalSettings:
                                "holdout-every": self.holdout_every, "name": self.name}
         if self.cache_dir is not None:
             out["cache-dir"] = str(self.cache_dir)
+        if self.state_dir is not None:
+            out["state-dir"] = str(self.state_dir)
         if self.modalities:
             out["modalities"] = ",".join(self.modalities)
         if self.model_public_key is not None:
@@ -191,9 +207,10 @@ class HospitalSettings:
 
     def check_local(self) -> None:
         """Fail at daemon start, with the setting's name, rather than in every round."""
-        if self.needs_dp and self.cache_dir is None:
-            raise SettingsError("hospital settings dp-epsilon / require-dp need a cache-dir: "
-                                "the privacy ledger must survive a restart of the daemon")
+        if self.needs_dp and self.state_dir is None:
+            raise SettingsError("hospital settings dp-epsilon / require-dp need a state-dir "
+                                "(under systemd, StateDirectory= gives it): the privacy ledger "
+                                "must survive a restart of the daemon and a cleaned cache")
         if not self.data_dir.is_dir():
             raise SettingsError(f"hospital data-dir '{self.data_dir}' is not a folder")
         if self.model_public_key is not None:
@@ -203,6 +220,16 @@ class HospitalSettings:
                 load_public_key(self.model_public_key)  # readable, and an Ed25519 public key
             except SignatureError as exc:
                 raise SettingsError(f"hospital model-public-key: {exc}") from None
+
+
+STATE_ENV = "STATE_DIRECTORY"  # set by systemd for a unit with StateDirectory=
+
+
+def _state_dir(m: Mapping[str, Any]) -> Path | None:
+    """``state-dir``; by default the folder systemd gives a unit with ``StateDirectory=``
+    (``$STATE_DIRECTORY``, the first one if it names several), else none."""
+    value = m.get("state-dir") or os.environ.get(STATE_ENV, "").split(":")[0]
+    return Path(str(value)).expanduser() if value else None
 
 
 def _positive(value: Any, name: str, inf_ok: bool = False) -> float:
@@ -247,8 +274,11 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
-    """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;..."""
-    import re
+    """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;...
+
+    Matched by the same RE2 engine as the run's patterns (``shared_models.patterns``): a pattern
+    RE2 cannot compile, or one over its length cap, stops the daemon at start."""
+    from shared_models.patterns import PatternError, check_pattern
 
     if isinstance(value, Mapping):
         pairs = [(str(k), str(v)) for k, v in value.items()]
@@ -266,15 +296,15 @@ def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
                                 "pattern may not contain ';' (it separates patterns on the "
                                 "SuperNode's command line)")
         try:
-            re.compile(regex)
-        except re.error as exc:
-            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r} is not "
-                                f"a regular expression ({exc})") from None
+            check_pattern(regex)
+        except PatternError as exc:
+            raise SettingsError(f"hospital setting 'label-patterns': {name} = {regex!r}: "
+                                f"{exc}") from None
     return tuple(pairs)
 
 
-HOSPITAL_KEYS = ("data-dir", "cache-dir", "device", "amp", "threads", "modalities",
-                 "holdout-every", "name", "model-public-key", "max-decoded-mb",
+HOSPITAL_KEYS = ("data-dir", "cache-dir", "state-dir", "device", "amp", "threads",
+                 "modalities", "holdout-every", "name", "model-public-key", "max-decoded-mb",
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
                  "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every")
@@ -358,7 +388,7 @@ class DaemonSettings:
                 raise SettingsError(f"unknown [{section}] setting(s) {', '.join(unknown)}; "
                                     f"known: {', '.join(known)}")
         hosp = dict(data["hospital"])
-        for key in ("data-dir", "cache-dir", "model-public-key"):
+        for key in ("data-dir", "cache-dir", "state-dir", "model-public-key"):
             if hosp.get(key):
                 hosp[key] = str(rel(hosp[key]))
         coord, node = data["coordinator"], data["node"]

@@ -14,7 +14,7 @@ import sys
 from fedsynth.errors import UserError
 
 COMMANDS = ("demo", "certs", "coordinator", "hospital", "launch", "status", "report", "data",
-            "sample", "simulate", "audit", "evaluate")
+            "sample", "simulate", "audit", "evaluate", "ledger")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ trainer and the GPU benchmark can use them without importing Flower.
 
 from __future__ import annotations
 
+import math
 import re
 
 ARRAYS = "arrays"  # the one ArrayRecord: component-prefixed keys (see shared_models.codec)
@@ -53,6 +54,19 @@ UA_FAKES = "fakes"
 UA_LABELS = "labels"
 UA_LOGITS = "logits"
 UA_GRADS = "grads"
+
+
+def valid_epsilon(value: object) -> float | None:
+    """A hospital's self-reported ``dp-epsilon`` as a float if it can be an epsilon (a finite
+    number >= 0), else None: the report and the coordinator's metrics show such a value as
+    invalid, never as the value (-5, NaN or inf would read as a strong or no guarantee)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        eps = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return eps if math.isfinite(eps) and eps >= 0 else None
 
 
 # A hospital's name as a metric label (coordinator and hospital exporters): no path, no space.

@@ -29,6 +29,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protocol.keys import check_name  # one definition of a valid hospital label
+from protocol.keys import valid_epsilon  # ... and of a self-reported epsilon it may show
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,13 @@ class CoordinatorMetrics:
                             ["hospital", "component"], registry=r)
         self.h_dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon",
                                   "Differential privacy the hospital reported spent so far in "
-                                  "this run (epsilon at its own delta; DP-SGD runs only).",
+                                  "this run (epsilon at its own delta; DP-SGD runs only). "
+                                  "NaN when its last report was not a finite number >= 0.",
                                   ["hospital"], registry=r)
+        self.h_dp_epsilon_invalid = Counter(
+            "fedsynth_hospital_dp_epsilon_invalid_reports",
+            "Replies whose self-reported dp-epsilon was negative, NaN or infinite: refused, "
+            "never shown as the hospital's epsilon.", ["hospital"], registry=r)
         self.sent = Counter("fedsynth_sent_bytes", "Model bytes sent to hospitals.",
                             ["hospital", "kind"], registry=r)
         self.received = Counter("fedsynth_received_bytes", "Model bytes received from hospitals.",
@@ -299,7 +305,10 @@ class CoordinatorMetrics:
             self.h_loss.labels(name, "discriminator").set(
                 _finite_or_nan(m.get("loss-d", math.nan)))
             if "dp-epsilon" in m:
-                self.h_dp_epsilon.labels(name).set(_finite_or_nan(m["dp-epsilon"]))
+                eps = valid_epsilon(m["dp-epsilon"])
+                self.h_dp_epsilon.labels(name).set(math.nan if eps is None else eps)
+                if eps is None:
+                    self.h_dp_epsilon_invalid.labels(name).inc()
 
     __call__ = observe
 

@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from protocol.keys import valid_epsilon  # one definition of an epsilon a report may show
+
 log = logging.getLogger(__name__)
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b")
@@ -156,25 +158,50 @@ def _participation(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) 
 def _privacy(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str],
              config: Mapping[str, Any]) -> tuple[str, str]:
     """DP runs: a chart of the epsilon each hospital reported, and a table of the last values
-    (each at the hospital's own delta; a hospital that refused a round stays at its last)."""
+    (each at the hospital's own delta; a hospital that refused a round stays at its last).
+
+    Epsilon is self-reported: a value that cannot be an epsilon (negative, NaN, inf:
+    ``protocol.keys.valid_epsilon``) is shown as invalid, with its rounds, never as the value;
+    it is left out of the chart, and a hospital whose latest report is invalid shows no epsilon."""
     per_h: dict[str, list[tuple[float, float]]] = {}
+    invalid: dict[str, list[int]] = {}
+    last: dict[str, tuple[int, bool]] = {}  # hospital -> (latest round reported, was it valid)
     for r in rows:
         for node, m in (r.get("hospitals") or {}).items():
             if "dp-epsilon" in m:
-                per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
-                    (float(r["round"]), float(m["dp-epsilon"])))
-    if not per_h:
+                name = names.get(node, f"node …{node[-4:]}")
+                eps = valid_epsilon(m["dp-epsilon"])
+                if eps is None:
+                    invalid.setdefault(name, []).append(int(r["round"]))
+                else:
+                    per_h.setdefault(name, []).append((float(r["round"]), eps))
+                last[name] = (int(r["round"]), eps is not None)
+    if not last:
         return "", ""
+    if invalid:
+        log.warning("report: hospitals sent a dp-epsilon that is not a finite number >= 0: %s",
+                    ", ".join(f"{h} (rounds {', '.join(map(str, rs))})"
+                              for h, rs in sorted(invalid.items())))
     train = config.get("train", {})
-    chart = line_chart("Privacy spent per hospital (DP epsilon)", dict(sorted(per_h.items())))
-    body = "".join(f"<tr><td>{html.escape(h)}</td><td>{_fmt(pts[-1][1])}</td>"
-                   f"<td>{int(pts[-1][0])}</td></tr>" for h, pts in sorted(per_h.items()))
+    chart = (line_chart("Privacy spent per hospital (DP epsilon)", dict(sorted(per_h.items())))
+             if per_h else "")
+    body = []
+    for h in sorted(last):
+        rnd, ok = last[h]
+        cell = (f"<td>{_fmt(per_h[h][-1][1])}</td>" if ok else
+                '<td class="miss">invalid (refused)</td>')
+        bad = invalid.get(h, [])
+        bad_cell = (f'<td class="miss">rounds {", ".join(map(str, bad))}: not a finite number '
+                    "&ge; 0, refused</td>" if bad else "<td></td>")
+        body.append(f"<tr><td>{html.escape(h)}</td>{cell}<td>{rnd}</td>{bad_cell}</tr>")
     table = (f"<h2>Privacy</h2><p>DP-SGD at the hospitals: noise multiplier "
              f"{html.escape(str(train.get('dp_noise_multiplier', '?')))}, clipping norm "
              f"{html.escape(str(train.get('dp_max_grad_norm', '?')))}; epsilon as each "
-             "hospital's accountant reported it, at its own delta.</p>"
+             "hospital's accountant reported it, at its own delta. A reported epsilon that is "
+             "negative, NaN or infinite is refused: shown as invalid, not as a value.</p>"
              '<table class="part"><tr><th>hospital</th><th>epsilon spent</th>'
-             f"<th>last round reported</th></tr>{body}</table>")
+             "<th>last round reported</th><th>invalid reports</th></tr>"
+             + "".join(body) + "</table>")
     return chart, table
 
 

@@ -13,6 +13,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, TypeVar
 
+# Run-sent patterns are checked (length cap, what RE2 cannot compile) and matched by RE2, a
+# linear-time engine, in one place: shared_models/patterns.py.
+from .patterns import MAX_PATTERN_CHARS, check_pattern  # noqa: F401 - part of this module's API
+
 T = TypeVar("T")
 
 
@@ -189,55 +193,6 @@ class DataConfig:
     @property
     def class_pattern_list(self) -> tuple[str, ...]:
         return tuple(x for x in self.class_patterns.split(";")) if self.class_patterns else ()
-
-
-MAX_PATTERN_CHARS = 256
-
-
-def check_pattern(pattern: str) -> None:
-    """Refuse a run-sent regular expression that could hang a hospital (catastrophic
-    backtracking): nested or alternating repetition such as ``(a+)+`` or ``(a|ab)*``, and
-    backreferences. These patterns come from the coordinator and run inside the hospital's
-    daemon on its slices' text; Python's ``re`` has no time limit, so the shape is checked instead.
-    A label rule needs none of these (``^MR$``, ``cyst|meta``, ``T1.*post``)."""
-    import re
-
-    try:
-        from re import _parser as sre_parse  # Python >= 3.11
-    except ImportError:  # pragma: no cover - 3.10
-        import sre_parse  # type: ignore[no-redef]
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise ValueError(f"pattern of {len(pattern)} characters: at most {MAX_PATTERN_CHARS}")
-    try:
-        tree = sre_parse.parse(pattern)
-    except re.error as exc:
-        raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
-    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT,
-               getattr(sre_parse, "POSSESSIVE_REPEAT", sre_parse.MAX_REPEAT)}
-
-    def walk(items: Any, inside_repeat: bool) -> None:
-        for op, arg in items:
-            if op is sre_parse.GROUPREF or op is getattr(sre_parse, "GROUPREF_EXISTS", None):
-                raise ValueError(f"pattern {pattern!r}: backreferences are not allowed")
-            if op in repeats:
-                _low, high, sub = arg
-                unbounded = high is sre_parse.MAXREPEAT or high > 1
-                if inside_repeat:
-                    raise ValueError(f"pattern {pattern!r}: a repetition inside a repetition "
-                                     "can backtrack without end; write it without nesting")
-                walk(sub, inside_repeat or unbounded)
-            elif op is sre_parse.BRANCH:
-                if inside_repeat:
-                    raise ValueError(f"pattern {pattern!r}: alternatives inside a repetition "
-                                     "can backtrack without end")
-                for branch in arg[1]:
-                    walk(branch, inside_repeat)
-            elif op is sre_parse.SUBPATTERN:
-                walk(arg[-1], inside_repeat)
-            elif op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
-                walk(arg[1], inside_repeat)
-
-    walk(tree, False)
 
 
 def to_flat(obj: Any, prefix: str) -> dict[str, Any]:

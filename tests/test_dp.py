@@ -189,13 +189,15 @@ def _context(run_id: int = 9) -> Context:
 def test_hospital_settings_and_refusals(tmp_path: Path) -> None:
     h = HospitalSettings.from_mapping({"data-dir": str(tmp_path), "require-dp": True,
                                        "dp-epsilon": 4.0, "dp-delta": 1e-6,
-                                       "cache-dir": str(tmp_path / "c")})
+                                       "cache-dir": str(tmp_path / "c"),
+                                       "state-dir": str(tmp_path / "s")})
     # require-dp without a budget would accept any noise level the coordinator picks
     with pytest.raises(SettingsError, match="require-dp needs a finite dp-epsilon"):
         HospitalSettings.from_mapping({"data-dir": ".", "require-dp": True})
-    # a budget needs a ledger that survives a restart
-    with pytest.raises(SettingsError, match="need a cache-dir"):
-        HospitalSettings.from_mapping({"data-dir": str(tmp_path), "dp-epsilon": 4.0}).check_local()
+    # a budget needs a ledger that survives a restart (and a cleaned cache)
+    with pytest.raises(SettingsError, match="need a state-dir"):
+        HospitalSettings.from_mapping({"data-dir": str(tmp_path), "dp-epsilon": 4.0,
+                                       "cache-dir": str(tmp_path / "c")}).check_local()
     assert h.needs_dp and HospitalSettings.from_mapping(h.to_node_config()) == h
     with pytest.raises(SettingsError, match="dp-epsilon"):
         HospitalSettings.from_mapping({"data-dir": ".", "dp-epsilon": -1})
@@ -206,7 +208,7 @@ def test_hospital_settings_and_refusals(tmp_path: Path) -> None:
         plan_round(h, _context(), fam, TrainConfig(), {"image": torch.zeros(4, 1, 16, 16)}, 1)
     free = HospitalSettings(data_dir=tmp_path)
     assert plan_round(free, _context(), fam, TrainConfig(), None, 1) is None
-    budget = HospitalSettings(data_dir=tmp_path, dp_epsilon=0.5, cache_dir=tmp_path / "c")
+    budget = HospitalSettings(data_dir=tmp_path, dp_epsilon=0.5, state_dir=tmp_path / "s")
     with pytest.raises(PrivacyBudgetExhausted, match="past this hospital's dp-epsilon = 0.5"):
         plan_round(budget, _context(), fam, TrainConfig(dp_noise_multiplier=0.5),
                    {"image": torch.zeros(16, 1, 16, 16)}, 1)
@@ -219,7 +221,8 @@ def test_hospital_settings_and_refusals(tmp_path: Path) -> None:
 
 def _hospitals(root: Path, n: int = 2) -> list[dict]:
     folders = build_demo_hospitals(root / "data", n, matrix=16, include_real=False)
-    return [{"data-dir": str(f), "cache-dir": str(root / "cache" / f.name), "device": "cpu",
+    return [{"data-dir": str(f), "cache-dir": str(root / "cache" / f.name),
+             "state-dir": str(root / "state" / f.name), "device": "cpu",
              "holdout-every": 4, "threads": 1} for f in folders]
 
 
@@ -278,8 +281,8 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
     # the coordinator learns the kind of refusal, nothing more
     assert any("refused by the hospital's privacy settings (PrivacyBudgetExhausted)"
                in r.getMessage() for r in caplog.records)
-    # the ledger is on disk, per run, so a restarted daemon does not forget the spend
-    ledgers = list((tmp_path / "cache").glob("*/run-state/*/dp-ledger.json"))
+    # the ledger is on disk, in the state folder, so a restarted daemon does not forget the spend
+    ledgers = list((tmp_path / "state").glob("*/run-state/*/dp-ledger.json"))
     assert len(ledgers) == 2
     # the DP reply carries epsilon and nothing else new (a run without DP, same hospitals)
     plain, _ = run_inprocess(_cfg(tmp_path, "plain", 0.0), _hospitals(tmp_path / "p"))
@@ -308,7 +311,7 @@ def test_the_hospital_exports_its_epsilon_and_a_budget_refusal_series() -> None:
              {"hospital": "north", "reason": "dp-budget"}) == 0
 
 
-def test_one_budget_over_every_run_and_no_ledger_without_a_cache(tmp_path: Path) -> None:
+def test_one_budget_over_every_run_and_no_ledger_without_a_state_folder(tmp_path: Path) -> None:
     """A coordinator starting run after run must not get a fresh dp-epsilon each time: the
     ledger is the hospital's, over all runs on its slices (review finding: it was per run)."""
     from client.privacy import charge
@@ -316,15 +319,15 @@ def test_one_budget_over_every_run_and_no_ledger_without_a_cache(tmp_path: Path)
     fam = get_family("dcgan")
     data = {"image": torch.zeros(64, 1, 16, 16)}
     train = TrainConfig(dp_noise_multiplier=1.0, local_steps=20, batch_size=16)
-    probe = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "probe")
+    probe = HospitalSettings(data_dir=tmp_path, state_dir=tmp_path / "probe")
     plan = plan_round(probe, _context(1), fam, train, data, 1)
     one_round = charge(probe, _context(1), plan, plan.releases, plan.sample_rate)
-    hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "c",
+    hospital = HospitalSettings(data_dir=tmp_path, state_dir=tmp_path / "s",
                                 dp_epsilon=one_round * 1.05)  # epsilon grows sublinearly
     first = plan_round(hospital, _context(run_id=1), fam, train, data, 1)
     charge(hospital, _context(run_id=1), first, first.releases, first.sample_rate)
     with pytest.raises(PrivacyBudgetExhausted, match="every run"):
         plan_round(hospital, _context(run_id=2), fam, train, data, 1)  # a new run, same slices
-    no_cache = HospitalSettings(data_dir=tmp_path, dp_epsilon=100.0)
-    with pytest.raises(PrivacyRefused, match="no cache-dir"):
-        plan_round(no_cache, _context(), fam, train, data, 1)
+    no_state = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "c", dp_epsilon=100.0)
+    with pytest.raises(PrivacyRefused, match="no state-dir"):
+        plan_round(no_state, _context(), fam, train, data, 1)

@@ -278,3 +278,72 @@ def test_hospitals_sharing_a_cache_keep_their_own_replay_records(keys, tmp_path:
     check_signature(second, _message(keys, nets, 1), _context(tmp_path))
     with pytest.raises(SignatureError, match="replayed"):  # each still refuses its own replay
         check_signature(second, _message(keys, nets, 1), _context(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not-a-number", "a-list", "a-folder",
+                                    "a-fifo", "empty"])
+def test_a_corrupt_replay_record_refuses_never_accepts(keys, tmp_path: Path, task_identity, nets,
+                                                       damage: str, caplog) -> None:
+    """An unreadable record was read as empty, so after a restart an old round got through
+    (issue 25, item 7): now every message of the run is refused until an operator removes it."""
+    import os
+    import stat
+
+    from client.app import check_signature
+    from client.settings import HospitalSettings
+
+    hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                                state_dir=tmp_path / "state", model_public_key=keys.signing_pub)
+    check_signature(hospital, _message(keys, nets, 3), _context(tmp_path))
+    record = hospital.run_state_path(RUN, "seen")
+    assert (tmp_path / "state") in record.parents  # the state folder, not the cache
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+    assert [p.name for p in record.parent.iterdir()] == [record.name]  # no temp file left
+    text = record.read_text()
+    if damage == "garbage":
+        record.write_bytes(os.urandom(64))
+    elif damage == "truncated":
+        record.write_text(text[: len(text) // 2])
+    elif damage == "not-a-number":
+        record.write_text('{"train": "3"}')
+    elif damage == "a-list":
+        record.write_text("[3]")
+    elif damage == "a-fifo":  # a plain read would block the ClientApp for ever
+        record.unlink()
+        os.mkfifo(record)
+    elif damage == "empty":  # what a crash mid-write left before the write was atomic
+        record.write_text("")
+    else:
+        record.unlink()
+        record.mkdir()
+    for context in (_context(tmp_path), _context(tmp_path)):  # a restart; and again
+        with caplog.at_level(logging.ERROR), pytest.raises(SignatureError,
+                                                           match="replay record") as info:
+            check_signature(hospital, _message(keys, nets, 1), context)  # the old round
+        assert str(record) in str(info.value) and "\n" not in str(info.value)
+        with pytest.raises(SignatureError, match="replay record"):
+            check_signature(hospital, _message(keys, nets, 9), context)  # and a new one
+    assert "REFUSED message (replay-record)" in caplog.text
+    # the operator removes it: the hospital rejoins (memory of this run starts anew)
+    if record.is_dir() and not record.is_symlink():
+        record.rmdir()
+    else:
+        record.unlink()
+    check_signature(hospital, _message(keys, nets, 10), _context(tmp_path))
+
+
+def test_a_replay_record_of_the_cache_still_counts_after_moving_to_the_state_folder(
+        keys, tmp_path: Path, task_identity, nets) -> None:
+    """Before the state folder, records were in the cache: an upgrade mid-run forgets none."""
+    from client.app import check_signature
+    from client.settings import HospitalSettings
+
+    before = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                              model_public_key=keys.signing_pub)
+    check_signature(before, _message(keys, nets, 6), _context(tmp_path))
+    after = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
+                             state_dir=tmp_path / "state", model_public_key=keys.signing_pub)
+    with pytest.raises(SignatureError, match="replayed"):
+        check_signature(after, _message(keys, nets, 5), _context(tmp_path))
+    check_signature(after, _message(keys, nets, 7), _context(tmp_path))
+    assert after.run_state_path(RUN, "seen").exists()

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.keys import valid_epsilon  # one definition of an epsilon a report may show
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from shared_models.audit import SSIM_THRESHOLD
@@ -124,6 +126,7 @@ def model_epsilon(checkpoint: Path, round_: int, run: dict) -> dict[str, Any]:
     root = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" \
         else checkpoint.parent
     eps: list[float] = []
+    invalid = 0
     metrics = root / "metrics.jsonl"
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
@@ -134,11 +137,21 @@ def model_epsilon(checkpoint: Path, round_: int, run: dict) -> dict[str, Any]:
             if not isinstance(row, dict) or int(row.get("round", 0)) > round_:
                 continue
             for m in (row.get("hospitals") or {}).values():
-                if isinstance(m, dict) and isinstance(m.get("dp-epsilon"), (int, float)):
-                    eps.append(float(m["dp-epsilon"]))
+                if not isinstance(m, dict) or "dp-epsilon" not in m:
+                    continue
+                # a report that cannot be an epsilon (-5, NaN, inf, text) is not one: left out,
+                # and said so, since the weakest guarantee may be the one left out
+                value = valid_epsilon(m["dp-epsilon"])
+                if value is None:
+                    invalid += 1
+                else:
+                    eps.append(value)
+    source = ("max over hospitals' reports up to this round" if eps
+              else ("no DP in this run" if sigma == 0 else "no hospital report found"))
+    if invalid:
+        source += f"; {invalid} report(s) not a finite number >= 0 left out"
     return {"dp-noise-multiplier": sigma, "dp-epsilon": max(eps) if eps else None,
-            "dp-epsilon-source": "max over hospitals' reports up to this round" if eps
-            else ("no DP in this run" if sigma == 0 else "no hospital report found")}
+            "dp-epsilon-source": source}
 
 
 def gate(images: np.ndarray, data_dir: Path, cfg: Any, data: Any, holdout_every: int,

@@ -78,6 +78,29 @@ def _tls(args: argparse.Namespace):  # noqa: ANN202
     return TLSFiles(ca.resolve(), cert.resolve(), key.resolve())
 
 
+DATABASE = "state.db"
+
+
+def private_database(state: Path) -> Path:
+    """``state/state.db``, created (or, from an earlier version, changed) to mode 0600 before
+    the SuperLink opens it: it holds the runs, their configurations and the hospitals' replies,
+    and Flower creates it with the umask's 0644 (issue 25). SQLite gives its journal and WAL
+    files the database's mode, so they are private too; existing ones are changed as well."""
+    import os
+
+    db = state / DATABASE
+    fd = os.open(db, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = db.with_name(db.name + suffix)
+        if side.is_file() and not side.is_symlink():
+            side.chmod(0o600)
+    return db
+
+
 def _free_loopback_port() -> int:
     import socket
 
@@ -118,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     state = args.state.resolve()
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new folder is the coordinator's
+    try:
+        database = private_database(state)
+    except OSError as exc:
+        raise UserError(f"state database in '{state}': {exc.strerror or exc}") from None
     # The SuperLink (all of Flower's APIs) answers on loopback only; nginx owns --address.
     local = "127.0.0.1"
     link_port = args.superlink_port or _free_loopback_port()
@@ -143,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(f"fedsynth.{name}").info("%s", line)
         return sink
 
-    link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", state / "state.db",
+    link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", database,
                                                     tls, node_auth=tls is not None),
                       env=_with_metrics(superlink_env(), args), sink=sink_for("superlink"))
     front = Supervisor("fleet-proxy", proxy.command(), sink=sink_for("proxy"))

@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int,
                    help="serve this hospital's Prometheus metrics on this port (0: off)")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path, help="preprocessed slices (disposable)")
+    p.add_argument("--state-dir", type=Path,
+                   help="kept state: the privacy ledger, replay records (default: "
+                        "$STATE_DIRECTORY, which systemd's StateDirectory= sets)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=int)
     p.add_argument("--modalities", help="comma separated, e.g. MR,CT")
@@ -62,6 +65,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
             "hospital.accept-unsigned-models": args.insecure_accept_unsigned_models,
             "hospital.never-send": args.never_send,
             "hospital.data-dir": s(args.data_dir), "hospital.cache-dir": s(args.cache_dir),
+            "hospital.state-dir": s(args.state_dir),
             "hospital.device": args.device, "hospital.threads": args.threads,
             "hospital.modalities": args.modalities, "hospital.name": args.name,
             "hospital.model-public-key": s(args.model_public_key)}
