@@ -102,9 +102,10 @@ def _with_metrics(env: dict[str, str], args: argparse.Namespace) -> dict[str, st
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
     from fedsynth.errors import UserError
-    from fedsynth.deployment import (DeploymentError, Supervisor, register_node_keys,
-                                     split_address, stop_on_signals, superlink_command,
-                                     superlink_env, wait_for_port, write_flwr_home)
+    from fedsynth.deployment import (DeploymentError, register_node_keys, split_address,
+                                     superlink_command, superlink_env, wait_for_port,
+                                     write_flwr_home)
+    from fedsynth.supervisor import Supervisor, stop_on_signals
     from fedsynth.fleet_proxy import ProxyError, ProxyTLS, write_proxy
 
     tls = None
