@@ -284,6 +284,55 @@ def prepare_multiproc_dir(parent: Path | None = None) -> Path:
     return folder
 
 
+class DaemonRestarts:
+    """``fedsynth_supernode_restarts_total{hospital, reason}``: the daemon's own counter.
+
+    Counted in the daemon process (not in a ClientApp's multiprocess files: the daemon imported
+    prometheus-client before it chose the multiprocess folder), and served by ``start_exporter``
+    beside the merged ClientApp series. ``reason`` is one of ``fedsynth.supervisor``'s
+    ``RESTART_REASONS``: ``exited`` (the SuperNode ended) or ``gave-up`` (it logged that it gave
+    up reconnecting and was ended).
+    """
+
+    REASONS = ("exited", "gave-up")
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], float] = {}
+
+    def inc(self, hospital: str, reason: str | None) -> None:
+        name = label_name(hospital)
+        with self._lock:
+            for r in self.REASONS:  # every reason's series exists from the start, at 0
+                self._counts.setdefault((name, r), 0.0)
+            if reason is not None:
+                key = (name, reason if reason in self.REASONS else "other")
+                self._counts[key] = self._counts.get(key, 0.0) + 1.0
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "fedsynth_supernode_restarts",
+            "SuperNode restarts by this hospital's daemon (reason: exited, or gave-up: it logged "
+            "that it gave up reconnecting and was ended).", labels=["hospital", "reason"])
+        with self._lock:
+            for (name, reason), value in sorted(self._counts.items()):
+                family.add_metric([name, reason], value)
+        yield family
+
+
+RESTARTS = DaemonRestarts()
+
+
+@_safely
+def record_supernode_restart(hospital: str, reason: str | None) -> None:
+    """The daemon restarted its SuperNode for ``reason`` (None: only create the series)."""
+    RESTARTS.inc(hospital, reason)
+
+
 class FedsynthOnly:
     """Only the ``fedsynth_`` families of a collector.
 
@@ -311,6 +360,7 @@ def start_exporter(port: int, host: str = DEFAULT_HOST, multiproc_dir: Path | No
     folder = prepare_multiproc_dir(multiproc_dir)
     registry = CollectorRegistry()
     registry.register(FedsynthOnly(multiprocess.MultiProcessCollector(None, path=str(folder))))
+    registry.register(RESTARTS)
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

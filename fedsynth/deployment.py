@@ -3,8 +3,8 @@
 Everything about process management lives here: the command lines (TLS, node authentication,
 state database, dependency installation off), the Flower CLI connection file, readiness waits, a
 pre-flight TLS probe that turns "wrong certificate" into one clear line, node registration, the
-minimal app folder ``flwr run`` ships (no code: hospitals run the fedsynth they installed), and a
-supervisor that restarts a dead child with exponential backoff.
+minimal app folder ``flwr run`` ships (no code: hospitals run the fedsynth they installed), and
+the spawn/kill helpers ``fedsynth.supervisor`` uses to keep a child running.
 
 Flower facts this relies on (1.42): the SuperLink serves Fleet, Control and runtime APIs on one
 port (plain HTTP/1.1 paths /v1/fleet, /v1/control, /v1/runtime; so ``fedsynth coordinator`` puts
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -553,116 +553,6 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-
-
-@dataclass
-class Supervisor:
-    """Keep one child running: restart it with exponential backoff when it dies.
-
-    The child's output is copied line by line to ``sink`` (our log or a file); ``on_line`` lets the
-    caller recognise Flower's messages (e.g. the node-refused exit code) without parsing twice.
-    """
-
-    name: str
-    command: list[str]
-    env: dict[str, str] = field(default_factory=child_env)
-    cwd: Path | None = None
-    min_backoff: float = 1.0
-    max_backoff: float = 60.0
-    healthy_after: float = 60.0  # a child that lived this long resets the backoff
-    max_restarts: int | None = None  # None: restart forever (a daemon); 0: run once
-    on_line: Callable[[str], None] | None = None
-    sink: Callable[[str], None] | None = None
-    proc: subprocess.Popen | None = None
-    restarts: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> subprocess.Popen:
-        # spawn: the child (and whatever it starts) dies with this daemon, however it dies
-        self.proc = spawn(self.command, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                          bufsize=1, start_new_session=True)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
-        log.info("%s started (pid %d)", self.name, self.proc.pid)
-        return self.proc
-
-    def _pump(self, proc: subprocess.Popen) -> None:
-        assert proc.stdout is not None  # noqa: S101 - set by Popen above
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            if self.sink is not None:
-                self.sink(line)
-            else:
-                sys.stderr.write(f"[{self.name}] {line}\n")
-            if self.on_line is not None:
-                self.on_line(line)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def run_forever(self, before_start: Callable[[], None] | None = None) -> int:
-        """Start, wait, restart with backoff until ``stop()``; returns the last exit code."""
-        backoff = self.min_backoff
-        code = 0
-        while not self._stop.is_set():
-            if before_start is not None:
-                try:
-                    before_start()
-                except CoordinatorUnreachable as exc:
-                    log.warning("%s; retrying in %.0f s", exc, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff)
-                    continue
-            t0 = time.monotonic()
-            proc = self.start()
-            while proc.poll() is None and not self._stop.is_set():
-                self._stop.wait(0.5)
-            if self._stop.is_set():
-                break
-            code = proc.returncode
-            if time.monotonic() - t0 >= self.healthy_after:
-                backoff = self.min_backoff
-            if self.max_restarts is not None and self.restarts >= self.max_restarts:
-                log.error("%s exited with code %s; not restarting (--max-restarts %d)",
-                          self.name, code, self.max_restarts)
-                break
-            self.restarts += 1
-            log.warning("%s exited with code %s; restarting in %.0f s (restart %d)",
-                        self.name, code, backoff, self.restarts)
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, self.max_backoff)
-        self.terminate()
-        return code
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep, waking early when the supervisor is stopped."""
-        self._stop.wait(seconds)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            kill_tree(self.proc)
-        elif self.proc is not None:
-            for pid in _descendants(self.proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
-def stop_on_signals(stop: Callable[[], None]) -> None:
-    """SIGTERM/SIGINT end the daemon cleanly (systemd, docker stop, Ctrl-C)."""
-    def handler(signum: int, _frame: Any) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 # ---- the launch file (``fedsynth launch CONFIG`` / ``fedsynth status CONFIG``) ----

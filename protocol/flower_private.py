@@ -143,6 +143,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "RegisterNodeRequest": "flwr.proto.control_pb2:RegisterNodeRequest",
     "public_key_to_bytes": "flwr.supercore.primitives.asymmetric:public_key_to_bytes",
     "fleet_router": "flwr.superlink.routers.fleet.router:router",
+    # the largest array chunk one push-object carries: sizes the proxy's body limit
+    "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": "flwr.common.constant:FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE",
     "flower_supernode": "flwr.supernode.cli:flower_supernode",
 }
 

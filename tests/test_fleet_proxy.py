@@ -80,6 +80,7 @@ class _Upstream:
 def _start_nginx(proxy: FleetProxy) -> subprocess.Popen:
     proc = subprocess.Popen(proxy.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
+    proc.fedsynth_proxy = proxy  # for _stop: its socket folder goes once nginx has stopped
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
@@ -98,6 +99,7 @@ def _stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
+    proc.fedsynth_proxy.remove_socket_dir()
     return out.decode(errors="replace")
 
 
@@ -166,6 +168,7 @@ def test_config_passes_nginx_t(tmp_path: Path, secure: bool) -> None:
             assert forwarded_paths(text) == []
         else:
             assert forwarded_paths(text) == fleet_routes()
+        proxy.remove_socket_dir()
 
 
 @needs_nginx
@@ -196,8 +199,8 @@ def test_only_fleet_paths_reach_the_superlink_from_the_network(tmp_path: Path,
         for _, _, headers, body in upstream.seen:
             assert {k: headers.get(k) for k in SIGNED} == SIGNED
             assert body == b"\x00protobuf\xff"
-        # a large body streams through (a model's push-object)
-        big = bytes(range(256)) * (24 * 4096)  # 24 MiB
+        # a model's largest push-object (one 5 MiB array chunk + its header) passes whole
+        big = bytes(range(256)) * (5 * 4096) + b"h" * 179
         assert _send(PUBLIC, port, keys, "/v1/fleet/push-object", body=big)[0] == 200
         assert upstream.seen[-1][3] == big
         n = len(upstream.seen)
@@ -247,12 +250,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_deploy_files_run_the_proxy(tmp_path: Path) -> None:
     """The coordinator image installs nginx; the systemd unit for the coordinator verifies."""
     docker = (ROOT / "deploy" / "docker" / "Dockerfile.coordinator").read_text()
-    assert "apt-get install -y --no-install-recommends nginx" in docker
+    assert "apt-get install -y --no-install-recommends nginx libnginx-mod-stream" in docker
     unit = ROOT / "deploy" / "systemd" / "fedsynth-coordinator.service"
     text = unit.read_text()
     assert "fedsynth coordinator" in text and "Restart=" in text
     assert "apt-get install" in (ROOT / ".ci" / "run").read_text() and \
-        "nginx iproute2" in (ROOT / ".ci" / "run").read_text()
+        "nginx libnginx-mod-stream iproute2" in (ROOT / ".ci" / "run").read_text()
     skip_unless("systemd-analyze", "systemd")
     tool = which("systemd-analyze")
     fake = tmp_path / unit.name

@@ -97,7 +97,7 @@ def _gone(what: str, check, timeout: float = 15.0) -> float:
 
 DAEMON = textwrap.dedent("""\
     import sys, threading, time
-    from fedsynth.deployment import Supervisor
+    from fedsynth.supervisor import Supervisor
     s = Supervisor("x", ["sh", "-c", "sleep 301 & sleep 302 & echo started; wait"],
                    sink=lambda line: print(line, flush=True))
     # started from a thread that ends at once: the children must outlive it

@@ -125,9 +125,10 @@ def _with_metrics(env: dict[str, str], args: argparse.Namespace) -> dict[str, st
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
     from fedsynth.errors import UserError
-    from fedsynth.deployment import (DeploymentError, Supervisor, register_node_keys,
-                                     split_address, stop_on_signals, superlink_command,
-                                     superlink_env, wait_for_port, write_flwr_home)
+    from fedsynth.deployment import (DeploymentError, register_node_keys, split_address,
+                                     superlink_command, superlink_env, wait_for_port,
+                                     write_flwr_home)
+    from fedsynth.supervisor import Supervisor, stop_on_signals
     from fedsynth.fleet_proxy import ProxyError, ProxyTLS, write_proxy
 
     tls = None
@@ -207,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
                                                        FederationKeys(args.keys).nodes.is_dir()):
         log.warning("no hospital keys to register yet: add KEYS/nodes/NAME.pub "
                     "(`fedsynth certs node`) or --register")
-    front_thread = threading.Thread(target=front.run_forever, daemon=True)
+    # a killed nginx leaves its unix sockets behind, and a new one cannot bind over them
+    front_thread = threading.Thread(target=front.run_forever, daemon=True,
+                                    kwargs={"before_start": proxy.clear_sockets})
     front_thread.start()
     threading.Thread(target=registrar, daemon=True).start()
     log.info("coordinator listening on %s (%s; Fleet API only from the network, nginx config "
@@ -217,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     code = link.run_forever()
     front.stop()
     front_thread.join(timeout=30)
+    proxy.remove_socket_dir()
     if log_fh is not None:
         log_fh.close()
     return 0 if link.stopping() else code

@@ -131,11 +131,21 @@ def start_metrics(port: int) -> tuple[dict[str, str], Path | None]:
     return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}, folder
 
 
+def restart_recorder(hospital: str, metrics_dir: Path | None):  # noqa: ANN201
+    """``on_restart`` for the SuperNode's supervisor: the restart counter (metrics on only)."""
+    if metrics_dir is None:
+        return None
+    from client import metrics
+
+    metrics.record_supernode_restart(hospital, None)  # every reason's series exists, at 0
+    return lambda reason: metrics.record_supernode_restart(hospital, reason)
+
+
 def run(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
-    from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, Supervisor, child_env,
-                                     executor_command, probe_coordinator, stop_on_signals,
-                                     supernode_command)
+    from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, child_env,
+                                     executor_command, probe_coordinator, supernode_command)
+    from fedsynth.supervisor import SUPERNODE_GAVE_UP, Supervisor, stop_on_signals
 
     settings = load_settings(args)
     try:
@@ -156,11 +166,16 @@ def run(args: argparse.Namespace) -> int:
             log_fh.write(line + "\n")
         logging.getLogger("fedsynth.supernode").info("%s", line)
 
+    # A SuperNode that logs that it gave up reconnecting (Flower does on any TLS error, e.g. a
+    # flooded coordinator's proxy) stays alive doing nothing: it is restarted like a dead one,
+    # and every restart is counted on /metrics (fedsynth_supernode_restarts_total{reason}).
     node = Supervisor(
         "supernode",
         supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
                           settings.port, settings.hospital.to_node_config()),
-        env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts)
+        env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts,
+        gave_up_markers=SUPERNODE_GAVE_UP,
+        on_restart=restart_recorder(settings.hospital.name, metrics_dir))
     # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if it
     # dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
     executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
