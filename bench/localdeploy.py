@@ -104,12 +104,15 @@ model-public-key = "{keys / 'model-signing.pub'}"
 
 def launch_toml(path: Path, address: str, ca_cert: Path, **run: object) -> Path:
     """``fedsynth launch`` settings: the coordinator's address and CA, then ``[run]`` keys
-    (underscores become dashes: ``local_steps=3`` → ``local-steps = 3``)."""
+    (underscores become dashes: ``local_steps=3`` → ``local-steps = 3``; ``rounds`` is the field
+    name of ``num-server-rounds``, the one key a launch file accepts for it)."""
+    keys = {"rounds": "num-server-rounds"}
+
     def value(v: object) -> str:
         return f'"{v}"' if isinstance(v, (str, Path)) else str(v).lower() \
             if isinstance(v, bool) else str(v)
 
-    lines = [f'{k.replace("_", "-")} = {value(v)}' for k, v in run.items()]
+    lines = [f'{keys.get(k, k.replace("_", "-"))} = {value(v)}' for k, v in run.items()]
     path.write_text(f'[coordinator]\naddress = "{address}"\nroot-certificates = "{ca_cert}"\n\n'
                     "[run]\n" + "\n".join(lines) + "\n")
     return path

@@ -28,9 +28,11 @@ mix (class imbalance) and the scanner profile of ``shared_models.phantoms.defaul
 field strength and TR/TE, field of view, rotation).
 
 Each slice is written as one DICOM image whose ``ImageComments`` says ``lesion class: <name>``
-(the run's label rule: ``[data] class-attribute = "image_comments"``,
-``classes = "cyst,metastasis,haemangioma"``), and its lesion mask as a DICOM SEG (highdicom) that
-references the image, beside it (``NNN.dcm`` and ``NNN-seg.dcm``). fedsynth's scanner skips the
+(the run's label rule, ``run_snippet()``: ``[run] classes = "cyst,metastasis,haemangioma"``,
+``class-attribute = "image_comments"``), and its lesion mask as a DICOM SEG (highdicom) that
+references the image, beside it (``NNN.dcm`` and ``NNN-seg.dcm``). The segment's label is the class
+and its description ``lesion: <class>``, so the run's default ``mask-labels = "lesion"`` takes every
+mask as one lesion channel and ``mask-labels = "cyst,metastasis,haemangioma"`` one per class. fedsynth's scanner skips the
 SEG objects as non-image objects and counts them. ``manifest.json`` lists every file's class.
 Reachable as ``fedsynth data make-lesions OUT_DIR``.
 """
@@ -61,6 +63,7 @@ __all__ = ["CLASSES", "LESION_SITES", "LesionSite", "LesionSlice", "build_lesion
 CLASSES: tuple[str, str, str] = ("cyst", "metastasis", "haemangioma")
 CLASS_ATTRIBUTE = "image_comments"  # the client.dicom meta key of ImageComments
 RUN_DATA_SETTINGS = {"classes": ",".join(CLASSES), "class_attribute": CLASS_ATTRIBUTE}
+SEGMENT_DESCRIPTION = "lesion: {cls}"  # what the default mask-labels ("lesion") finds
 COMMENT_PREFIX = "lesion class: "
 MANIFEST_NAME = "manifest.json"
 SEG_SUFFIX = "-seg.dcm"
@@ -328,6 +331,7 @@ def seg_dataset(image: pydicom.Dataset, mask: np.ndarray, cls: str, seed: int, s
         segmented_property_type=_segment_code(cls),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm)
+    description.SegmentDescription = SEGMENT_DESCRIPTION.format(cls=cls)
     return hd.seg.Segmentation(
         source_images=[image], pixel_array=mask[None].astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -395,6 +399,18 @@ def build_lesion_hospitals(out_dir: Path, *, seed: int = 0, matrix: int = 64,
                 "hospitals": entries}
     (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return paths
+
+
+def run_snippet() -> str:
+    """The data set's label rule as the ``[run]`` lines ``fedsynth launch`` accepts (keys from
+    ``server.run_config``, so the printed snippet cannot drift from what the loader knows)."""
+    from server.run_config import SETTINGS, toml_value
+
+    key = {s.path: s.key for s in SETTINGS}
+    lines = ["[run]", *(f"{key[('data', k)]} = {toml_value(v)}"
+                        for k, v in RUN_DATA_SETTINGS.items())]
+    return "\n".join([*lines, '# maskgan / aae: the default mask-labels = "lesion" takes every SEG; '
+                       'mask-labels = "' + ",".join(CLASSES) + '" gives one channel per class'])
 
 
 def small_site(sites: Sequence[LesionSite] = LESION_SITES) -> int:

@@ -7,7 +7,8 @@ below. Every field is a ``setting`` with a key and a line of help, and everythin
 run setting is derived from this tree:
 
 - ``fedsynth launch`` checks the launch file's ``[run]`` table with ``from_flat`` before it
-  submits anything (an unknown or mistyped key is refused with the known keys listed);
+  submits anything (a mistyped key is refused with the key it is closest to, "did you mean";
+  ``rounds`` names ``num-server-rounds``; the known keys are listed only when none is close);
 - ``fedsynth launch --help`` lists ``SETTINGS`` with their help (``settings_help``);
 - the code-free launch app declares ``defaults_flat()`` as ``[tool.flwr.app.config]`` (Flower
   refuses run-config keys an app does not declare), and this repository's ``pyproject.toml``
@@ -21,6 +22,7 @@ So a setting is added by adding a field, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
@@ -34,8 +36,10 @@ from .presets import PRESETS
 from .run_folder import check_run_id
 from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
 
-# What people write that means a known key (the error names the real one).
-ALIASES = {"rounds": "num-server-rounds"}
+# Keys people write for a known one: refused, naming it (each setting has one key, the one
+# `fedsynth launch --help` lists; a silent alias was a second spelling nobody could look up).
+MISNOMERS = {"rounds": "num-server-rounds"}
+ALIASES: dict[str, str] = {}  # none since issue 24; fedsynth/deployment.py still maps through it
 REDUCERS = ("", "mean", "median", "trimmed-mean")
 SERVER_OPTS = ("", "avg", "avgm", "adam")
 
@@ -207,17 +211,11 @@ def _coerce(s: Setting, value: Any) -> Any:
 
 def from_flat(values: Mapping[str, Any]) -> FederationConfig:
     """A ``FederationConfig`` from flat ``key = value`` settings; every mistake is a
-    ``ValueError`` naming the key (unknown keys list the known ones)."""
+    ``ValueError`` naming the key (``unknown_message``)."""
     values = dict(values)
-    renamed = {k: ALIASES[k] for k in values if k in ALIASES}
-    for old, new in renamed.items():
-        if new in values:
-            raise ValueError(f"run settings {old!r} and {new!r} are the same setting: give one")
-        values[new] = values.pop(old)
     unknown = sorted(set(values) - set(_BY_KEY))
     if unknown:
-        raise ValueError(f"unknown run setting(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(_BY_KEY)} (see `fedsynth launch --help`)")
+        raise ValueError(unknown_message(unknown))
     parts: dict[tuple[str, ...], dict[str, Any]] = {}
     for key, value in values.items():
         s = _BY_KEY[key]
@@ -228,6 +226,18 @@ def from_flat(values: Mapping[str, Any]) -> FederationConfig:
         return FederationConfig(**nested, **parts.get((), {}))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"run settings: {exc}") from None
+
+
+def unknown_message(keys: list[str]) -> str:
+    """One "did you mean X" per mistyped key; the full list only when nothing is close."""
+    hints = {k: MISNOMERS.get(k) or next(iter(difflib.get_close_matches(k, _BY_KEY, n=1)), "")
+             for k in keys}
+    if len(keys) == 1 and hints[keys[0]]:
+        return f"unknown run setting {keys[0]!r}: did you mean {hints[keys[0]]!r}?"
+    named = ", ".join(f"{k!r} (did you mean {h!r}?)" if h else repr(k) for k, h in hints.items())
+    known = "" if all(hints.values()) else f"; known: {', '.join(_BY_KEY)}"
+    return (f"unknown run setting{'s' if len(keys) > 1 else ''} {named}{known} "
+            "(see `fedsynth launch --help`)")
 
 
 def defaults_flat() -> dict[str, Any]:

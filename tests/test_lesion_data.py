@@ -123,3 +123,29 @@ def test_seg_and_image_pass_dciodvfy(lesions: Path) -> None:
         errors = [line for line in output.splitlines() if line.startswith("Error")]
         assert not errors, output
         assert iod in output, output
+
+
+def test_make_lesions_agrees_with_the_run_defaults_and_the_launch_loader(tmp_path: Path) -> None:
+    """Issue 24 item 5, through the CLI: the run's default mask-labels finds every SEG that
+    make-lesions writes, and the label rule it prints is a launch file's [run] table."""
+    from deploy_helpers import run
+
+    from fedsynth.launch_file import load_launch_file
+    from server.run_config import from_flat
+
+    made = run(["data", "make-lesions", str(tmp_path / "data"), "--matrix", "32",
+                "--scale", "0.05"], tmp_path)
+    assert made.returncode == 0, made.stderr
+    snippet = made.stdout[made.stdout.index("[run]\n"):]
+    launch = tmp_path / "run.toml"
+    launch.write_text('[coordinator]\naddress = "127.0.0.1:9"\ninsecure = true\n\n' + snippet
+                      + 'family = "cdcgan"\n')
+    cfg = from_flat(load_launch_file(launch).run)
+    assert cfg.data.class_names == CLASSES and cfg.model.num_classes == 3
+    site = tmp_path / "data" / "hospital-1"
+    n = len(list(site.rglob("*-seg.dcm")))
+    for labels in (DataConfig().mask_labels, ",".join(CLASSES)):  # the default, one per class
+        scan = run(["data", "scan", str(site), "--mask-labels", labels], tmp_path)
+        assert scan.returncode == 0, scan.stderr
+        assert f"masks: {n} masked slices from {n} of {n} segmentation files" in scan.stdout
+        assert "no-wanted-label" not in scan.stdout

@@ -156,7 +156,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
 def run_make_lesions(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
-    from fedsynth.lesion_data import CLASS_ATTRIBUTE, CLASSES, build_lesion_hospitals, manifest
+    from fedsynth.lesion_data import build_lesion_hospitals, manifest, run_snippet
 
     if args.matrix < 16 or args.scale <= 0:
         raise UserError("--matrix must be >= 16 and --scale > 0")
@@ -167,6 +167,6 @@ def run_make_lesions(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{c} {n}" for c, n in h["class_counts"].items())
         print(f"{h['name']}: {h['modality']}{' (small)' if h['small'] else ''}, "
               f"{len(h['files'])} slices: {counts}")
-    print(f"{len(paths)} hospitals in {args.out_dir}; the run's label rule: "
-          f'[data] classes = "{",".join(CLASSES)}", class-attribute = "{CLASS_ATTRIBUTE}"')
+    print(f"{len(paths)} hospitals in {args.out_dir}; the run's label rule, for the launch file:")
+    print(run_snippet())
     return 0

@@ -83,14 +83,11 @@ def wait_for_coordinator(address: str, root_cert: Path | None, timeout: float) -
 
 def run(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
-    from fedsynth.deployment import (CONNECTION, DeploymentError, LaunchConfig,
-                                     default_flwr_home, flwr_json, run_config_arg,
-                                     write_flwr_home, write_launch_app)
+    from fedsynth.deployment import (CONNECTION, DeploymentError, default_flwr_home, flwr_json,
+                                     run_config_arg, write_flwr_home, write_launch_app)
+    from fedsynth.launch_file import load_launch_file
 
-    try:
-        cfg = LaunchConfig.load(args.config)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    cfg = load_launch_file(args.config)
     run_cfg = dict(cfg.run)
     if args.resume:
         run_cfg["run-id"], run_cfg["resume"] = args.resume, True

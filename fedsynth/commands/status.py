@@ -59,13 +59,10 @@ def collect(cfg, flwr_home: Path) -> dict:  # noqa: ANN001
 
 def run(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
-    from fedsynth.deployment import (DeploymentError, LaunchConfig, default_flwr_home,
-                                     write_flwr_home)
+    from fedsynth.deployment import DeploymentError, default_flwr_home, write_flwr_home
+    from fedsynth.launch_file import load_launch_file
 
-    try:
-        cfg = LaunchConfig.load(args.config)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    cfg = load_launch_file(args.config)
     flwr_home = args.flwr_home or default_flwr_home()
     write_flwr_home(flwr_home, cfg.address, cfg.root_certificates)
     try:
