@@ -237,7 +237,8 @@ def record_signature_failure(hospital: str) -> None:
 
 REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
-                   "bundle-code", "bundle-malformed", "bundle-components", "dp-budget")
+                   "bundle-code", "bundle-malformed", "bundle-components", "dp-budget",
+                   "evaluation-repeat", "evaluation-limit")
 
 
 @_safely
