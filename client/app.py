@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from protocol import records as protocol
@@ -23,6 +23,7 @@ from protocol.signing import SignatureError, load_public_key, verify
 from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
+from . import evaluation as evaluations
 from . import metrics as hospital_metrics
 from . import privacy
 from .datasets import DataSelectionError, LocalData, clear_local_data, local_data
@@ -260,6 +261,9 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
     hospital_metrics.note_identity(context.node_id, hospital.name)
     check_signature(hospital, msg, context)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
+    if str(msg.metadata.message_type) == MessageType.EVALUATE:
+        # one evaluation per round, a cap per run: refused before any model or slice is loaded
+        evaluations.admit(hospital, context, server_round)
     data_cfg = protocol.parse_data_config(msg.content[protocol.CONFIG])
     get_family(model.family)  # an unknown family is refused before anything is built
     received = protocol.from_record(msg.content[protocol.ARRAYS])
@@ -314,10 +318,16 @@ def train(msg: Message, context: Context) -> Message:
     dp_plan = privacy.plan_round(hospital, context, trainer.family, train_cfg,
                                  data.train if usable else None, server_round)
     evaluation: dict[str, float] = {}
+    evaluated_round: int | None = None
     if protocol.EVALUATE_ROUND in msg.content[protocol.CONFIG]:
         # the model just received is the previous round's aggregate: evaluate it before training
         # (one round trip per round; server/strategy.py, "folded" evaluation)
         evaluated_round = int(msg.content[protocol.CONFIG][protocol.EVALUATE_ROUND])
+        try:
+            evaluations.admit(hospital, context, evaluated_round)
+        except evaluations.EvaluationRefused:  # logged and counted; the round still trains
+            evaluated_round = None
+    if evaluated_round is not None:
         t0 = time.perf_counter()
         try:
             evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round)
@@ -328,6 +338,7 @@ def train(msg: Message, context: Context) -> Message:
             evaluation = {"eval-examples": 0}
         evaluation["eval-seconds"] = time.perf_counter() - t0
         hospital_metrics.record_evaluate(hospital.name, evaluated_round, evaluation)
+        evaluation = evaluations.release(hospital, context, evaluated_round, evaluation)
     if not usable:
         result = trainer.idle(train_cfg, reply)  # zero examples: counts for nothing
     else:
@@ -337,7 +348,7 @@ def train(msg: Message, context: Context) -> Message:
             hospital, context, dp_plan, result.dp_releases, result.dp_sample_rate)
     audited = privacy.audit_round(hospital, trainer, data if usable else None, server_round,
                                   train_cfg.dp) if hospital.audit_every else {}
-    if not train_cfg.dp:
+    if not (train_cfg.dp or hospital.needs_dp):  # a statistic of the slices: kept home at DP
         result.metrics.update(audited)
     save_local(trainer, context)
     hospital_metrics.record_train(hospital.name, server_round, {**result.metrics, **audited},
@@ -360,7 +371,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                else {"eval-examples": 0})
     metrics["eval-seconds"] = time.perf_counter() - t0  # a round's compute = train + evaluate
     hospital_metrics.record_evaluate(hospital.name, server_round, metrics)
-    return Message(protocol.evaluate_reply(metrics), reply_to=msg)
+    # at a hospital that requires DP the figures stay here (client/evaluation.py)
+    reply = evaluations.release(hospital, context, server_round, metrics)
+    return Message(protocol.evaluate_reply(reply), reply_to=msg)
 
 
 # UA-GAN: the hospital trains its private discriminator and answers with its outputs on the

@@ -239,7 +239,7 @@ def record_signature_failure(hospital: str) -> None:
 REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
                    "bundle-code", "bundle-malformed", "bundle-components", "dp-budget",
-                   "dp-ledger", "replay-record")
+                   "dp-ledger", "replay-record", "evaluation-repeat", "evaluation-limit")
 
 
 @_safely

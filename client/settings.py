@@ -22,6 +22,7 @@ class SettingsError(ValueError):
 
 
 DEFAULT_MAX_DECODED_MB = 256.0
+DEFAULT_MAX_EVALUATIONS = 1000  # per run (client/evaluation.py)
 
 
 def _max_decoded_mb(m: Mapping[str, Any]) -> float:
@@ -82,6 +83,9 @@ class HospitalSettings:
     # Memorisation audit (shared_models.audit) after every n-th round this hospital trains: its
     # scalars are logged, on the metrics port and (runs without DP only) in the reply; 0: off
     audit_every: int = 0
+    # Evaluations acted on per run (client/evaluation.py): at most one per round always, and at
+    # most this many in one run; further ones are refused in one line and counted
+    max_evaluations: int = DEFAULT_MAX_EVALUATIONS
 
     def _own_folder(self, root: Path | None) -> Path | None:
         """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
@@ -156,6 +160,8 @@ class HospitalSettings:
             dp_delta=_delta(m.get("dp-delta", 1e-5)),
             require_dp=_flag(m.get("require-dp", False), "require-dp"),
             audit_every=_count(m.get("audit-every", 0), "audit-every"),
+            max_evaluations=_count(m.get("max-evaluations", DEFAULT_MAX_EVALUATIONS),
+                                   "max-evaluations"),
         )
 
     @classmethod
@@ -200,6 +206,8 @@ class HospitalSettings:
             out["require-dp"] = True
         if self.audit_every:
             out["audit-every"] = self.audit_every
+        if self.max_evaluations != DEFAULT_MAX_EVALUATIONS:
+            out["max-evaluations"] = self.max_evaluations
         out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
                     "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
                     "ua-max-fakes": self.ua_max_fakes})
@@ -307,7 +315,8 @@ HOSPITAL_KEYS = ("data-dir", "cache-dir", "state-dir", "device", "amp", "threads
                  "modalities", "holdout-every", "name", "model-public-key", "max-decoded-mb",
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
-                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every")
+                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every",
+                 "max-evaluations")
 NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
 COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 

@@ -33,7 +33,10 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
 EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-examples",
                 "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds",
                 # Fréchet Radiomics Distance; precision/recall/density/coverage (FeatureNet)
-                "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage")
+                "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage",
+                # 1: a hospital that requires DP kept its figures home (client/evaluation.py)
+                "eval-kept-home")
+EVAL_KEPT_HOME = "eval-kept-home"
 
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry

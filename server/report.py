@@ -205,6 +205,28 @@ def _privacy(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str],
     return chart, table
 
 
+def _kept_home(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> str:
+    """Hospitals that require DP keep their evaluation figures (client/evaluation.py): their
+    replies carry ``eval-kept-home = 1`` and no figure; say so rather than draw nothing."""
+    per_h: dict[str, list[int]] = {}
+    for r in rows:
+        for node, m in (r.get("evaluated") or {}).items():
+            if isinstance(m, Mapping) and m.get("eval-kept-home") == 1:
+                per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
+                    int(r["round"]))
+    if not per_h:
+        return ""
+    body = "".join(f"<tr><td>{html.escape(h)}</td><td>kept at hospital (DP)</td>"
+                   f"<td>{len(rs)}</td><td>{max(rs)}</td></tr>"
+                   for h, rs in sorted(per_h.items()))
+    return ("<h2>Evaluation kept at hospitals</h2><p>These hospitals require differential "
+            "privacy: their evaluation figures (computed on their held-out slices) stay at the "
+            "hospital, in its log and <code>fedsynth evaluate --kept-home</code>, and are not "
+            "in the curves above.</p>"
+            '<table class="part"><tr><th>hospital</th><th>evaluation</th><th>rounds evaluated'
+            f"</th><th>last round</th></tr>{body}</table>")
+
+
 def _pick_grids(paths: Sequence[Path]) -> list[Path]:
     if len(paths) <= MAX_GRIDS:
         return list(paths)
@@ -308,7 +330,7 @@ def build_report(root: Path) -> str:
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
         f'<h2>Curves</h2><div class="charts">{"".join(charts)}</div>'
         f"<h2>Participation</h2>{_participation(rows, names)}"
-        f"{privacy[1]}"
+        f"{privacy[1]}{_kept_home(rows, names)}"
         f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"
         f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>"
         f"<script>{_SCRIPT}</script></body></html>"

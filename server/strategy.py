@@ -309,7 +309,7 @@ class GanStrategy(Strategy):
         per_hospital = dict(getattr(self, "last_folded", {}))
         if not per_hospital:
             return None, {}
-        return MetricRecord(self._mean_metrics(per_hospital, "eval-examples")), per_hospital
+        return MetricRecord(self._eval_means(per_hospital)), per_hospital
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
@@ -332,7 +332,20 @@ class GanStrategy(Strategy):
             report.per_hospital[str(msg.metadata.src_node_id)] = metrics
         if not report.per_hospital:
             return None
-        return MetricRecord(self._mean_metrics(report.per_hospital, "eval-examples"))
+        return MetricRecord(self._eval_means(report.per_hospital))
+
+    @classmethod
+    def _eval_means(cls, per_hospital: dict[str, dict[str, float]]) -> dict[str, float]:
+        """Means over the hospitals that sent their figures; ``eval-kept-home``: how many kept
+        theirs at home (a hospital that requires DP, client/evaluation.py). Their held-out counts
+        are left out of ``eval-examples``, which counts the slices behind the means."""
+        kept = {h for h, m in per_hospital.items() if m.get(protocol.EVAL_KEPT_HOME, 0) == 1}
+        shown = {h: {k: v for k, v in m.items() if k != protocol.EVAL_KEPT_HOME}
+                 for h, m in per_hospital.items() if h not in kept}
+        out = cls._mean_metrics(shown, "eval-examples") if shown else {}
+        if kept:
+            out[protocol.EVAL_KEPT_HOME] = float(len(kept))
+        return out
 
     # -- helpers ------------------------------------------------------------------------------
     def _int8_base(self, server_round: int) -> dict[str, np.ndarray] | None:

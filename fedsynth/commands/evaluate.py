@@ -13,6 +13,10 @@ slice is held out as during training. Generation checkpoints (dcgan, wgan-gp, cd
   synthetic slices only (TSTR, and TSTR / real), balanced accuracy and AUC on the held-out ones.
 
 Output: a table, or ``--json``. The numbers are the hospital's to keep or share as it chooses.
+
+``fedsynth evaluate --kept-home SETTINGS`` prints instead the evaluations a hospital that
+requires DP kept during runs (``client/evaluation.py``: their figures never went to the
+coordinator), read from the kept-evaluations file beside its privacy ledger.
 """
 
 from __future__ import annotations
@@ -32,8 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Fidelity, diversity and (conditional models) downstream utility of a "
                     "checkpoint's images against this hospital's held-out slices; nothing "
                     "leaves this machine.")
-    p.add_argument("checkpoint", type=Path, help="checkpoint .npz written by a federated run")
-    p.add_argument("data_dir", type=Path, help="this hospital's DICOM folder")
+    p.add_argument("checkpoint", type=Path, nargs="?",
+                   help="checkpoint .npz written by a federated run")
+    p.add_argument("data_dir", type=Path, nargs="?", help="this hospital's DICOM folder")
+    p.add_argument("--kept-home", type=Path, metavar="SETTINGS",
+                   help="instead: the run evaluations this hospital (its daemon's settings "
+                        "file) kept at home because it requires DP")
+    p.add_argument("--run", type=int, default=None, help="with --kept-home: only this run")
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     p.add_argument("--n", type=int, default=0,
                    help="generated images (default: 4 x the held-out slices, at least 64; "
@@ -135,9 +144,57 @@ def _print_table(result: dict[str, Any]) -> None:
             print(f"  {label:<{width}}  {describe(result[key])}")
 
 
+KEPT_COLUMNS = (("frd", "eval-frd"), ("frechet", "eval-frechet"), ("mmd", "eval-mmd"),
+                ("precision", "eval-precision"), ("recall", "eval-recall"),
+                ("density", "eval-density"), ("coverage", "eval-coverage"),
+                ("d-real", "eval-d-real"), ("d-fake", "eval-d-fake"), ("ssim", "eval-ssim"),
+                ("psnr", "eval-psnr"), ("mae", "eval-mae"), ("examples", "eval-examples"))
+
+
+def kept_home(settings: Path, run_id: int | None = None) -> list[dict[str, Any]]:
+    """The evaluations kept at the hospital of daemon settings file ``settings``."""
+    from client.evaluation import kept_path, read_kept
+    from client.settings import DaemonSettings
+
+    hospital = DaemonSettings.load(settings).hospital
+    path = kept_path(hospital)
+    if path is None or not path.is_file():
+        return []
+    return [e for e in read_kept(path) if run_id is None or e.get("run") == run_id]
+
+
+def _print_kept(entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        print("no evaluation kept at this hospital (it keeps them only when it requires DP)")
+        return
+    cols = [(label, key) for label, key in KEPT_COLUMNS if any(key in e for e in entries)]
+    print("evaluations kept at this hospital (not sent: it requires DP)")
+    print("  ".join(f"{h:>9}" for h in ("run", "round", *(c for c, _ in cols))))
+    for e in entries:
+        cells = [str(e.get("run", "")), str(e.get("round", ""))]
+        for _, key in cols:
+            v = e.get(key)
+            cells.append("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        print("  ".join(f"{c:>9}" for c in cells))
+
+
 def run(args: argparse.Namespace) -> int:
     from client.dicom import NoUsableDicomError
+    from client.settings import SettingsError
     from fedsynth.errors import UserError
+
+    if args.kept_home is not None:
+        try:
+            entries = kept_home(args.kept_home, args.run)
+        except (SettingsError, OSError) as exc:
+            raise UserError(str(exc)) from exc
+        if args.json:
+            print(json.dumps(entries, indent=2, sort_keys=True))
+        else:
+            _print_kept(entries)
+        return 0
+    if args.checkpoint is None or args.data_dir is None:
+        raise UserError("evaluate needs CHECKPOINT and DATA_DIR (or --kept-home SETTINGS)")
 
     if args.threads > 0:
         import torch
