@@ -23,6 +23,7 @@ from protocol.signing import SignatureError, load_public_key, verify
 from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
+from . import ceilings
 from . import evaluation as evaluations
 from . import metrics as hospital_metrics
 from . import privacy
@@ -113,6 +114,10 @@ def _private_errors(handler: Callable[[Message, Context], Message]
             hospital_metrics.record_failure(_name_of(context), handler.__name__)
             raise HospitalRefusal(f"{handler.__name__} refused by the hospital's privacy "
                                   f"settings ({type(exc).__name__})") from None
+        except ceilings.CeilingRefused as exc:  # logged in one line where it was refused
+            hospital_metrics.record_failure(_name_of(context), handler.__name__)
+            raise HospitalRefusal(f"{handler.__name__} refused: past the hospital's ceilings "
+                                  f"({type(exc).__name__})") from None
         except Exception as exc:  # noqa: BLE001 - every local failure must be sanitised
             log.exception("round failed at this hospital")
             hospital_metrics.record_failure(_name_of(context), handler.__name__)
@@ -261,11 +266,15 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
     hospital_metrics.note_identity(context.node_id, hospital.name)
     check_signature(hospital, msg, context)
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
+    get_family(model.family)  # an unknown family is refused before anything is built
+    # the work asked (parameters; batch and steps of a train message) within this hospital's
+    # ceilings, counted on the meta device before any net is built or slice loaded
+    ceilings.check_message(hospital, model, train, server_round,
+                           training=str(msg.metadata.message_type) == MessageType.TRAIN)
     if str(msg.metadata.message_type) == MessageType.EVALUATE:
         # one evaluation per round, a cap per run: refused before any model or slice is loaded
         evaluations.admit(hospital, context, server_round)
     data_cfg = protocol.parse_data_config(msg.content[protocol.CONFIG])
-    get_family(model.family)  # an unknown family is refused before anything is built
     received = protocol.from_record(msg.content[protocol.ARRAYS])
     trainer = trainer_for(hospital, model, context.run_id)
     try:
@@ -309,6 +318,9 @@ app = ClientApp()
 @app.train()
 @_private_errors
 def train(msg: Message, context: Context) -> Message:
+    hospital = HospitalSettings.from_node_config(context.node_config)
+    deadline = ceilings.Deadline(hospital, int(msg.content[protocol.CONFIG].get(
+        protocol.SERVER_ROUND, 0)))  # max-round-seconds from the message's arrival
     hospital, trainer, data, train_cfg, server_round = _prepare(msg, context)
     seed = train_cfg.seed * 1_000_003 + server_round * 1009 + context.node_id % 1000
     hospital_metrics.reset_peak_memory(trainer.device)
@@ -342,7 +354,7 @@ def train(msg: Message, context: Context) -> Message:
     if not usable:
         result = trainer.idle(train_cfg, reply)  # zero examples: counts for nothing
     else:
-        result = trainer.fit(data.train, train_cfg, seed, reply=reply)
+        result = trainer.fit(data.train, train_cfg, seed, reply=reply, deadline=deadline)
     if dp_plan is not None:  # charge the releases made; epsilon spent so far travels
         result.metrics[privacy.DP_EPSILON] = privacy.charge(
             hospital, context, dp_plan, result.dp_releases, result.dp_sample_rate)

@@ -142,7 +142,8 @@ def _fmt(v: float) -> str:
 
 
 def kept_path(hospital: HospitalSettings) -> Path | None:
-    path = hospital.state_path(KEPT_FILE)
+    # the state folder; a hospital without one (a demo, a simulation) keeps them in its cache
+    path = hospital.state_path(KEPT_FILE) or hospital.cache_state_path(KEPT_FILE)
     return None if path is None else path.with_suffix(".jsonl")
 
 

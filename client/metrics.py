@@ -239,7 +239,8 @@ def record_signature_failure(hospital: str) -> None:
 REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy", "bundle-name",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
                    "bundle-code", "bundle-malformed", "bundle-components", "dp-budget",
-                   "dp-ledger", "replay-record", "evaluation-repeat", "evaluation-limit")
+                   "dp-ledger", "replay-record", "evaluation-repeat", "evaluation-limit",
+                   "ceiling-parameters", "ceiling-batch", "ceiling-steps", "ceiling-seconds")
 
 
 @_safely

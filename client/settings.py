@@ -23,6 +23,10 @@ class SettingsError(ValueError):
 
 DEFAULT_MAX_DECODED_MB = 256.0
 DEFAULT_MAX_EVALUATIONS = 1000  # per run (client/evaluation.py)
+# The most work one message may ask (client/ceilings.py): DCGAN at 256 px, width 64, has 92 M
+# parameters; training state is about 16 bytes a parameter (weights, gradients, Adam)
+CEILINGS = {"max-parameters": 100_000_000, "max-batch": 256, "max-steps": 5000,
+            "max-round-seconds": 3600.0}
 
 
 def _max_decoded_mb(m: Mapping[str, Any]) -> float:
@@ -86,6 +90,12 @@ class HospitalSettings:
     # Evaluations acted on per run (client/evaluation.py): at most one per round always, and at
     # most this many in one run; further ones are refused in one line and counted
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS
+    # Ceilings on one message (client/ceilings.py): model parameters, batch, local steps per
+    # round and seconds per round; past one the message is refused in one line and counted
+    max_parameters: int = int(CEILINGS["max-parameters"])
+    max_batch: int = int(CEILINGS["max-batch"])
+    max_steps: int = int(CEILINGS["max-steps"])
+    max_round_seconds: float = CEILINGS["max-round-seconds"]
 
     def _own_folder(self, root: Path | None) -> Path | None:
         """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
@@ -162,6 +172,10 @@ class HospitalSettings:
             audit_every=_count(m.get("audit-every", 0), "audit-every"),
             max_evaluations=_count(m.get("max-evaluations", DEFAULT_MAX_EVALUATIONS),
                                    "max-evaluations"),
+            **{key.replace("-", "_"): (_positive(m.get(key, default), key)
+                                       if isinstance(default, float)
+                                       else _limit(m.get(key, default), key))
+               for key, default in CEILINGS.items()},
         )
 
     @classmethod
@@ -208,6 +222,9 @@ class HospitalSettings:
             out["audit-every"] = self.audit_every
         if self.max_evaluations != DEFAULT_MAX_EVALUATIONS:
             out["max-evaluations"] = self.max_evaluations
+        for key, default in CEILINGS.items():
+            if getattr(self, key.replace("-", "_")) != default:
+                out[key] = getattr(self, key.replace("-", "_"))
         out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
                     "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
                     "ua-max-fakes": self.ua_max_fakes})
@@ -258,6 +275,14 @@ def _count(value: Any, name: str) -> int:
     if n < 0 or isinstance(value, bool) or (isinstance(value, float) and n != value):
         raise SettingsError(f"hospital setting {name!r} must be a whole number >= 0, "
                             f"got {value!r}")
+    return n
+
+
+def _limit(value: Any, name: str) -> int:
+    n = _count(value, name)
+    if n < 1:
+        raise SettingsError(f"hospital setting {name!r} must be a whole number >= 1, got "
+                            f"{value!r}")
     return n
 
 
@@ -316,7 +341,7 @@ HOSPITAL_KEYS = ("data-dir", "cache-dir", "state-dir", "device", "amp", "threads
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
                  "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every",
-                 "max-evaluations")
+                 "max-evaluations", *CEILINGS)
 NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
 COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from shared_models.family import GanFamily, Nets
 from shared_models.quality import (FeatureNet, frechet_distance, frechet_radiomics_distance,
                                    mmd_rbf, prdc, radiomics_features)
 from shared_models.small_data import GeneratorEMA, SmallData, check_supported, generator_components
+
+if TYPE_CHECKING:
+    from .ceilings import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,7 @@ class LocalTrainer:
     def fit(self, data: Mapping[str, torch.Tensor], train: TrainConfig, seed: int,
             examples: Mapping[str, int] | None = None,
             reply: tuple[tuple[str, ...], Callable[[str, str], bool] | None] | None = None,
-            ) -> LocalResult:
+            deadline: "Deadline | None" = None) -> LocalResult:
         """``train.local_steps`` steps on batches the family draws from ``data``.
 
         ``data`` maps batch keys to tensors (N, C, ...) in [-1, 1] (labels: int64 (N,)). How a
@@ -164,7 +167,8 @@ class LocalTrainer:
         family's per-component counts (the aggregation weights; 0 for a component this hospital
         could not train). ``reply`` = (components, include) says what goes back to the
         coordinator (see ``client.ua_gan.reply_plan``); default: every component.
-        Losses stay on the device; one host sync at the end.
+        ``deadline`` (``client.ceilings.Deadline``) is checked before each step: past it the
+        round raises and sends nothing. Losses stay on the device; one host sync at the end.
         """
         counts = self.family.examples(data) | dict(examples or {})
         unknown = set(counts) - set(self.family.components)
@@ -193,7 +197,9 @@ class LocalTrainer:
         data_seconds = time.perf_counter() - t0
         images = 0
         totals: dict[str, torch.Tensor] = {}
-        for _ in range(train.local_steps):
+        for step in range(train.local_steps):
+            if deadline is not None:
+                deadline.check(step)
             if ctx.dp is not None:
                 batch: dict[str, torch.Tensor] = {}
                 images += train.batch_size  # the expected count: the drawn one stays here

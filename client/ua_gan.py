@@ -191,6 +191,9 @@ def ua_train(msg: Message, context: Context) -> Message:
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
     if model.family not in UA_FAMILIES:
         raise ValueError(f"UA-GAN needs a family in {UA_FAMILIES}, got {model.family!r}")
+    from .ceilings import check_message
+
+    check_message(hospital, model, train, server_round, training=True)
     try:
         fakes, fake_labels = _checked_fakes(protocol.from_record(msg.content[protocol.ARRAYS]),
                                             model, hospital.ua_max_fakes)

@@ -77,7 +77,8 @@ def _node(folder: Path, cache: Path, dp: bool, **more) -> dict:
     node = {"data-dir": str(folder), "cache-dir": str(cache), "accept-unsigned-models": True,
             "name": "north", "device": "cpu", "threads": 1}
     if dp:
-        node.update({"require-dp": True, "dp-epsilon": 1.0})
+        # a hospital with a budget keeps its ledger in a state folder (issue 25 item 7)
+        node.update({"require-dp": True, "dp-epsilon": 1.0, "state-dir": str(cache) + "-state"})
     return {**node, **more}
 
 
@@ -140,6 +141,7 @@ def test_crafted_discriminators_read_pixels_without_dp_and_nothing_at_a_dp_hospi
     settings = tmp_path / "hospital.toml"
     settings.write_text(f'[coordinator]\naddress = "x:1"\ninsecure = true\n[hospital]\n'
                         f'data-dir = "{folder}"\ncache-dir = "{tmp_path / "dp"}"\n'
+                        f'state-dir = "{tmp_path / "dp"}-state"\n'
                         'name = "north"\nrequire-dp = true\ndp-epsilon = 1.0\n')
     capsys.readouterr()
     assert main(["evaluate", "--kept-home", str(settings)]) == 0
@@ -254,7 +256,8 @@ def test_a_run_with_one_dp_hospital_reports_it_kept_home(tmp_path: Path) -> None
     folders = build_demo_hospitals(tmp_path / "data", 2, matrix=16, include_real=False)
     hospitals = [{"data-dir": str(f), "cache-dir": str(tmp_path / "cache" / f.name),
                   "device": "cpu", "holdout-every": 4, "threads": 1} for f in folders]
-    hospitals[1].update({"name": "guarded", "require-dp": True, "dp-epsilon": 1e6})
+    hospitals[1].update({"name": "guarded", "require-dp": True, "dp-epsilon": 1e6,
+                         "state-dir": str(tmp_path / "state" / folders[1].name)})
     cfg = FederationConfig(model=ModelConfig(family="pix2pix", image_size=16, width=4),
                            train=TrainConfig(local_steps=1, batch_size=2,
                                              dp_noise_multiplier=1.0),
