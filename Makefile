@@ -36,8 +36,10 @@ tools:
 	  echo "make test: missing Debian packages: $$missing -- install them with: sudo apt-get install $$missing"; exit 1; \
 	fi
 
+# 4 workers on 2 cores: most tests wait on processes, timeouts and links, not on the CPU. A file
+# stays on one worker (its module-scoped federation is built once); torch uses one thread each.
 test: $(STAMP) tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n 4 --dist loadfile
 
 # The edit loop: tests that start no Flower simulation and no real process (not marked slow).
 test-quick: $(STAMP)

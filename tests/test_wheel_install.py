@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -55,8 +56,17 @@ print(json.dumps({"module": q.__file__, "slices": len(x), "frd": frd}))
 def test_wheel_installs_into_clean_venv_and_runs_hospital_commands(
         tmp_path: Path, demo_hospitals: list[Path]) -> None:
     dist = tmp_path / "dist"
-    # pip's isolated build from the checkout, as `pip wheel .` or a release build would make it
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)],
+    # The tracked files copied out first: pip builds in-tree, and setuptools' build/ folder in the
+    # checkout would both be written by this test and leak stale modules into the wheel.
+    src = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    # pip's isolated build, as `pip wheel .` or a release build would make it
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
          tmp_path, 600)
     wheels = list(dist.glob("fedsynth-*.whl"))
     assert len(wheels) == 1, wheels
