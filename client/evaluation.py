@@ -44,6 +44,7 @@ from typing import Any, Mapping
 from protocol.keys import EVAL_KEPT_HOME as KEPT_HOME  # the reply's flag
 
 from .privacy import PrivacyRefused
+from .statefiles import write_atomic
 from .settings import HospitalSettings
 
 log = logging.getLogger(__name__)
@@ -87,11 +88,8 @@ def _save(hospital: HospitalSettings, context: Any, rounds: set[int]) -> None:
     path = hospital.run_state_path(context.run_id, "evaluated")
     if path is None:
         return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    try:  # temp file, fsync, rename; a full disk leaves the old record and no temp file
+        write_atomic(path, text)
     except OSError as exc:  # the memory record still holds for this process
         log.warning("could not record the evaluated rounds in %s: %s", path, exc)
 

@@ -55,7 +55,7 @@ def test_an_existing_0644_database_is_made_0600_and_kept(tmp_path: Path) -> None
 
 def test_the_superlink_is_started_on_the_private_database(tmp_path: Path, monkeypatch) -> None:
     """``fedsynth coordinator``: the file is 0600 before the SuperLink is started on it."""
-    import fedsynth.deployment as deployment
+    import fedsynth.supervisor as supervisor
     from fedsynth.cli import build_parser
 
     seen = {}
@@ -69,7 +69,7 @@ def test_the_superlink_is_started_on_the_private_database(tmp_path: Path, monkey
             seen["db"], seen["mode"] = db, _mode(db)
             raise Stop
 
-    monkeypatch.setattr(deployment, "Supervisor", FakeSupervisor)
+    monkeypatch.setattr(supervisor, "Supervisor", FakeSupervisor)
     state = tmp_path / "coord"
     args = build_parser().parse_args(["coordinator", "--insecure", "--address",
                                       "127.0.0.1:1", "--superlink-port", "2", "--state",

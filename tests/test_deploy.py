@@ -221,7 +221,7 @@ def test_coordinator_refuses_without_tls_and_warns_when_insecure(tmp_path: Path,
 def test_launch_refuses_bad_files(fed, tmp_path: Path, capsys) -> None:
     launch = tmp_path / "launch.toml"
     launch.write_text(f'[coordinator]\naddress = "127.0.0.1:9"\n'
-                      f'root-certificates = "{fed.ca_cert}"\n[run]\nrounds = 2\n')
+                      f'root-certificates = "{fed.ca_cert}"\n[run]\nnum-server-rounds = 2\n')
     assert main(["launch", str(launch)]) == 2
     assert "signing-key is missing" in capsys.readouterr().err
     launch.write_text(launch.read_text() + f'signing-key = "{fed.signing_key}"\nlocal-stpes = 3\n')
