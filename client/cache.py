@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from client import dicom
+from client.statefiles import fsync_dir  # one folder fsync for the cache and the state files
 from client.dicom import (
     TRANSIENT_SKIP_REASONS,
     DicomSettings,
@@ -127,20 +128,6 @@ def _atomic_write(target: Path, write: Any) -> None:
         except OSError:
             pass
         raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the renames durable (best effort; not supported everywhere)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _meta_to_json(meta: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -257,7 +244,7 @@ def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
     }
     data = json.dumps(payload, allow_nan=False).encode("utf-8")
     _atomic_write(json_path, lambda fh: fh.write(data))  # commit marker, last
-    _fsync_dir(cache_dir)
+    fsync_dir(cache_dir)
 
 
 def _read_entry(cache_dir: Path, key: str) -> SliceSet | None:
