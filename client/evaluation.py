@@ -152,10 +152,8 @@ def _keep(hospital: HospitalSettings, entry: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file() and path.stat().st_size > KEPT_FILE_MAX_BYTES:
-            lines = path.read_text().splitlines()
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(f"{x}\n" for x in lines[len(lines) // 2:]))
-            os.replace(tmp, path)
+            lines = path.read_text().splitlines()  # the older half goes, atomically
+            write_atomic(path, "".join(f"{x}\n" for x in lines[len(lines) // 2:]))
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
