@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, Supervisor, child_env,
                                      executor_command, probe_coordinator, stop_on_signals,
                                      supernode_command)
+    from fedsynth.child_output import child_sink
 
     settings = load_settings(args)
     try:
@@ -147,21 +148,17 @@ def run(args: argparse.Namespace) -> int:
             refused["seen"] = True
             log.error("%s (%s)", REFUSED_HINT, settings.node_key)
 
-    def sink(line: str) -> None:
-        if log_fh is not None:
-            log_fh.write(line + "\n")
-        logging.getLogger("fedsynth.supernode").info("%s", line)
-
     node = Supervisor(
         "supernode",
         supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
                           settings.port, settings.hospital.to_node_config()),
-        env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts)
+        env=env, on_line=on_line, sink=child_sink("supernode", log_fh),
+        max_restarts=args.max_restarts)
     # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if it
     # dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
     executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
                                                        settings.approved_apps), env=env,
-                          sink=sink, max_restarts=args.max_restarts)
+                          sink=child_sink("executor", log_fh), max_restarts=args.max_restarts)
     threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
 
     def stop_all() -> None:
