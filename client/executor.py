@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -207,6 +208,16 @@ def _hospital_name(context: object) -> str:
         return "unknown"
 
 
+def local_retry_wording(address: str) -> logging.Filter:
+    """Flower's retry line names no peer, and reads like the coordinator failing; in this process
+    the peer is always this hospital's own SuperNode (starting, or restarting)."""
+    from protocol.logs import RewordFilter
+
+    return RewordFilter([(re.compile(r"^Connection attempt failed, retrying in ([\d.]+) seconds"),
+                          f"this hospital's SuperNode ({address}) is not answering yet "
+                          r"(starting or restarting; not the coordinator): retrying in \1 s")])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.executor", description=__doc__.splitlines()[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
@@ -216,17 +227,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve only app bundles with this hash (repeatable; default: any "
                         "code-free fedsynth launch bundle)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FEDSYNTH_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from protocol import logs
+
+    logs.setup(os.environ.get("FEDSYNTH_LOG_LEVEL", "INFO"), datefmt=None)
     if args.parent_pid:
         from protocol.flower_private import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from protocol import flower_private
 
     flower_private.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
     executor = WarmExecutor(args.runtime_api_address, args.poll, tuple(args.approved_app))
+    logs.adopt_flower()  # Flower's logger is set up by now: one plain copy of its lines
+    logging.getLogger("flwr").addFilter(local_retry_wording(args.runtime_api_address))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: executor.stop())
     # Import the ClientApp (torch, MONAI, pydicom) now, while the federation is idle, rather than

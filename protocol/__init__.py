@@ -4,7 +4,9 @@
   benchmark use them);
 - ``protocol.records``: Flower records to and from numpy arrays, the replies a hospital may send;
 - ``protocol.signing``: the coordinator's Ed25519 signature over everything a hospital acts on;
-- ``protocol.flower_private``: every use of Flower's non-public modules, in one place.
+- ``protocol.flower_private``: every use of Flower's non-public modules, in one place;
+- ``protocol.logs``: how every process logs (plain lines, quiet libraries, reworded Flower lines):
+  the daemons read their children's lines, so the format is shared like the wire.
 
 ``server/`` and ``client/`` both import this package and never each other; it imports only
 ``shared_models`` and Flower (tests/test_import_graph.py).

@@ -125,6 +125,7 @@ def _with_metrics(env: dict[str, str], args: argparse.Namespace) -> dict[str, st
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
     from fedsynth.errors import UserError
+    from fedsynth.child_output import child_sink
     from fedsynth.deployment import (DeploymentError, register_node_keys, split_address,
                                      superlink_command, superlink_env, wait_for_port,
                                      write_flwr_home)
@@ -164,17 +165,11 @@ def run(args: argparse.Namespace) -> int:
 
     log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
 
-    def sink_for(name: str):  # noqa: ANN202
-        def sink(line: str) -> None:
-            if log_fh is not None:
-                log_fh.write(line + "\n")
-            logging.getLogger(f"fedsynth.{name}").info("%s", line)
-        return sink
-
     link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", database,
                                                     tls, node_auth=tls is not None),
-                      env=_with_metrics(superlink_env(), args), sink=sink_for("superlink"))
-    front = Supervisor("fleet-proxy", proxy.command(), sink=sink_for("proxy"))
+                      env=_with_metrics(superlink_env(), args),
+                      sink=child_sink("superlink", log_fh))
+    front = Supervisor("fleet-proxy", proxy.command(), sink=child_sink("proxy", log_fh))
 
     def stop() -> None:
         link.stop()

@@ -143,6 +143,7 @@ def restart_recorder(hospital: str, metrics_dir: Path | None):  # noqa: ANN201
 
 def run(args: argparse.Namespace) -> int:
     from fedsynth.errors import UserError
+    from fedsynth.child_output import child_sink
     from fedsynth.deployment import (NODE_REFUSED_CODE, DeploymentError, child_env,
                                      executor_command, probe_coordinator, supernode_command)
     from fedsynth.supervisor import SUPERNODE_GAVE_UP, Supervisor, stop_on_signals
@@ -161,11 +162,6 @@ def run(args: argparse.Namespace) -> int:
             refused["seen"] = True
             log.error("%s (%s)", REFUSED_HINT, settings.node_key)
 
-    def sink(line: str) -> None:
-        if log_fh is not None:
-            log_fh.write(line + "\n")
-        logging.getLogger("fedsynth.supernode").info("%s", line)
-
     # A SuperNode that logs that it gave up reconnecting (Flower does on any TLS error, e.g. a
     # flooded coordinator's proxy) stays alive doing nothing: it is restarted like a dead one,
     # and every restart is counted on /metrics (fedsynth_supernode_restarts_total{reason}).
@@ -173,14 +169,14 @@ def run(args: argparse.Namespace) -> int:
         "supernode",
         supernode_command(settings.coordinator, settings.root_certificates, settings.node_key,
                           settings.port, settings.hospital.to_node_config()),
-        env=env, on_line=on_line, sink=sink, max_restarts=args.max_restarts,
-        gave_up_markers=SUPERNODE_GAVE_UP,
+        env=env, on_line=on_line, sink=child_sink("supernode", log_fh),
+        max_restarts=args.max_restarts, gave_up_markers=SUPERNODE_GAVE_UP,
         on_restart=restart_recorder(settings.hospital.name, metrics_dir))
     # Runs the SuperNode's tasks in one long-lived process; restarted like the SuperNode if it
     # dies (a crash mid-round fails that round's reply, as a crashed Flower process would).
     executor = Supervisor("executor", executor_command(settings.port, os.getpid(),
                                                        settings.approved_apps), env=env,
-                          sink=sink, max_restarts=args.max_restarts)
+                          sink=child_sink("executor", log_fh), max_restarts=args.max_restarts)
     threading.Thread(target=executor.run_forever, name="executor", daemon=True).start()
 
     def stop_all() -> None:
