@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedsynth.deployment import BIN_DIR, child_env, kill_tree
+from fedsynth.deployment import BIN_DIR, child_env
+from fedsynth.processes import kill_tree
 
 # the console script (``python -m fedsynth.cli`` would load cli.py twice: two UserError classes)
 FEDSYNTH = [str(BIN_DIR / "fedsynth")]

@@ -17,7 +17,7 @@ which takes their interfaces and qdiscs with them.
   line that goes dead: the host's packets go nowhere, nothing tells its processes);
   ``empty(name)`` SIGKILLs every process in a host's namespace (the host lost power).
 
-Used by the fault tests (tests/test_netns_faults.py, fixture ``netns_federation``), the shaped-link
+Used by the fault tests (tests/test_netns_*.py, fixture ``netns_federation`` in tests/netns_helpers.py), the shaped-link
 and soak benchmarks (bench/net.py) and by hand: ``deploy/netns-harness.sh`` (root, Linux).
 """
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedsynth.deployment import (CoordinatorUnreachable, _descendants, child_env, kill_tree,
-                                 spawn)
+from fedsynth.deployment import CoordinatorUnreachable, child_env
+from fedsynth.processes import descendants, kill_tree, spawn
 
 log = logging.getLogger("fedsynth.deployment")  # the name operators' log filters already use
 
@@ -162,7 +162,7 @@ class Supervisor:
         if self.proc is not None and self.proc.poll() is None:
             kill_tree(self.proc)
         elif self.proc is not None:
-            for pid in _descendants(self.proc.pid):
+            for pid in descendants(self.proc.pid):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -12,7 +12,7 @@ counted failed, by node, in the round's metrics:
 * the hospital's own reply (content or an error it reported);
 * ``offline``: Flower no longer lists the node as online. Flower marks a node offline when it
   leaves (a SuperNode stopped with SIGTERM tells the SuperLink; a hospital daemon killed hard
-  has its SuperNode stopped that way by its guard, ``fedsynth.deployment.spawn``) or after two
+  has its SuperNode stopped that way by its guard, ``fedsynth.processes.spawn``) or after two
   missed heartbeats (2 x 30 s) when nothing could tell it, e.g. a machine that lost power.
   Flower's own "node unavailable" reply (sent from the SuperLink's id) becomes this one, from the
   hospital's node id;

@@ -39,7 +39,6 @@ from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NOR
 # Keys people write for a known one: refused, naming it (each setting has one key, the one
 # `fedsynth launch --help` lists; a silent alias was a second spelling nobody could look up).
 MISNOMERS = {"rounds": "num-server-rounds"}
-ALIASES: dict[str, str] = {}  # none since issue 24; fedsynth/deployment.py still maps through it
 REDUCERS = ("", "mean", "median", "trimmed-mean")
 SERVER_OPTS = ("", "avg", "avgm", "adam")
 

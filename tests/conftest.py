@@ -35,8 +35,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
 # The longest files first (measured with `--durations`), so that under
 # `-n 4 --dist loadfile` none of them starts last and becomes the suite's tail. Order within a
 # file is kept; files not named keep their collection order after these.
-LONGEST_FIRST = ("test_netns_faults.py", "test_deploy.py", "test_process_lifecycle.py",
-                 "test_deployed_families.py", "test_wheel_install.py", "test_ua_gan_attack.py",
+LONGEST_FIRST = ("test_deploy.py", "test_netns_link_cut.py", "test_wheel_install.py",
+                 "test_process_lifecycle.py", "test_netns_power_loss.py", "test_netns_full_disk.py",
+                 "test_deployed_families.py", "test_ua_gan_attack.py",
                  "test_prometheus_e2e.py", "test_stranger.py", "test_ray_cluster.py",
                  "test_hospital_trust.py", "test_simulation.py", "test_evaluate_cli.py")
 

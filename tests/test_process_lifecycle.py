@@ -2,7 +2,7 @@
 
 A daemon's children (SuperLink, nginx, SuperNode, the warm executor) and what they start
 (flower-superexec → flwr-serverapp, nginx's worker) run under a guard
-(``fedsynth.deployment.spawn``) that the kernel signals when the daemon dies. The slow tests kill a daemon's whole process group
+(``fedsynth.processes.spawn``) that the kernel signals when the daemon dies. The slow tests kill a daemon's whole process group
 with SIGKILL, as ``kill -9 -PGID`` or an OOM kill of the group would, mid-round.
 """
 
@@ -38,7 +38,7 @@ def _stat(pid: int) -> tuple[str, str] | None:
 
 def _tree(pid: int) -> dict[int, str]:
     """``pid`` and its descendants: pid -> start time (to tell a reused pid apart)."""
-    from fedsynth.deployment import _descendants
+    from fedsynth.processes import descendants as _descendants
 
     out = {}
     for p in (pid, *_descendants(pid)):
@@ -119,7 +119,7 @@ def test_children_outlive_the_starting_thread_and_die_with_the_daemon(tmp_path: 
         tree = _tree(proc.pid)
         sleeps = [x for x in _alive(tree) if x.split(": ", 1)[1].startswith("sleep 30")]
         assert len(sleeps) == 2, _alive(tree)  # shell's children: grandchildren of the guard
-        assert any("fedsynth.deployment guard" in x for x in _alive(tree))
+        assert any("fedsynth.processes guard" in x for x in _alive(tree))
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         took = _gone("the daemon's children", lambda: _alive(tree), timeout=10)
@@ -131,7 +131,7 @@ def test_children_outlive_the_starting_thread_and_die_with_the_daemon(tmp_path: 
 
 
 def test_guard_passes_the_exit_code_and_refuses_an_orphaned_start() -> None:
-    from fedsynth.deployment import guarded
+    from fedsynth.processes import guarded
 
     done = subprocess.run(guarded(["sh", "-c", "exit 7"]), check=False)
     assert done.returncode == 7

@@ -106,7 +106,7 @@ def test_lists_become_strings() -> None:
 
 
 def test_launch_file_is_checked_before_submission(tmp_path: Path) -> None:
-    from fedsynth.deployment import LaunchConfig
+    from fedsynth.launch_file import LaunchConfig
 
     def launch(text: str) -> Path:
         path = tmp_path / "run.toml"
