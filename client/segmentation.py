@@ -313,10 +313,13 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if len(numbers) * len(matched) * rows * cols > budget:
         return TOO_LARGE
+    by_uid: dict[str, list[int]] = {}
+    for uid, frame in matched:  # grouped once: a scan of `matched` per source is quadratic
+        by_uid.setdefault(uid, []).append(frame)
     out: dict[tuple[int, int], np.ndarray] = {}
     try:
-        for uid in sorted({u for u, _ in matched}):
-            frames = sorted(f for u, f in matched if u == uid)
+        for uid in sorted(by_uid):
+            frames = sorted(by_uid[uid])
             if slices.frames_of.get(uid, 1) > 1:
                 pixels = seg.get_pixels_by_source_frame(
                     uid, frames, segment_numbers=numbers, ignore_spatial_locations=True,
