@@ -173,14 +173,6 @@ def _report_from_json(d: dict[str, Any]) -> ScanReport:
     )
 
 
-def _resized_shape(rows: int, cols: int, size: int) -> tuple[int, int]:
-    """The (rows, cols) of a frame after :func:`client.dicom.preprocess`'s resize, before padding."""
-    side = max(rows, cols)
-    if side == size:
-        return rows, cols
-    return max(1, round(rows * size / side)), max(1, round(cols * size / side))
-
-
 def slice_geometry(folder: Path, meta: dict[str, np.ndarray], settings: DicomSettings
                    ) -> dict[str, np.ndarray]:
     """:data:`GEOMETRY_KEYS` arrays for the slices of a scan of ``folder`` (its ``meta``).
@@ -202,8 +194,8 @@ def slice_geometry(folder: Path, meta: dict[str, np.ndarray], settings: DicomSet
         if not 0 <= k < len(files):
             continue
         try:
-            ds, _ = dicom._read_file(files[k], settings)
-            _, orientation, spacing = dicom._frame_geometry(ds, len(group))
+            ds, _ = dicom.read_file(files[k], settings)
+            _, orientation, spacing = dicom.frame_geometry(ds, len(group))
             rows, cols = int(ds.Rows), int(ds.Columns)
         except Exception:  # vanished, changed, unreadable: no geometry, never a failed scan
             logger.debug("no geometry for %s", files[k], exc_info=True)
@@ -211,7 +203,7 @@ def slice_geometry(folder: Path, meta: dict[str, np.ndarray], settings: DicomSet
         if orientation is not None:
             out["orientation"][group] = orientation
         if spacing is not None and rows > 0 and cols > 0:
-            h, w = _resized_shape(rows, cols, settings.image_size)
+            h, w = dicom.resized_shape(rows, cols, settings.image_size)
             out["pixel_spacing"][group] = (spacing[0] * rows / h, spacing[1] * cols / w)
     return out
 

@@ -58,9 +58,6 @@ from . import dicom
 
 log = logging.getLogger(__name__)
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
-
 # Why a segmentation file gives no mask (fixed short strings: keys of MaskReport.unmatched).
 NO_MATCHING_IMAGE = "no-matching-image"  # references no slice of the scan
 NO_WANTED_LABEL = "no-wanted-label"  # none of its segments is one of the run's labels
@@ -76,11 +73,11 @@ PLANE_TOLERANCE_MM = 0.5  # an RTSTRUCT contour lies in a slice's plane when thi
 
 def segmentation_kind(ds: Dataset) -> str | None:
     """``"SEG"``, ``"RTSTRUCT"`` or None for any other object."""
-    sop = dicom._str(ds, "SOPClassUID")
-    modality = dicom._str(ds, "Modality").upper()
-    if sop == SEG_SOP_CLASS or (modality == "SEG" and not sop):
+    sop = dicom.header_str(ds, "SOPClassUID")
+    modality = dicom.header_str(ds, "Modality").upper()
+    if sop == dicom.SEG_SOP_CLASS or (modality == "SEG" and not sop):
         return "SEG"
-    if sop == RTSTRUCT_SOP_CLASS or (modality == "RTSTRUCT" and not sop):
+    if sop == dicom.RTSTRUCT_SOP_CLASS or (modality == "RTSTRUCT" and not sop):
         return "RTSTRUCT"
     return None
 
@@ -126,8 +123,8 @@ def _compiled(rule_patterns: tuple[str, ...]) -> tuple:
 def _code_texts(item: Dataset | None) -> list[str]:
     if item is None:
         return []
-    return [dicom._str(item, "CodeMeaning"),
-            f"{dicom._str(item, 'CodingSchemeDesignator')}:{dicom._str(item, 'CodeValue')}"]
+    return [dicom.header_str(item, "CodeMeaning"),
+            f"{dicom.header_str(item, 'CodingSchemeDesignator')}:{dicom.header_str(item, 'CodeValue')}"]
 
 
 def _first(ds: Dataset, keyword: str) -> Dataset | None:
@@ -214,7 +211,7 @@ class _Slices:
             if self._files is None:
                 self._files = dicom.list_candidate_files(self.folder)
             try:
-                ds, _ = dicom._read_file(self._files[k], self.settings)
+                ds, _ = dicom.read_file(self._files[k], self.settings)
                 for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):  # keep the header, not pixels
                     ds.pop(tag, None)
                 self._headers[k] = ds
@@ -259,7 +256,7 @@ class _Slices:
 
 def _seg_frame_refs(ds: Dataset) -> list[tuple[int, str, int]]:
     """(segment number, source SOP Instance UID, source frame number) of every SEG frame."""
-    n_frames = dicom._int(ds, "NumberOfFrames", 1)
+    n_frames = dicom.header_int(ds, "NumberOfFrames", 1)
     pfg = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(pfg) != n_frames:
         raise ValueError(f"{n_frames} frames but {len(pfg)} per-frame functional groups")
@@ -289,15 +286,15 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
 
     try:
         dicom.check_pixel_budget(ds, budget)
-    except dicom._Skip:
-        return TOO_LARGE
+    except dicom.Skip as skip:  # too large, or a transfer syntax with no size bound
+        return TOO_LARGE if skip.reason == dicom.TOO_LARGE else MALFORMED
     try:
         refs = _seg_frame_refs(ds)
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
         channel: dict[int, int] = {}
         for number in seg.segment_numbers:
             desc = seg.get_segment_description(number)
-            texts = [str(desc.segment_label or ""), dicom._str(desc, "SegmentDescription"),
+            texts = [str(desc.segment_label or ""), dicom.header_str(desc, "SegmentDescription"),
                      *_code_texts(_first(desc, "SegmentedPropertyTypeCodeSequence"))]
             k = rule.channel(texts)
             if k is not None:
@@ -316,10 +313,13 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
     rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if len(numbers) * len(matched) * rows * cols > budget:
         return TOO_LARGE
+    by_uid: dict[str, list[int]] = {}
+    for uid, frame in matched:  # grouped once: a scan of `matched` per source is quadratic
+        by_uid.setdefault(uid, []).append(frame)
     out: dict[tuple[int, int], np.ndarray] = {}
     try:
-        for uid in sorted({u for u, _ in matched}):
-            frames = sorted(f for u, f in matched if u == uid)
+        for uid in sorted(by_uid):
+            frames = sorted(by_uid[uid])
             if slices.frames_of.get(uid, 1) > 1:
                 pixels = seg.get_pixels_by_source_frame(
                     uid, frames, segment_numbers=numbers, ignore_spatial_locations=True,
@@ -402,23 +402,23 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
     try:
         rois: dict[int, tuple[list[str], str]] = {}
         for item in ds.StructureSetROISequence:
-            rois[int(item.ROINumber)] = ([dicom._str(item, "ROIName"),
-                                          dicom._str(item, "ROIDescription")],
-                                         dicom._str(item, "ReferencedFrameOfReferenceUID"))
+            rois[int(item.ROINumber)] = ([dicom.header_str(item, "ROIName"),
+                                          dicom.header_str(item, "ROIDescription")],
+                                         dicom.header_str(item, "ReferencedFrameOfReferenceUID"))
         for obs in ds.get("RTROIObservationsSequence") or []:
             number = int(obs.ReferencedROINumber)
             if number in rois:
-                rois[number][0].extend([dicom._str(obs, "ROIObservationLabel"),
+                rois[number][0].extend([dicom.header_str(obs, "ROIObservationLabel"),
                                         *_code_texts(_first(obs, "RTROIIdentificationCodeSequence"))])
         contours = []
         total_points = 0
         for roi in ds.get("ROIContourSequence") or []:
             number = int(roi.ReferencedROINumber)
             for c in roi.get("ContourSequence") or []:
-                kind = dicom._str(c, "ContourGeometricType").upper()
+                kind = dicom.header_str(c, "ContourGeometricType").upper()
                 if kind not in ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR"):
                     continue
-                declared = dicom._int(c, "NumberOfContourPoints", 0)
+                declared = dicom.header_int(c, "NumberOfContourPoints", 0)
                 raw = c.get("ContourData")
                 n_values = len(raw) if raw is not None else 0
                 if max(declared, n_values // 3) > MAX_CONTOUR_POINTS:
@@ -430,8 +430,8 @@ def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[st
                 if data.size < 9 or data.size % 3 or not np.isfinite(data).all():
                     raise ValueError("contour data is not a list of at least three points")
                 ref = _first(c, "ContourImageSequence")
-                refs = (dicom._str(ref, "ReferencedSOPInstanceUID"),
-                        dicom._int(ref, "ReferencedFrameNumber", 1)) if ref is not None else None
+                refs = (dicom.header_str(ref, "ReferencedSOPInstanceUID"),
+                        dicom.header_int(ref, "ReferencedFrameNumber", 1)) if ref is not None else None
                 contours.append((number, kind, data.reshape(-1, 3), refs))
     except Exception as exc:
         log.debug("RTSTRUCT refused: %s", exc, exc_info=True)
@@ -497,8 +497,8 @@ def preprocess_masks(masks: np.ndarray, size: int) -> np.ndarray:
     """(n, rows, cols) masks on the source grid -> (n, size, size) float32 {0, 1}, pixel for
     pixel on :func:`client.dicom.preprocess`'s slices (same resize, thresholded at one half, same
     centre padding)."""
-    small = dicom._resize_keep_aspect(masks.astype(np.float32), size) >= 0.5
-    padded = dicom._pad_square(small.astype(np.float32) * 2.0 - 1.0, size)[:, 0]
+    small = dicom.resize_keep_aspect(masks.astype(np.float32), size) >= 0.5
+    padded = dicom.pad_square(small.astype(np.float32) * 2.0 - 1.0, size)[:, 0]
     return (padded > 0).astype(np.float32)
 
 
@@ -530,8 +530,8 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
             report.refuse(rel, UNREADABLE)
             continue
         try:
-            ds, _ = dicom._read_file(path, settings)
-        except dicom._Skip as skip:
+            ds, _ = dicom.read_file(path, settings)
+        except dicom.Skip as skip:
             report.refuse(rel, TOO_LARGE if skip.reason == dicom.TOO_LARGE else UNREADABLE
                           if skip.reason in (dicom.UNREADABLE, dicom.NOT_A_FILE) else MALFORMED)
             continue
@@ -576,10 +576,10 @@ def _open_rule(ds: Dataset, kind: str | None) -> LabelRule:
     try:
         if kind == "SEG":
             for item in ds.SegmentSequence:
-                names.append(dicom._str(item, "SegmentLabel") or f"segment {item.SegmentNumber}")
+                names.append(dicom.header_str(item, "SegmentLabel") or f"segment {item.SegmentNumber}")
         elif kind == "RTSTRUCT":
             for item in ds.StructureSetROISequence:
-                names.append(dicom._str(item, "ROIName") or f"roi {item.ROINumber}")
+                names.append(dicom.header_str(item, "ROIName") or f"roi {item.ROINumber}")
     except Exception:
         pass
     names = list(dict.fromkeys(names))

@@ -59,8 +59,8 @@ class HospitalSettings:
     # refused. Without one, a deployed hospital refuses every message unless
     # accept_unsigned_models is set (a loudly named flag, for local tests only).
     model_public_key: Path | None = None
-    # Decompression-bomb budget (client/dicom.py): the most decoded pixel MB (rows x columns x
-    # frames x samples x bytes) one DICOM file may declare or encode; larger: "too-large".
+    # Decompression-bomb budget (client/dicom/budget.py): the most decoded pixel MB (rows x
+    # columns x frames x samples x bytes) one DICOM file may declare or encode; larger: "too-large".
     max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
     accept_unsigned_models: bool = False
     # What may never leave this hospital, whatever a message asks: component names (e.g.

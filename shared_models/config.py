@@ -121,7 +121,7 @@ class TrainConfig:
         return self.dp_noise_multiplier > 0
 
 
-# The per-slice text attributes a hospital keeps for these rules (client/dicom.py META_KEYS):
+# The per-slice text attributes a hospital keeps for these rules (client/dicom/types.py META_KEYS):
 # Modality, SeriesDescription, ProtocolName, BodyPartExamined, ImageComments, SequenceName.
 DOMAIN_ATTRIBUTES = ("series_description", "modality", "protocol_name", "body_part",
                      "image_comments", "sequence_name")

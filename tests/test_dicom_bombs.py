@@ -181,7 +181,7 @@ def no_decode(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(str(ds.get("SOPInstanceUID", "")))
         raise AssertionError("decoder called for a bomb")
 
-    monkeypatch.setattr(dicom, "decode_frames", refuse)
+    monkeypatch.setattr(dicom.pixels, "decode_frames", refuse)  # where decode_dataset calls it
     return calls
 
 
@@ -265,6 +265,49 @@ def test_cli_scan_budget_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert out["skipped"] == {"too-large": 1} and out["counts"]["skipped_too_large"] == 1
     assert main(["data", "scan", str(folder)]) == 0
     assert "too-large" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- syntaxes
+
+
+@pytest.mark.parametrize("tsyntax", ["1.2.826.0.1.3680043.99.1.2",  # a private syntax
+                                     "1.2.840.10008.1.2.4.102"])  # H.264: no size bound here
+def test_a_syntax_without_a_size_bound_is_refused(tmp_path: Path, no_decode: list[str],
+                                                  tsyntax: str) -> None:
+    """Not merely unbounded: the scan skips it as undecodable before any decoder runs, and the
+    reason's detail names the file and the syntax."""
+    assert tsyntax not in dicom.budget.SIZE_BOUNDS
+    folder = tmp_path / "site"
+    folder.mkdir()
+    ds = _image(64, 64)
+    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.PixelData = encapsulate([b"\x00" * 64])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    path = folder / "odd.dcm"
+    ds.save_as(path, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), folder / "ok.dcm")
+    reasons = {i[0]: i[1] for i in dicom.iter_files(folder, DicomSettings()) if isinstance(i, tuple)}
+    assert reasons["odd.dcm"] == dicom.UNDECODABLE
+    assert len(no_decode) == 1  # only ok.dcm reached the decoder
+    ds = pydicom.dcmread(path)
+    with pytest.raises(dicom.Skip) as info:
+        dicom.check_pixel_budget(ds, DicomSettings().max_decoded_bytes, path)
+    assert info.value.reason == dicom.UNDECODABLE
+    assert str(path) in info.value.detail and tsyntax in info.value.detail
+    assert "no decoded-size bound" in info.value.detail
+
+
+def test_every_syntax_pydicom_decodes_has_a_size_bound() -> None:
+    """The table refuses only what could not be decoded anyway (no file lost to it)."""
+    from pydicom.pixels import get_decoder
+
+    for tsyntax in pydicom.uid.AllTransferSyntaxes:
+        try:
+            available = get_decoder(tsyntax).is_available
+        except NotImplementedError:
+            continue
+        if available:
+            assert tsyntax in dicom.budget.SIZE_BOUNDS, tsyntax.name
 
 
 # ----------------------------------------------------------------------------- memory

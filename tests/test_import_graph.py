@@ -79,3 +79,48 @@ def test_shared_models_imports_no_flower_and_flower_internals_stay_in_one_module
                               if any(m == p or m.startswith(p + ".") for p in private)]
     assert not offenders, ("Flower's non-public modules are used outside "
                            f"protocol/flower_private.py: {offenders}")
+
+
+def test_dicom_package_modules_import_one_way_and_others_use_its_public_names() -> None:
+    """client/dicom/: each module imports its siblings directly (never the package ``__init__``,
+    which only re-exports), without a cycle; no module outside it reaches a ``_private`` name."""
+    pkg = ROOT / "client" / "dicom"
+    graph: dict[str, set[str]] = {}
+    for path in sorted(pkg.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module, f"{path.name} imports the package __init__"
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("client.dicom"), path.name
+        graph[path.stem] = deps
+    done: set[str] = set()
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        assert node not in path, f"import cycle: {' -> '.join((*path, node))}"
+        if node not in done:
+            for nxt in graph[node]:
+                visit(nxt, (*path, node))
+            done.add(node)
+
+    for module in graph:
+        visit(module, ())
+
+    private = []
+    for package in ("client", "fedsynth", "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.parent == pkg:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id == "dicom" and node.attr.startswith("_")):
+                    private.append(f"{path.relative_to(ROOT)}: dicom.{node.attr}")
+                if isinstance(node, ast.ImportFrom) and (
+                        (node.module or "").startswith("client.dicom")
+                        or (node.level == 1 and (node.module or "").startswith("dicom"))):
+                    private += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
+                                if a.name.startswith("_")]
+    assert not private, f"private names of client.dicom used outside it: {private}"
