@@ -23,12 +23,13 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
+from shared_models.capabilities import check_supported
 from shared_models.codec import decode_into
 from shared_models.dp import PrivateSteps
 from shared_models.family import GanFamily, Nets
 from shared_models.quality import (FeatureNet, frechet_distance, frechet_radiomics_distance,
                                    mmd_rbf, prdc, radiomics_features)
-from shared_models.small_data import GeneratorEMA, SmallData, check_supported, generator_components
+from shared_models.small_data import GeneratorEMA, SmallData
 
 if TYPE_CHECKING:
     from .ceilings import Deadline
@@ -177,7 +178,7 @@ class LocalTrainer:
                              f"family {self.family.name!r} has {list(self.family.components)}")
         if not any(counts.values()):
             raise ValueError("no training images")
-        check_supported(self.family.name, train)
+        check_supported(self.family, train)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         on_device = {k: self._to_device(v) for k, v in data.items()}
@@ -190,8 +191,8 @@ class LocalTrainer:
             if ctx.amp_dtype == torch.float16:  # per-record gradients in fp16 would underflow
                 ctx.amp_dtype, ctx.scaler = None, None
         # ema-decay: the generator sent back is its moving average over this round's steps
-        ema = (GeneratorEMA(self.nets, generator_components(self.family.components),
-                            train.ema_decay) if train.ema_decay > 0 else None)
+        ema = (GeneratorEMA(self.nets, self.family.ema_components, train.ema_decay)
+               if train.ema_decay > 0 else None)
         for net in self.nets.values():
             net.train()
         data_seconds = time.perf_counter() - t0
@@ -271,12 +272,11 @@ class LocalTrainer:
         """
         if self.family.task == "translation":
             return self._evaluate_translation(holdout)
-        if hasattr(self.family, "evaluate_holdout"):  # aae: reconstruction of held-out masks
-            return self.family.evaluate_holdout(self.nets, holdout, self.device)
-        return self._evaluate_generation(holdout, seed)
+        own = self.family.evaluate_holdout(self.nets, holdout, self.device)  # aae: its masks
+        return own if own is not None else self._evaluate_generation(holdout, seed)
 
     def _evaluate_translation(self, holdout: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        key_a, key_b = getattr(self.family, "pair_keys", ("a", "b"))  # maskgan: mask -> image
+        key_a, key_b = self.family.pair_keys  # maskgan: mask -> image
         a, b = holdout.get(key_a), holdout.get(key_b)
         if a is None or b is None or len(a) == 0 or len(a) != len(b):
             return {"eval-ssim": float("nan"), "eval-psnr": float("nan"),

@@ -38,13 +38,11 @@ from protocol.keys import UA_ACTION, UA_FAKES as FAKES, UA_GRADS as GRADS, UA_LA
 from protocol.keys import UA_LOGITS as LOGITS
 from protocol.records import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS
 from shared_models import StepContext, encode, get_family
+from shared_models.capabilities import UA_GAN, supporting
 from shared_models.codec import decode_into, norm_state_keys
 from shared_models.family import adam
 
 from .trainer import LocalTrainer, discriminator_round
-
-# families whose discriminator outputs the logit of a probability (server/ua_gan.py: the same)
-UA_FAMILIES = ("dcgan", "cdcgan")
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +187,8 @@ def ua_train(msg: Message, context: Context) -> Message:
         _refuse(hospital, "never-send", PolicyRefused(
             "this hospital's never-send setting refuses UA-GAN rounds"))
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
-    if model.family not in UA_FAMILIES:
-        raise ValueError(f"UA-GAN needs a family in {UA_FAMILIES}, got {model.family!r}")
+    if UA_GAN not in get_family(model.family).supports:  # its D gives a probability's logit
+        raise ValueError(f"UA-GAN needs a family in {supporting(UA_GAN)}, got {model.family!r}")
     from .ceilings import check_message
 
     check_message(hospital, model, train, server_round, training=True)

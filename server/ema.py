@@ -1,7 +1,7 @@
 """The coordinator's moving average of the aggregated generator across rounds (``server-ema-decay``).
 
 After each round's aggregation: ema <- decay * ema + (1 - decay) * aggregate, per floating array
-of the generator components (``generator``, ``g_*``), starting at round 1's aggregate (not at the
+of the family's ``ema_components`` (its generators), starting at round 1's aggregate (not at the
 untrained weights, which would bias a short run toward noise). Training goes on from the raw
 aggregate: hospitals never receive the average, so it changes nothing they compute. The round's
 sample grid is drawn from the average, and each checkpoint stores it beside the raw weights under
@@ -19,16 +19,15 @@ import numpy as np
 EMA_PREFIX = "ema:"  # checkpoint keys "ema:generator.body.0.weight"
 
 
-def _is_generator_key(key: str) -> bool:
-    component = key.partition(".")[0]
-    return component == "generator" or component.startswith("g_")
-
-
 class ServerEMA:
-    def __init__(self, decay: float, state: Mapping[str, np.ndarray] | None = None) -> None:
+    """``components``: what the average keeps, the family's ``ema_components``."""
+
+    def __init__(self, decay: float, components: Iterable[str],
+                 state: Mapping[str, np.ndarray] | None = None) -> None:
         if not 0 <= decay < 1:
             raise ValueError(f"server-ema-decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.components = frozenset(components)
         self.arrays: dict[str, np.ndarray] | None = (
             {k: np.array(v, copy=True) for k, v in state.items()} if state else None)
 
@@ -40,7 +39,7 @@ class ServerEMA:
         """Fold in a round's aggregate (only its generator arrays are kept)."""
         if not self.active:
             return
-        gen = {k: v for k, v in arrays.items() if _is_generator_key(k)}
+        gen = {k: v for k, v in arrays.items() if k.partition(".")[0] in self.components}
         if self.arrays is None or set(self.arrays) != set(gen):
             self.arrays = {k: np.array(v, copy=True) for k, v in gen.items()}
             return
@@ -72,7 +71,3 @@ def split_ema(arrays: Mapping[str, np.ndarray]
     raw = {k: v for k, v in arrays.items() if not k.startswith(EMA_PREFIX)}
     ema = {k[len(EMA_PREFIX):]: v for k, v in arrays.items() if k.startswith(EMA_PREFIX)}
     return raw, ema
-
-
-def generator_keys(keys: Iterable[str]) -> list[str]:
-    return [k for k in keys if _is_generator_key(k)]

@@ -79,10 +79,11 @@ def fixed_inputs(family: GanFamily, model: ModelConfig, n: int
     families: phantom T1-weighted slices from ``shared_models.phantoms`` — synthetic inputs, because
     the coordinator holds no patient image.
     """
-    if hasattr(family, "grid_inputs"):  # mask-conditioned: phantom masks (maskgan.grid_inputs)
-        return family.grid_inputs(model, n), None
+    own = family.grid_inputs(model, n)  # mask-conditioned: phantom masks (maskgan.grid_inputs)
+    if own is not None:
+        return own, None
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
-    if getattr(family, "task", "generation") != "translation":
+    if family.task != "translation":
         gen = torch.Generator().manual_seed(1234)
         return torch.randn(n, model.latent_dim, generator=gen), labels
     from shared_models.phantoms import default_profiles, phantom_pair
@@ -107,9 +108,8 @@ def _grid_images(family: GanFamily, nets: dict, inputs: torch.Tensor,
     from .images import sample_images
 
     out = sample_images(family, nets, inputs, labels).float()
-    if getattr(family, "task", "generation") == "translation":
-        shown = family.show_input(inputs) if hasattr(family, "show_input") else inputs
-        out = torch.stack([shown, out], 1).flatten(0, 1)
+    if family.task == "translation":
+        out = torch.stack([family.show_input(inputs), out], 1).flatten(0, 1)
     return out.numpy()
 
 
@@ -159,11 +159,12 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
     arrays = encode(nets)
     start_round = 1
-    ema = ServerEMA(cfg.server_ema_decay)  # server-ema-decay: grids/checkpoints' generator
+    # server-ema-decay: grids/checkpoints' generator
+    ema = ServerEMA(cfg.server_ema_decay, family.ema_components)
     if cfg.resume and (ckpt := folder.latest_checkpoint()) is not None:
         stored, meta = load_checkpoint(ckpt, with_ema=True)
         arrays, kept = split_ema(stored)
-        ema = ServerEMA(cfg.server_ema_decay, kept)
+        ema = ServerEMA(cfg.server_ema_decay, family.ema_components, kept)
         start_round = int(meta["round"]) + 1
         log.info("resuming %s after round %d", folder.root.name, start_round - 1)
     folder.write_config({"model": asdict(cfg.model), "train": asdict(cfg.train),
@@ -183,7 +184,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     signer = ((lambda record, config, message_type: sign(signing_key, record, config,
                                                          message_type, run_id))
               if signing_key is not None else None)
-    strategy = make_strategy(cfg.preset, family.components, overrides=cfg.policy_overrides(),
+    strategy = make_strategy(cfg.preset, family, overrides=cfg.policy_overrides(),
                              model=cfg.model, train=cfg.train, norm_keys=norm_state_keys(nets),
                              signer=signer, fraction_train=cfg.fraction_train,
                              min_train_nodes=cfg.min_hospitals,

@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 from PIL import Image
@@ -30,10 +30,6 @@ NORM_STATS = ("auto", "stored", "batch")
 MIN_BATCH_STATS = 16  # images drawn at least when sampling with batch statistics
 
 
-def _is_generator(component: str) -> bool:
-    return component in ("generator", "decoder") or component.startswith("g_")
-
-
 def _batch_norms(net: Any) -> list[Any]:
     from torch import nn
 
@@ -42,14 +38,15 @@ def _batch_norms(net: Any) -> list[Any]:
             and m.running_mean is not None]
 
 
-def untrained_norm_stats(nets: Mapping[str, Any]) -> bool:
-    """True when a generator component has BatchNorm running statistics that never saw a batch
-    (``num_batches_tracked`` 0, mean exactly 0, variance exactly 1): an untrained model, or the
-    global model of a FedBN run, whose norm layers stay at the hospitals."""
+def untrained_norm_stats(nets: Mapping[str, Any], samplers: Collection[str]) -> bool:
+    """True when a component of ``samplers`` (the family's: what ``sample`` runs) has BatchNorm
+    running statistics that never saw a batch (``num_batches_tracked`` 0, mean exactly 0,
+    variance exactly 1): an untrained model, or the global model of a FedBN run, whose norm
+    layers stay at the hospitals."""
     import torch
 
     for component, net in nets.items():
-        if not _is_generator(component):
+        if component not in samplers:
             continue
         for bn in _batch_norms(net):
             tracked = bn.num_batches_tracked
@@ -60,16 +57,16 @@ def untrained_norm_stats(nets: Mapping[str, Any]) -> bool:
     return False
 
 
-def with_batch_stats(nets: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``nets`` whose generators' BatchNorms normalise with batch statistics.
+def with_batch_stats(nets: Mapping[str, Any], samplers: Collection[str]) -> dict[str, Any]:
+    """A copy of ``nets`` whose ``samplers``' BatchNorms normalise with batch statistics.
 
-    The generator components are deep-copied and their running statistics dropped (a BatchNorm
-    without running statistics uses the batch's own, in eval mode too); the other components
-    and the originals are not touched.
+    The ``samplers`` components (the family's, what ``sample`` runs) are deep-copied and their
+    running statistics dropped (a BatchNorm without running statistics uses the batch's own, in
+    eval mode too); the other components and the originals are not touched.
     """
     out = dict(nets)
     for component, net in nets.items():
-        if not _is_generator(component) or not _batch_norms(net):
+        if component not in samplers or not _batch_norms(net):
             continue
         net = copy.deepcopy(net)
         for bn in _batch_norms(net):
@@ -81,12 +78,13 @@ def with_batch_stats(nets: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_norm_stats(nets: Mapping[str, Any], norm_stats: str = "auto") -> str:
+def resolve_norm_stats(nets: Mapping[str, Any], samplers: Collection[str],
+                       norm_stats: str = "auto") -> str:
     """``"stored"`` or ``"batch"``: what :func:`sample_images` uses for ``norm_stats``."""
     if norm_stats not in NORM_STATS:
         raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
     if norm_stats == "auto":
-        return "batch" if untrained_norm_stats(nets) else "stored"
+        return "batch" if untrained_norm_stats(nets, samplers) else "stored"
     return norm_stats
 
 
@@ -99,14 +97,14 @@ def sample_images(family: Any, nets: Mapping[str, Any], inputs: Any, labels: Any
     running statistics were never trained (:func:`untrained_norm_stats`, e.g. FedBN), else the
     stored ones. With ``"auto"`` a single input falls back to the stored statistics.
     """
-    mode = resolve_norm_stats(nets, norm_stats)
+    mode = resolve_norm_stats(nets, family.samplers, norm_stats)
     if mode == "batch" and len(inputs) < 2:
         if norm_stats == "batch":
             raise ValueError("sampling with batch statistics needs at least two inputs")
         log.warning("one sample only: using the stored (untrained) normalisation statistics")
         mode = "stored"
     if mode == "batch":
-        nets = with_batch_stats(nets)
+        nets = with_batch_stats(nets, family.samplers)
     if labels is None:
         return family.sample(nets, inputs)
     return family.sample(nets, inputs, labels)

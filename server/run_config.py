@@ -28,9 +28,8 @@ from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
+from shared_models.capabilities import DP, check_supported, supporting
 from shared_models.config import setting
-from shared_models.family import FamilyBase
-from shared_models.small_data import check_supported
 
 from .presets import PRESETS
 from .run_folder import check_run_id
@@ -101,11 +100,10 @@ class FederationConfig:
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
         family = get_family(self.model.family)  # an unknown family fails here, by name
-        check_supported(self.model.family, self.train)  # augment / r1-gamma the family ignores
-        if self.train.dp and type(family).dp_plan is FamilyBase.dp_plan:
+        check_supported(family, self.train)  # augment / r1-gamma the family ignores
+        if self.train.dp and DP not in family.supports:
             raise ValueError(f"family {self.model.family!r} has no DP-SGD training "
-                             "(dp-noise-multiplier > 0 needs dcgan, cdcgan, wgan-gp, pix2pix or "
-                             "cyclegan)")
+                             f"(dp-noise-multiplier > 0 needs {', '.join(supporting(DP))})")
         if not 0 <= self.server_ema_decay < 1:
             raise ValueError(f"server-ema-decay must be in [0, 1), got {self.server_ema_decay}")
         wants = (len(self.data.class_names) if family.data_layout == "labelled" else

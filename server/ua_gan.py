@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from protocol import records as protocol
 from protocol.signing import SIGNATURE_KEY
 from shared_models import ModelConfig, TrainConfig, encode, get_family
+from shared_models.capabilities import UA_GAN, supporting
 from shared_models.codec import decode_into
 
 from .aggregation import Update
@@ -49,8 +50,6 @@ FAKES = "fakes"
 LABELS = "labels"
 LOGITS = "logits"
 GRADS = "grads"
-# families whose discriminator outputs the logit of a probability (the odds need one)
-UA_FAMILIES = ("dcgan", "cdcgan")
 
 
 def ua_logit(logits: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
@@ -100,10 +99,11 @@ class UaGanStrategy(GanStrategy):
         max_examples: float = MAX_EXAMPLES,
         **_: object,
     ) -> None:
-        if model.family not in UA_FAMILIES:
-            raise ValueError(f"preset 'ua-gan' needs a family whose discriminator gives a "
-                             f"probability ({', '.join(UA_FAMILIES)}), not {model.family!r}")
         family = get_family(model.family)
+        if UA_GAN not in family.supports:  # its D must give the logit of a probability
+            raise ValueError(f"preset 'ua-gan' needs a family whose discriminator gives a "
+                             f"probability ({', '.join(supporting(UA_GAN))}), not "
+                             f"{model.family!r}")
         super().__init__(family.components, signer=signer,
                          norm_outlier_ratio=norm_outlier_ratio, fraction_train=fraction_train,
                          min_train_nodes=min_train_nodes, min_available_nodes=min_available_nodes,

@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy as bce_prob
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-from .config import ModelConfig, TrainConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, adam, eval_forward, register
+from .config import ModelConfig
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward, register
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
@@ -69,6 +69,11 @@ class AdversarialAutoencoder(FamilyBase):
     task = "generation"  # noise -> mask
     data_layout = "masked"
     output = "mask"  # what sample() draws: K-channel masks in {0, 1}, not an image
+    generators = ("encoder", "decoder")  # both at lr_g and shared by every preset
+    samplers = ("decoder",)  # sample() decodes prior noise; the encoder draws nothing
+    # the moving averages (ema-decay, server-ema-decay) have never covered the encoder/decoder
+    # (they kept ``generator`` / ``g_*`` only): declared as it is, not changed here
+    ema_components = ()
 
     def build(self, cfg: ModelConfig) -> Nets:
         k = max(cfg.num_classes, 1)
@@ -78,14 +83,6 @@ class AdversarialAutoencoder(FamilyBase):
         for net in (enc, dec, disc):
             init_dcgan_weights(net)
         return {"encoder": enc, "decoder": dec, "latent_discriminator": disc}
-
-    def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        """Encoder and decoder at ``lr_g``, the latent discriminator at ``lr_d``."""
-        betas = self.adam_betas(train)
-        return {"encoder": adam(nets["encoder"].parameters(), train.lr_g, betas),
-                "decoder": adam(nets["decoder"].parameters(), train.lr_g, betas),
-                "latent_discriminator": adam(nets["latent_discriminator"].parameters(),
-                                             train.lr_d, betas)}
 
     def train_step(
         self, batch: dict[str, torch.Tensor], nets: Nets, opts: Optimizers, ctx: StepContext

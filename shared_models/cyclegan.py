@@ -31,6 +31,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig
+from .capabilities import DP
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
@@ -60,6 +61,7 @@ class CycleGAN(FamilyBase):
     batch_keys = ("a", "b")
     task = "translation"
     data_layout = "unpaired"
+    supports = frozenset({DP})
 
     def __init__(self, cycle_weight: float = CYCLE_WEIGHT,
                  identity_weight: float = IDENTITY_WEIGHT) -> None:

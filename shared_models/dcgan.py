@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
+from .capabilities import AUGMENT, DP, R1, UA_GAN
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
@@ -27,6 +28,7 @@ class DCGAN(FamilyBase):
     optional_keys = ("label",)
     task = "generation"
     data_layout = "image"
+    supports = frozenset({AUGMENT, R1, DP, UA_GAN})  # cdcgan inherits them
 
     def build(self, cfg: ModelConfig) -> Nets:
         g = DCGANGenerator(cfg.spatial_dims, cfg.latent_dim, cfg.channels, cfg.image_size,

@@ -86,6 +86,15 @@ class GanFamily(Protocol):
     task: str
     # how a hospital's slices become batches: "image", "labelled", "paired" or "unpaired"
     data_layout: str
+    # the adversarial roles, a partition of ``components`` (learning rates, private D presets)
+    generators: tuple[str, ...]
+    discriminators: tuple[str, ...]
+    samplers: tuple[str, ...]  # what ``sample`` runs (a checkpoint must hold them)
+    ema_components: tuple[str, ...]  # what a moving average (ema-decay, server-ema-decay) keeps
+    supports: frozenset[str]  # capabilities (shared_models.capabilities)
+    lacks: Mapping[str, str]  # capability -> why not, for the refusal
+    output: str  # what ``sample`` draws: "image", or "mask" (K-channel masks)
+    pair_keys: tuple[str, str]  # translation: local evaluation compares sample(a) with b
 
     def build(self, cfg: ModelConfig) -> Nets: ...
 
@@ -114,9 +123,21 @@ class GanFamily(Protocol):
         """Generation: images from noise (+ labels). Translation: ``noise`` is the input batch."""
         ...
 
+    def grid_inputs(self, cfg: ModelConfig, n: int) -> torch.Tensor | None: ...
+
+    def show_input(self, inputs: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate_holdout(self, nets: Nets, holdout: dict[str, torch.Tensor],
+                         device: torch.device) -> dict[str, float] | None: ...
+
 
 class FamilyBase:
-    """Defaults shared by the families: paired keys drawn with one index, one count for all."""
+    """Defaults shared by the families: paired keys drawn with one index, one count for all.
+
+    Every fact about a family is asked of the family: which components are generators (default:
+    those named ``generator`` or ``g_*``, the only place that name rule lives), what it supports
+    (``shared_models.capabilities``), and its optional hooks, here with their defaults.
+    """
 
     name = ""
     components: tuple[str, ...] = ()
@@ -124,6 +145,46 @@ class FamilyBase:
     optional_keys: tuple[str, ...] = ()  # drawn with the same index when the data has them
     task = "generation"
     data_layout = "image"
+    output = "image"  # what sample() draws; "mask": K-channel masks in {0, 1} (aae)
+    pair_keys: tuple[str, str] = ("a", "b")  # translation: evaluate sample(a) against b
+    supports: frozenset[str] = frozenset()  # capabilities (shared_models.capabilities)
+    lacks: Mapping[str, str] = {}  # capability -> why the family has none (refusal message)
+
+    @property
+    def generators(self) -> tuple[str, ...]:
+        """Generator side: trained at ``lr_g``, shared by every preset. Default: the components
+        named ``generator`` or ``g_*``; a family with other names declares the tuple."""
+        return tuple(c for c in self.components if c == "generator" or c.startswith("g_"))
+
+    @property
+    def discriminators(self) -> tuple[str, ...]:
+        """The other components: discriminators and critics (``lr_d``; private under local-d)."""
+        return tuple(c for c in self.components if c not in self.generators)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The components ``sample`` runs: a checkpoint must hold them, and their norm
+        statistics decide batch-statistics sampling (``server.images``)."""
+        return self.generators
+
+    @property
+    def ema_components(self) -> tuple[str, ...]:
+        """What the moving averages keep (``ema-decay`` at a hospital, ``server-ema-decay``)."""
+        return self.generators
+
+    def grid_inputs(self, cfg: ModelConfig, n: int) -> torch.Tensor | None:
+        """The coordinator's fixed sample-grid inputs when the family has its own (maskgan:
+        phantom masks); None: the default ones (seeded noise, or phantom slices)."""
+        return None
+
+    def show_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A translation input as the grey image shown beside its output (as is by default)."""
+        return inputs
+
+    def evaluate_holdout(self, nets: Nets, holdout: dict[str, torch.Tensor],
+                         device: torch.device) -> dict[str, float] | None:
+        """The family's own held-out evaluation (aae); None: the hospital's generic one."""
+        return None
 
     def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
         return (train.beta1, train.beta2)
@@ -138,10 +199,9 @@ class FamilyBase:
         return _length(data, self.batch_keys)
 
     def optimizers(self, nets: Nets, train: TrainConfig) -> Optimizers:
-        """One Adam per component: generators (``generator``, ``g_*``) at ``lr_g``, the rest
-        (discriminators, critics) at ``lr_d``."""
-        return {c: adam(nets[c].parameters(),
-                        train.lr_g if c == "generator" or c.startswith("g_") else train.lr_d,
+        """One Adam per component: ``generators`` at ``lr_g``, the rest (discriminators,
+        critics) at ``lr_d``."""
+        return {c: adam(nets[c].parameters(), train.lr_g if c in self.generators else train.lr_d,
                         self.adam_betas(train))
                 for c in self.components}
 

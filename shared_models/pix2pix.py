@@ -16,6 +16,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
+from .capabilities import AUGMENT, DP, R1
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
@@ -29,6 +30,7 @@ class Pix2Pix(FamilyBase):
     batch_keys = ("a", "b")
     task = "translation"
     data_layout = "paired"
+    supports = frozenset({AUGMENT, R1, DP})  # augment/R1: each (a, b) pair as one image
 
     def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
         self.l1_weight = l1_weight

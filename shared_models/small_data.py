@@ -26,9 +26,8 @@ from torch import nn
 
 from .augment import diff_augment, parse_policy
 
-# families whose train steps call SmallData (the others refuse the settings: FederationConfig)
-AUGMENT_FAMILIES = ("dcgan", "cdcgan", "wgan-gp", "pix2pix")
-R1_FAMILIES = ("dcgan", "cdcgan", "pix2pix")  # WGAN-GP has its own gradient penalty
+# Which families' train steps call SmallData each family declares (``supports``: "augment",
+# "r1"); the others refuse the settings (``shared_models.capabilities.check_supported``).
 
 
 @dataclass(frozen=True)
@@ -67,11 +66,6 @@ class SmallData:
         return 0.5 * self.r1_gamma * grad.float().flatten(1).pow(2).sum(1).mean()
 
 
-def generator_components(components: Iterable[str]) -> tuple[str, ...]:
-    """The generator components of a family (``generator``, ``g_*``), as ``FamilyBase`` names them."""
-    return tuple(c for c in components if c == "generator" or c.startswith("g_"))
-
-
 class GeneratorEMA:
     """w_ema <- decay * w_ema + (1 - decay) * w after each step (Karras et al. 2018, "G_s").
 
@@ -102,12 +96,3 @@ class GeneratorEMA:
     def apply(self) -> None:
         for c, net in self.nets.items():
             net.load_state_dict(self.shadow[c])
-
-
-def check_supported(family: str, train: object) -> None:
-    """Refuse settings the family's train step would silently ignore (``ValueError``)."""
-    if getattr(train, "augment", "") and family not in AUGMENT_FAMILIES:
-        raise ValueError(f"augment is for {', '.join(AUGMENT_FAMILIES)}, not family {family!r}")
-    if getattr(train, "r1_gamma", 0.0) > 0 and family not in R1_FAMILIES:
-        raise ValueError(f"r1-gamma is for {', '.join(R1_FAMILIES)}, not family {family!r}"
-                         + (" (it has its own gradient penalty)" if family == "wgan-gp" else ""))

@@ -16,6 +16,7 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig, TrainConfig
+from .capabilities import AUGMENT, DP, R1
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
@@ -42,6 +43,8 @@ class WGANGP(FamilyBase):
     batch_keys = ("image",)
     task = "generation"
     data_layout = "image"
+    supports = frozenset({AUGMENT, DP})
+    lacks = {R1: "it has its own gradient penalty"}
 
     def __init__(self, n_critic: int = N_CRITIC, gp_weight: float = GP_WEIGHT) -> None:
         if n_critic < 1:

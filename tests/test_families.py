@@ -208,3 +208,77 @@ def test_forbid_sync_guard_really_fires(monkeypatch: pytest.MonkeyPatch) -> None
         _forbid_sync(m)
         with pytest.raises(AssertionError, match="host sync"):
             torch.ones(1).item()
+
+
+# issue 23: what each consumer decided by itself before the families declared it
+OLD_CAPABILITIES = {
+    "augment": {"dcgan", "cdcgan", "wgan-gp", "pix2pix"},  # small_data.AUGMENT_FAMILIES
+    "r1": {"dcgan", "cdcgan", "pix2pix"},  # small_data.R1_FAMILIES
+    "dp": {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan"},  # run_config's message
+    "ua-gan": {"dcgan", "cdcgan"},  # server/ua_gan.py and client/ua_gan.py UA_FAMILIES
+}
+
+
+def _old_preset_discriminator(c: str) -> bool:  # server/presets.py is_discriminator
+    return c == "discriminator" or c.startswith("d_") or c.endswith("_discriminator")
+
+
+def _old_image_generator(c: str) -> bool:  # server/images.py, fedsynth/commands/sample.py
+    return c in ("generator", "decoder") or c.startswith("g_")
+
+
+def _old_ema_generator(c: str) -> bool:  # server/ema.py, small_data.generator_components
+    return c == "generator" or c.startswith("g_")
+
+
+@pytest.mark.parametrize("name", families())
+def test_family_declares_its_generators_and_discriminators(name: str) -> None:
+    from shared_models.capabilities import CAPABILITIES
+    from shared_models.family import FamilyBase
+
+    family = get_family(name)
+    assert isinstance(family, FamilyBase)
+    gens, discs = family.generators, family.discriminators
+    assert gens and discs and not set(gens) & set(discs)
+    assert sorted(gens + discs) == sorted(family.components)  # a partition
+    assert set(family.samplers) <= set(gens) and set(family.ema_components) <= set(gens)
+    assert family.supports <= CAPABILITIES and not set(family.lacks) & family.supports
+    # the same answers the consumers' own rules gave
+    assert discs == tuple(c for c in family.components if _old_preset_discriminator(c))
+    assert family.samplers == tuple(c for c in family.components if _old_image_generator(c))
+    assert family.ema_components == tuple(c for c in family.components
+                                          if _old_ema_generator(c))
+    train = TrainConfig(lr_g=1e-3, lr_d=3e-4)
+    opts = family.optimizers(family.build(ModelConfig(family=name, image_size=16, width=4,
+                                                      num_classes=3 if name == "cdcgan" else 0)),
+                             train)
+    assert {c: o.param_groups[0]["lr"] for c, o in opts.items()} == {
+        c: train.lr_g if c in gens else train.lr_d for c in family.components}
+
+
+def test_capabilities_come_from_the_families() -> None:
+    from shared_models.capabilities import DP, supporting
+    from shared_models.family import FamilyBase
+
+    for capability, old in OLD_CAPABILITIES.items():
+        assert set(supporting(capability)) == old, capability
+    # "dp" is declared where there is a DP-SGD path, nowhere else
+    assert set(supporting(DP)) == {n for n in families()
+                                   if type(get_family(n)).dp_plan is not FamilyBase.dp_plan}
+    with pytest.raises(ValueError, match="unknown capability"):
+        supporting("masks")
+
+
+def test_optional_hooks_have_defaults_on_every_family() -> None:
+    cfg = ModelConfig(family="maskgan", image_size=16, num_classes=2)
+    x = torch.zeros(2, 1, 16, 16)
+    for name in families():
+        family = get_family(name)
+        assert family.output == ("mask" if name == "aae" else "image")
+        assert family.pair_keys == (("mask", "image") if name == "maskgan" else ("a", "b"))
+        own = family.grid_inputs(cfg, 2)
+        assert (own is not None) == (name == "maskgan")
+        if name != "maskgan":
+            assert family.show_input(x) is x
+        if name != "aae":
+            assert family.evaluate_holdout({}, {}, torch.device("cpu")) is None

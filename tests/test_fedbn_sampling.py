@@ -104,7 +104,7 @@ def test_fedbn_global_norm_stats_are_the_initial_ones(fedbn_run: tuple[Path, Tra
                                                       ) -> None:
     root, grid = fedbn_run
     family, nets, _ = load_generator(_checkpoint(root))
-    assert untrained_norm_stats(nets)  # the premise: nothing aggregated them
+    assert untrained_norm_stats(nets, family.samplers)  # the premise: nothing aggregated them
     # ... while the shared weights did train, and so did each hospital's own statistics
     torch.manual_seed(TRAIN.seed)
     initial = encode(family.build(MODEL))
@@ -112,7 +112,7 @@ def test_fedbn_global_norm_stats_are_the_initial_ones(fedbn_run: tuple[Path, Tra
     norm = norm_state_keys(nets)
     assert any(not np.array_equal(trained[k], initial[k]) for k in trained if k not in norm)
     assert all(np.array_equal(trained[k], initial[k]) for k in trained if k in norm)
-    assert not untrained_norm_stats(grid.nets[1])
+    assert not untrained_norm_stats(grid.nets[1], family.samplers)
 
 
 def test_fedbn_samples_use_batch_statistics(fedbn_run: tuple[Path, TrainingGrid],
@@ -167,16 +167,16 @@ def test_aggregated_statistics_are_used_as_stored(tmp_path: Path) -> None:
     torch.manual_seed(0)
     nets = family.build(MODEL)
     noise = torch.randn(8, MODEL.latent_dim)
-    assert untrained_norm_stats(nets)
+    assert untrained_norm_stats(nets, family.samplers)
     # one training step: the statistics have seen batches, like any aggregate of fedgan
     opts = family.optimizers(nets, TRAIN)
     family.train_step({"image": _phantoms(8, 1.0, 0.0, 0)}, nets, opts, StepContext())
-    assert not untrained_norm_stats(nets)
+    assert not untrained_norm_stats(nets, family.samplers)
     np.testing.assert_array_equal(sample_images(family, nets, noise).numpy(),
                                   family.sample(nets, noise).numpy())
     # batch statistics leave the nets' own statistics alone
     before = {k: v.clone() for k, v in nets["generator"].state_dict().items()}
-    copy = with_batch_stats(nets)
+    copy = with_batch_stats(nets, family.samplers)
     sample_images(family, nets, noise, norm_stats="batch")
     assert copy["generator"] is not nets["generator"] and copy["discriminator"] is nets[
         "discriminator"]
@@ -187,7 +187,7 @@ def test_aggregated_statistics_are_used_as_stored(tmp_path: Path) -> None:
     # translation generators have no BatchNorm running statistics: nothing changes for them
     cyc = get_family("cyclegan")
     cnets = cyc.build(ModelConfig(family="cyclegan", image_size=16, width=8))
-    assert not untrained_norm_stats(cnets)
+    assert not untrained_norm_stats(cnets, cyc.samplers)
     # a stand-alone fedbn-style checkpoint through the CLI: --norm-stats stored is honoured
     ckpt = RunFolder(tmp_path / "run").save_checkpoint(
         1, encode(family.build(MODEL)), {"round": 1, "family": "dcgan", "model": asdict(MODEL)})

@@ -96,11 +96,11 @@ def test_lesion_weight_moves_the_l1_term_to_the_mask() -> None:
 
 
 def test_policy_presets_handle_its_components_and_ua_gan_refuses_it() -> None:
-    comps = get_family("maskgan").components
+    family = get_family("maskgan")
     for preset in POLICY_PRESETS:
-        assert make_strategy(preset, comps) is not None
+        assert make_strategy(preset, family) is not None
     with pytest.raises(ValueError, match="ua-gan"):
-        make_strategy("ua-gan", comps, model=ModelConfig(family="maskgan"), train=TrainConfig())
+        make_strategy("ua-gan", family, model=ModelConfig(family="maskgan"), train=TrainConfig())
 
 
 def test_run_config_counts_the_mask_labels() -> None:

@@ -19,6 +19,10 @@ from shared_models import ModelConfig, TrainConfig, get_family
 from tests.flower_helpers import task_identity
 from tests.test_strategy import ALL, COMPONENTS, NO_B, NORM, global_model, run_round
 
+CYCLEGAN = get_family("cyclegan")  # the components of the round helpers (tests.test_strategy)
+DCGAN = get_family("dcgan")
+assert CYCLEGAN.components == COMPONENTS
+
 # hospital 1 replies 1.0 everywhere with all domains, hospital 2 replies 5.0 without domain B
 EXPECTED = {  # preset -> key -> value after one round, by hand
     "fedgan": {"g_ab.w": 4.0, "g_ba.w": 1.0, "d_a.w": 4.0, "d_b.w": 1.0, "g_ab.norm.weight": 4.0},
@@ -32,26 +36,26 @@ EXPECTED = {  # preset -> key -> value after one round, by hand
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
 def test_preset_aggregates_each_component_as_specified(preset: str) -> None:
-    strategy = make_strategy(preset, COMPONENTS, norm_keys=NORM)
+    strategy = make_strategy(preset, CYCLEGAN, norm_keys=NORM)
     _, _, new, _ = run_round(strategy, {1: (1.0, ALL), 2: (5.0, NO_B)})
     for key, value in EXPECTED[preset].items():
         assert new[key] == pytest.approx(np.full_like(new[key], value)), key
 
 
 def test_overrides_change_shared_components_only() -> None:
-    policies = preset_policies("local-d", ("generator", "discriminator"),
+    policies = preset_policies("local-d", DCGAN,
                                {"reducer": "median", "sync_every": 3})
     assert policies["generator"].reducer == "median" and policies["generator"].sync_every == 3
     assert not policies["discriminator"].shared and policies["discriminator"].reducer == "mean"
     with pytest.raises(ValueError, match="unknown policy field"):
-        preset_policies("fedgan", ("generator",), {"momentum": 0.9})
+        preset_policies("fedgan", DCGAN, {"momentum": 0.9})
     with pytest.raises(ValueError, match="unknown strategy preset"):
-        make_strategy("fedprox-gan", ("generator",))
+        make_strategy("fedprox-gan", DCGAN)
     assert set(EXPECTED) | {"ua-gan"} == set(PRESETS)
 
 
 def test_fedadam_preset_override_steps_the_global_copy() -> None:
-    strategy = make_strategy("fedgan", COMPONENTS,
+    strategy = make_strategy("fedgan", CYCLEGAN,
                              overrides={"server_opt": "adam", "server_lr": 0.1})
     _, _, new, _ = run_round(strategy, {1: (1.0, ALL)})
     # delta 1: m = 0.1, v = 0.01, step = 0.1 * 0.1 / (0.1 + 1e-3)
@@ -88,7 +92,7 @@ def test_ua_round_moves_only_the_generator_and_sends_no_weights() -> None:
     from shared_models import encode
 
     start = encode(nets)
-    strategy = make_strategy("ua-gan", family.components, model=model,
+    strategy = make_strategy("ua-gan", family, model=model,
                              train=TrainConfig(local_steps=2, batch_size=4), fake_batch=4)
     assert isinstance(strategy, UaGanStrategy)
     hospital_d = family.build(model)["discriminator"]
@@ -124,9 +128,9 @@ class FakeGrid2:
 
 def test_ua_gan_refuses_families_without_a_probability_discriminator() -> None:
     with pytest.raises(ValueError, match="ua-gan"):
-        make_strategy("ua-gan", ("g_ab",), model=ModelConfig(family="cyclegan"),
+        make_strategy("ua-gan", CYCLEGAN, model=ModelConfig(family="cyclegan"),
                       train=TrainConfig())
-    assert isinstance(make_strategy("fedgan", ("generator",)), GanStrategy)
+    assert isinstance(make_strategy("fedgan", DCGAN), GanStrategy)
 
 
 AAE_NORM = frozenset({"encoder.norm.weight", "decoder.norm.weight"})
@@ -145,11 +149,12 @@ def test_adversarial_autoencoder_components_under_every_preset(preset: str) -> N
     is a discriminator (private under local-d / fedmed-gan); UA-GAN refuses the family."""
     from tests.test_strategy import FakeGrid, reply
 
-    components = get_family("aae").components
+    aae = get_family("aae")
+    components = aae.components
     assert components == ("encoder", "decoder", "latent_discriminator")
     arrays = {f"{c}.w": np.zeros(2, np.float32) for c in components}
     arrays.update({k: np.zeros(1, np.float32) for k in AAE_NORM})
-    strategy = make_strategy(preset, components, norm_keys=AAE_NORM)
+    strategy = make_strategy(preset, aae, norm_keys=AAE_NORM)
     answers = {1: (1.0, dict.fromkeys(components, 10)), 2: (5.0, dict.fromkeys(components, 30))}
     with task_identity():
         out = list(strategy.configure_train(1, protocol.to_record(arrays), ConfigRecord({}),
@@ -164,4 +169,4 @@ def test_adversarial_autoencoder_components_under_every_preset(preset: str) -> N
         if norm is not None:
             assert new[f"{component}.norm.weight"] == pytest.approx([norm]), (preset, component)
     with pytest.raises(ValueError, match="ua-gan"):
-        make_strategy("ua-gan", components, model=ModelConfig(family="aae"), train=TrainConfig())
+        make_strategy("ua-gan", aae, model=ModelConfig(family="aae"), train=TrainConfig())

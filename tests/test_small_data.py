@@ -126,7 +126,7 @@ def test_server_ema_arithmetic_and_checkpoint_keys(tmp_path) -> None:
     from server.ema import EMA_PREFIX, ServerEMA
     from server.run_folder import RunFolder, load_checkpoint
 
-    e = ServerEMA(0.5)
+    e = ServerEMA(0.5, get_family("dcgan").ema_components)
     e.update({"generator.w": np.array([2.0], np.float32), "discriminator.w": np.array([9.0])})
     e.update({"generator.w": np.array([4.0], np.float32), "discriminator.w": np.array([1.0])})
     assert e.arrays == {"generator.w": pytest.approx(np.array([3.0]))}  # starts at round 1's
@@ -139,7 +139,7 @@ def test_server_ema_arithmetic_and_checkpoint_keys(tmp_path) -> None:
     averaged, _ = load_checkpoint(ckpt, ema=True)
     assert set(averaged) == set(raw) and averaged["generator.w"][0] == 3.0
     assert EMA_PREFIX + "generator.w" in load_checkpoint(ckpt, with_ema=True)[0]
-    off = ServerEMA(0.0)
+    off = ServerEMA(0.0, ("generator",))
     off.update(raw)
     assert off.checkpoint_arrays() == {} and off.overlay(raw) == raw
 

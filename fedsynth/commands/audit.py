@@ -80,7 +80,7 @@ def draw(family: Any, nets: dict, cfg: Any, n: int, seed: int, local: Any) -> np
     """``n`` images from the checkpoint: samples, or translations of held-out inputs."""
     from .sample import generate, translate
 
-    if getattr(family, "task", "generation") == "translation":
+    if family.task == "translation":
         inputs = local.holdout.get("a")
         if inputs is None or not len(inputs):
             raise ValueError("no held-out domain-A slice to translate")

@@ -121,9 +121,11 @@ def _generates(family: str) -> bool:
 def _small_data(args: argparse.Namespace) -> dict:
     """The small-data settings, for the generation families they were measured on (the
     translation families train as before: no measurement chose them there)."""
-    from shared_models.small_data import AUGMENT_FAMILIES, R1_FAMILIES
+    from shared_models import get_family
+    from shared_models.capabilities import AUGMENT, R1
 
     gen = _generates(args.family)
-    return {"augment": args.augment if gen and args.family in AUGMENT_FAMILIES else "",
-            "r1_gamma": args.r1_gamma if gen and args.family in R1_FAMILIES else 0.0,
+    supports = get_family(args.family).supports
+    return {"augment": args.augment if gen and AUGMENT in supports else "",
+            "r1_gamma": args.r1_gamma if gen and R1 in supports else 0.0,
             "ema_decay": args.ema_decay if gen else 0.0}

@@ -74,7 +74,7 @@ def evaluate(checkpoint: Path, data_dir: Path, *, n: int = 0, holdout_every: int
     family, nets, meta = load_generator(checkpoint)
     cfg, data = meta.pop("_config"), meta.pop("_data")
     name = str(meta["family"])
-    if getattr(family, "task", "generation") != "generation":
+    if family.task != "generation":
         raise ValueError(f"checkpoint '{checkpoint}' is a {name} translation model: evaluate "
                          f"scores generation families (dcgan, wgan-gp, cdcgan); a translation "
                          f"model's SSIM/PSNR/MAE are in the run's report")

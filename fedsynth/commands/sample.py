@@ -113,10 +113,6 @@ def _apply_gate(args: argparse.Namespace, images: np.ndarray, notes: list[str] |
     return images[keep], kept_notes, privacy, keep
 
 
-def _generator_components(nets: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(c for c in nets if c in ("generator", "decoder") or c.startswith("g_"))
-
-
 def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(family, nets, meta) from a checkpoint; ValueError with one line on any problem.
 
@@ -140,7 +136,7 @@ def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         family = get_family(str(meta["family"]))
         cfg = ModelConfig(**meta["model"])
         nets = family.build(cfg)
-        decode_into(nets, arrays, strict_components=_generator_components(nets))
+        decode_into(nets, arrays, strict_components=family.samplers)
     except Exception as exc:
         raise ValueError(f"checkpoint '{path}' does not fit its model: {exc}") from exc
     meta["_config"] = cfg
@@ -215,7 +211,7 @@ def generate(family: Any, nets: dict[str, Any], cfg: Any, n: int, seed: int,
 
     from server.images import MIN_BATCH_STATS, resolve_norm_stats, sample_images
 
-    mode = resolve_norm_stats(nets, norm_stats)
+    mode = resolve_norm_stats(nets, family.samplers, norm_stats)
     rows = max(n, MIN_BATCH_STATS) if mode == "batch" else n
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(rows, cfg.latent_dim, generator=gen)
@@ -356,23 +352,23 @@ def run(args: argparse.Namespace) -> int:
     name = str(meta["family"])
     prov = dict(family=name, round=int(meta.get("round", 0)), model=asdict(cfg),
                 checkpoint=args.checkpoint.name)
-    translation = getattr(family, "task", "generation") == "translation"
-    masked = getattr(family, "data_layout", "") == "masked"
+    translation = family.task == "translation"
+    masked = family.data_layout == "masked"
     if args.format == "dicom" and cfg.spatial_dims == 3 and (
             masked or args.stage2 is not None):
         raise UserError("labelled DICOM (image + SEG) is 2D only: a synthetic volume is a "
                         "multi-frame Secondary Capture without a frame of reference, which a "
                         "DICOM SEG cannot reference frame by frame; use --format png")
-    if args.stage2 is not None and getattr(family, "output", "image") != "mask":
+    if args.stage2 is not None and family.output != "mask":
         raise UserError(f"--stage2 follows a mask generator (aae); {name} draws no masks")
-    if args.audit is not None and (masked or getattr(family, "output", "image") == "mask"):
+    if args.audit is not None and (masked or family.output == "mask"):
         # the gate compares generated slices with training slices; a mask-conditioned image is
         # pixel-aligned to its mask, which the gate does not audit: refuse rather than pass it
         raise UserError(f"--audit (the export gate) does not yet check {name} exports (mask "
                         "generators and mask-conditioned images); export without it only after "
                         "`fedsynth audit` at this hospital")
 
-    if getattr(family, "output", "image") == "mask":  # stage 1: masks from noise
+    if family.output == "mask":  # stage 1: masks from noise
         if args.input is not None or args.class_name is not None:
             raise UserError(f"{name} draws masks from noise: --input and --class do not apply")
         masks = generate(family, nets, cfg, args.n, args.seed, None, args.norm_stats)
@@ -392,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise UserError(str(exc)) from exc
             cfg2 = meta2["_config"]
-            if getattr(fam2, "data_layout", "") != "masked" or fam2.task != "translation":
+            if fam2.data_layout != "masked" or fam2.task != "translation":
                 raise UserError(f"--stage2 '{args.stage2}' is a {meta2['family']} checkpoint, "
                                 f"not a mask-conditioned one (maskgan)")
             if (cfg2.image_size, cfg2.spatial_dims, cfg2.num_classes) != (

@@ -1,0 +1,43 @@
+"""What a family can do beyond plain training, as each family declares it (``FamilyBase.supports``).
+
+A family names its capabilities once, in its own module; whoever needs to know which families
+support something (a check, a refusal that lists them, the demo) asks the registry here.
+
+- ``augment``: its train step shows D everything through ``ctx.small_data.view`` (DiffAugment);
+- ``r1``: its train step adds ``ctx.small_data.r1`` to D's loss (WGAN-GP has its own penalty);
+- ``dp``: it has a ``dp_plan`` / ``dp_step`` (DP-SGD, ``shared_models.dp``);
+- ``ua-gan``: its discriminator outputs the logit of a probability, which UA-GAN's odds need.
+"""
+
+from __future__ import annotations
+
+from .family import GanFamily, families, get_family
+
+AUGMENT = "augment"
+R1 = "r1"
+DP = "dp"
+UA_GAN = "ua-gan"
+CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN})
+
+
+def supporting(capability: str) -> tuple[str, ...]:
+    """The registered families that declare ``capability``, sorted by name."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}; known: {sorted(CAPABILITIES)}")
+    return tuple(name for name in families() if capability in get_family(name).supports)
+
+
+def refusal(family: GanFamily, capability: str, what: str) -> str:
+    """The one-line reason ``family`` cannot do ``what`` (a setting or preset needing
+    ``capability``), listing the families that can, and the family's own note when it has one."""
+    note = family.lacks.get(capability)
+    return (f"{what} is for {', '.join(supporting(capability))}, not family {family.name!r}"
+            + (f" ({note})" if note else ""))
+
+
+def check_supported(family: GanFamily, train: object) -> None:
+    """Refuse small-data settings the family's train step would silently ignore (``ValueError``)."""
+    if getattr(train, "augment", "") and AUGMENT not in family.supports:
+        raise ValueError(refusal(family, AUGMENT, "augment"))
+    if getattr(train, "r1_gamma", 0.0) > 0 and R1 not in family.supports:
+        raise ValueError(refusal(family, R1, "r1-gamma"))
