@@ -251,6 +251,22 @@ def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 
             pass
 
 
+def stop_guarded(proc: subprocess.Popen, grace: float = GUARD_GRACE_S + 2.0) -> None:
+    """End a child started by ``spawn``: SIGTERM to the guard only, which sends its child one
+    SIGTERM and SIGKILLs what is left after its own grace; ``kill_tree`` if it is still there.
+
+    Never SIGTERM the guard and its child together: the guard forwards a second SIGTERM, and
+    Flower's SuperNode, whose exit handler resets SIGTERM to the default action, dies of it
+    before it tells the SuperLink it leaves (DeactivateNode); the coordinator then holds the
+    hospital as online and refuses its restart until the heartbeat patience ends (issue 24)."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    kill_tree(proc, signal.SIGKILL, grace=1.0)
+
+
 def _main(argv: Sequence[str]) -> int:
     """``python -m fedsynth.processes guard DAEMON_PID -- COMMAND...`` (see ``spawn``)."""
     if len(argv) >= 4 and argv[0] == "guard" and argv[1].isdigit() and argv[2] == "--":

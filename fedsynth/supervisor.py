@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsynth.deployment import CoordinatorUnreachable, child_env
-from fedsynth.processes import descendants, kill_tree, spawn
+from fedsynth.processes import _libc, descendants, kill_tree, spawn, stop_guarded
 
 log = logging.getLogger("fedsynth.deployment")  # the name operators' log filters already use
 
@@ -160,7 +160,10 @@ class Supervisor:
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            kill_tree(self.proc)
+            if _libc() is not None:  # spawn put it under a guard: let the guard end it in order
+                stop_guarded(self.proc)
+            else:
+                kill_tree(self.proc)
         elif self.proc is not None:
             for pid in descendants(self.proc.pid):
                 try:
