@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from client import dicom
-from client.statefiles import fsync_dir  # one folder fsync for the cache and the state files
+from client.statefiles import fsync_dir, replace_atomic  # shared with the state files
 from client.dicom import (
     TRANSIENT_SKIP_REASONS,
     DicomSettings,
@@ -111,23 +110,6 @@ def cache_key(folder: Path, settings: DicomSettings, cache_dir: Path) -> str:
     h.update(b"\n")
     h.update(_listing_hash(folder, cache_dir).encode())
     return h.hexdigest()[:40]
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    """Write via ``write(fileobj)`` to a temp file next to ``target``, fsync, rename."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
 
 
 def _meta_to_json(meta: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -224,7 +206,8 @@ def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
     npy_path = cache_dir / f"{key}.npy"
     json_path = cache_dir / f"{key}.json"
     images = np.ascontiguousarray(slices.images, dtype=np.float32)
-    _atomic_write(npy_path, lambda fh: np.save(fh, images, allow_pickle=False))
+    replace_atomic(npy_path, lambda fh: np.save(fh, images, allow_pickle=False),
+                   f".{npy_path.name}.", ".tmp")
     payload = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -235,7 +218,8 @@ def _write_entry(cache_dir: Path, key: str, slices: SliceSet) -> None:
         "report": _report_to_json(slices.report),
     }
     data = json.dumps(payload, allow_nan=False).encode("utf-8")
-    _atomic_write(json_path, lambda fh: fh.write(data))  # commit marker, last
+    replace_atomic(json_path, lambda fh: fh.write(data), f".{json_path.name}.",
+                   ".tmp")  # commit marker, last
     fsync_dir(cache_dir)
 
 

@@ -14,6 +14,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 MAX_STATE_BYTES = 4 << 20  # a ledger or replay record is a few kB; more is not one of ours
 
@@ -39,15 +40,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, prefix: str = ".tmp-") -> None:
-    """Replace ``path`` with ``text``: temp file in the same folder, fsync, rename, fsync folder.
-
-    An ``OSError`` (a full disk) leaves the previous file as it was and no temp file behind."""
-    private_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)  # mode 0600
+def replace_atomic(path: Path, write: Callable[[BinaryIO], object], prefix: str = ".tmp-",
+                   suffix: str = "") -> None:
+    """Replace ``path`` with what ``write(fileobj)`` writes: a temp file in the same folder,
+    fsync, rename. An ``OSError`` (a full disk) leaves the previous file as it was and no temp
+    file behind. The folder is not fsynced: a caller writing several files does it once."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)  # mode 0600
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -57,6 +58,13 @@ def write_atomic(path: Path, text: str, prefix: str = ".tmp-") -> None:
         except OSError:
             pass
         raise
+
+
+def write_atomic(path: Path, text: str, prefix: str = ".tmp-") -> None:
+    """A state file replaced by ``text`` (``replace_atomic`` in a private folder, then the folder
+    fsynced)."""
+    private_dir(path.parent)
+    replace_atomic(path, lambda fh: fh.write(text.encode("utf-8")), prefix)
     fsync_dir(path.parent)
 
 
