@@ -38,10 +38,10 @@ tools:
 
 # 4 workers on 2 cores: most tests wait on processes, timeouts and links, not on the CPU. A file
 # stays on one worker (its module-scoped federation is built once); torch uses one thread each.
-# --no-loadscope-reorder keeps tests/conftest.py's longest-files-first order (xdist would
-# otherwise start the files with the most tests first, and the few long ones last).
+# xdist starts the files with the most tests first (longest-first all at once overloaded the
+# box: BENCHMARKS.md, "The test loop"); tests/conftest.py's order breaks its ties.
 test: $(STAMP) tools
-	$(PY) -m pytest -n 4 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n 4 --dist loadfile
 
 # The edit loop: tests that start no Flower simulation and no real process (not marked slow).
 test-quick: $(STAMP)

@@ -32,9 +32,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
         report.longrepr = f"CI=true but the test was skipped: {report.longrepr}"
 
 
-# The longest files first (measured with `--durations`), so that under
-# `-n 4 --dist loadfile` none of them starts last and becomes the suite's tail. Order within a
-# file is kept; files not named keep their collection order after these.
+# The longest files first among files of equal test count: under `-n 4 --dist loadfile` xdist
+# orders files by their number of tests (a stable sort), so this order only breaks its ties.
+# Order within a file is kept; files not named keep their collection order after these.
 LONGEST_FIRST = ("test_deploy.py", "test_netns_link_cut.py", "test_wheel_install.py",
                  "test_process_lifecycle.py", "test_netns_power_loss.py", "test_netns_full_disk.py",
                  "test_deployed_families.py", "test_ua_gan_attack.py",
