@@ -128,7 +128,7 @@ def spawn(command: Sequence[str], **kwargs: Any) -> subprocess.Popen:
     return _SPAWNER.popen(list(command), **kwargs)
 
 
-def _enddescendants(root: int, grace: float) -> None:
+def _end_descendants(root: int, grace: float) -> None:
     """SIGTERM every descendant of ``root``, SIGKILL what is left after ``grace``, reap."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
         pids = descendants(root)
@@ -200,7 +200,7 @@ def guard_main(daemon_pid: int, command: Sequence[str], grace: float = GUARD_GRA
             stop["why"] = "daemon gone"
         if code is None and not stop["why"]:
             time.sleep(0.1)
-    _enddescendants(os.getpid(), grace)
+    _end_descendants(os.getpid(), grace)
     if code is None:
         code = child.returncode if child.returncode is not None else 128 + signal.SIGTERM
     return code if code >= 0 else 128 - code
@@ -265,6 +265,15 @@ def stop_guarded(proc: subprocess.Popen, grace: float = GUARD_GRACE_S + 2.0) -> 
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     kill_tree(proc, signal.SIGKILL, grace=1.0)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a child that ``spawn`` started, the way it was started: through its guard where
+    ``spawn`` put one (Linux), else its whole tree."""
+    if _libc() is not None:
+        stop_guarded(proc)
+    else:
+        kill_tree(proc)
 
 
 def _main(argv: Sequence[str]) -> int:

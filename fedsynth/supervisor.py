@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsynth.deployment import CoordinatorUnreachable, child_env
-from fedsynth.processes import _libc, descendants, kill_tree, spawn, stop_guarded
+from fedsynth.processes import descendants, spawn, stop
 
 log = logging.getLogger("fedsynth.deployment")  # the name operators' log filters already use
 
@@ -103,7 +103,7 @@ class Supervisor:
                     log.warning("%s (pid %d) stopped trying to reach the coordinator (it logged "
                                 "that it gave up reconnecting) but is still running: ending it",
                                 self.name, proc.pid)
-                    kill_tree(proc)
+                    stop(proc)
                 return "gave-up"
             self._stop.wait(0.5)
         return None if self._stop.is_set() else "exited"
@@ -160,10 +160,7 @@ class Supervisor:
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            if _libc() is not None:  # spawn put it under a guard: let the guard end it in order
-                stop_guarded(self.proc)
-            else:
-                kill_tree(self.proc)
+            stop(self.proc)  # through its guard: one SIGTERM reaches the child (issue 24)
         elif self.proc is not None:
             for pid in descendants(self.proc.pid):
                 try:
