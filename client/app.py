@@ -342,7 +342,8 @@ def train(msg: Message, context: Context) -> Message:
     if evaluated_round is not None:
         t0 = time.perf_counter()
         try:
-            evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round)
+            evaluation = (trainer.evaluate(data.holdout, seed=evaluated_round,
+                                           classifier_steps=train_cfg.eval_classifier_steps)
                           if data is not None else {"eval-examples": 0})
         except Exception:  # noqa: BLE001 - a failed evaluation must not cost the round's training
             log.exception("evaluation of round %d failed at this hospital; training goes on",
@@ -377,10 +378,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_private_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    hospital, trainer, data, _, server_round = _prepare(msg, context)
+    hospital, trainer, data, train, server_round = _prepare(msg, context)
     t0 = time.perf_counter()
-    metrics = (trainer.evaluate(data.holdout, seed=server_round) if data is not None
-               else {"eval-examples": 0})
+    metrics = (trainer.evaluate(data.holdout, seed=server_round,
+                                classifier_steps=train.eval_classifier_steps)
+               if data is not None else {"eval-examples": 0})
     metrics["eval-seconds"] = time.perf_counter() - t0  # a round's compute = train + evaluate
     hospital_metrics.record_evaluate(hospital.name, server_round, metrics)
     # at a hospital that requires DP the figures stay here (client/evaluation.py)

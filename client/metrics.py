@@ -110,6 +110,11 @@ class _Series:
         self.eval_frd = Gauge("fedsynth_hospital_eval_frd",
                               "Fréchet Radiomics Distance of the last local evaluation.", h,
                               registry=r, multiprocess_mode="mostrecent")
+        self.eval_intended = Gauge("fedsynth_hospital_eval_intended_class_accuracy",
+                                   "Conditional families: this hospital's real-slice classifier "
+                                   "on generated slices, balanced accuracy against the intended "
+                                   "class (last local evaluation).", h, registry=r,
+                                   multiprocess_mode="mostrecent")
         self.usable = Gauge("fedsynth_hospital_scan_usable_slices",
                             "Usable slices in the local data scan, by modality.",
                             h + ["modality"], registry=r, multiprocess_mode="mostrecent")
@@ -200,6 +205,8 @@ def record_evaluate(hospital: str, server_round: int, metrics: Mapping[str, floa
     s, name = series(), label_name(hospital)
     s.eval_frechet.labels(name).set(float(metrics.get("eval-frechet", float("nan"))))
     s.eval_frd.labels(name).set(float(metrics.get("eval-frd", float("nan"))))
+    s.eval_intended.labels(name).set(float(metrics.get("eval-intended-class-accuracy",
+                                                       float("nan"))))
     _success(s, name, "evaluate", server_round)
 
 

@@ -25,6 +25,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits as bce
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.capabilities import check_supported
 from shared_models.codec import decode_into
+from shared_models.downstream import ClassifierBudget, intended_class_accuracy, train_classifier
 from shared_models.dp import PrivateSteps
 from shared_models.family import GanFamily, Nets
 from shared_models.quality import (FeatureNet, frechet_distance, frechet_radiomics_distance,
@@ -106,6 +107,7 @@ class LocalTrainer:
         self._on_device: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         # radiomic features of the held-out slices: computed once, they do not change per round
         self._real_radiomics: tuple[torch.Tensor, np.ndarray] | None = None
+        self._real_classifier: tuple[torch.Tensor, int, torch.nn.Module] | None = None
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         decode_into(self.nets, arrays)
@@ -205,7 +207,7 @@ class LocalTrainer:
                 batch: dict[str, torch.Tensor] = {}
                 images += train.batch_size  # the expected count: the drawn one stays here
             else:
-                batch = self.family.draw(on_device, train.batch_size)
+                batch = self.family.draw(on_device, train.batch_size, train.class_balanced)
                 images += sum(len(batch[k]) for k in self.family.batch_keys if k in batch)
             out = self.family.train_step(batch, self.nets, opts, ctx)
             if ema is not None:
@@ -261,19 +263,24 @@ class LocalTrainer:
         return d
 
     @torch.no_grad()
-    def evaluate(self, holdout: Mapping[str, torch.Tensor], seed: int) -> dict[str, float]:
+    def evaluate(self, holdout: Mapping[str, torch.Tensor], seed: int,
+                 classifier_steps: int = 0) -> dict[str, float]:
         """Quality on held-out local data, the way the field measures the family's task.
 
         Translation: SSIM, PSNR and MAE of the translated ``a`` against its paired ``b`` (NaN and
         0 examples when the hospital holds no pairs). Generation: D's view of real vs fake,
         Fréchet distance / MMD and precision / recall / density / coverage on the fixed
         ``FeatureNet``'s features, and the Fréchet Radiomics Distance (``eval-frd``, on at most
-        ``FRD_MAX_IMAGES`` of each). Only these scalars leave the hospital.
+        ``FRD_MAX_IMAGES`` of each). Conditional generation, with ``classifier_steps``: the
+        intended-class accuracy (``shared_models.downstream``) of a classifier trained for that
+        many steps on the held-out real slices. Only these scalars leave the hospital (and at a
+        hospital that requires DP, not even they: client/evaluation.py).
         """
         if self.family.task == "translation":
             return self._evaluate_translation(holdout)
         own = self.family.evaluate_holdout(self.nets, holdout, self.device)  # aae: its masks
-        return own if own is not None else self._evaluate_generation(holdout, seed)
+        return own if own is not None else self._evaluate_generation(holdout, seed,
+                                                                     classifier_steps)
 
     def _evaluate_translation(self, holdout: Mapping[str, torch.Tensor]) -> dict[str, float]:
         key_a, key_b = self.family.pair_keys  # maskgan: mask -> image
@@ -299,8 +306,8 @@ class LocalTrainer:
         return {"eval-ssim": values[0], "eval-psnr": values[1], "eval-mae": values[2],
                 "eval-examples": len(a)}
 
-    def _evaluate_generation(self, holdout: Mapping[str, torch.Tensor], seed: int
-                             ) -> dict[str, float]:
+    def _evaluate_generation(self, holdout: Mapping[str, torch.Tensor], seed: int,
+                             classifier_steps: int = 0) -> dict[str, float]:
         images = holdout["image"]
         labels = holdout.get("label")
         gen = torch.Generator().manual_seed(seed)
@@ -323,7 +330,12 @@ class LocalTrainer:
         feat = FeatureNet(self.model.channels)
         fr, ff = feat(images.float().cpu()).numpy(), feat(fake).numpy()
         coverage = prdc(fr, ff[:n])
+        intended = {}
+        if labels is not None and self.model.num_classes and classifier_steps > 0:
+            intended["eval-intended-class-accuracy"] = self._intended_class_accuracy(
+                images, real_labels, fake, labels.cpu(), classifier_steps)
         return {
+            **intended,
             "eval-d-real": d_real_v,
             "eval-d-fake": d_fake_v,
             "eval-frechet": frechet_distance(fr, ff) if n >= 2 else float("nan"),
@@ -333,6 +345,23 @@ class LocalTrainer:
             **{f"eval-{k}": v for k, v in coverage.items()},
             "eval-examples": n,
         }
+
+    def _intended_class_accuracy(self, images: torch.Tensor, labels: torch.Tensor,
+                                 fake: torch.Tensor, intended: torch.Tensor, steps: int) -> float:
+        """The real-slice classifier's balanced accuracy on ``fake`` against ``intended``; the
+        classifier is trained once per held-out tensor and step count, kept across rounds."""
+        if len(images) < 2 or len(torch.unique(labels)) < 2:
+            return float("nan")  # one class held out: nothing to tell classes apart with
+        kept = self._real_classifier
+        if kept is None or kept[0] is not images or kept[1] != steps:
+            # evaluate runs under no_grad; its seed must not reset the round's random stream
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                net = train_classifier({"image": images.float().cpu(), "label": labels.cpu()},
+                                       self.model.num_classes, seed=0,
+                                       budget=ClassifierBudget(steps=steps))
+            kept = self._real_classifier = (images, steps, net)
+        return intended_class_accuracy(kept[2], {"image": fake, "label": intended},
+                                       self.model.num_classes)[0]
 
     def _radiomics_of(self, images: torch.Tensor) -> np.ndarray:
         """Radiomic features of the first ``FRD_MAX_IMAGES`` held-out images, kept across rounds

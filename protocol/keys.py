@@ -34,6 +34,9 @@ EVAL_METRICS = ("eval-d-real", "eval-d-fake", "eval-frechet", "eval-mmd", "eval-
                 "eval-ssim", "eval-psnr", "eval-mae", "eval-seconds",
                 # Fréchet Radiomics Distance; precision/recall/density/coverage (FeatureNet)
                 "eval-frd", "eval-precision", "eval-recall", "eval-density", "eval-coverage",
+                # conditional families: a classifier trained on the hospital's real held-out
+                # slices reads generated ones; balanced accuracy against their intended class
+                "eval-intended-class-accuracy",
                 # 1: a hospital that requires DP kept its figures home (client/evaluation.py)
                 "eval-kept-home")
 EVAL_KEPT_HOME = "eval-kept-home"

@@ -180,6 +180,10 @@ class CoordinatorMetrics:
         self.frd = Gauge("fedsynth_eval_frd",
                          "Fréchet Radiomics Distance, hospitals' held-out slices vs samples.",
                          registry=r)
+        self.intended = Gauge("fedsynth_eval_intended_class_accuracy",
+                              "Conditional families: hospitals' real-slice classifiers reading "
+                              "generated slices, balanced accuracy against the intended class.",
+                              registry=r)
         self.prdc = Gauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of "
                           "samples vs hospitals' held-out slices.", ["measure"], registry=r)
         self.diversity = Gauge("fedsynth_sample_diversity",
@@ -290,6 +294,7 @@ class CoordinatorMetrics:
         for section, key, gauge in (("evaluate", "eval-frechet", self.frechet),
                                     ("evaluate", "eval-mmd", self.mmd),
                                     ("evaluate", "eval-frd", self.frd),
+                                    ("evaluate", "eval-intended-class-accuracy", self.intended),
                                     *(("evaluate", f"eval-{m}", self.prdc.labels(m))
                                       for m in PRDC_MEASURES),
                                     ("server", "sample-diversity", self.diversity)):

@@ -309,6 +309,10 @@ def build_report(root: Path) -> str:
                    _series(rows, "server", {"diversity": "sample-diversity"})),
         line_chart("Round duration", _series(rows, "", {"seconds": "seconds"})),
     ]
+    intended = _series(rows, "evaluate", {"intended class": "eval-intended-class-accuracy"})
+    if any(intended.values()):  # conditional families only
+        charts.append(line_chart("Intended-class accuracy (a real-slice classifier reads the "
+                                 "generated slices; higher is better)", intended))
     per_h: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         for node, m in (r.get("hospitals") or {}).items():

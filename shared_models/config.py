@@ -44,6 +44,11 @@ class ModelConfig:
                                    "maskgan, aae)")
     num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
                                run=False)
+    conditioning: str = setting(
+        "projection", "how a conditional family (cdcgan) carries the class, comma separated: "
+        "projection (D's class embedding on its last features, always on), multiscale (also on "
+        "every earlier stage), acgan (D also classifies, G is scored by it), cbn (class-"
+        "conditional batch norm in G)")
     # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
     # DP (train dp-noise-multiplier > 0): derived by the run configuration, so every side builds
     # the same architecture.
@@ -58,8 +63,23 @@ class ModelConfig:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.latent_dim < 1 or self.width < 1 or self.num_classes < 0:
             raise ValueError("latent_dim and width must be >= 1, num_classes >= 0")
+        unknown = set(self.conditioning_set) - set(CONDITIONING)
+        if unknown or "projection" not in self.conditioning_set:
+            raise ValueError(f"conditioning {self.conditioning!r}: one or more of "
+                             f"{', '.join(CONDITIONING)}, projection included"
+                             + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm must be batch or group, got {self.norm!r}")
+
+    @property
+    def conditioning_set(self) -> frozenset[str]:
+        return frozenset(x.strip() for x in self.conditioning.split(",") if x.strip())
+
+
+# How a conditional generator carries its class (BENCHMARKS.md, "Class-faithful conditioning").
+CONDITIONING = ("projection", "multiscale", "acgan", "cbn")
+
+MAX_EVAL_CLASSIFIER_STEPS = 2000
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,13 @@ class TrainConfig:
                               "(dcgan, cdcgan, pix2pix)")
     ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
                                "steps, sent in place of the last step's; 0 off, else in (0, 1)")
+    class_balanced: bool = setting(False, "labelled families: every class equally likely in a "
+                                   "hospital's batches (a rare lesion type is drawn as often as "
+                                   "a common one)")
+    eval_classifier_steps: int = setting(
+        200, "conditional families: optimiser steps of the classifier a hospital trains on its "
+        "held-out real slices to read the intended class of generated ones at evaluation "
+        f"(eval-intended-class-accuracy); 0 off, at most {MAX_EVAL_CLASSIFIER_STEPS}")
     lesion_weight: float = setting(1.0, "mask-conditioned families: weight of the masked (lesion) "
                                    "pixels in the L1 and adversarial terms; 1 weighs all alike")
 
@@ -97,6 +124,10 @@ class TrainConfig:
         parse_policy(self.augment)  # an unknown op is refused here, by name
         if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
             raise ValueError("r1_gamma must be >= 0 and ema_decay in [0, 1)")
+        if not 0 <= self.eval_classifier_steps <= MAX_EVAL_CLASSIFIER_STEPS:
+            # a coordinator sets it: a hospital's evaluation is not an open-ended compute order
+            raise ValueError(f"eval-classifier-steps must be in [0, {MAX_EVAL_CLASSIFIER_STEPS}]"
+                             f", got {self.eval_classifier_steps}")
         if self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("local_steps and batch_size must be >= 1")
         if self.wire_dtype not in ("float32", "float16", "int8"):
@@ -110,6 +141,10 @@ class TrainConfig:
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
             raise ValueError("dp-noise-multiplier must be >= 0 and dp-max-grad-norm > 0")
+        if self.dp and self.class_balanced:
+            # the accountant's sample rate q is that of Poisson sampling of every record alike
+            raise ValueError("class-balanced batches are not supported with DP-SGD "
+                             "(dp-noise-multiplier > 0): DP samples every record alike")
         if self.dp and (self.augment or self.r1_gamma > 0):
             # the DP step (shared_models/dp.py) clips per-record gradients of the plain losses;
             # R1 is another real-data term, and augmented real batches are not wired into it

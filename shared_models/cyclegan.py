@@ -160,7 +160,8 @@ class CycleGAN(FamilyBase):
         return {"g_ab": n_a + n_b, "g_ba": n_a + n_b,
                 "d_a": n_a if both else 0, "d_b": n_b if both else 0}
 
-    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
+             balanced: bool = False) -> dict[str, torch.Tensor]:
         """Unpaired: an independent index draw per domain; an empty or absent domain is left out."""
         batch: dict[str, torch.Tensor] = {}
         for key in self.batch_keys:

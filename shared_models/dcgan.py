@@ -11,12 +11,16 @@ from typing import Mapping
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
+from torch.nn.functional import cross_entropy as ce
 
 from .config import ModelConfig
 from .capabilities import AUGMENT, DP, R1, UA_GAN
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
+
+# AC-GAN's class term beside the adversarial one (Odena et al. 2017 weigh them alike)
+AC_WEIGHT = 1.0
 
 
 class DCGAN(FamilyBase):
@@ -31,10 +35,12 @@ class DCGAN(FamilyBase):
     supports = frozenset({AUGMENT, R1, DP, UA_GAN})  # cdcgan inherits them
 
     def build(self, cfg: ModelConfig) -> Nets:
+        cond = cfg.conditioning_set
         g = DCGANGenerator(cfg.spatial_dims, cfg.latent_dim, cfg.channels, cfg.image_size,
-                           cfg.width, cfg.num_classes)
+                           cfg.width, cfg.num_classes, class_norm="cbn" in cond)
         d = DCGANDiscriminator(cfg.spatial_dims, cfg.channels, cfg.image_size, cfg.width,
-                               cfg.num_classes)
+                               cfg.num_classes, multiscale="multiscale" in cond,
+                               aux_classifier="acgan" in cond)
         nets = per_sample_norms({"generator": g, "discriminator": d}, cfg.norm)
         init_dcgan_weights(g)
         init_dcgan_weights(d)
@@ -57,6 +63,10 @@ class DCGAN(FamilyBase):
         ones, zeros = torch.ones(b, device=z.device), torch.zeros(b, device=z.device)
 
         def real_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
+            if d.classifier is not None:  # AC-GAN: the class term is a real-data term too
+                logit, cls = d.classify(ex["image"], ex["label"])
+                return bce(logit.float(), torch.ones_like(logit.float())) + AC_WEIGHT * ce(
+                    cls.float(), ex["label"])
             logit = d(ex["image"], ex.get("label")).float()
             return bce(logit, torch.ones_like(logit))
 
@@ -66,7 +76,7 @@ class DCGAN(FamilyBase):
             public = bce(d_fake.float(), zeros) + ctx.prox_term("discriminator", d)
             dp.step({"discriminator": d}, [(real_term, real)], [opts["discriminator"]], public)
         with ctx.autocast():
-            loss_g = bce(d(fake, labels).float(), ones) + ctx.prox_term("generator", g)
+            loss_g = _generator_loss(d, fake, labels, ones) + ctx.prox_term("generator", g)
         ctx.step(loss_g, opts["generator"])
         # only what is computed from released weights and fakes: a loss on the sampled records
         # would be a non-private statistic of them
@@ -92,15 +102,22 @@ class DCGAN(FamilyBase):
         with ctx.autocast():
             fake = g(z, labels)
             real_seen = aug.real_view(real)
-            d_real = d(real_seen, labels)
+            if getattr(d, "classifier", None) is not None:
+                # AC-GAN: D learns the class from real slices only (a fake's class is what G
+                # is asked to make, not evidence); G below is scored by that classifier
+                d_real, cls_real = d.classify(real_seen, labels)
+                class_term = AC_WEIGHT * ce(cls_real.float(), labels)
+            else:
+                d_real, class_term = d(real_seen, labels), 0.0
             d_fake = d(aug.view(fake.detach()), labels)
-            loss_d = bce(d_real.float(), ones) + bce(d_fake.float(), zeros)
+            loss_d = bce(d_real.float(), ones) + bce(d_fake.float(), zeros) + class_term
             loss_d = loss_d + aug.r1(d_real, real_seen) + ctx.prox_term("discriminator", d)
         ctx.step(loss_d, opts["discriminator"])
 
         # Generator: non-saturating loss, fake -> 1 through the updated D (and the augmentation).
         with ctx.autocast():
-            loss_g = bce(d(aug.view(fake), labels).float(), ones) + ctx.prox_term("generator", g)
+            loss_g = (_generator_loss(d, aug.view(fake), labels, ones)
+                      + ctx.prox_term("generator", g))
         ctx.step(loss_g, opts["generator"])
 
         return {
@@ -114,6 +131,16 @@ class DCGAN(FamilyBase):
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
                ) -> torch.Tensor:
         return eval_forward(nets["generator"], noise, labels)
+
+
+def _generator_loss(d: nn.Module, fake: torch.Tensor, labels: torch.Tensor | None,
+                    ones: torch.Tensor) -> torch.Tensor:
+    """Non-saturating loss through D, plus (AC-GAN) D's classifier's cross-entropy on the
+    intended class: G is rewarded for slices D reads as the class asked for."""
+    if getattr(d, "classifier", None) is None or labels is None:
+        return bce(d(fake, labels).float(), ones)
+    logit, cls = d.classify(fake, labels)
+    return bce(logit.float(), ones) + AC_WEIGHT * ce(cls.float(), labels)
 
 
 @register("dcgan")

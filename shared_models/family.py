@@ -104,8 +104,10 @@ class GanFamily(Protocol):
         """Examples that train each component, for the per-component aggregation weights."""
         ...
 
-    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
-        """One training batch from the local tensors (index draws on their device, no sync)."""
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
+             balanced: bool = False) -> dict[str, torch.Tensor]:
+        """One training batch from the local tensors (index draws on their device, no sync);
+        ``balanced``: every class of ``label`` equally likely (train class-balanced)."""
         ...
 
     def train_step(
@@ -209,13 +211,22 @@ class FamilyBase:
         n = _length(data, self.batch_keys)
         return {c: n for c in self.components}
 
-    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
-        """Paired keys: ONE index draw serves every key, so pairs and labels stay aligned."""
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
+             balanced: bool = False) -> dict[str, torch.Tensor]:
+        """Paired keys: ONE index draw serves every key, so pairs and labels stay aligned.
+
+        ``balanced`` (labelled data): each record is drawn with weight 1 / (its class's count),
+        so every class present is equally likely; without labels it changes nothing."""
         n = _length(data, self.batch_keys)
         if n == 0:
             raise ValueError(f"family {self.name!r}: no training examples")
         first = data[self.batch_keys[0]]
-        idx = torch.randint(n, (min(batch_size, n),), device=first.device)
+        labels = data.get("label")
+        if balanced and labels is not None and len(labels) == n:
+            weights = 1.0 / torch.bincount(labels)[labels].float()
+            idx = torch.multinomial(weights, min(batch_size, n), replacement=True)
+        else:
+            idx = torch.randint(n, (min(batch_size, n),), device=first.device)
         keys = self.batch_keys + tuple(k for k in self.optional_keys
                                        if k in data and len(data[k]) == n)
         return {k: data[k][idx] for k in keys}

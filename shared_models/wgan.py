@@ -104,7 +104,8 @@ class WGANGP(FamilyBase):
     def adam_betas(self, train: TrainConfig) -> tuple[float, float]:
         return ADAM_BETAS  # the paper's (0, 0.9), whatever TrainConfig says
 
-    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int) -> dict[str, torch.Tensor]:
+    def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
+             balanced: bool = False) -> dict[str, torch.Tensor]:
         """``n_critic`` independent batches stacked along dim 0: one per critic update."""
         images = data["image"]
         n = len(images)

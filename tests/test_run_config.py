@@ -44,10 +44,11 @@ def test_launch_help_lists_every_setting() -> None:
 def test_non_default_values_round_trip_through_the_flat_form() -> None:
     values = {
         "family": "pix2pix", "image-size": 64, "latent-dim": 17, "width": 9, "spatial-dims": 3,
+        "conditioning": "projection,acgan,cbn", "eval-classifier-steps": 50,
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11, "lesion-weight": 4.0,
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
-        "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9,
+        "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9, "class-balanced": False,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
         "domain-attribute": "modality", "domain-a-pattern": "^MR$", "domain-b-pattern": "^CT$",
@@ -63,7 +64,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
-                  "r1-gamma": 0.5}
+                  "r1-gamma": 0.5, "class-balanced": True}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
         assert values[s.key] != s.default or small_data[s.key] != s.default, \

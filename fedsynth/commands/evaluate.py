@@ -124,6 +124,8 @@ ROWS = (("frd", "Fréchet Radiomics Distance (lower is better)"),
         ("tstr-bacc", "synthetic only (TSTR): balanced accuracy"),
         ("real-auc", "classifier on real slices: AUC"),
         ("augmented-auc", "real + synthetic: AUC"), ("tstr-auc", "synthetic only (TSTR): AUC"),
+        ("intended-class-accuracy", "intended-class accuracy (real classifier on synthetic)"),
+        ("intended-class-ratio", "intended-class accuracy / real held-out accuracy"),
         ("augmentation-gain", "augmentation gain (balanced accuracy)"),
         ("tstr-ratio", "TSTR / real (balanced accuracy)"))
 
