@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -44,6 +46,7 @@ from bench.quality import federation_config, work_dir
 from fedsynth.lesion_data import CLASSES, LESION_SITES, RUN_DATA_SETTINGS, build_lesion_hospitals
 from fedsynth.utility import (ClassifierBudget, class_balanced_labels, concat, fidelity,
                               train_and_score)
+from shared_models.downstream import intended_class_accuracy, score, train_classifier
 from shared_models import DataConfig, ModelConfig, StepContext, TrainConfig, get_family
 from shared_models.small_data import SmallData
 from shared_models.codec import decode_into
@@ -77,6 +80,9 @@ class UtilityConfig:
     clf_lr: float = 2e-3
     seed: int = 0
     augment: str = ""  # DiffAugment policy of both GANs (shared_models.small_data)
+    conditioning: str = "projection"  # how the cdcgan carries its class (ModelConfig)
+    class_balanced: bool = False  # class-balanced batches at the hospitals (TrainConfig)
+    curve_points: int = 5  # checkpoints along the run scored for the learning curve
 
     @property
     def steps(self) -> int:
@@ -84,11 +90,12 @@ class UtilityConfig:
 
     def model(self) -> ModelConfig:
         return ModelConfig(family="cdcgan", image_size=self.image_size, width=self.width,
-                           num_classes=len(CLASSES))
+                           num_classes=len(CLASSES), conditioning=self.conditioning)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, batch_size=self.batch, lr_g=self.lr,
-                           lr_d=self.lr, seed=self.seed, augment=self.augment)
+                           lr_d=self.lr, seed=self.seed, augment=self.augment,
+                           class_balanced=self.class_balanced, eval_classifier_steps=0)
 
 
 def data_config() -> DataConfig:
@@ -140,13 +147,15 @@ def local_gan(cfg: UtilityConfig, data: Data) -> dict[str, nn.Module]:
     ctx = StepContext(small_data=SmallData.from_train(cfg.train_config()))  # as the hospitals
     torch.manual_seed(cfg.seed * 1009 + 7)
     for _ in range(cfg.steps):
-        family.train_step(family.draw(data, cfg.batch), nets, opts, ctx)
+        family.train_step(family.draw(data, cfg.batch, cfg.class_balanced), nets, opts, ctx)
     return nets
 
 
-def federated_gan(cfg: UtilityConfig) -> tuple[dict[str, nn.Module], list[int]]:
-    """The federated cdcgan (``run_federation`` over every hospital's ClientApp), and the
-    optimiser steps each hospital reported over the run (the budget check)."""
+def federated_gan(cfg: UtilityConfig
+                  ) -> tuple[dict[str, nn.Module], list[int], list[tuple[int, dict[str, nn.Module]]]]:
+    """The federated cdcgan (``run_federation`` over every hospital's ClientApp), the optimiser
+    steps each hospital reported over the run (the budget check), and the global model at
+    ``cfg.curve_points`` rounds along the run (the learning curve), by round."""
     import json
 
     from bench.quality import KeptOptimizers
@@ -155,16 +164,25 @@ def federated_gan(cfg: UtilityConfig) -> tuple[dict[str, nn.Module], list[int]]:
 
     family = get_family("cdcgan")
     fcfg = replace(federation_config(cfg.preset, cfg.model(), cfg.train_config(), cfg.rounds),
-                   data=data_config())
+                   data=data_config(), keep_checkpoints=cfg.rounds + 1)
     folder, _ = run_inprocess(fcfg, hospital_settings(cfg), app=KeptOptimizers())
-    arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1])
+    by_round = {int(p.stem.split("-")[1]): p for p in (folder / "checkpoints").glob("round-*.npz")}
+    last = max(by_round)
+    points = sorted({max(1, round(last * (i + 1) / max(1, cfg.curve_points)))
+                     for i in range(cfg.curve_points)} & set(by_round))
+    curve = []
+    for r in points:
+        nets_r = family.build(cfg.model())
+        decode_into(nets_r, load_checkpoint(by_round[r])[0])
+        curve.append((r, nets_r))
+    arrays, _ = load_checkpoint(by_round[last])
     steps: dict[str, int] = {}
     for line in (folder / "metrics.jsonl").read_text().splitlines():
         for node, m in (json.loads(line).get("hospitals") or {}).items():
             steps[node] = steps.get(node, 0) + int(m.get("steps", 0))
     nets = family.build(cfg.model())
     decode_into(nets, arrays)
-    return nets, sorted(steps.values())
+    return nets, sorted(steps.values()), curve
 
 
 @torch.no_grad()
@@ -196,18 +214,35 @@ def run_seed(cfg: UtilityConfig) -> tuple[dict[str, dict[str, float]], dict[str,
     pooled = concat(*train)
     local_nets = local_gan(cfg, small)
     t_local = time.perf_counter() - t0
-    fed_nets, fed_steps = federated_gan(cfg)
+    fed_nets, fed_steps, checkpoints = federated_gan(cfg)
     t_fed = time.perf_counter() - t0 - t_local
     syn_local = synthesise(local_nets, cfg, cfg.synthetic_per_class, cfg.seed)
     syn_fed = synthesise(fed_nets, cfg, cfg.synthetic_per_class, cfg.seed)
-    sets = {"a": small, "b": concat(small, syn_local), "c": concat(small, syn_fed), "d": syn_fed,
-            "e": pooled}
     budget = ClassifierBudget(cfg.clf_steps, cfg.clf_batch, cfg.clf_lr)
-    rows = {k: train_and_score(v, held, len(CLASSES), cfg.seed * 31 + 1, budget)
-            for k, v in sets.items()}
+    k, clf_seed = len(CLASSES), cfg.seed * 31 + 1
+    # (e)'s classifier, trained on every hospital's real slices, also reads the synthetic ones
+    reader = train_classifier(pooled, k, clf_seed, budget)
+    rows = {"a": train_and_score(small, held, k, clf_seed, budget),
+            "b": train_and_score(concat(small, syn_local), held, k, clf_seed, budget),
+            "c": train_and_score(concat(small, syn_fed), held, k, clf_seed, budget),
+            "d": train_and_score(syn_fed, held, k, clf_seed, budget),
+            "e": score(reader, held, k)}
+    intended = {"local": intended_class_accuracy(reader, syn_local, k),
+                "federated": intended_class_accuracy(reader, syn_fed, k)}
+    curve = []
+    for r, nets_r in checkpoints:  # the learning curve: the same scores along the run
+        syn_r = synthesise(nets_r, cfg, cfg.synthetic_per_class, cfg.seed)
+        curve.append({
+            "round": r, "steps": r * cfg.local_steps,
+            "intended": intended_class_accuracy(reader, syn_r, k)[0],
+            "tstr": train_and_score(syn_r, held, k, clf_seed, budget)["bacc"],
+            "augmented": train_and_score(concat(small, syn_r), held, k, clf_seed, budget)["bacc"]})
     info = {"train": [len(t["label"]) for t in train], "held": len(held["label"]),
+            "a_bacc": rows["a"]["bacc"], "e_bacc": rows["e"]["bacc"],
             "held_classes": np.bincount(held["label"].numpy(), minlength=len(CLASSES)).tolist(),
             "local_gan": gan_quality(syn_local, held), "federated_gan": gan_quality(syn_fed, held),
+            "intended": {n: {"accuracy": a, "per_class": per} for n, (a, per) in intended.items()},
+            "curve": curve, "load": os.getloadavg(),
             "steps": {"federated_per_hospital": fed_steps, "local_gan": cfg.steps},
             "seconds": {"local_gan": t_local, "federated_gan": t_fed,
                         "total": time.perf_counter() - t0}}
@@ -248,7 +283,8 @@ def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[
     modalities = ", ".join(s.modality for s in LESION_SITES)
     out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({modalities}; "
            f"small = {LESION_SITES[small_index()].name}), {cfg.image_size}px, width {cfg.width}, "
-           f"preset {cfg.preset}, augment {cfg.augment or 'off'}, "
+           f"preset {cfg.preset}, augment {cfg.augment or 'off'}, conditioning "
+           f"{cfg.conditioning}{' + class-balanced batches' if cfg.class_balanced else ''}, "
            f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
            f"{cfg.batch}, lr {cfg.lr:g}; classifier {cfg.clf_steps} steps x {cfg.clf_batch}; "
            f"{cfg.synthetic_per_class} synthetic per class; seeds {list(seeds)} (mean ± sd), "
@@ -261,13 +297,56 @@ def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[
         out.append(f"{name.replace('_', ' ')} synthetic vs held-out: FRD {frd:.2f}, Fréchet "
                    f"(FeatureNet) {fr:.3f}")
     out.append(table(rows))
+    real = rows["e"]["bacc"]
+    for name in ("local", "federated"):
+        acc = np.mean([i["intended"][name]["accuracy"] for i in infos])
+        per = np.mean([i["intended"][name]["per_class"] for i in infos], axis=0)
+        out.append(f"intended-class accuracy, {name} cGAN (the (e) classifier reading its "
+                   f"slices): {acc:.3f} = {acc / real:.3f} x its {real:.3f} on held-out real; "
+                   "by class " + ", ".join(f"{c} {v:.2f}" for c, v in zip(CLASSES, per)))
+    intended = np.mean([i["intended"]["federated"]["accuracy"] for i in infos]) / real
+    out += curve_table(infos, real)
     aug_met = gain >= 0.05 and rows["c"]["bacc"] > rows["b"]["bacc"]
     out.append(f"bar TSTR >= 0.9 x pooled: {'met' if tstr >= 0.9 else 'NOT met'}; bar "
                f"augmentation >= +0.05 and > local-GAN augmentation: "
-               f"{'met' if aug_met else 'NOT met'}")
+               f"{'met' if aug_met else 'NOT met'}; bar intended-class >= 0.9 x real: "
+               f"{'met' if intended >= 0.9 else 'NOT met'} ({intended:.3f})")
     out.append(f"augmentation gain (c)-(a) = {gain:+.3f} balanced accuracy; TSTR / (e) = "
                f"{tstr:.3f}")
     return out
+
+
+def curve_table(infos: Sequence[Mapping[str, Any]], real: float) -> list[str]:
+    """The learning curve, averaged over seeds: scores of the global model along the run."""
+    by_steps: dict[int, list[Mapping[str, float]]] = {}
+    for info in infos:
+        for p in info["curve"]:
+            by_steps.setdefault(p["steps"], []).append(p)
+    small = np.mean([i["a_bacc"] for i in infos])
+    out = ["learning curve (global model along the run, mean over seeds):",
+           "| steps per hospital | intended-class / real | TSTR / pooled | augmentation gain |",
+           "| --- | --- | --- | --- |"]
+    for steps, pts in sorted(by_steps.items()):
+        out.append(f"| {steps} | {np.mean([p['intended'] for p in pts]) / real:.3f} | "
+                   f"{np.mean([p['tstr'] for p in pts]) / real:.3f} | "
+                   f"{np.mean([p['augmented'] for p in pts]) - small:+.3f} |")
+    return out
+
+
+def plot_curve(path: Path, infos: Sequence[Mapping[str, Any]], title: str) -> Path:
+    from bench.plots import curve_png
+
+    series: dict[str, list[tuple[float, float]]] = {
+        "intended-class / real": [], "TSTR / pooled": [], "augmentation gain x 10": []}
+    for info in infos:
+        real = info["e_bacc"]
+        for p in info["curve"]:
+            series["intended-class / real"].append((p["steps"], p["intended"] / real))
+            series["TSTR / pooled"].append((p["steps"], p["tstr"] / real))
+            series["augmentation gain x 10"].append((p["steps"],
+                                                     10 * (p["augmented"] - info["a_bacc"])))
+    return curve_png(path, series, title=title, ylabel="ratio (gain x 10)",
+                     bars={"0.9 bar": 0.9, "gain bar (+0.05)": 0.5})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lr", "scale", "clf_lr"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     parser.add_argument("--preset", default=d.preset)
+    parser.add_argument("--conditioning", default=d.conditioning,
+                        help="projection[,multiscale][,acgan][,cbn] (bench/conditioning.py)")
+    parser.add_argument("--class-balanced", action="store_true", default=d.class_balanced)
+    parser.add_argument("--curve-points", type=int, default=d.curve_points)
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/utility-curve.png"),
+                        help="the learning curve's PNG")
     parser.add_argument("--augment", default=d.augment,
                         help="DiffAugment policy of both GANs, e.g. translation,cutout")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -289,10 +374,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     cfg = UtilityConfig(**{k: getattr(args, k) for k in (
         "image_size", "width", "rounds", "local_steps", "batch", "synthetic_per_class",
-        "clf_steps", "clf_batch", "lr", "scale", "clf_lr", "preset", "augment")})
+        "clf_steps", "clf_batch", "lr", "scale", "clf_lr", "preset", "augment", "conditioning",
+        "class_balanced", "curve_points")})
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     rows, infos = run(cfg, args.seeds)
-    for line in report(cfg, args.seeds, rows, infos, time.perf_counter() - t0):
+    plot_curve(args.plot, infos, f"cdcgan utility along the federated run ({cfg.conditioning}, "
+                                 f"{len(args.seeds)} seeds)")
+    lines = report(cfg, args.seeds, rows, infos, time.perf_counter() - t0)
+    lines.insert(1, f"load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at the end; "
+                    f"learning curve: {args.plot}")
+    for line in lines:
         print(line)
 
 

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-SSIM_THRESHOLD = 0.9
+from .config import SSIM_THRESHOLD  # one light home: a command line's help reads it
+
 SSIM_CANDIDATES = 8  # SSIM is computed against this many nearest training slices (pixels)
 CHUNK = 256
 

@@ -76,6 +76,10 @@ class ModelConfig:
         return frozenset(x.strip() for x in self.conditioning.split(",") if x.strip())
 
 
+# The memorisation audit's near-copy bar (shared_models.audit): here, where a command line's help
+# can read it without importing torch.
+SSIM_THRESHOLD = 0.9
+
 # How a conditional generator carries its class (BENCHMARKS.md, "Class-faithful conditioning").
 CONDITIONING = ("projection", "multiscale", "acgan", "cbn")
 

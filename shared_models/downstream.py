@@ -91,17 +91,10 @@ def intended_class_accuracy(net: nn.Module, synthetic: Mapping[str, torch.Tensor
                              predict(net, synthetic["image"]).argmax(1), classes)
 
 
-def train_and_score(train: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor],
-                    classes: int, seed: int, budget: ClassifierBudget = ClassifierBudget(),
-                    synthetic: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """Balanced accuracy and macro one-vs-rest AUC on ``held`` of a classifier trained on
-    ``train`` (``train_classifier``); with ``synthetic``, also its intended-class accuracy
-    (``intended``) on those slices."""
+def score(net: nn.Module, held: Mapping[str, torch.Tensor], classes: int) -> dict[str, float]:
+    """Balanced accuracy and macro one-vs-rest AUC of ``net`` on ``held``."""
     from sklearn.metrics import roc_auc_score
 
-    if len(train["label"]) == 0 or len(held["label"]) == 0:
-        return {"bacc": math.nan, "auc": math.nan, "intended": math.nan}
-    net = train_classifier(train, classes, seed, budget)
     prob = predict(net, held["image"])
     truth = held["label"].long()
     bacc, _ = balanced_accuracy(truth, prob.argmax(1), classes)
@@ -110,7 +103,18 @@ def train_and_score(train: Mapping[str, torch.Tensor], held: Mapping[str, torch.
                                   average="macro", labels=list(range(classes))))
     except ValueError:  # a class absent from the held-out set: AUC undefined for it
         auc = math.nan
-    out = {"bacc": bacc, "auc": auc}
+    return {"bacc": bacc, "auc": auc}
+
+
+def train_and_score(train: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor],
+                    classes: int, seed: int, budget: ClassifierBudget = ClassifierBudget(),
+                    synthetic: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """``score`` on ``held`` of a classifier trained on ``train`` (``train_classifier``); with
+    ``synthetic``, also its intended-class accuracy (``intended``) on those slices."""
+    if len(train["label"]) == 0 or len(held["label"]) == 0:
+        return {"bacc": math.nan, "auc": math.nan, "intended": math.nan}
+    net = train_classifier(train, classes, seed, budget)
+    out = score(net, held, classes)
     if synthetic is not None:
         out["intended"] = intended_class_accuracy(net, synthetic, classes)[0]
     return out

@@ -14,7 +14,7 @@ from bench import utility  # noqa: E402
 from fedsynth.lesion_data import LESION_SITES  # noqa: E402
 
 TINY = utility.UtilityConfig(rounds=2, local_steps=2, batch=4, width=8, scale=0.5,
-                             synthetic_per_class=4, clf_steps=4, clf_batch=8)
+                             synthetic_per_class=4, clf_steps=4, clf_batch=8, curve_points=2)
 
 
 def test_held_out_set_is_every_hospitals_and_never_trained_on() -> None:
@@ -30,7 +30,7 @@ def test_held_out_set_is_every_hospitals_and_never_trained_on() -> None:
     assert set(held["label"].tolist()) == {0, 1, 2}
 
 
-def test_reduced_bench_prints_rows_and_ratios() -> None:
+def test_reduced_bench_prints_rows_and_ratios(tmp_path) -> None:
     rows, infos = utility.run(TINY, [0])
     assert set(rows) == set(utility.ROWS)
     for r in rows.values():
@@ -45,4 +45,13 @@ def test_reduced_bench_prints_rows_and_ratios() -> None:
     assert gain == pytest.approx(rows["c"]["bacc"] - rows["a"]["bacc"])
     assert re.fullmatch(r"augmentation gain \(c\)-\(a\) = [+-]\d\.\d{3} balanced accuracy; "
                         r"TSTR / \(e\) = \d+\.\d{3}", lines[-1]), lines[-1]
-    assert "| (e) every hospital's real slices pooled |" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert "| (e) every hospital's real slices pooled |" in text
+    # intended-class accuracy of both GANs, and the learning curve at both rounds
+    assert re.search(r"intended-class accuracy, federated cGAN .*: \d\.\d{3} = \d+\.\d{3} x", text)
+    assert [p["round"] for p in info["curve"]] == [1, 2]
+    assert [p["steps"] for p in info["curve"]] == [2, 4]
+    assert all(0.0 <= p["intended"] <= 1.0 and 0.0 <= p["tstr"] <= 1.0 for p in info["curve"])
+    assert "| 4 | " in text  # a curve row per checkpoint scored
+    png = utility.plot_curve(tmp_path / "curve.png", infos, "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

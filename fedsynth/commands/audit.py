@@ -26,7 +26,7 @@ from protocol.keys import valid_epsilon  # one definition of an epsilon a report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from shared_models.audit import SSIM_THRESHOLD
+    from shared_models.config import SSIM_THRESHOLD
 
     p = sub.add_parser(
         "audit", help="memorisation audit: generated images vs this hospital's training slices",
