@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Protocol
 
 import torch
-from monai.networks.utils import eval_mode
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
@@ -278,6 +277,8 @@ def families() -> list[str]:
 def eval_forward(net: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:
     """``net(*args)`` in eval mode (batch-norm running statistics) without gradients, restoring
     the mode after (MONAI's ``eval_mode``)."""
+    from monai.networks.utils import eval_mode
+
     with eval_mode(net):
         return net(*args)
 

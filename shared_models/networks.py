@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
-from monai.networks.utils import normal_init
-from monai.networks.blocks import Convolution
 from torch import nn
+
+# MONAI is imported where a network is built: a process that only validates settings (fedsynth
+# launch, status) then pays torch's import, not MONAI's ~3.5 s more (BENCHMARKS.md, "The test loop")
 
 LEAKY = ("LEAKYRELU", {"negative_slope": 0.2})
 # Layer normalisation over (C, H, W[, D]) of each sample: GroupNorm with a single group.
@@ -66,6 +67,7 @@ class DCGANGenerator(nn.Module):
         num_classes: int = 0,
         class_norm: bool = False,
     ) -> None:
+        from monai.networks.blocks import Convolution
         super().__init__()
         self.spatial_dims = spatial_dims
         self.latent_dim = latent_dim
@@ -139,6 +141,7 @@ class DCGANDiscriminator(nn.Module):
         multiscale: bool = False,
         aux_classifier: bool = False,
     ) -> None:
+        from monai.networks.blocks import Convolution
         super().__init__()
         levels = _levels(image_size)
         chans = [width * 2**i for i in range(levels)]  # e.g. 32, 64, 128
@@ -196,6 +199,7 @@ class DCGANDiscriminator(nn.Module):
 def init_dcgan_weights(module: nn.Module) -> None:
     """N(0, 0.02) conv/linear weights and N(1, 0.02) batch-norm scales as in the DCGAN paper
     (MONAI's ``normal_init``); GroupNorm/LayerNorm scales, which it leaves alone, likewise."""
+    from monai.networks.utils import normal_init
     # normal_init assumes every BatchNorm has a scale; ClassConditionalNorm's has none (its
     # per-class scales are embeddings, started at 1)
     module.apply(lambda m: None if isinstance(m, nn.modules.batchnorm._NormBase)

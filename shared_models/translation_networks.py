@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import torch
-from monai.networks.utils import normal_init
-from monai.networks.blocks import Convolution
-from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
+
+# MONAI is imported where a network is built: a process that only validates settings (fedsynth
+# launch, status) then pays torch's import, not MONAI's ~3.5 s more (BENCHMARKS.md, "The test loop")
 
 LEAKY = ("LEAKYRELU", {"negative_slope": 0.2})
 
@@ -37,6 +37,7 @@ class UNetGenerator(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, image_size: int,
                  width: int, dropout: float = 0.0) -> None:
+        from monai.networks.nets import UNet
         super().__init__()
         levels = unet_levels(image_size)
         channels = tuple(min(width * 2**i, width * 8) for i in range(levels + 1))
@@ -52,6 +53,7 @@ class _ResBlock(nn.Module):
     """x + conv-norm-relu-conv-norm(x) at constant width (Zhu et al. 2017, appendix 7.2 "R")."""
 
     def __init__(self, spatial_dims: int, channels: int) -> None:
+        from monai.networks.blocks import Convolution
         super().__init__()
         self.body = nn.Sequential(
             Convolution(spatial_dims, channels, channels, kernel_size=3, act="RELU",
@@ -69,6 +71,7 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, width: int,
                  n_blocks: int = 6) -> None:
+        from monai.networks.blocks import Convolution
         super().__init__()
         w = width
         layers: list[nn.Module] = [
@@ -97,6 +100,7 @@ class PatchGAN(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, image_size: int, width: int,
                  norm: str = "BATCH") -> None:
+        from monai.networks.nets import PatchDiscriminator
         super().__init__()
         self.net = PatchDiscriminator(spatial_dims, channels=width, in_channels=in_channels,
                                       out_channels=1, num_layers_d=3 if image_size >= 64 else 2,
@@ -109,6 +113,7 @@ class PatchGAN(nn.Module):
 def init_normal(module: nn.Module, std: float = 0.02) -> None:
     """N(0, 0.02) conv weights, N(1, 0.02) batch-norm scales, as both papers initialise
     (Isola et al. 2017, sec. 3.3): MONAI's ``normal_init``."""
+    from monai.networks.utils import normal_init
     module.apply(lambda m: normal_init(m, std))
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
-                            wait_for)
+from deploy_helpers import (free_port, launch_toml, lifecycle_federation, metrics_rows, run,
+                            start, wait_for)
 
 ROUND_TIMEOUT = 600.0  # what a dead hospital must NOT cost a round
 DEAD_HOSPITAL_BOUND_S = 30.0  # kill → round done, with the other hospital's training in it
@@ -143,27 +143,10 @@ def test_guard_passes_the_exit_code_and_refuses_an_orphaned_start() -> None:
 
 # ---------------------------------------------------------------- real daemons (slow)
 
-def _federation(tmp_path: Path, names: tuple[str, ...]):
-    from fedsynth.certs import init_federation, new_node_key
-    from fedsynth.demo_data import build_demo_hospitals
-
-    keys = init_federation(tmp_path / "keys")
-    for name in names:
-        new_node_key(keys.root, name)
-    data = build_demo_hospitals(tmp_path / "data", len(names), matrix=32)
-    address = f"127.0.0.1:{free_port()}"
-    coord_args = ["coordinator", "--keys", str(keys.root), "--address", address,
-                  "--state", str(tmp_path / "state"), "--rescan", "2"]
-    ports = {name: free_port() for name in names}
-    tomls = {name: hospital_toml(tmp_path / f"{name}.toml", address, keys.root, name, data[i],
-                                 ports[name]) for i, name in enumerate(names)}
-    return keys, address, coord_args, ports, tomls
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_hospital_is_failed_by_name_and_leaves_nothing(tmp_path: Path) -> None:
-    keys, address, coord_args, ports, tomls = _federation(tmp_path, ("h1", "h2"))
+    keys, address, coord_args, ports, tomls = lifecycle_federation(tmp_path, ("h1", "h2"))
     coord = start("coordinator", coord_args, tmp_path)
     hospitals = {n: start(n, ["hospital", str(tomls[n])], tmp_path) for n in tomls}
     procs = (coord, *hospitals.values())
@@ -227,7 +210,7 @@ def test_killed_hospital_is_failed_by_name_and_leaves_nothing(tmp_path: Path) ->
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_coordinator_leaves_nothing_and_resumes(tmp_path: Path) -> None:
-    keys, address, coord_args, ports, tomls = _federation(tmp_path, ("h1",))
+    keys, address, coord_args, ports, tomls = lifecycle_federation(tmp_path, ("h1",))
     state = tmp_path / "state"
     coord = start("coordinator", coord_args, tmp_path)
     h1 = start("h1", ["hospital", str(tomls["h1"])], tmp_path)
