@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from client.datasets import build_tensors
     from client.dicom import DicomSettings, scan_folder
     from client.segmentation import LabelRule, load_masks
-    from fedsynth.commands.sample import load_generator, translate
+    from fedsynth.generation import load_generator, translate
     from fedsynth.demo_data import build_demo_hospitals
     from fedsynth.inprocess import run_inprocess
     from fedsynth.mask_demo import add_phantom_segs

@@ -199,7 +199,7 @@ class KeptOptimizers:
     in ``run_federation`` can change that: it happens at the hospital. This wrapper lets the
     hospital's family hand back, during that hospital's train messages, the optimisers it built
     for the hospital in its first round. They stay attached: the in-process hospitals share a
-    warm trainer (``client.app.trainer_for``) whose parameters are loaded in place every round.
+    warm trainer (``client.run_state.trainer_for``) whose parameters are loaded in place every round.
     """
 
     def __init__(self, app: ClientAppFn | None = None) -> None:

@@ -89,7 +89,7 @@ def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 
         log=print) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
-    from fedsynth.commands.sample import generate, load_generator, translate
+    from fedsynth.generation import generate, load_generator, translate
     from fedsynth.demo_data import build_demo_hospitals
     from fedsynth.inprocess import run_inprocess
     from fedsynth.mask_demo import add_phantom_segs

@@ -11,15 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import OrderedDict
 from typing import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from protocol import records as protocol
-from protocol.signing import SignatureError, load_public_key, verify
 from shared_models import encode, get_family
 from shared_models.codec import decode_into
 
@@ -27,10 +25,12 @@ from . import ceilings
 from . import evaluation as evaluations
 from . import metrics as hospital_metrics
 from . import privacy
-from .datasets import DataSelectionError, LocalData, clear_local_data, local_data
+from .datasets import DataSelectionError, LocalData, local_data
 from .settings import HospitalSettings
 from .privacy import PrivacyRefused
-from .trainer import LocalTrainer, pick_device
+from .trainer import LocalTrainer
+from .admission import check_never_send, check_signature
+from .run_state import forget_trainer, trainer_for
 from .ua_gan import UA_ACTION, reply_plan, ua_train
 
 log = logging.getLogger(__name__)
@@ -44,62 +44,6 @@ class HospitalError(RuntimeError):
 
 class HospitalRefusal(HospitalError):
     already_logged = True
-
-
-class RunState:
-    """What this process keeps for one Flower run: warm trainers and UA-GAN optimisers.
-
-    State belongs to a run and goes when the next run starts (``run_state``): a long-lived
-    executor serving run after run, each with other settings, must not grow without bound, and
-    nothing of one run (an optimiser's learning rate or step count) may leak into the next.
-    """
-
-    MAX_TRAINERS = 2  # per run: the coordinator's config rarely changes within a run
-
-    def __init__(self, run_id: int) -> None:
-        self.run_id = run_id
-        self.trainers: "OrderedDict[tuple, LocalTrainer]" = OrderedDict()
-        self.ua: dict[object, object] = {}  # client.ua_gan: per hospital, its private D + Adam
-
-
-_RUNS: "OrderedDict[int, RunState]" = OrderedDict()
-MAX_RUNS = 1  # one run at a time at a hospital; simulation runs one per process too
-
-
-def run_state(run_id: int) -> RunState:
-    """This run's state; starting a new run drops every other run's trainers and data."""
-    state = _RUNS.get(run_id)
-    if state is None:
-        while len(_RUNS) >= MAX_RUNS:
-            old_id, _old = _RUNS.popitem(last=False)
-            log.info("run %s state released (a new run started)", old_id)
-        clear_local_data()
-        state = _RUNS[run_id] = RunState(run_id)
-    _RUNS.move_to_end(run_id)
-    return state
-
-
-def trainer_for(hospital: HospitalSettings, model, run_id: int = 0) -> LocalTrainer:  # noqa: ANN001
-    device = pick_device(hospital.device)
-    key = (model, str(device), hospital.amp)
-    trainers = run_state(run_id).trainers
-    if key not in trainers:
-        while len(trainers) >= RunState.MAX_TRAINERS:
-            trainers.popitem(last=False)
-        trainers[key] = LocalTrainer(model, device, hospital.amp)
-    trainers.move_to_end(key)
-    return trainers[key]
-
-
-def forget_trainer(trainer: LocalTrainer, run_id: int) -> None:
-    """Drop a trainer that failed to take a model (a wrong family or shape): no cache of junk."""
-    trainers = run_state(run_id).trainers
-    for key in [k for k, t in trainers.items() if t is trainer]:
-        del trainers[key]
-
-
-class PolicyRefused(RuntimeError):
-    """The hospital's own settings forbid what a message asks (the message says which)."""
 
 
 def _private_errors(handler: Callable[[Message, Context], Message]
@@ -125,123 +69,6 @@ def _private_errors(handler: Callable[[Message, Context], Message]
                                 f"({type(exc).__name__}); see the hospital's log") from None
 
     return wrapper
-
-
-SEEN_ROUNDS = "fedsynth-seen-rounds"  # in context.state: message type -> last round acted on
-
-
-def check_signature(hospital: HospitalSettings, msg: Message, context: Context | None = None
-                    ) -> None:
-    """Act only on what the pinned coordinator key signed, for this run, once per round.
-
-    The signature covers arrays, config, message type and run (``protocol.signing``); the round
-    is in the signed config, and a round at or below the last one acted on for that message type
-    is a replay. Without a pinned key only an explicit ``accept-unsigned-models`` lets a message
-    through (simulation sets it: there coordinator and hospitals are one process).
-    """
-    config = msg.content[protocol.CONFIG]
-    if hospital.model_public_key is None:
-        if not hospital.accept_unsigned_models:
-            _refuse(hospital, "unsigned", SignatureError(
-                "no model-public-key is pinned and accept-unsigned-models is off"))
-    else:
-        arrays = (msg.content.array_records[protocol.ARRAYS]
-                  if protocol.ARRAYS in msg.content.array_records else None)
-        try:
-            verify(load_public_key(hospital.model_public_key), arrays, config,
-                   str(msg.metadata.message_type), int(msg.metadata.run_id))
-        except SignatureError as exc:
-            hospital_metrics.record_signature_failure(hospital.name)
-            _refuse(hospital, "signature", exc)
-    if context is None:
-        return
-    kind = str(msg.metadata.message_type)
-    server_round = int(config.get(protocol.SERVER_ROUND, 0))
-    seen = (context.state.config_records[SEEN_ROUNDS]
-            if SEEN_ROUNDS in context.state.config_records else ConfigRecord())
-    on_disk = _seen_on_disk(hospital, context.run_id)
-    last_values = [int(v) for v in (seen.get(kind), on_disk.get(kind)) if v is not None]
-    last = max(last_values) if last_values else None
-    if last is not None and server_round <= last:
-        _refuse(hospital, "replay", SignatureError(
-            f"{kind} message for round {server_round} replayed (this hospital already acted on "
-            f"round {last} of run {context.run_id})"))
-    seen[kind] = server_round
-    context.state[SEEN_ROUNDS] = seen
-    _save_seen(hospital, context.run_id, {**on_disk, kind: server_round})
-
-
-def _seen_paths(hospital: HospitalSettings, run_id: int) -> list:
-    """Where the rounds acted on are kept across restarts (``HospitalSettings.run_state_path``:
-    the state folder, else the cache folder); first the one written, then the cache folder's
-    record of an earlier version, still read so that an upgrade mid-run forgets nothing."""
-    path = hospital.run_state_path(run_id, "seen")
-    paths = [] if path is None else [path]
-    if hospital.state_dir is not None and hospital.cache_dir is not None:
-        old = hospital.cache_state_path(f"run-{int(run_id)}-seen")
-        if old is not None and old != path:
-            paths.append(old)
-    return paths
-
-
-class ReplayRecordUnusable(SignatureError):
-    """The replay record on disk cannot be read: refuse, never accept (an unreadable record
-    read as empty once let an old round through after a restart)."""
-
-
-def _seen_on_disk(hospital: HospitalSettings, run_id: int) -> dict[str, int]:
-    import json
-
-    from .statefiles import read_state
-
-    seen: dict[str, int] = {}
-    for path in _seen_paths(hospital, run_id):
-        if not (path.exists() or path.is_symlink()):
-            continue
-        try:
-            data = json.loads(read_state(path))
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            for kind, value in data.items():
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"round {value!r} of {kind!r} is not a whole number")
-                seen[str(kind)] = max(value, seen.get(str(kind), value))
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            _refuse(hospital, "replay-record", ReplayRecordUnusable(
-                f"replay record {path} is unreadable ({why}): every message of run {run_id} "
-                "is refused (a new run is not affected); to let this hospital rejoin the run, "
-                "an operator removes the file (docs/hospital-it.md, 'The replay record')"))
-    return seen
-
-
-def _save_seen(hospital: HospitalSettings, run_id: int, seen: dict[str, int]) -> None:
-    import json
-
-    from .statefiles import write_atomic
-
-    paths = _seen_paths(hospital, run_id)
-    if not paths:
-        return
-    try:  # atomically and flushed: a torn record must never be what a restart reads
-        write_atomic(paths[0], json.dumps(seen), prefix=".seen-")
-    except OSError as exc:  # a full disk must not stop training; the memory record still holds
-        log.warning("could not record the rounds acted on in %s: %s", paths[0], exc)
-
-
-def _refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:
-    log.error("REFUSED message (%s): %s", reason, exc)
-    hospital_metrics.record_refusal(hospital.name, reason)
-    raise exc
-
-
-def check_never_send(hospital: HospitalSettings, components: tuple[str, ...]) -> None:
-    """Refuse a round that asks for a component this hospital's settings keep at home."""
-    forbidden = sorted(set(components) & set(hospital.never_send))
-    if forbidden:
-        _refuse(hospital, "never-send", PolicyRefused(
-            f"the coordinator asked for {', '.join(forbidden)}, which this hospital's "
-            "never-send setting keeps at home"))
 
 
 def _name_of(context: Context) -> str:

@@ -172,7 +172,8 @@ def _checked_fakes(received: Mapping[str, np.ndarray], model, max_fakes: int  # 
 
 def ua_train(msg: Message, context: Context) -> Message:
     """Flower handler of ``train.ua_gan``: one UA-GAN discriminator round at this hospital."""
-    from .app import PolicyRefused, _refuse, check_signature, run_state, trainer_for  # late
+    from .admission import PolicyRefused, check_signature, refuse
+    from .run_state import run_state, trainer_for
     from .datasets import local_data  # registers this handler
     from .settings import HospitalSettings
 
@@ -184,7 +185,7 @@ def ua_train(msg: Message, context: Context) -> Message:
 
     refuse_ua_gan(hospital)
     if "ua-gan" in hospital.never_send:
-        _refuse(hospital, "never-send", PolicyRefused(
+        refuse(hospital, "never-send", PolicyRefused(
             "this hospital's never-send setting refuses UA-GAN rounds"))
     model, train, server_round = protocol.parse_train_config(msg.content[protocol.CONFIG])
     if UA_GAN not in get_family(model.family).supports:  # its D gives a probability's logit
@@ -196,14 +197,14 @@ def ua_train(msg: Message, context: Context) -> Message:
         fakes, fake_labels = _checked_fakes(protocol.from_record(msg.content[protocol.ARRAYS]),
                                             model, hospital.ua_max_fakes)
     except ValueError as exc:
-        _refuse(hospital, "ua-policy", PolicyRefused(str(exc)))
+        refuse(hospital, "ua-policy", PolicyRefused(str(exc)))
     # this run's warm trainer of the model (first: a new run drops the previous run's data): its
     # device, precision and device copies of the real slices; its nets are not the UA D
     trainer = trainer_for(hospital, model, context.run_id)
     data = local_data(hospital, model)
     real = data.train["image"]  # the cached tensor itself: uploaded to the device once per run
     if len(real) < hospital.ua_min_batch:
-        _refuse(hospital, "ua-policy", PolicyRefused(
+        refuse(hospital, "ua-policy", PolicyRefused(
             f"{len(real)} training slices are fewer than ua-min-batch = {hospital.ua_min_batch}: "
             "a UA-GAN reply would reveal too much about each"))
     steps = min(max(train.local_steps, hospital.ua_min_steps), hospital.ua_max_steps)

@@ -14,8 +14,8 @@ from .config import DataConfig, ModelConfig, TrainConfig
 # fraction of a second instead of paying ~5 s of CPU to import them (BENCHMARKS.md, "The test
 # loop").
 _LAZY = {"CodecError": "codec", "decode_into": "codec", "encode": "codec",
-         "GanFamily": "family", "StepContext": "family", "families": "family",
-         "get_family": "family"}
+         "GanFamily": "family", "StepContext": "family", "families": "registry",
+         "get_family": "registry"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ from torch.nn.functional import binary_cross_entropy as bce_prob
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 
@@ -139,8 +139,3 @@ class AdversarialAutoencoder(FamilyBase):
         mae, real, fake = torch.stack([(recon - x).abs().mean(), real, fake]).tolist()
         return {"eval-mae": mae, "eval-d-real": real, "eval-d-fake": fake,
                 "eval-examples": len(x)}
-
-
-@register("aae")
-def _aae() -> AdversarialAutoencoder:
-    return AdversarialAutoencoder()

@@ -11,7 +11,12 @@ support something (a check, a refusal that lists them, the demo) asks the regist
 
 from __future__ import annotations
 
-from .family import GanFamily, families, get_family
+from typing import TYPE_CHECKING
+
+from .registry import families, get_family
+
+if TYPE_CHECKING:
+    from .family import GanFamily
 
 AUGMENT = "augment"
 R1 = "r1"

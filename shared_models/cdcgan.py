@@ -12,7 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .dcgan import DCGAN
-from .family import Nets, register
+from .family import Nets
 
 
 class ConditionalDCGAN(DCGAN):
@@ -32,8 +32,3 @@ class ConditionalDCGAN(DCGAN):
         if labels is None:
             raise ValueError("family 'cdcgan' samples need labels (one class index per noise row)")
         return super().sample(nets, noise, labels)
-
-
-@register("cdcgan")
-def _cdcgan() -> ConditionalDCGAN:
-    return ConditionalDCGAN()

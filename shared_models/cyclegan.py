@@ -33,7 +33,7 @@ import torch
 from .config import ModelConfig
 from .capabilities import DP
 from .dp import per_sample_norms, sample_rate
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
 CYCLE_WEIGHT = 10.0  # lambda of eq. 3
@@ -231,8 +231,3 @@ class CycleGAN(FamilyBase):
         if direction not in ("ab", "ba"):
             raise ValueError(f"direction must be 'ab' or 'ba', got {direction!r}")
         return eval_forward(nets["g_" + direction], noise)
-
-
-@register("cyclegan")
-def _cyclegan() -> CycleGAN:
-    return CycleGAN()

@@ -16,7 +16,7 @@ from torch.nn.functional import cross_entropy as ce
 from .config import ModelConfig
 from .capabilities import AUGMENT, DP, R1, UA_GAN
 from .dp import per_sample_norms, sample_rate
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 # AC-GAN's class term beside the adversarial one (Odena et al. 2017 weigh them alike)
@@ -141,8 +141,3 @@ def _generator_loss(d: nn.Module, fake: torch.Tensor, labels: torch.Tensor | Non
         return bce(d(fake, labels).float(), ones)
     logit, cls = d.classify(fake, labels)
     return bce(logit.float(), ones) + AC_WEIGHT * ce(cls.float(), labels)
-
-
-@register("dcgan")
-def _dcgan() -> DCGAN:
-    return DCGAN()

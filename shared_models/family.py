@@ -7,7 +7,7 @@ metrics are generic over that declaration, so adding a family never touches them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -241,37 +241,6 @@ def _length(data: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> int:
         raise ValueError(f"paired batch keys {keys} have unequal lengths "
                          f"{[len(data[k]) for k in keys]}")
     return lengths.pop()
-
-
-_REGISTRY: dict[str, Callable[[], GanFamily]] = {}
-
-
-def register(name: str) -> Callable[[Callable[[], GanFamily]], Callable[[], GanFamily]]:
-    def deco(factory: Callable[[], GanFamily]) -> Callable[[], GanFamily]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_families() -> None:
-    """Import the family modules (each registers itself on import)."""
-    from . import aae, cdcgan, cyclegan, dcgan, maskgan, pix2pix, wgan  # noqa: F401
-
-
-def get_family(name: str) -> GanFamily:
-    """The family called ``name``; a clear error lists the known ones."""
-    _load_families()
-
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown GAN family {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
-
-
-def families() -> list[str]:
-    _load_families()
-
-    return sorted(_REGISTRY)
 
 
 def eval_forward(net: nn.Module, *args: torch.Tensor | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward, register
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of pix2pix's eq. 4
@@ -142,8 +142,3 @@ class MaskGan(FamilyBase):
         level = torch.arange(1, k + 1, dtype=torch.float32).view(1, k, *[1] * (masks.ndim - 2))
         grey = (masks.float() * level).amax(1, keepdim=True) / max(k, 1)
         return grey * 2.0 - 1.0
-
-
-@register("maskgan")
-def _maskgan() -> MaskGan:
-    return MaskGan()

@@ -18,7 +18,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits as bce
 from .config import ModelConfig
 from .capabilities import AUGMENT, DP, R1
 from .dp import per_sample_norms, sample_rate
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of eq. 4
@@ -127,8 +127,3 @@ class Pix2Pix(FamilyBase):
                ) -> torch.Tensor:
         """Translate the input batch ``noise`` (domain a images, in [-1, 1]) to domain b."""
         return eval_forward(nets["generator"], noise)
-
-
-@register("pix2pix")
-def _pix2pix() -> Pix2Pix:
-    return Pix2Pix()

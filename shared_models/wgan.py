@@ -18,7 +18,7 @@ import torch
 from .config import ModelConfig, TrainConfig
 from .capabilities import AUGMENT, DP, R1
 from .dp import per_sample_norms, sample_rate
-from .family import FamilyBase, Nets, Optimizers, StepContext, register, eval_forward
+from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .networks import LAYER_NORM, DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
 
 GP_WEIGHT = 10.0  # lambda of eq. 3
@@ -161,8 +161,3 @@ class WGANGP(FamilyBase):
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None
                ) -> torch.Tensor:
         return eval_forward(nets["generator"], noise)
-
-
-@register("wgan-gp")
-def _wgan_gp() -> WGANGP:
-    return WGANGP()

@@ -12,7 +12,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from fedsynth.cli import main
-from fedsynth.commands.sample import load_generator
+from fedsynth.generation import load_generator
 
 
 @pytest.fixture()
@@ -96,7 +96,7 @@ def test_sample_png_and_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert (ds.Rows, ds.Columns) == (32, 32)
     # The DICOM pixels are the generator's output (up to 12-bit quantisation).
     family, nets, meta = load_generator(ckpt)
-    from fedsynth.commands.sample import generate
+    from fedsynth.generation import generate
 
     expected = generate(family, nets, meta["_config"], 2, 0)
     from fedsynth.export import from_stored

@@ -244,7 +244,7 @@ def test_operator_show_and_reset(tmp_path: Path, capsys, monkeypatch) -> None:
 
 def test_the_operator_docs_have_what_the_refusals_point_to() -> None:
     """Each refusal names a section of docs/hospital-it.md: it must be there, with the command."""
-    from client.app import _seen_on_disk  # noqa: F401 - the replay record's refusal lives there
+    from client.admission import _seen_on_disk  # noqa: F401 - the replay record's refusal lives there
     from client.privacy import FIX
 
     doc = (ROOT / "docs" / "hospital-it.md").read_text()

@@ -84,7 +84,7 @@ def test_the_coordinator_metrics_export_nan_and_count_the_invalid_report(bad: fl
 
 
 def test_the_audit_leaves_an_invalid_epsilon_out_and_says_so(tmp_path: Path) -> None:
-    from fedsynth.commands.audit import model_epsilon
+    from fedsynth.export_gate import model_epsilon
 
     (tmp_path / "checkpoints").mkdir()
     ckpt = tmp_path / "checkpoints" / "round-003.npz"

@@ -282,3 +282,13 @@ def test_optional_hooks_have_defaults_on_every_family() -> None:
             assert family.show_input(x) is x
         if name != "aae":
             assert family.evaluate_holdout({}, {}, torch.device("cpu")) is None
+
+
+def test_every_registered_family_answers_to_its_registry_name() -> None:
+    """shared_models/registry.py names module and class; the family's own ``name`` agrees."""
+    from shared_models.registry import FAMILIES
+
+    for name in FAMILIES:
+        assert get_family(name).name == name
+    with pytest.raises(ValueError, match="unknown GAN family 'nope'; known: aae, cdcgan"):
+        get_family("nope")

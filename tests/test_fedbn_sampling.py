@@ -19,7 +19,7 @@ from flwr.app import Message, MessageType
 
 from protocol import records as protocol
 from fedsynth.cli import main
-from fedsynth.commands.sample import generate, load_generator
+from fedsynth.generation import generate, load_generator
 from fedsynth.demo_data import default_profiles, phantom_pair
 from server.federation import FederationConfig, run_federation
 from server.images import sample_images, untrained_norm_stats, with_batch_stats

@@ -164,7 +164,7 @@ def test_reference_model_is_the_largest_family_at_its_size() -> None:
     import torch
 
     from shared_models.config import ModelConfig
-    from shared_models.family import families, get_family
+    from shared_models.registry import families, get_family
 
     def weights(family: str) -> int:
         cfg = ModelConfig(family=family, image_size=256, width=64,

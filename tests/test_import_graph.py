@@ -124,3 +124,106 @@ def test_dicom_package_modules_import_one_way_and_others_use_its_public_names() 
                     private += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names
                                 if a.name.startswith("_")]
     assert not private, f"private names of client.dicom used outside it: {private}"
+
+
+# ------------------------------------------------------------------ module-level cycles (issue 23)
+
+CYCLE_PACKAGES = ("shared_models", "protocol", "server", "client", "fedsynth")
+
+
+def _module_files() -> dict[str, Path]:
+    out = {}
+    for package in CYCLE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+def module_graph() -> dict[str, set[str]]:
+    """{module: modules of these packages it imports}, imports inside functions included.
+
+    ``from pkg import name`` counts as an import of ``pkg.name`` when that is a module, else of
+    ``pkg`` (its ``__init__``)."""
+    files = _module_files()
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    root = base[:len(base) - node.level + 1] if node.level > 1 else base
+                    mod = ".".join([*root, *(node.module.split(".") if node.module else [])])
+                else:
+                    mod = node.module or ""
+                for a in node.names:
+                    targets.append(f"{mod}.{a.name}" if f"{mod}.{a.name}" in files else mod)
+            for t in targets:
+                while t and t not in files:  # import a.b.c of a module a.b: counts as a.b
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    deps.add(t)
+        graph[name] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: list[list[str]] = []
+    counter = 0
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        m = stack.pop()
+                        on_stack.discard(m)
+                        comp.append(m)
+                        if m == node:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_modules_counting_imports_inside_functions() -> None:
+    cycles = import_cycles(module_graph())
+    assert not cycles, "module import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)

@@ -23,7 +23,7 @@ import torch
 
 from client.dicom import DicomSettings, is_synthetic, scan_folder
 from fedsynth.cli import main
-from fedsynth.commands.sample import generate, load_generator, translate, translation_inputs
+from fedsynth.generation import generate, load_generator, translate, translation_inputs
 from fedsynth.demo_data import build_demo_hospitals
 from fedsynth.export import from_stored
 from server.run_folder import RunFolder

@@ -197,7 +197,7 @@ def test_clientapp_refuses_tampered_message(keys, tmp_path: Path, task_identity,
 def test_hospital_without_pinned_key_refuses_unless_flagged(keys, tmp_path: Path, task_identity,
                                                             nets, caplog) -> None:
     """Unsigned messages used to be accepted after a start-up warning; now only with the flag."""
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     msg = _message(keys, nets, sign_it=False)
@@ -210,7 +210,7 @@ def test_hospital_without_pinned_key_refuses_unless_flagged(keys, tmp_path: Path
 def test_replayed_rounds_are_refused(keys, tmp_path: Path, task_identity, nets) -> None:
     """A validly signed message acted on once is refused the second time, and so is an older
     round after a newer one; the evaluate of the same round is its own message type."""
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     hospital = HospitalSettings(data_dir=tmp_path, model_public_key=keys.signing_pub)
@@ -251,7 +251,7 @@ def test_never_send_wins_over_a_signed_request(keys, tmp_path: Path, task_identi
 def test_replay_record_survives_a_restart(keys, tmp_path: Path, task_identity, nets) -> None:
     """Flower keeps context.state in the SuperNode's memory: with a cache folder the rounds acted
     on are kept on disk too, so a restarted hospital still refuses an old round."""
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
@@ -267,7 +267,7 @@ def test_hospitals_sharing_a_cache_keep_their_own_replay_records(keys, tmp_path:
                                                                  task_identity, nets) -> None:
     """Virtual hospitals over one folder share its cache: one's record must not refuse another's
     first message (it did: 100 virtual hospitals over 3 folders lost most of their rounds)."""
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     shared = tmp_path / "cache"
@@ -289,7 +289,7 @@ def test_a_corrupt_replay_record_refuses_never_accepts(keys, tmp_path: Path, tas
     import os
     import stat
 
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     hospital = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",
@@ -335,7 +335,7 @@ def test_a_corrupt_replay_record_refuses_never_accepts(keys, tmp_path: Path, tas
 def test_a_replay_record_of_the_cache_still_counts_after_moving_to_the_state_folder(
         keys, tmp_path: Path, task_identity, nets) -> None:
     """Before the state folder, records were in the cache: an upgrade mid-run forgets none."""
-    from client.app import check_signature
+    from client.admission import check_signature
     from client.settings import HospitalSettings
 
     before = HospitalSettings(data_dir=tmp_path, cache_dir=tmp_path / "cache",

@@ -68,7 +68,7 @@ def evaluate(checkpoint: Path, data_dir: Path, *, n: int = 0, holdout_every: int
 
     from client.datasets import local_data
     from client.settings import HospitalSettings
-    from fedsynth.commands.sample import class_names, generate, load_generator
+    from fedsynth.generation import class_names, generate, load_generator
     from fedsynth.utility import ClassifierBudget, fidelity, utility
 
     family, nets, meta = load_generator(checkpoint)
