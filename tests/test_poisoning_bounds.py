@@ -139,3 +139,13 @@ def test_max_update_norm_off_by_default_and_never_negative(model: dict) -> None:
         np.testing.assert_array_equal(new[k], reply[k])
     with pytest.raises(ValueError, match="max_update_norm"):
         strategy(max_update_norm=-1.0)
+
+
+def test_max_update_norm_is_a_run_setting_checked_at_the_edge() -> None:
+    from server.run_config import from_flat
+
+    assert from_flat({"max-update-norm": 0.5}).max_update_norm == 0.5
+    with pytest.raises(ValueError, match="max-update-norm must be >= 0"):
+        from_flat({"max-update-norm": -1.0})
+    with pytest.raises(ValueError, match="does not apply to preset 'ua-gan'"):
+        from_flat({"preset": "ua-gan", "max-update-norm": 1.0})
