@@ -192,6 +192,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                              examples_ratio=cfg.examples_ratio, max_examples=cfg.max_examples,
                              update_norm_ratio=cfg.update_norm_ratio,
                              norm_floor_rms=cfg.norm_floor_rms,
+                             max_update_norm=cfg.max_update_norm,
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
     # Evaluation of round r's aggregate rides in round r + 1's train message (one round trip per

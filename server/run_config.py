@@ -73,13 +73,15 @@ class FederationConfig:
     keep_checkpoints: int = setting(3, "checkpoints kept besides the best")
     # What a hospital may claim (server/validation.py): example counts clipped to K x the others'
     # median and an absolute cap; a reply moving a component beyond R x (||global|| + floor) is
-    # rejected whatever the other replies are.
+    # rejected whatever the other replies are; max-update-norm clips each accepted update.
     examples_ratio: float = setting(EXAMPLES_RATIO, "a hospital's example count is clipped to "
                                     "this many times the other replies' median")
     max_examples: float = setting(float(MAX_EXAMPLES), "absolute cap on a hospital's example count")
     update_norm_ratio: float = setting(UPDATE_NORM_RATIO, "a reply moving a component more than "
                                        "this many times its norm is rejected")
     norm_floor_rms: float = setting(NORM_FLOOR_RMS, "per-element floor of that norm bound")
+    max_update_norm: float = setting(0.0, "each hospital's update is scaled down to this L2 norm "
+                                     "per component before aggregation (0: off)")
     metrics_port: int = setting(0, "serve the coordinator's Prometheus metrics on this port "
                                 "(0: off)")
     metrics_host: str = setting("127.0.0.1", "address the metrics endpoint binds")
@@ -99,6 +101,10 @@ class FederationConfig:
             raise ValueError("fraction-train must be in (0, 1] and round-timeout > 0")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics-port {self.metrics_port} is not a TCP port")
+        if not self.max_update_norm >= 0:
+            raise ValueError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
+        if self.max_update_norm and self.preset == "ua-gan":  # its replies are no model updates
+            raise ValueError("max-update-norm does not apply to preset 'ua-gan'")
         family = get_family(self.model.family)  # an unknown family fails here, by name
         check_supported(family, self.train)  # augment / r1-gamma the family ignores
         if self.train.dp and DP not in family.supports:

@@ -32,7 +32,7 @@ from .aggregation import ComponentPolicy, ServerOptState, aggregate
 from .validation import (
     DROPPED_METRIC_KEYS, EVAL_METRIC_KEYS, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS,
     NORM_OUTLIER_RATIO, UPDATE_NORM_RATIO, RejectedReply, cap_examples, check_norm_stats,
-    known_metrics, norm_outliers, update_bound, validate_train_reply,
+    clip_updates, known_metrics, norm_outliers, update_bound, validate_train_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,14 @@ class RoundReport:
     dropped_metric_keys: int = 0  # metric keys outside the protocol, not kept
     capped_examples: int = 0  # (hospital, component) example counts clipped
     refused_aggregates: int = 0  # components whose aggregate was not finite: previous kept
+    clipped_updates: int = 0  # (hospital, component) updates scaled down to max-update-norm
 
     def notes(self) -> dict[str, float]:
         """The counters above, for the ``server`` section of metrics.jsonl."""
         return {"dropped-metric-keys": float(self.dropped_metric_keys),
                 "capped-example-counts": float(self.capped_examples),
-                "refused-aggregates": float(self.refused_aggregates)}
+                "refused-aggregates": float(self.refused_aggregates),
+                "clipped-updates": float(self.clipped_updates)}
 
 
 # ConfigRecord entries that tell a hospital what to send back this round (defined in
@@ -85,7 +87,8 @@ class GanStrategy(Strategy):
     Bounds on what a hospital may claim (``server/validation.py``): ``update_norm_ratio`` R and
     ``norm_floor_rms`` reject a reply moving a component c beyond R x (||global_c|| + floor x
     sqrt(n_c)); ``examples_ratio`` K and ``max_examples`` clip each example count to K x the
-    median of the other replies' and to an absolute cap.
+    median of the other replies' and to an absolute cap; ``max_update_norm`` (> 0) scales each
+    accepted update down to that norm per component.
     """
 
     def __init__(
@@ -104,11 +107,12 @@ class GanStrategy(Strategy):
         norm_floor_rms: float = NORM_FLOOR_RMS,
         examples_ratio: float = EXAMPLES_RATIO,
         max_examples: float = MAX_EXAMPLES,
+        max_update_norm: float = 0.0,
     ) -> None:
         if not (update_norm_ratio > 0 and norm_floor_rms >= 0 and examples_ratio >= 1
-                and max_examples >= 1):
+                and max_examples >= 1 and max_update_norm >= 0):
             raise ValueError("update_norm_ratio must be > 0, norm_floor_rms >= 0, "
-                             "examples_ratio >= 1 and max_examples >= 1")
+                             "examples_ratio >= 1, max_examples >= 1 and max_update_norm >= 0")
         unknown = set(policies or {}) - set(components)
         if unknown:
             raise ValueError(f"policy for unknown component(s) {sorted(unknown)}; "
@@ -126,6 +130,7 @@ class GanStrategy(Strategy):
         self.norm_floor_rms = norm_floor_rms
         self.examples_ratio = examples_ratio
         self.max_examples = max_examples
+        self.max_update_norm = max_update_norm
         self._global: dict[str, np.ndarray] = {}
         self._opt_state = ServerOptState()
         self._last_round = 0
@@ -207,7 +212,8 @@ class GanStrategy(Strategy):
         updates = {h: u for h, (u, _) in valid.items()}
         # Only replies that trained something are compared: a hospital holding nothing the
         # family uses (zero examples, unchanged weights) would make the median 0 and every
-        # reply that moved an "outlier".
+        # reply that moved an "outlier" (per component, norm_outliers compares only replies
+        # that trained that component).
         outliers = norm_outliers({h: u for h, u in updates.items()
                                   if any(n > 0 for n in u.examples.values())},
                                  expected, self.norm_outlier_ratio)
@@ -224,8 +230,13 @@ class GanStrategy(Strategy):
         if not valid:
             log.warning("round %d: no valid reply, the global model is kept", server_round)
             return None, None
-        updates, clipped = cap_examples({h: u for h, (u, _) in valid.items()},
-                                        self.examples_ratio, self.max_examples)
+        updates, clipped_norms = clip_updates({h: u for h, (u, _) in valid.items()}, expected,
+                                              self.max_update_norm)
+        for hospital, component, norm in clipped_norms:
+            log.warning("round %d: hospital %s moved %s by %.3g; scaled down to max-update-norm "
+                        "%g", server_round, hospital, component, norm, self.max_update_norm)
+        report.clipped_updates += len(clipped_norms)
+        updates, clipped = cap_examples(updates, self.examples_ratio, self.max_examples)
         for hospital, component, claimed, kept in clipped:
             log.warning("round %d: hospital %s claims %.3g examples for %s; weighted as %.3g "
                         "(<= %g x the others' median, <= %.3g)", server_round, hospital,

@@ -5,8 +5,11 @@ A rejected reply is logged with its reason and counted; the round goes on with t
 Beyond shape and dtype, what a hospital claims is bounded by what the coordinator knows:
 
 * its update per component may move that component at most ``UPDATE_NORM_RATIO`` x (the global
-  component's norm + ``NORM_FLOOR_RMS`` per element) away from the global model (works with one or
-  two replies, where the median-based ``norm_outliers`` cannot say who is "far beyond the others");
+  component's norm + ``NORM_FLOOR_RMS`` per element) away from the global model (works with one
+  reply); ``norm_outliers`` rejects a reply moving a component more than ``NORM_OUTLIER_RATIO`` x
+  the median of the *other* replies (works with two);
+* with ``max-update-norm`` set, each update per component is clipped to that norm
+  (``clip_updates``) before aggregation;
 * normalisation statistics must be usable: ``running_var`` finite and >= 0, ``running_mean``
   finite, ``num_batches_tracked`` in [0, 2**53];
 * its example count per component is clipped (``cap_examples``) to ``EXAMPLES_RATIO`` x the median
@@ -202,23 +205,56 @@ def validate_train_reply(
     return Update(arrays=arrays, examples=examples), metrics
 
 
+def component_norms(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+                    ) -> dict[str, float]:
+    """L2 norm of (reply - global) per component, over the floating keys of ``reference``.
+
+    Per component, so a push on a small discriminator cannot hide under a large generator's norm.
+    """
+    sums: dict[str, float] = {}
+    for key, ref in reference.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            component = split_key(key)[0]
+            delta = (arrays[key].astype(np.float64) - ref.astype(np.float64)
+                     if key in arrays else np.zeros(0))
+            sums[component] = sums.get(component, 0.0) + float(np.square(delta).sum())
+    return {c: math.sqrt(s) for c, s in sums.items()}
+
+
 def norm_outliers(
     updates: Mapping[str, Update],
     reference: Mapping[str, np.ndarray],
     ratio: float = NORM_OUTLIER_RATIO,
 ) -> dict[str, str]:
-    """Replies whose update norm is more than ``ratio`` x the median of all replies' norms.
+    """Replies that move the model far beyond the others; ``{hospital: reason}``.
 
-    Returns ``{hospital: reason}``. Needs at least three replies (with two, neither is "far beyond
-    the others"; ``update_bound`` covers that case); a median of 0 (nobody moved) flags any reply
-    that moved at all.
+    Two rules, either rejects:
+
+    * leave-one-out, per component: a reply's norm > ``ratio`` x the median of the *other*
+      replies' norms for that component. Works with two replies (each judged against the other;
+      with all replies in the median, one huge reply drags the median up and passes). Only replies
+      that trained the component (its example count > 0) are compared;
+    * with three or more replies, the whole update's norm > ``ratio`` x the median of all
+      replies' norms (stricter for a hospital whose others include the attacker).
+
+    A reference median of 0 (nobody else moved) flags any reply that moved at all.
     """
-    if len(updates) < 3:
-        return {}
-    norms = {h: update_norm(u.arrays, reference) for h, u in updates.items()}
-    median = float(np.median(list(norms.values())))
-    return {h: f"update norm {n:.3g} > {ratio:g} x median {median:.3g}"
-            for h, n in norms.items() if n > ratio * median}
+    out: dict[str, str] = {}
+    norms = {h: component_norms(u.arrays, reference) for h, u in updates.items()}
+    for component in sorted({c for n in norms.values() for c in n}):
+        carriers = {h: norms[h][component] for h, u in updates.items()
+                    if u.examples.get(component, 0.0) > 0}
+        for hospital, n in carriers.items():
+            others = [m for h, m in carriers.items() if h != hospital]
+            if others and hospital not in out and n > ratio * statistics.median(others):
+                out[hospital] = (f"component {component!r} moved {n:.3g} > {ratio:g} x the "
+                                 f"other replies' median {statistics.median(others):.3g}")
+    if len(updates) >= 3:
+        total = {h: update_norm(u.arrays, reference) for h, u in updates.items()}
+        median = float(np.median(list(total.values())))
+        out.update({h: f"update norm {n:.3g} > {ratio:g} x median {median:.3g}"
+                    for h, n in total.items() if n > ratio * median and h not in out})
+    return out
 
 
 def update_bound(
@@ -229,26 +265,52 @@ def update_bound(
 ) -> dict[str, str]:
     """Replies that move some component c further than ``ratio`` x (||global_c|| + floor x
     sqrt(n_c)) from the global model; ``{hospital: reason}``. Needs no other reply."""
-    by_component: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
     for key, ref in reference.items():
         if np.issubdtype(ref.dtype, np.floating):
-            by_component.setdefault(split_key(key)[0], []).append(key)
-    bounds = {}
-    for component, keys in by_component.items():
-        size = sum(reference[k].size for k in keys)
-        norm = math.sqrt(sum(float(np.square(reference[k], dtype=np.float64).sum())
-                             for k in keys))
-        bounds[component] = ratio * (norm + floor_rms * math.sqrt(size))
+            sizes[split_key(key)[0]] = sizes.get(split_key(key)[0], 0) + ref.size
+    zero = {k: np.zeros_like(v) for k, v in reference.items()}
+    bounds = {c: ratio * (norm + floor_rms * math.sqrt(sizes[c]))
+              for c, norm in component_norms(reference, zero).items()}
     out: dict[str, str] = {}
     for hospital, update in updates.items():
-        for component, keys in by_component.items():
-            moved = update_norm({k: update.arrays[k] for k in keys if k in update.arrays},
-                                {k: reference[k] for k in keys})
+        for component, moved in component_norms(update.arrays, reference).items():
             if not moved <= bounds[component]:
                 out[hospital] = (f"component {component!r} moved {moved:.3g} > bound "
                                  f"{bounds[component]:.3g} ({ratio:g} x (global norm + floor))")
                 break
     return out
+
+
+def clip_updates(
+    updates: Mapping[str, Update],
+    reference: Mapping[str, np.ndarray],
+    cap: float,
+) -> tuple[dict[str, Update], list[tuple[str, str, float]]]:
+    """Each reply's update (reply - global) per component scaled down to L2 norm ``cap``.
+
+    Norm clipping (robust FL, DP-FedAvg): whatever its weight, one hospital then moves a mean
+    aggregate of a component by at most ``cap``. ``cap`` <= 0 is off. Returns the updates and
+    ``[(hospital, component, norm before)]`` for each clip.
+    """
+    if cap <= 0:
+        return dict(updates), []
+    out: dict[str, Update] = {}
+    clipped: list[tuple[str, str, float]] = []
+    for hospital, update in updates.items():
+        arrays = dict(update.arrays)
+        for component, norm in component_norms(update.arrays, reference).items():
+            if norm <= cap:
+                continue
+            clipped.append((hospital, component, norm))
+            scale = cap / norm
+            for key, ref in reference.items():
+                if (key in arrays and split_key(key)[0] == component
+                        and np.issubdtype(ref.dtype, np.floating)):
+                    base = ref.astype(np.float64)
+                    arrays[key] = (base + scale * (arrays[key] - base)).astype(ref.dtype)
+        out[hospital] = Update(arrays=arrays, examples=update.examples)
+    return out, clipped
 
 
 def cap_examples(

@@ -59,7 +59,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "server-ema-decay": 0.5, "run-dir": "/r",
         "run-id": "abc", "resume": True, "signing-key": "/k", "num-samples": 4,
         "keep-checkpoints": 2, "examples-ratio": 2.0, "max-examples": 1000.0,
-        "update-norm-ratio": 5.0, "norm-floor-rms": 0.5, "metrics-port": 9111,
+        "update-norm-ratio": 5.0, "norm-floor-rms": 0.5, "max-update-norm": 2.5,
+        "metrics-port": 9111,
         "metrics-host": "0.0.0.0", "hospital-names": "/n.json",
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
