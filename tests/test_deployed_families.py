@@ -102,6 +102,8 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
         "beta2": 0.99, "prox_mu": 0.01, "wire_dtype": "float16", "seed": 7, "lesion_weight": 3.0,
         "dp_noise_multiplier": 0.0, "dp_max_grad_norm": 2.0,
         "augment": "translation,cutout", "r1_gamma": 0.5, "ema_decay": 0.9,
+        "conditioning": "projection,acgan", "class_balanced": True, "eval_classifier_steps": 10,
+        "max_update_norm": 1000.0,
         "classes": "MR,CT", "class_attribute": "modality", "class_patterns": "^MR$;^CT$",
         "domain_a": "MR", "domain_b": "CT", "domain_attribute": "modality",
         "domain_a_pattern": "^MR$", "domain_b_pattern": "^CT$",

@@ -281,6 +281,7 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
     from flwr.app import Context, RecordDict
 
     import client.app as clientapp
+    import client.run_state as client_run_state
     from client import datasets
     from protocol import records as protocol
     from shared_models import ModelConfig, TrainConfig, encode, get_family
@@ -306,8 +307,8 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
     for i in range(12):
         reply = one_run(100 + i, ModelConfig(image_size=32, latent_dim=16 + 8 * i))
         assert not reply.has_error()
-        assert len(clientapp._RUNS) <= clientapp.MAX_RUNS
-        assert sum(len(s.trainers) for s in clientapp._RUNS.values()) <= 1
+        assert len(client_run_state._RUNS) <= client_run_state.MAX_RUNS
+        assert sum(len(s.trainers) for s in client_run_state._RUNS.values()) <= 1
         assert len(datasets._DATA) <= datasets.MAX_DATA_PER_HOSPITAL
     growth = _rss_mb() - base
     print(f"[memory] RSS growth over 12 runs with different latent-dim: {growth:.0f} MB")
@@ -316,5 +317,5 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
     wrong = get_family("cyclegan").build(ModelConfig(family="cyclegan", image_size=32))
     with pytest.raises(clientapp.HospitalError, match="CodecError"):
         one_run(500, ModelConfig(image_size=32), family_nets=wrong)
-    assert not any(s.trainers for s in clientapp._RUNS.values())
+    assert not any(s.trainers for s in client_run_state._RUNS.values())
     assert np.isfinite(growth)

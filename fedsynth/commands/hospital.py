@@ -17,9 +17,9 @@ from pathlib import Path
 
 log = logging.getLogger("fedsynth.hospital")
 
-REFUSED_HINT = ("the coordinator refused this hospital's node (Flower exit code 305): either its "
-                "node key is not registered (give the matching .pub file to the coordinator), or "
-                "the coordinator still marks this node online from a session that ended without "
+REFUSED_HINT = ("the coordinator refused this hospital's node key (Flower exit code 305): either "
+                "it is not registered (give the matching .pub file to the coordinator), or the "
+                "coordinator still marks this node online from a session that ended without "
                 "saying goodbye (a killed daemon): it is accepted again once that session's "
                 "heartbeat expires, about a minute later")
 
