@@ -332,8 +332,10 @@ class LocalTrainer:
         coverage = prdc(fr, ff[:n])
         intended = {}
         if labels is not None and self.model.num_classes and classifier_steps > 0:
-            intended["eval-intended-class-accuracy"] = self._intended_class_accuracy(
-                images, real_labels, fake, labels.cpu(), classifier_steps)
+            acc = self._intended_class_accuracy(images, real_labels, fake, labels.cpu(),
+                                                classifier_steps)
+            if acc is not None:  # left out, not NaN: the federation's mean is over those with it
+                intended["eval-intended-class-accuracy"] = acc
         return {
             **intended,
             "eval-d-real": d_real_v,
@@ -347,11 +349,13 @@ class LocalTrainer:
         }
 
     def _intended_class_accuracy(self, images: torch.Tensor, labels: torch.Tensor,
-                                 fake: torch.Tensor, intended: torch.Tensor, steps: int) -> float:
+                                 fake: torch.Tensor, intended: torch.Tensor, steps: int
+                                 ) -> float | None:
         """The real-slice classifier's balanced accuracy on ``fake`` against ``intended``; the
-        classifier is trained once per held-out tensor and step count, kept across rounds."""
+        classifier is trained once per held-out tensor and step count, kept across rounds.
+        None where the held-out slices hold one class: nothing to tell classes apart with."""
         if len(images) < 2 or len(torch.unique(labels)) < 2:
-            return float("nan")  # one class held out: nothing to tell classes apart with
+            return None
         kept = self._real_classifier
         if kept is None or kept[0] is not images or kept[1] != steps:
             # evaluate runs under no_grad; its seed must not reset the round's random stream

@@ -102,7 +102,7 @@ class DCGAN(FamilyBase):
         with ctx.autocast():
             fake = g(z, labels)
             real_seen = aug.real_view(real)
-            if getattr(d, "classifier", None) is not None:
+            if d.classifier is not None:
                 # AC-GAN: D learns the class from real slices only (a fake's class is what G
                 # is asked to make, not evidence); G below is scored by that classifier
                 d_real, cls_real = d.classify(real_seen, labels)
@@ -137,7 +137,7 @@ def _generator_loss(d: nn.Module, fake: torch.Tensor, labels: torch.Tensor | Non
                     ones: torch.Tensor) -> torch.Tensor:
     """Non-saturating loss through D, plus (AC-GAN) D's classifier's cross-entropy on the
     intended class: G is rewarded for slices D reads as the class asked for."""
-    if getattr(d, "classifier", None) is None or labels is None:
+    if d.classifier is None or labels is None:
         return bce(d(fake, labels).float(), ones)
     logit, cls = d.classify(fake, labels)
     return bce(logit.float(), ones) + AC_WEIGHT * ce(cls.float(), labels)

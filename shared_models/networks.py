@@ -36,8 +36,8 @@ class ClassConditionalNorm(nn.Module):  # not "*BatchNorm*": MONAI normal_init m
 
     def __init__(self, spatial_dims: int, channels: int, num_classes: int) -> None:
         super().__init__()
-        bn = nn.BatchNorm1d if spatial_dims == 0 else (nn.BatchNorm2d if spatial_dims == 2
-                                                       else nn.BatchNorm3d)
+        # spatial_dims 0: a (B, C) vector (the generator's projected seed)
+        bn = {0: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims]
         self.norm = bn(channels, affine=False)
         self.scale = nn.Embedding(num_classes, channels)
         self.shift = nn.Embedding(num_classes, channels)

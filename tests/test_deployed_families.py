@@ -210,6 +210,11 @@ def test_conditional_dcgan_with_the_run_files_classes(deployment, tmp_path: Path
     assert all(sites[s]["num-examples"] > 0 for s in SITES), sites
     config = json.loads((folder / "config.json").read_text())
     assert config["model"]["num_classes"] == 2 and config["data"]["classes"] == "MR,CT"
+    # the hospital holding both classes scores the generated slices' intended class (the
+    # one-class sites leave it out); the coordinator's evaluation carries it
+    intended = [r["evaluate"]["eval-intended-class-accuracy"] for r in rows
+                if "eval-intended-class-accuracy" in (r.get("evaluate") or {})]
+    assert intended and all(0.0 <= v <= 1.0 for v in intended), rows
     _no_errors(dep)
     ckpt = sorted((folder / "checkpoints").glob("round-*.npz"))[-1]
     sample = run(["sample", str(ckpt), "--n", "4", "--out", str(tmp_path / "ct"),

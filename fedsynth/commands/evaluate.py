@@ -149,6 +149,7 @@ def _print_table(result: dict[str, Any]) -> None:
 KEPT_COLUMNS = (("frd", "eval-frd"), ("frechet", "eval-frechet"), ("mmd", "eval-mmd"),
                 ("precision", "eval-precision"), ("recall", "eval-recall"),
                 ("density", "eval-density"), ("coverage", "eval-coverage"),
+                ("intended", "eval-intended-class-accuracy"),
                 ("d-real", "eval-d-real"), ("d-fake", "eval-d-fake"), ("ssim", "eval-ssim"),
                 ("psnr", "eval-psnr"), ("mae", "eval-mae"), ("examples", "eval-examples"))
 
