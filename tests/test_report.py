@@ -176,3 +176,29 @@ def test_the_report_of_each_family_shows_a_score(two_hospitals: list[Path], tmp_
         assert not any("Fréchet" in t for t in titles)  # a measure cyclegan does not make
     else:
         assert any(t.startswith("Fréchet distance") for t in titles), titles
+
+
+def test_a_translation_run_shows_its_scores_and_says_when_nothing_was_scored(
+        tmp_path: Path) -> None:
+    """No panel for a measure the family does not make; SSIM/PSNR/MAE charted; a run whose
+    hospitals all had nothing to score says so instead of drawing empty panels."""
+    folder = RunFolder(tmp_path / "cyc")
+    folder.write_config({"run_id": "cyc", "model": {"family": "cyclegan", "image_size": 16}})
+    for rnd in (1, 2):
+        folder.append_metrics({"round": rnd, "seconds": 1.0, "hospitals": {},
+                               "train": {"loss-g": 1.0, "loss-d": 0.5},
+                               "evaluate": {"eval-ssim": 0.1 * rnd, "eval-psnr": 9.0 + rnd,
+                                            "eval-mae": 0.5, "eval-examples": 4.0}})
+    page = build_report(folder.root)
+    assert "no finite values" not in page and "Fréchet" not in page and "MMD" not in page
+    for name in ("SSIM", "PSNR in dB", "MAE"):
+        assert f"<title>{name} (held-out; G_AB(A) vs its held-out paired B" in page, name
+    assert "no hospital had anything to score" not in page
+
+    empty = RunFolder(tmp_path / "cyc0")
+    empty.write_config({"run_id": "cyc0", "model": {"family": "cyclegan", "image_size": 16}})
+    empty.append_metrics({"round": 1, "seconds": 1.0, "hospitals": {},
+                          "train": {"loss-g": 1.0}, "evaluate": {"eval-examples": 0.0}})
+    page = build_report(empty.root)
+    assert "no hospital had anything to score" in page and "SSIM" not in page
+    assert "no finite values" not in page
