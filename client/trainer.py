@@ -267,8 +267,9 @@ class LocalTrainer:
                  classifier_steps: int = 0) -> dict[str, float]:
         """Quality on held-out local data, the way the field measures the family's task.
 
-        Translation: SSIM, PSNR and MAE of the translated ``a`` against its paired ``b`` (NaN and
-        0 examples when the hospital holds no pairs). Generation: D's view of real vs fake,
+        Translation: SSIM, PSNR and MAE of the translated ``a`` against its paired ``b`` (only
+        ``eval-examples`` 0 when the hospital holds no held-out pairs, e.g. a CycleGAN hospital
+        with one domain). Generation: D's view of real vs fake,
         Fréchet distance / MMD and precision / recall / density / coverage on the fixed
         ``FeatureNet``'s features, and the Fréchet Radiomics Distance (``eval-frd``, on at most
         ``FRD_MAX_IMAGES`` of each). Conditional generation, with ``classifier_steps``: the
@@ -286,8 +287,10 @@ class LocalTrainer:
         key_a, key_b = self.family.pair_keys  # maskgan: mask -> image
         a, b = holdout.get(key_a), holdout.get(key_b)
         if a is None or b is None or len(a) == 0 or len(a) != len(b):
-            return {"eval-ssim": float("nan"), "eval-psnr": float("nan"),
-                    "eval-mae": float("nan"), "eval-examples": 0}
+            # left out, not NaN: the coordinator's mean is weighted by eval-examples, and a NaN
+            # at weight 0 would still make the federation's mean NaN (NaN * 0 is NaN), hiding
+            # the hospitals that do hold pairs
+            return {"eval-examples": 0}
         dims = self.model.spatial_dims
         win = min(11, self.model.image_size)
         ssim = SSIMMetric(dims, data_range=2.0, win_size=win)  # images live in [-1, 1]

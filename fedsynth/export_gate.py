@@ -28,7 +28,8 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
 def hospital_split(data_dir: Path, cfg: Any, data: Any, holdout_every: int,
                    modalities: str = "") -> tuple[Any, Any, Any]:
     """(training, held-out, LocalData) of ``data_dir`` as the hospital splits them for ``cfg``:
-    generation families their ``image``, translation families their domain-B targets."""
+    generation families their ``image``, translation families their targets (the second of the
+    family's ``pair_keys``: pix2pix / cyclegan domain B, maskgan the images of the masks)."""
     from client.datasets import local_data
     from client.settings import HospitalSettings
 
@@ -40,7 +41,7 @@ def hospital_split(data_dir: Path, cfg: Any, data: Any, holdout_every: int,
         data_dir=data_dir, holdout_every=holdout_every,
         modalities=tuple(m.strip().upper() for m in modalities.split(",") if m.strip()))
     local = local_data(hospital, cfg, data)
-    key = "b" if "b" in local.train else "image"
+    key = _pair_keys(cfg)[1]
     if key not in local.holdout or not len(local.train.get(key, ())) \
             or not len(local.holdout[key]):
         raise ValueError(f"'{data_dir}' has no training and held-out {key!r} slices for this "
@@ -48,14 +49,26 @@ def hospital_split(data_dir: Path, cfg: Any, data: Any, holdout_every: int,
     return local.train[key], local.holdout[key], local
 
 
+def _pair_keys(cfg: Any) -> tuple[str, str]:
+    """(input, target) tensor keys of ``cfg``'s family at a hospital: translation families their
+    ``pair_keys`` (maskgan: mask -> image), generation families (none, image)."""
+    from shared_models import get_family
+
+    family = get_family(cfg.family)
+    return tuple(family.pair_keys) if family.task == "translation" else ("", "image")
+
+
 def draw(family: Any, nets: dict, cfg: Any, n: int, seed: int, local: Any) -> np.ndarray:
-    """``n`` images from the checkpoint: samples, or translations of held-out inputs."""
+    """``n`` images from the checkpoint: samples, or translations of held-out inputs (maskgan:
+    the images it draws for the held-out slices' masks)."""
     from fedsynth.generation import generate, translate
 
     if family.task == "translation":
-        inputs = local.holdout.get("a")
+        key = _pair_keys(cfg)[0]
+        inputs = local.holdout.get(key)
         if inputs is None or not len(inputs):
-            raise ValueError("no held-out domain-A slice to translate")
+            what = "mask" if key == "mask" else "domain-A slice"
+            raise ValueError(f"no held-out {what} to translate")
         return translate(family, nets, inputs[:n].numpy())
     return generate(family, nets, cfg, n, seed)
 

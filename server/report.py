@@ -114,6 +114,64 @@ def _series(rows: Sequence[Mapping[str, Any]], section: str, keys: Mapping[str, 
     return out
 
 
+# What each score means depends on the family: the hospitals' evaluation (client/trainer.py
+# ``LocalTrainer.evaluate``, the family's ``evaluate_holdout``) sends these eval-* keys.
+_TRANSLATION_PAIR = {  # family -> what is compared with what in SSIM / PSNR / MAE
+    "pix2pix": "G(A) vs its held-out paired B",
+    "cyclegan": "G_AB(A) vs its held-out paired B, at hospitals holding A/B pairs",
+    "maskgan": "G(mask) vs the held-out image of that mask",
+}
+
+
+def _panels(rows: Sequence[Mapping[str, Any]], family: str
+            ) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """(title, series) of each chart the run's family produces: a panel is shown when some row
+    carries one of its keys, so a family never gets a panel for a measure it does not make
+    (CycleGAN has no Fréchet distance); a measure it makes that came out NaN every round still
+    shows, as "no finite values", since that is a failure to see."""
+    ev = lambda keys: _series(rows, "evaluate", keys)  # noqa: E731
+    pair = _TRANSLATION_PAIR.get(family, "the translation vs its held-out target")
+    mae_title = ("Mask reconstruction error (held-out masks, MAE of decoder(encoder(mask)); "
+                 "lower is better)" if family == "aae" else
+                 f"MAE (held-out; {pair}; lower is better)")
+    d_eval_title = ("Latent discriminator on held-out masks' codes (prior vs encoded)"
+                    if family == "aae" else "Discriminator on held-out slices (real vs generated)")
+    candidates = [
+        ("Losses (example-weighted mean)",
+         _series(rows, "train", {"generator": "loss-g", "discriminator": "loss-d"})),
+        ("Discriminator output in training",
+         _series(rows, "train", {"on real": "d-real", "on fake": "d-fake"})),
+        ("Fréchet distance (held-out, lower is better)", ev({"frechet": "eval-frechet"})),
+        ("MMD (held-out, lower is better)", ev({"mmd": "eval-mmd"})),
+        ("Fréchet Radiomics Distance (held-out, lower is better)", ev({"frd": "eval-frd"})),
+        ("Precision, recall, density, coverage (held-out; recall and coverage fall under mode "
+         "collapse)", ev({m: f"eval-{m}" for m in ("precision", "recall", "density", "coverage")})),
+        (f"SSIM (held-out; {pair}; higher is better)", ev({"ssim": "eval-ssim"})),
+        (f"PSNR in dB (held-out; {pair}; higher is better)", ev({"psnr": "eval-psnr"})),
+        (mae_title, ev({"mae": "eval-mae"})),
+        (d_eval_title, ev({"on real": "eval-d-real", "on generated": "eval-d-fake"})),
+        ("Intended-class accuracy (a real-slice classifier reads the generated slices; higher "
+         "is better)", ev({"intended class": "eval-intended-class-accuracy"})),
+        ("Sample diversity (falls under mode collapse)",
+         _series(rows, "server", {"diversity": "sample-diversity"})),
+        ("Round duration", _series(rows, "", {"seconds": "seconds"})),
+    ]
+    return [(t, s) for t, s in candidates if s]
+
+
+def _unscored(rows: Sequence[Mapping[str, Any]], family: str) -> str:
+    """A note when hospitals evaluated but none could score (``eval-examples`` 0 everywhere:
+    e.g. CycleGAN hospitals that hold one domain, or both without pairs)."""
+    counts = [r["evaluate"].get("eval-examples") for r in rows
+              if isinstance(r.get("evaluate"), Mapping) and r["evaluate"]]
+    if not counts or any(c for c in counts if c is not None):
+        return ""
+    return ("<p class=\"note\">Evaluated, but no hospital had anything to score "
+            f"(held-out examples 0 in every evaluation of this {html.escape(family)} run): a "
+            "translation is scored only where a hospital holds held-out slices of both domains "
+            "in pairs.</p>")
+
+
 def hospital_names(root: Path) -> dict[str, str]:
     """Node id → name where the run folder knows it: the rows' ``names`` (a deployment: the
     names the coordinator registered the hospitals' keys under) and, in simulation,
@@ -255,6 +313,7 @@ svg .t{font-size:13px;font-weight:600}svg .plot{fill:#fafafa;stroke:#bbb}
 svg .grid{stroke:#e4e4e4}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:center}
 td.ok{background:#d9f2d9}td.miss{background:#f8d7d7}
+.note{color:#8a4b00}
 .grids{display:flex;flex-wrap:wrap;gap:10px}figure{margin:0}
 img.grid{image-rendering:pixelated;width:192px;border:1px solid #ccc}
 figcaption{text-align:center;font-size:12px}
@@ -290,36 +349,16 @@ def build_report(root: Path) -> str:
         config = json.loads((root / "config.json").read_text())
     names = hospital_names(root)
 
-    charts = [
-        line_chart("Losses (example-weighted mean)",
-                   _series(rows, "train", {"generator": "loss-g", "discriminator": "loss-d"})),
-        line_chart("Discriminator output in training",
-                   _series(rows, "train", {"on real": "d-real", "on fake": "d-fake"})),
-        line_chart("Fréchet distance (held-out, lower is better)",
-                   _series(rows, "evaluate", {"frechet": "eval-frechet"})),
-        line_chart("MMD (held-out, lower is better)",
-                   _series(rows, "evaluate", {"mmd": "eval-mmd"})),
-        line_chart("Fréchet Radiomics Distance (held-out, lower is better)",
-                   _series(rows, "evaluate", {"frd": "eval-frd"})),
-        line_chart("Precision, recall, density, coverage (held-out; recall and coverage fall "
-                   "under mode collapse)",
-                   _series(rows, "evaluate", {m: f"eval-{m}" for m in
-                                              ("precision", "recall", "density", "coverage")})),
-        line_chart("Sample diversity (falls under mode collapse)",
-                   _series(rows, "server", {"diversity": "sample-diversity"})),
-        line_chart("Round duration", _series(rows, "", {"seconds": "seconds"})),
-    ]
-    intended = _series(rows, "evaluate", {"intended class": "eval-intended-class-accuracy"})
-    if any(intended.values()):  # conditional families only
-        charts.append(line_chart("Intended-class accuracy (a real-slice classifier reads the "
-                                 "generated slices; higher is better)", intended))
+    family = str(config.get("model", {}).get("family", ""))
+    charts = [line_chart(title, series) for title, series in _panels(rows, family)]
     per_h: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         for node, m in (r.get("hospitals") or {}).items():
             if "images-per-second" in m:
                 per_h.setdefault(names.get(node, f"node …{node[-4:]}"), []).append(
                     (float(r["round"]), float(m["images-per-second"])))
-    charts.append(line_chart("Hospital throughput (images/s)", dict(sorted(per_h.items()))))
+    if per_h:
+        charts.append(line_chart("Hospital throughput (images/s)", dict(sorted(per_h.items()))))
     privacy = _privacy(rows, names, config)
     if privacy[0]:
         charts.append(privacy[0])
@@ -332,7 +371,7 @@ def build_report(root: Path) -> str:
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
-        f'<h2>Curves</h2><div class="charts">{"".join(charts)}</div>'
+        f'<h2>Curves</h2>{_unscored(rows, family)}<div class="charts">{"".join(charts)}</div>'
         f"<h2>Participation</h2>{_participation(rows, names)}"
         f"{privacy[1]}{_kept_home(rows, names)}"
         f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"

@@ -105,6 +105,10 @@ def test_a_signed_run_trains_every_hospital_and_keeps_local_state(tmp_path: Path
         assert (r["selected"], r["replied"], r["failed"], r["rejected"]) == (2, 2, 0, 0)
         assert r["train"]["num-examples"] > 0 and len(r["evaluated"]) == 2
     assert (folder / "checkpoints" / "round-002.npz").is_file()
+    from tests.report_checks import assert_report_scores
+
+    titles = assert_report_scores(folder)  # pix2pix: SSIM / PSNR / MAE of G(A) vs its pair
+    assert {t.split(" ")[0] for t in titles} >= {"SSIM", "PSNR", "MAE"}, titles
     # local-d: each hospital's discriminator is its own, kept in its context across rounds
     d = [grid.local_arrays(n) for n in grid.node_ids]
     key_d = next(k for k in d[0] if k.startswith("discriminator.") and d[0][k].dtype.kind == "f")

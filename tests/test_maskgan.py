@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from server.presets import POLICY_PRESETS, make_strategy
 from shared_models import DataConfig, ModelConfig, StepContext, TrainConfig, get_family
 from shared_models.maskgan import one_hot, pixel_weights
 from tests import seg_helpers as h
+from tests.report_checks import assert_report_scores
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -150,6 +152,14 @@ def test_sample_draws_images_for_a_folders_masks(masked_hospitals: list[Path], t
     assert main(["sample", str(ckpt), "--n", "3", "--out", str(tmp_path / "png"),
                  "--input", str(masked_hospitals[0])]) == 0
     assert len(list((tmp_path / "png").glob("mask-synthetic-*.png"))) == 3
+    # `fedsynth audit`: the images drawn for the held-out masks vs the hospital's images
+    capsys.readouterr()
+    assert main(["audit", str(ckpt), str(masked_hospitals[0]), "--n", "4",
+                 "--holdout-every", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "memorisation audit of round-001.npz (maskgan, round 1)" in out, out
+    assert re.search(r"generated [1-4] · training \d+ · held-out [1-9]\d* slices", out), out
+    assert "pixel" in out and "near-cop" in out, out
     assert main(["sample", str(ckpt), "--n", "2", "--out", str(tmp_path / "dcm"),
                  "--format", "dicom", "--input", str(masked_hospitals[0])]) == 0
     files = sorted((tmp_path / "dcm").rglob("*.dcm"))
@@ -229,6 +239,10 @@ def test_two_stage_sampling_draws_a_mask_then_its_image(masked_hospitals: list[P
         folder, _ = run_inprocess(cfg, hospitals)
         (row,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         assert (row["replied"], row["failed"]) == (2, 0), row
+        titles = assert_report_scores(folder)
+        # maskgan: G(mask) against the held-out image; aae: its held-out masks' reconstruction
+        assert any(t.startswith("SSIM" if family == "maskgan" else "Mask reconstruction")
+                   for t in titles), titles
         ckpts[family] = folder / "checkpoints" / "round-001.npz"
     assert main(["sample", str(ckpts["aae"]), "--n", "3", "--out", str(tmp_path / "m")]) == 0
     assert len(list((tmp_path / "m").glob("mask-*.png"))) == 3

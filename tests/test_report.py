@@ -8,6 +8,7 @@ error happened. A screenshot is kept in the test's tmp dir and copied to
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -129,3 +130,75 @@ def test_broken_image_is_caught(run_folder: Path, tmp_path: Path) -> None:
     page.write_text(build_report(run_folder))
     with pytest.raises(AssertionError, match="broken-images"):
         render_in_chromium(page, tmp_path, "broken")
+
+
+@pytest.fixture(scope="module")
+def two_hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from fedsynth.demo_data import build_demo_hospitals
+
+    root = tmp_path_factory.mktemp("families")
+    return build_demo_hospitals(root, 2, matrix=32, include_real=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,size", [("cdcgan", 32), ("wgan-gp", 32), ("cyclegan", 16)])
+def test_the_report_of_each_family_shows_a_score(two_hospitals: list[Path], tmp_path: Path,
+                                                 family: str, size: int) -> None:
+    """One round of the family in-process (the families whose other tests run no federation;
+    dcgan: test_small_data, pix2pix: test_inprocess, maskgan and aae: test_maskgan). CycleGAN's
+    second hospital holds one domain (its T2w pattern matches nothing): it evaluates nothing,
+    and the pairs of the first must still score (a NaN at weight 0 made the mean NaN)."""
+    from fedsynth.inprocess import run_inprocess
+    from server.federation import FederationConfig
+    from shared_models import ModelConfig, TrainConfig
+
+    from tests.report_checks import assert_report_scores
+
+    hospitals = [{"data-dir": str(f), "cache-dir": str(tmp_path / "cache" / f.name),
+                  "device": "cpu", "holdout-every": 4} for f in two_hospitals]
+    if family == "cyclegan":
+        hospitals[1]["label-patterns"] = "T1w=T1w;T2w=^no-such-series$"
+    cfg = FederationConfig(model=ModelConfig(family=family, image_size=size, width=4,
+                                             latent_dim=8),
+                           train=TrainConfig(local_steps=1, batch_size=2,
+                                             eval_classifier_steps=5),
+                           run_dir=str(tmp_path / "runs"), run_id=f"report-{family}",
+                           num_samples=2, rounds=1)
+    folder, _ = run_inprocess(cfg, hospitals)
+    (row,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert (row["replied"], row["failed"]) == (2, 0), row
+    titles = assert_report_scores(folder)
+    if family == "cyclegan":
+        examples = sorted(m["eval-examples"] for m in row["evaluated"].values())
+        assert examples[0] == 0 < examples[1], row["evaluated"]  # one-domain site: nothing
+        assert math.isfinite(row["evaluate"]["eval-ssim"]), row["evaluate"]
+        assert any(t.startswith("SSIM") for t in titles), titles
+        assert not any("Fréchet" in t for t in titles)  # a measure cyclegan does not make
+    else:
+        assert any(t.startswith("Fréchet distance") for t in titles), titles
+
+
+def test_a_translation_run_shows_its_scores_and_says_when_nothing_was_scored(
+        tmp_path: Path) -> None:
+    """No panel for a measure the family does not make; SSIM/PSNR/MAE charted; a run whose
+    hospitals all had nothing to score says so instead of drawing empty panels."""
+    folder = RunFolder(tmp_path / "cyc")
+    folder.write_config({"run_id": "cyc", "model": {"family": "cyclegan", "image_size": 16}})
+    for rnd in (1, 2):
+        folder.append_metrics({"round": rnd, "seconds": 1.0, "hospitals": {},
+                               "train": {"loss-g": 1.0, "loss-d": 0.5},
+                               "evaluate": {"eval-ssim": 0.1 * rnd, "eval-psnr": 9.0 + rnd,
+                                            "eval-mae": 0.5, "eval-examples": 4.0}})
+    page = build_report(folder.root)
+    assert "no finite values" not in page and "Fréchet" not in page and "MMD" not in page
+    for name in ("SSIM", "PSNR in dB", "MAE"):
+        assert f"<title>{name} (held-out; G_AB(A) vs its held-out paired B" in page, name
+    assert "no hospital had anything to score" not in page
+
+    empty = RunFolder(tmp_path / "cyc0")
+    empty.write_config({"run_id": "cyc0", "model": {"family": "cyclegan", "image_size": 16}})
+    empty.append_metrics({"round": 1, "seconds": 1.0, "hospitals": {},
+                          "train": {"loss-g": 1.0}, "evaluate": {"eval-examples": 0.0}})
+    page = build_report(empty.root)
+    assert "no hospital had anything to score" in page and "SSIM" not in page
+    assert "no finite values" not in page

@@ -86,7 +86,7 @@ def test_pix2pix_evaluates_ssim_psnr_mae_on_pairs(dims: int, size: int) -> None:
 
 def test_translation_evaluate_without_pairs_reports_zero_examples() -> None:
     ev = _trainer("cyclegan").evaluate({"a": _images(3)}, seed=0)
-    assert ev["eval-examples"] == 0 and math.isnan(ev["eval-ssim"])
+    assert ev == {"eval-examples": 0}  # no NaN figure: it would poison the weighted mean
 
 
 @pytest.mark.parametrize("family,data", [

@@ -1,14 +1,16 @@
 """``fedsynth audit CHECKPOINT DATA_DIR``: a memorisation audit at the hospital.
 
 Draws ``--n`` images from the checkpoint (generation families: fixed-seed noise; translation
-families: translations of the hospital's held-out domain-A slices) and compares them with that
-hospital's training and held-out slices (the split the hospital trains with: every
+families: translations of the hospital's held-out domain-A slices; maskgan: the images it draws
+for the hospital's held-out masks) and compares them with that hospital's training and held-out
+slices (maskgan: its images) (the split the hospital trains with: every
 ``--holdout-every``-th slice held out, as its ``holdout-every`` setting) with
 ``shared_models.audit``: nearest-neighbour distances in pixel, SSIM and feature space, their
 train / held-out ratio and the near-copies. Prints a table, or ``--json`` the scalars. Nothing
 is written or sent anywhere; run it where the data is.
 
-For a translation family the held-out targets are the translated inputs' own pairs, so its
+For a translation family (maskgan included) the held-out targets are the translated inputs' own
+pairs, so its
 "to held-out" distances are small by design and the ratio leans above 1: the near-copy count
 (a translation closer to a training target than any held-out target is) is the measure to read.
 """
