@@ -27,10 +27,11 @@ from typing import Any, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess
 from protocol.keys import NAME_PATTERN, check_name  # noqa: F401 - one definition, shared
+from protocol.keys import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_ENV = PROMETHEUS_MULTIPROC_ENV
 # Simulation only: folder where each virtual hospital writes ``<node-id>.name`` so the
 # coordinator's exporter can label per-hospital series by name (server.metrics.HospitalNames).
 SIM_NAMES_ENV = "FEDSYNTH_SIM_NODE_NAMES"
@@ -131,6 +132,30 @@ class _Series:
 
 _SERIES: _Series | None = None
 
+# Counters of rare events that exist at 0 before anything happened, so "no failure" is a value
+# and the alerts' increase() sees the first one (a counter born at 1 has no increase): the
+# daemon's exporter serves them from its start (``FedsynthOnly``), before the first task, and
+# every training round writes them too. (``_Series`` attribute, label values after hospital.)
+ZERO_SERIES = (("signature_failures", ()), ("refusals", ("dp-budget",)),
+               ("messages", ("train", "error")), ("messages", ("evaluate", "error")))
+
+
+def zero_families(hospital: str) -> list[Any]:
+    """``ZERO_SERIES`` of ``hospital`` as metric families at 0, made without creating a value
+    (the daemon process never records: its ClientApps do, in their own files)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    defs = _Series(None)  # unregistered, and no labels given: nothing is written anywhere
+    name = label_name(hospital)
+    families: dict[str, Any] = {}
+    for attr, values in ZERO_SERIES:
+        metric = getattr(defs, attr)
+        desc = metric.describe()[0]
+        family = families.setdefault(desc.name, CounterMetricFamily(
+            desc.name, desc.documentation, labels=metric._labelnames))  # noqa: SLF001
+        family.add_metric([name, *values], 0.0)
+    return list(families.values())
+
 
 def series() -> _Series:
     global _SERIES
@@ -193,11 +218,8 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
     if report is not None:
         record_scan(name, report)
     _success(s, name, "train", server_round)
-    # Counters of rare events exist at 0 from the first round on, so "no failure" is a value.
-    s.signature_failures.labels(name).inc(0)
-    s.refusals.labels(name, "dp-budget").inc(0)  # the privacy-budget alert's series
-    for kind in ("train", "evaluate"):
-        s.messages.labels(name, kind, "error").inc(0)
+    for attr, values in ZERO_SERIES:  # a daemon without metrics-port serves none before this
+        getattr(s, attr).labels(name, *values).inc(0)
 
 
 @_safely
@@ -342,32 +364,48 @@ def record_supernode_restart(hospital: str, reason: str | None) -> None:
 
 
 class FedsynthOnly:
-    """Only the ``fedsynth_`` families of a collector.
+    """Only the ``fedsynth_`` families of a collector, plus ``baseline`` series it lacks.
 
     Every library in a ClientApp process (and Ray's own processes in simulation) that uses
     prometheus-client writes into the same multiprocess folder; only fedsynth's series, whose
-    labels this module bounds, are served.
+    labels this module bounds, are served. ``baseline`` (the daemon's ``zero_families``) fills
+    in the series no ClientApp has written yet, so ``/metrics`` has them before the first task;
+    a series a ClientApp wrote wins (one sample per series: Prometheus refuses duplicates).
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, baseline: list[Any] | None = None) -> None:
         self._inner = inner
+        self._baseline = baseline or []
 
     def collect(self) -> Any:
-        return [m for m in self._inner.collect() if m.name.startswith("fedsynth_")]
+        families = [m for m in self._inner.collect() if m.name.startswith("fedsynth_")]
+        by_name = {m.name: m for m in families}
+        for base in self._baseline:
+            have = by_name.get(base.name)
+            if have is None:
+                families.append(base)
+                continue
+            seen = {(x.name, tuple(sorted(x.labels.items()))) for x in have.samples}
+            have.samples.extend(x for x in base.samples
+                                if (x.name, tuple(sorted(x.labels.items()))) not in seen)
+        return families
 
 
-def start_exporter(port: int, host: str = DEFAULT_HOST, multiproc_dir: Path | None = None) -> Any:
+def start_exporter(port: int, host: str = DEFAULT_HOST, multiproc_dir: Path | None = None,
+                   hospital: str | None = None) -> Any:
     """Serve the merged metrics of every ClientApp process at ``http://host:port/metrics``.
 
     ``multiproc_dir`` (default: ``$PROMETHEUS_MULTIPROC_DIR``, else a new temporary folder) is
     emptied and exported in this process's environment, so call this before starting the
-    SuperNode. Returns the HTTP server (``shutdown()`` stops it).
+    SuperNode. ``hospital`` (the daemon's configured name): its ``ZERO_SERIES`` are served from
+    the start. Returns the HTTP server (``shutdown()`` stops it).
     """
     if not 0 <= port < 65536:
         raise ValueError(f"metrics port {port} is not a TCP port (0-65535)")
     folder = prepare_multiproc_dir(multiproc_dir)
     registry = CollectorRegistry()
-    registry.register(FedsynthOnly(multiprocess.MultiProcessCollector(None, path=str(folder))))
+    registry.register(FedsynthOnly(multiprocess.MultiProcessCollector(None, path=str(folder)),
+                                   zero_families(hospital) if hospital else None))
     registry.register(RESTARTS)
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)

@@ -87,8 +87,8 @@ def check_name(name: str) -> str:
     return name
 
 
-# `fedsynth coordinator --metrics-port/--metrics-host`: the SuperLink's environment, inherited by
-# every run's ServerApp, which serves the coordinator's metrics there unless the run's own
-# metrics-port says otherwise (server/app.py).
-COORDINATOR_METRICS_PORT_ENV = "FEDSYNTH_COORDINATOR_METRICS_PORT"
-COORDINATOR_METRICS_HOST_ENV = "FEDSYNTH_COORDINATOR_METRICS_HOST"
+# prometheus-client's multiprocess folder. A hospital daemon sets it for its ClientApp processes
+# (client/metrics.py); `fedsynth coordinator --metrics-port` sets it in the SuperLink's
+# environment, inherited by every run's ServerApp, which then records its series there for the
+# daemon to serve across runs (server/metrics.py, server/app.py).
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -11,25 +11,39 @@ name) and keeps label values bounded:
   blow up the series count;
 * reject reasons are mapped onto a fixed list (``REJECT_REASONS``).
 
-Names come from the coordinator's registry in deployment (``fedsynth coordinator`` knows which
-node id it registered under which name) and, in simulation, from a folder where each virtual
+Names come from the coordinator's registry in deployment (the SuperLink lists each node with the
+name ``fedsynth coordinator`` registered its key under, ``server.grid.PromptGrid.node_name``: the
+same names metrics.jsonl's rows carry) and, in simulation, from a folder where each virtual
 hospital writes its own node id → name file (see ``client.metrics.note_identity``).
+
+Where the series live (issue 24): a run's ServerApp is a process that ends with the run, so an
+exporter inside it dies before Prometheus scrapes the last round, and its ``up`` goes to 0 after
+every run. Under ``fedsynth coordinator --metrics-port`` the ServerApp therefore only *records*:
+its environment names a prometheus-client multiprocess folder of the daemon's
+(``PROMETHEUS_MULTIPROC_ENV``), every value is written to files there, and the long-lived daemon
+serves them (``start_daemon_exporter``), before the first run, during each and after the last.
+Gauges of a finished run keep their last value (``mostrecent``); the two that describe *the
+running* federation (``fedsynth_run_info``, ``fedsynth_rounds_planned``) are ``live`` series that
+leave with the ServerApp's process, so the stalled-round alert cannot fire between runs.
+Counters add up over the runs of one daemon, as Prometheus counters should.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protocol.keys import check_name  # one definition of a valid hospital label
 from protocol.keys import valid_epsilon  # ... and of a self-reported epsilon it may show
+from protocol.keys import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +73,26 @@ def reject_reason(text: str) -> str:
 class HospitalNames:
     """Node id → registered hospital name, with a bounded fallback for unknown nodes.
 
-    ``registered`` comes from the coordinator's node registry; ``names_dir`` (simulation) holds
-    one ``<node-id>.name`` file per virtual hospital and is re-read when an unknown id shows up.
+    ``registered`` is a fixed mapping (a run's ``hospital-names`` file); ``lookup`` asks the
+    coordinator's node registry (``PromptGrid.node_name``: the name a hospital's key was registered
+    under, or the node id itself when it has none) for an id not in it; ``names_dir``
+    (simulation) holds one ``<node-id>.name`` file per virtual hospital and is re-read when an
+    unknown id shows up.
     """
 
     def __init__(self, registered: Mapping[int | str, str] | None = None,
-                 names_dir: Path | None = None, max_unnamed: int = 32) -> None:
+                 names_dir: Path | None = None, max_unnamed: int = 32,
+                 lookup: Callable[[int | str], str] | None = None) -> None:
         self._names = {str(k): check_name(v) for k, v in (registered or {}).items()}
+        self._lookup = lookup
         self._names_dir = names_dir
         self._unnamed: dict[str, str] = {}
         self._max_unnamed = max_unnamed
         self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: Path) -> "HospitalNames":
+    def from_file(cls, path: Path, lookup: Callable[[int | str], str] | None = None
+                  ) -> "HospitalNames":
         """From a JSON object ``{"<node id>": "<registered name>", ...}`` (the node registry)."""
         import json
 
@@ -83,13 +103,25 @@ class HospitalNames:
                 from None
         if not isinstance(data, dict):
             raise ValueError(f"hospital names file {path}: expected a JSON object node id -> name")
-        return cls({str(k): str(v) for k, v in data.items()})
+        return cls({str(k): str(v) for k, v in data.items()}, lookup=lookup)
 
     def watch(self, names_dir: Path) -> None:
         """Read names from ``names_dir`` too (simulation: virtual hospitals write them there)."""
         self._names_dir = Path(names_dir)
 
-    def _reload(self) -> None:
+    def _reload(self, key: str) -> None:
+        if self._lookup is not None:
+            try:
+                name = str(self._lookup(key) or "")
+            except Exception as exc:  # noqa: BLE001 - a failed registry call names nobody
+                log.debug("no registered name for node %s: %s", key, exc)
+                name = ""
+            if name and name != key:  # the registry answers the id itself for a nameless node
+                try:
+                    self._names[key] = check_name(name)
+                    return
+                except ValueError as exc:
+                    log.warning("node %s: %s", key, exc)
         if self._names_dir is None or not self._names_dir.is_dir():
             return
         for f in self._names_dir.glob("*.name"):
@@ -102,7 +134,7 @@ class HospitalNames:
         key = str(node_id)
         with self._lock:
             if key not in self._names:
-                self._reload()
+                self._reload(key)
             if key in self._names:
                 return self._names[key]
             if key not in self._unnamed:
@@ -134,6 +166,27 @@ def _finite_or_nan(value: Any) -> float:
 PRDC_MEASURES = ("precision", "recall", "density", "coverage")
 
 
+def multiprocess_mode() -> bool:
+    """Whether this process records into a daemon's multiprocess folder (module docstring)."""
+    return bool(os.environ.get(PROMETHEUS_MULTIPROC_ENV))
+
+
+def _gauge(*args: Any, live: bool = False, **kwargs: Any) -> Gauge:
+    """A Gauge that, in multiprocess mode, shows the value written last: by any process, or with
+    ``live`` by a process still running (the series leaves with it)."""
+    return Gauge(*args, multiprocess_mode="livemostrecent" if live else "mostrecent", **kwargs)
+
+
+SINCE_CHECKPOINT = "fedsynth_seconds_since_last_checkpoint"
+SINCE_CHECKPOINT_HELP = "Seconds since the last checkpoint (-1 before the first)."
+LAST_CHECKPOINT = "fedsynth_last_checkpoint_timestamp_seconds"
+
+
+def seconds_since(timestamp: float) -> float:
+    """``SINCE_CHECKPOINT``'s value for a last-checkpoint time (0: none yet)."""
+    return time.time() - timestamp if timestamp > 0 else -1.0
+
+
 class CoordinatorMetrics:
     """All coordinator series on one registry; ``observe`` is a ``run_federation`` observer."""
 
@@ -142,26 +195,26 @@ class CoordinatorMetrics:
         self.registry = registry or CollectorRegistry()
         self.names = names or HospitalNames()
         r = self.registry
-        self.run_info = Gauge("fedsynth_run_info", "The running federation (value 1).",
-                              ["family", "preset"], registry=r)
-        self.rounds_planned = Gauge("fedsynth_rounds_planned", "Rounds this run will train.",
-                                    registry=r)
+        self.run_info = _gauge("fedsynth_run_info", "The running federation (value 1).",
+                               ["family", "preset"], registry=r, live=True)
+        self.rounds_planned = _gauge("fedsynth_rounds_planned",
+                                     "Rounds the running federation will train.", registry=r,
+                                     live=True)
         self.rounds = Counter("fedsynth_rounds_completed", "Rounds finished (checkpoint written).",
                               registry=r)
-        self.current_round = Gauge("fedsynth_round", "Number of the last finished round.",
+        self.current_round = _gauge("fedsynth_round", "Number of the last finished round.",
                                    registry=r)
         self.round_seconds = Histogram("fedsynth_round_duration_seconds",
                                        "Wall time of a round: train, aggregate, evaluate, save.",
                                        buckets=ROUND_BUCKETS, registry=r)
-        self.last_round_ts = Gauge("fedsynth_last_round_timestamp_seconds",
+        self.last_round_ts = _gauge("fedsynth_last_round_timestamp_seconds",
                                    "Unix time the last round finished.", registry=r)
-        self.last_ckpt_ts = Gauge("fedsynth_last_checkpoint_timestamp_seconds",
+        self.last_ckpt_ts = _gauge(LAST_CHECKPOINT,
                                   "Unix time the last checkpoint was written.", registry=r)
-        self.since_ckpt = Gauge("fedsynth_seconds_since_last_checkpoint",
-                                "Seconds since the last checkpoint (-1 before the first).",
-                                registry=r)
-        self.since_ckpt.set_function(self._seconds_since_checkpoint)
-        self.hospitals = Gauge("fedsynth_round_hospitals",
+        if not multiprocess_mode():  # in a daemon's folder, the daemon derives it at each scrape
+            self.since_ckpt = Gauge(SINCE_CHECKPOINT, SINCE_CHECKPOINT_HELP, registry=r)
+            self.since_ckpt.set_function(self._seconds_since_checkpoint)
+        self.hospitals = _gauge("fedsynth_round_hospitals",
                                "Hospitals in the last round by outcome.", ["outcome"], registry=r)
         self.hospitals_total = Counter("fedsynth_hospital_outcomes",
                                        "Hospital train replies by outcome, over all rounds.",
@@ -169,24 +222,24 @@ class CoordinatorMetrics:
         self.rejected = Counter("fedsynth_rejected_updates",
                                 "Train replies refused by validation, by reason.", ["reason"],
                                 registry=r)
-        self.loss = Gauge("fedsynth_loss", "Example-weighted mean training loss of the last round.",
+        self.loss = _gauge("fedsynth_loss", "Example-weighted mean training loss of the last round.",
                           ["component"], registry=r)
-        self.d_score = Gauge("fedsynth_discriminator_score",
+        self.d_score = _gauge("fedsynth_discriminator_score",
                              "Mean D output on real / generated images in training.", ["on"],
                              registry=r)
-        self.frechet = Gauge("fedsynth_eval_frechet_distance",
+        self.frechet = _gauge("fedsynth_eval_frechet_distance",
                              "Fréchet distance, hospitals' held-out slices vs samples.", registry=r)
-        self.mmd = Gauge("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", registry=r)
-        self.frd = Gauge("fedsynth_eval_frd",
+        self.mmd = _gauge("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", registry=r)
+        self.frd = _gauge("fedsynth_eval_frd",
                          "Fréchet Radiomics Distance, hospitals' held-out slices vs samples.",
                          registry=r)
-        self.intended = Gauge("fedsynth_eval_intended_class_accuracy",
+        self.intended = _gauge("fedsynth_eval_intended_class_accuracy",
                               "Conditional families: hospitals' real-slice classifiers reading "
                               "generated slices, balanced accuracy against the intended class.",
                               registry=r)
-        self.prdc = Gauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of "
+        self.prdc = _gauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of "
                           "samples vs hospitals' held-out slices.", ["measure"], registry=r)
-        self.diversity = Gauge("fedsynth_sample_diversity",
+        self.diversity = _gauge("fedsynth_sample_diversity",
                                "Mean pairwise L2 distance of the fixed-noise samples.", registry=r)
         self.nonfinite = Counter("fedsynth_nonfinite_losses",
                                  "Rounds whose aggregated loss was NaN or infinite.", ["component"],
@@ -194,15 +247,15 @@ class CoordinatorMetrics:
         self.h_rounds = Counter("fedsynth_hospital_rounds",
                                 "Rounds in which the hospital's update was aggregated.",
                                 ["hospital"], registry=r)
-        self.h_last = Gauge("fedsynth_hospital_last_round",
+        self.h_last = _gauge("fedsynth_hospital_last_round",
                             "Last round in which the hospital's update was aggregated.",
                             ["hospital"], registry=r)
-        self.h_ips = Gauge("fedsynth_hospital_images_per_second",
+        self.h_ips = _gauge("fedsynth_hospital_images_per_second",
                            "Training throughput the hospital reported in its last reply.",
                            ["hospital"], registry=r)
-        self.h_loss = Gauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.",
+        self.h_loss = _gauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.",
                             ["hospital", "component"], registry=r)
-        self.h_dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon",
+        self.h_dp_epsilon = _gauge("fedsynth_hospital_dp_epsilon",
                                   "Differential privacy the hospital reported spent so far in "
                                   "this run (epsilon at its own delta; DP-SGD runs only). "
                                   "NaN when its last report was not a finite number >= 0.",
@@ -234,8 +287,7 @@ class CoordinatorMetrics:
                                registry=r)
 
     def _seconds_since_checkpoint(self) -> float:
-        last = self.last_ckpt_ts._value.get()  # noqa: SLF001 - prometheus_client has no getter
-        return time.time() - last if last > 0 else -1.0
+        return seconds_since(self.last_ckpt_ts._value.get())  # noqa: SLF001 - no getter
 
     def set_run(self, family: str, preset: str, rounds: int) -> None:
         """Label the run: ``family`` and ``preset`` are checked against the known ones first, so a
@@ -368,4 +420,73 @@ def start_exporter(metrics: CoordinatorMetrics, port: int, host: str = DEFAULT_H
     except OSError as exc:
         raise OSError(f"cannot serve coordinator metrics on {host}:{port}: {exc.strerror}") from exc
     log.info("coordinator metrics on http://%s:%d/metrics", host, server.server_port)
+    return server
+
+
+class DaemonCollector:
+    """What ``fedsynth coordinator`` serves: the ``fedsynth_`` series every run's ServerApp wrote
+    into ``folder``, merged, plus ``fedsynth_seconds_since_last_checkpoint`` computed at the
+    scrape (a function gauge cannot live in a file).
+
+    Before each collection the ``live`` files of processes that have exited are removed
+    (prometheus-client's ``mark_process_dead``; the ServerApp cannot do it itself, it is gone), so
+    the running-federation series end with their run. Other libraries in a ServerApp process
+    that use prometheus-client write into the same folder: only fedsynth's series, whose labels
+    this module bounds, are served.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        from prometheus_client import multiprocess
+
+        self.folder = Path(folder)
+        self._merged = multiprocess.MultiProcessCollector(None, path=str(self.folder))
+
+    def _forget_exited(self) -> None:
+        from prometheus_client import multiprocess
+
+        for f in self.folder.glob("gauge_live*_*.db"):
+            pid = f.stem.rpartition("_")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                multiprocess.mark_process_dead(int(pid), str(self.folder))
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        self._forget_exited()
+        families = [m for m in self._merged.collect() if m.name.startswith("fedsynth_")]
+        last = max((s.value for m in families if m.name == LAST_CHECKPOINT for s in m.samples),
+                   default=0.0)
+        since = GaugeMetricFamily(SINCE_CHECKPOINT, SINCE_CHECKPOINT_HELP)
+        since.add_metric([], seconds_since(last))
+        return [*families, since]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited ServerApp its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust the signal test
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def start_daemon_exporter(folder: Path, port: int, host: str = DEFAULT_HOST) -> Any:
+    """Serve ``DaemonCollector(folder)`` at ``http://host:port/metrics`` (``fedsynth coordinator
+    --metrics-port``): one endpoint that lives as long as the coordinator, across its runs."""
+    if not 0 <= port < 65536:
+        raise ValueError(f"metrics port {port} is not a TCP port (0-65535)")
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(folder))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve coordinator metrics on {host}:{port}: {exc.strerror}") from exc
+    log.info("coordinator metrics on http://%s:%d/metrics (every run's, from %s)", host,
+             server.server_port, folder)
     return server

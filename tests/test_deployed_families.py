@@ -163,7 +163,8 @@ def test_cyclegan_mr_to_ct_with_single_modality_sites(deployment, tmp_path: Path
     scraped: dict[str, str] = {}
 
     def done() -> bool:  # the run sets no metrics-port: the coordinator's --metrics-port serves
-        if not scraped:
+        # (from the coordinator's start on: scrape until the run's own series are there)
+        if 'family="cyclegan"' not in scraped.get("body", ""):
             try:
                 scraped["body"] = urllib.request.urlopen(
                     f"http://127.0.0.1:{dep['coord_metrics']}/metrics", timeout=2).read().decode()

@@ -52,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no TLS, no node authentication (local tests only; warns loudly)")
     p.add_argument("--log-file", type=Path, help="copy the SuperLink's and nginx's log here")
     p.add_argument("--metrics-port", type=int, default=0,
-                   help="serve the coordinator's Prometheus metrics on this port during every run "
-                        "(the run's own [run] metrics-port wins; 0: off)")
+                   help="serve the coordinator's Prometheus metrics on this port for as long as "
+                        "the coordinator runs: every run's, kept after it ends (0: off; a run's "
+                        "own [run] metrics-port serves that run alone, while it lasts)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address the metrics endpoint binds (default 127.0.0.1)")
     p.set_defaults(func=run)
@@ -109,17 +110,32 @@ def _free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def _with_metrics(env: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
-    """The SuperLink's environment plus the metrics endpoint every run's ServerApp serves."""
+def start_metrics(args: argparse.Namespace) -> tuple[dict[str, str], Path | None, object]:
+    """``--metrics-port``: the daemon's own endpoint, serving what every run's ServerApp records.
+
+    The ServerApp is a process of its run and ends with it (an exporter of its own went down
+    before Prometheus saw the last round, and after every run, issue 24); this daemon lives across
+    runs. It makes a new multiprocess folder of its own (``client.metrics.prepare_multiproc_dir``,
+    the hospital daemon's rule: nothing it did not create is ever emptied) and hands it to the
+    SuperLink, whose ServerApps inherit it and write their series there. Returns (environment for
+    the SuperLink, folder, HTTP server); nothing when metrics are off.
+    """
     from fedsynth.errors import UserError
-    from protocol.keys import COORDINATOR_METRICS_HOST_ENV, COORDINATOR_METRICS_PORT_ENV
+    from protocol.keys import PROMETHEUS_MULTIPROC_ENV
 
     if not 0 <= args.metrics_port < 65536:
         raise UserError(f"--metrics-port {args.metrics_port} is not a TCP port")
-    if args.metrics_port:
-        env[COORDINATOR_METRICS_PORT_ENV] = str(args.metrics_port)
-        env[COORDINATOR_METRICS_HOST_ENV] = str(args.metrics_host)
-    return env
+    if not args.metrics_port:
+        return {}, None, None
+    from client.metrics import prepare_multiproc_dir
+    from server.metrics import start_daemon_exporter
+
+    try:
+        folder = prepare_multiproc_dir()
+        server = start_daemon_exporter(folder, args.metrics_port, args.metrics_host)
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    return {PROMETHEUS_MULTIPROC_ENV: str(folder)}, folder, server
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,10 +180,11 @@ def run(args: argparse.Namespace) -> int:
     write_flwr_home(flwr_home, f"{local}:{link_port}", tls.ca_cert if tls else None)
 
     log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
+    metrics_env, metrics_dir, metrics_server = start_metrics(args)
 
     link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", database,
                                                     tls, node_auth=tls is not None),
-                      env=_with_metrics(superlink_env(), args),
+                      env={**superlink_env(), **metrics_env},
                       sink=child_sink("superlink", log_fh))
     front = Supervisor("fleet-proxy", proxy.command(), sink=child_sink("proxy", log_fh))
 
@@ -216,6 +233,11 @@ def run(args: argparse.Namespace) -> int:
     front.stop()
     front_thread.join(timeout=30)
     proxy.remove_socket_dir()
+    if metrics_server is not None:
+        from client.metrics import cleanup
+
+        metrics_server.shutdown()
+        cleanup(metrics_dir)
     if log_fh is not None:
         log_fh.close()
     return 0 if link.stopping() else code

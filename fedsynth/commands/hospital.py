@@ -113,7 +113,7 @@ def load_settings(args: argparse.Namespace):  # noqa: ANN201
     return settings
 
 
-def start_metrics(port: int) -> tuple[dict[str, str], Path | None]:
+def start_metrics(port: int, hospital: str | None = None) -> tuple[dict[str, str], Path | None]:
     """Start the hospital's metrics exporter; returns (environment for the SuperNode, folder).
 
     The prometheus multiprocess folder is always a new one of the daemon's own
@@ -129,7 +129,7 @@ def start_metrics(port: int) -> tuple[dict[str, str], Path | None]:
         return {}, None
     from client import metrics
 
-    server = metrics.start_exporter(port)
+    server = metrics.start_exporter(port, hospital=hospital)  # its series exist from the start
     folder = Path(server.multiproc_dir)
     return {"PROMETHEUS_MULTIPROC_DIR": str(folder)}, folder
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     try:
-        metrics_env, metrics_dir = start_metrics(settings.metrics_port)
+        metrics_env, metrics_dir = start_metrics(settings.metrics_port, settings.hospital.name)
     except (OSError, ValueError) as exc:
         raise UserError(str(exc)) from None
     env = child_env(metrics_env)
