@@ -146,6 +146,29 @@ class _LegacyStandIn:
         pass
 
 
+class _OwnContent:
+    """The workflow sends one content object to every hospital, and the mod edits what it
+    receives; over the wire that is harmless, but a grid that delivers in process
+    (``fedsynth.inprocess``) would let one hospital's edit reach the next. Each message gets
+    its own copy."""
+
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        import copy
+
+        from flwr.app import Message
+
+        own = [Message(content=copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
+                       message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+               for m in messages]
+        return self._grid.send_and_receive(own, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 def secure_train_round(strategy: Any, grid: Any, server_round: int, record: ArrayRecord,
                        config: ConfigRecord, *, clip: float, max_examples: float,
                        timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -170,6 +193,7 @@ def secure_train_round(strategy: Any, grid: Any, server_round: int, record: Arra
                                   quantization_range=QUANTIZATION_RANGE,
                                   modulus_range=MOD_RANGE, timeout=timeout)
     context = _LegacyStandIn(nodes, server_round)
+    grid = _OwnContent(grid)
     state = WorkflowState()
     ok = workflow.setup_stage(grid, context, state)  # type: ignore[arg-type]
     # each hospital's train message is fedsynth's own signed content (one RecordDict per node:

@@ -8,8 +8,6 @@ hospital moves the model by a fixed, known update), so the plain weighted mean i
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -56,9 +54,6 @@ def _trainer(dead: set[int], seen: list[Message]):
         return Message(protocol.train_reply(trained, metrics), reply_to=msg)
 
     def app(msg: Message, context) -> Message:  # noqa: ANN001
-        # as if it came over the wire: the workflow sends one content object to every node,
-        # and the mod pops its stage key (InProcessGrid does not serialise)
-        msg = copy.deepcopy(msg)
         reply = secure_aggregation_mod(msg, context, train)
         seen.append(reply)
         return reply
