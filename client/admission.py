@@ -11,7 +11,7 @@ import logging
 
 from flwr.app import ConfigRecord, Context, Message
 
-from protocol import records as protocol
+from protocol import flower_private, records as protocol
 from protocol.signing import SignatureError, load_public_key, verify
 
 from . import metrics as hospital_metrics
@@ -50,6 +50,7 @@ def check_signature(hospital: HospitalSettings, msg: Message, context: Context |
         except SignatureError as exc:
             hospital_metrics.record_signature_failure(hospital.name)
             refuse(hospital, "signature", exc)
+    check_secure_aggregation(hospital, msg)
     if context is None:
         return
     kind = str(msg.metadata.message_type)
@@ -130,6 +131,27 @@ def refuse(hospital: HospitalSettings, reason: str, exc: Exception) -> None:
     log.error("REFUSED message (%s): %s", reason, exc)
     hospital_metrics.record_refusal(hospital.name, reason)
     raise exc
+
+
+# the SecAgg+ protocol record of a secure round (Flower's RECORD_KEY_CONFIGS)
+SECURE_RECORD = flower_private.SECAGG_CONFIGS
+
+
+def check_secure_aggregation(hospital: HospitalSettings, msg: Message) -> None:
+    """``require-secure-aggregation``: a train message (UA-GAN's too) that does not come inside
+    Flower's SecAgg+ protocol is refused; its reply would leave this hospital unmasked.
+
+    A train message of a secure round carries the protocol's record (its shares of the other
+    hospitals' keys), and ``client.secure_aggregation.secure_aggregation_mod`` masks the reply
+    before it leaves; any other train message would be answered in the clear."""
+    if not hospital.require_secure_aggregation:
+        return
+    if not str(msg.metadata.message_type).startswith("train"):
+        return  # evaluate replies carry scalar metrics only, as in every run
+    if SECURE_RECORD not in msg.content.config_records:
+        refuse(hospital, "secure-aggregation", PolicyRefused(
+            "this hospital requires secure aggregation (require-secure-aggregation) and this "
+            "round's update would leave it unmasked"))
 
 
 def check_never_send(hospital: HospitalSettings, components: tuple[str, ...]) -> None:

@@ -31,6 +31,7 @@ from .privacy import PrivacyRefused
 from .trainer import LocalTrainer
 from .admission import check_never_send, check_signature
 from .run_state import forget_trainer, trainer_for
+from .secure_aggregation import secure_aggregation_mod
 from .ua_gan import UA_ACTION, reply_plan, ua_train
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,8 @@ def save_local(trainer: LocalTrainer, context: Context) -> None:
     context.state[LOCAL_STATE] = protocol.to_record(encode(trainer.nets))
 
 
-app = ClientApp()
+# Flower's SecAgg+ masks the train reply of a secure-aggregation round (and only then)
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 @app.train()

@@ -84,6 +84,9 @@ class HospitalSettings:
     dp_epsilon: float = float("inf")
     dp_delta: float = 1e-5
     require_dp: bool = False
+    # Secure aggregation (client/secure_aggregation.py): refuse every train round whose update
+    # would leave this hospital unmasked (a run without `secure-aggregation = true`, UA-GAN)
+    require_secure_aggregation: bool = False
     # Memorisation audit (shared_models.audit) after every n-th round this hospital trains: its
     # scalars are logged, on the metrics port and (runs without DP only) in the reply; 0: off
     audit_every: int = 0
@@ -169,6 +172,8 @@ class HospitalSettings:
             dp_epsilon=_positive(m.get("dp-epsilon", float("inf")), "dp-epsilon", inf_ok=True),
             dp_delta=_delta(m.get("dp-delta", 1e-5)),
             require_dp=_flag(m.get("require-dp", False), "require-dp"),
+            require_secure_aggregation=_flag(m.get("require-secure-aggregation", False),
+                                             "require-secure-aggregation"),
             audit_every=_count(m.get("audit-every", 0), "audit-every"),
             max_evaluations=_count(m.get("max-evaluations", DEFAULT_MAX_EVALUATIONS),
                                    "max-evaluations"),
@@ -218,6 +223,8 @@ class HospitalSettings:
             out["dp-delta"] = self.dp_delta
         if self.require_dp:
             out["require-dp"] = True
+        if self.require_secure_aggregation:
+            out["require-secure-aggregation"] = True
         if self.audit_every:
             out["audit-every"] = self.audit_every
         if self.max_evaluations != DEFAULT_MAX_EVALUATIONS:
@@ -340,8 +347,8 @@ HOSPITAL_KEYS = ("data-dir", "cache-dir", "state-dir", "device", "amp", "threads
                  "modalities", "holdout-every", "name", "model-public-key", "max-decoded-mb",
                  "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
                  "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
-                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp", "audit-every",
-                 "max-evaluations", *CEILINGS)
+                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp",
+                 "require-secure-aggregation", "audit-every", "max-evaluations", *CEILINGS)
 NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
 COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
 

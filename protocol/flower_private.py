@@ -174,3 +174,33 @@ def check_names() -> list[str]:
         except (ImportError, AttributeError):
             missing.append(f"{name} ({target})")
     return missing
+
+
+# -- Secure aggregation (server/secure_aggregation.py, client/secure_aggregation.py) -------------
+# Flower's SecAgg+ lives on its legacy path: its workflow builds ``FitIns`` and reads ``FitRes``
+# (``flwr.common``), and its mod keeps its state under a constant of ``flwr.common``.
+SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation...RECORD_KEY_CONFIGS
+SECAGG_STATE = "secaggplus_state"  # ... RECORD_KEY_STATE: the mod's state in context.state
+
+
+def legacy_fit_ins() -> Any:
+    """An empty legacy ``FitIns`` (the workflow's stage 2 content is replaced by fedsynth's)."""
+    from flwr.common import FitIns, Parameters
+
+    return FitIns(Parameters(tensors=[], tensor_type=""), {})
+
+
+def legacy_ndarrays(parameters: Any) -> list:
+    from flwr.common import parameters_to_ndarrays
+
+    return parameters_to_ndarrays(parameters)
+
+
+def legacy_fitres_record(arrays: list, num_examples: int, metrics: dict) -> Any:
+    """A legacy ``FitRes`` as the RecordDict ``secaggplus_mod`` reads (``fitres.*`` records)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
+                    num_examples=num_examples, metrics=metrics)
+    return fitres_to_recorddict(fitres, keep_input=False)

@@ -208,10 +208,18 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         if pending is not None:
             config[protocol.EVALUATE_ROUND] = pending.round
         record = protocol.to_record(arrays)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
-                                        timeout=cfg.round_timeout_s)
-        t_train = time.monotonic()
-        new_record, train_metrics = strategy.aggregate_train(rnd, replies)
+        if cfg.secure_aggregation:  # Flower's SecAgg+: only the sum reaches this process
+            from .secure_aggregation import secure_train_round
+
+            new_record, train_metrics = secure_train_round(
+                strategy, grid, rnd, record, config, clip=cfg.secure_aggregation_clip,
+                max_examples=cfg.secure_aggregation_max_examples, timeout=cfg.round_timeout_s)
+            t_train = time.monotonic()
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
+                                            timeout=cfg.round_timeout_s)
+            t_train = time.monotonic()
+            new_record, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_record is not None:
             arrays = protocol.from_record(new_record)
         train_report = strategy.last_train

@@ -33,6 +33,7 @@ from shared_models.config import setting
 
 from .presets import PRESETS
 from .run_folder import check_run_id
+from .secure_aggregation import SECAGG_CLIP, SECAGG_MAX_EXAMPLES, check_secure_run
 from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
 
 # Keys people write for a known one: refused, naming it (each setting has one key, the one
@@ -86,6 +87,18 @@ class FederationConfig:
                                 "(0: off)")
     metrics_host: str = setting("127.0.0.1", "address the metrics endpoint binds")
     hospital_names: str = setting("", "JSON file mapping node ids to hospital names (labels)")
+    # Secure aggregation (server/secure_aggregation.py): Flower's SecAgg+ masks each hospital's
+    # update; the coordinator learns only the sum. Reply validation cannot see single updates,
+    # so the bounds are the encoding's: each update coordinate clipped at the hospital, each
+    # example count capped (docs/security.md, "Secure aggregation").
+    secure_aggregation: bool = setting(False, "hospitals' updates are summed under Flower's "
+                                       "SecAgg+: the coordinator sees only the sum (mean "
+                                       "presets fedgan, fedmed-gan, local-d, fedbn)")
+    secure_aggregation_clip: float = setting(SECAGG_CLIP, "secure-aggregation: each coordinate "
+                                             "of a hospital's update is clipped to +- this")
+    secure_aggregation_max_examples: float = setting(
+        SECAGG_MAX_EXAMPLES, "secure-aggregation: a hospital's example count is capped to this "
+        "(the weights' scale; larger = coarser quantisation of small hospitals)")
 
     def __post_init__(self) -> None:
         if self.run_id:
@@ -105,6 +118,8 @@ class FederationConfig:
             raise ValueError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
         if self.max_update_norm and self.preset == "ua-gan":  # its replies are no model updates
             raise ValueError("max-update-norm does not apply to preset 'ua-gan'")
+        if self.secure_aggregation:
+            check_secure_run(self)
         family = get_family(self.model.family)  # an unknown family fails here, by name
         check_supported(family, self.train)  # augment / r1-gamma the family ignores
         if self.train.dp and DP not in family.supports:

@@ -28,7 +28,7 @@ from protocol.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
 from .grid import failure_kind
-from .aggregation import ComponentPolicy, ServerOptState, aggregate
+from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
 from .validation import (
     DROPPED_METRIC_KEYS, EVAL_METRIC_KEYS, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS,
     NORM_OUTLIER_RATIO, UPDATE_NORM_RATIO, RejectedReply, cap_examples, check_norm_stats,
@@ -242,10 +242,24 @@ class GanStrategy(Strategy):
                         "(<= %g x the others' median, <= %.3g)", server_round, hospital,
                         claimed, component, kept, self.examples_ratio, self.max_examples)
         report.capped_examples += len(clipped)
+        return self._apply(server_round, list(updates.values()), report)
+
+    def aggregate_secure(self, server_round: int, update: Update, report: RoundReport
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """A round whose mean came from secure aggregation (``server/secure_aggregation.py``):
+        ``update`` is the already-weighted mean with the total examples per component, and goes
+        through the same server step and aggregate checks as a validated round."""
+        if not report.per_hospital:
+            return None, None
+        return self._apply(server_round, [update], report)
+
+    def _apply(self, server_round: int, updates: list[Update], report: RoundReport
+               ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate ``updates`` per component, step the server optimiser, keep what is usable."""
         merged = dict(self._global)
         refused: list[str] = []
         try:
-            fresh = aggregate(list(updates.values()), self.components, self.policies,
+            fresh = aggregate(updates, self.components, self.policies,
                               current=self._global, state=self._opt_state, refused=refused)
         except (ValueError, ArithmeticError) as exc:  # defensive: validation should prevent it
             log.error("round %d: aggregation failed (%s); the global model is kept",

@@ -62,10 +62,15 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "update-norm-ratio": 5.0, "norm-floor-rms": 0.5, "max-update-norm": 2.5,
         "metrics-port": 9111,
         "metrics-host": "0.0.0.0", "hospital-names": "/n.json",
+        # secure-aggregation = true refuses median and float16 (test_secure_aggregation.py)
+        "secure-aggregation": False, "secure-aggregation-clip": 0.25,
+        "secure-aggregation-max-examples": 500.0,
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
-                  "r1-gamma": 0.5, "class-balanced": True}
+                  "r1-gamma": 0.5, "class-balanced": True, "secure-aggregation": True,
+                  "reducer": "mean", "wire-dtype": "float32", "sync-every": 0,
+                  "max-update-norm": 0.0}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
         assert values[s.key] != s.default or small_data[s.key] != s.default, \
