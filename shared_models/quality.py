@@ -41,7 +41,10 @@ class FeatureNet(nn.Module):
         feats = []
         for stage in self.stages:
             x = stage(x)
-            feats += [x.mean((2, 3)), x.std((2, 3))]
+            # a stage down to one pixel (16 px input, 4 stages) has no spread: its std is 0, not
+            # the unbiased estimator's NaN, which made every 16 px evaluation fail in PRDC
+            spread = x.std((2, 3)) if x.shape[2] * x.shape[3] > 1 else torch.zeros_like(x[:, :, 0, 0])
+            feats += [x.mean((2, 3)), spread]
         return torch.cat(feats, 1)
 
 
