@@ -186,9 +186,37 @@ def _exchange(grid: Grid, messages: Any, timeout: float, wire: dict[str, float])
     return replies
 
 
+RUN_LOG = "coordinator.log"
+
+
 def run_federation(grid: Grid, cfg: FederationConfig,
                    observers: tuple[Observer, ...] = ()) -> Path:
-    """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
+    """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder.
+
+    The coordinator's lines about the run (its strategy, each round, hospitals that failed) are
+    also appended to the run folder's ``coordinator.log``: a deployed ServerApp's own output
+    goes nowhere (Flower's SuperExec starts it with stdout and stderr on /dev/null)."""
+    folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
+    handler = logging.FileHandler(folder.root / RUN_LOG, encoding="utf-8")
+    from protocol.logs import DATEFMT, FORMAT, PlainFormatter
+
+    handler.setFormatter(PlainFormatter(FORMAT, DATEFMT))
+    handler.setLevel(logging.INFO)
+    server_log = logging.getLogger("server")
+    level = server_log.level
+    server_log.addHandler(handler)
+    if server_log.getEffectiveLevel() > logging.INFO:
+        server_log.setLevel(logging.INFO)
+    try:
+        return _run_federation(grid, cfg, observers)
+    finally:
+        server_log.removeHandler(handler)
+        server_log.setLevel(level)
+        handler.close()
+
+
+def _run_federation(grid: Grid, cfg: FederationConfig,
+                    observers: tuple[Observer, ...] = ()) -> Path:
     family = get_family(cfg.model.family)
     torch.manual_seed(cfg.train.seed)
     nets = family.build(cfg.model)
