@@ -257,7 +257,7 @@ def test_killed_coordinator_leaves_nothing_and_resumes(tmp_path: Path) -> None:
     launch = launch_toml(tmp_path / "launch.toml", address, keys.ca_cert, family="dcgan",
                          rounds=2, local_steps=40, batch_size=4, image_size=32, min_hospitals=1,
                          round_timeout=ROUND_TIMEOUT, signing_key=keys.signing_key,
-                         run_dir=tmp_path / "runs", run_id="resumed")
+                         run_dir=tmp_path / "runs", run_id="resumed", wire_dtype="int8")
     flwr_home = ["--flwr-home", str(tmp_path / "flwr")]
     try:
         wait_for("h1 connected", lambda: "SuperNode ID" in h1.text(), 240, (coord, h1))
@@ -290,6 +290,12 @@ def test_killed_coordinator_leaves_nothing_and_resumes(tmp_path: Path) -> None:
         rows = metrics_rows(folder)
         assert [r["round"] for r in rows] == [1, 2]
         assert rows[1]["replied"] == 1, rows[1]
+        # an int8 run's bytes are in metrics.jsonl: float16 down, one byte per weight back
+        # (round 1: train messages only; the last round adds its evaluate message's download)
+        sent, got = rows[0]["server"]["sent-bytes"], rows[0]["server"]["received-bytes"]
+        assert 0.4 * sent < got < 0.6 * sent, rows[0]["server"]
+        assert rows[1]["server"]["received-bytes"] == got, rows[1]["server"]
+        assert rows[1]["server"]["sent-bytes"] == 2 * sent, rows[1]["server"]
         assert "address already in use" not in coord.text().lower()
     finally:
         for p in (coord, h1):
