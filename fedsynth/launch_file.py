@@ -32,7 +32,9 @@ class LaunchConfig:
     source: Path
 
     @classmethod
-    def load(cls, path: Path) -> "LaunchConfig":
+    def load(cls, path: Path, check_run: bool = True) -> "LaunchConfig":
+        """``check_run=False`` (``fedsynth status``) skips checking ``[run]`` against the run
+        configuration, whose families import torch (~2 s)."""
         import tomllib
 
         path = Path(path)
@@ -61,13 +63,14 @@ class LaunchConfig:
         if not insecure and not root:
             raise ValueError(f"launch file '{path}': [coordinator] root-certificates is missing "
                              "(the federation's ca.pem), or set insecure = true")
-        from server.run_config import from_flat
-
         run = dict(data.get("run", {}))
-        try:
-            from_flat(run)  # unknown or mistyped keys fail here, by name, before submission
-        except ValueError as exc:
-            raise ValueError(f"launch file '{path}': {exc}") from None
+        if check_run:
+            from server.run_config import from_flat
+
+            try:
+                from_flat(run)  # unknown or mistyped keys fail here, by name, before submission
+            except ValueError as exc:
+                raise ValueError(f"launch file '{path}': {exc}") from None
         for key in PATH_KEYS:
             if run.get(key):
                 p = Path(str(run[key])).expanduser()
@@ -83,13 +86,13 @@ class LaunchConfig:
                    source=path)
 
 
-def load_launch_file(path: Path) -> "LaunchConfig":
+def load_launch_file(path: Path, check_run: bool = True) -> "LaunchConfig":
     """The parsed launch file; every mistake a person can fix is a ``UserError``."""
     from fedsynth.certs import CertError, load_certificate
     from fedsynth.errors import UserError
 
     try:
-        cfg = LaunchConfig.load(path)
+        cfg = LaunchConfig.load(path, check_run)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if cfg.root_certificates is not None:

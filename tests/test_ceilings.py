@@ -125,4 +125,4 @@ def test_the_run_goes_on_without_a_hospital_past_its_ceiling(tmp_path: Path) -> 
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert (r["replied"], r["failed"]) == (1, 1)
-        assert r["failed_hospitals"] == {"small": "error"}
+        assert r["failed_hospitals"] == {"small": "ceiling"}  # the kind of refusal
