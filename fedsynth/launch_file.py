@@ -14,10 +14,6 @@ from typing import Any
 from client.settings import COORDINATOR_KEYS  # the hospital's [coordinator] has the same keys
 
 
-
-PATH_KEYS = ("run-dir", "signing-key", "hospital-names")
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     """``[coordinator]`` address + root-certificates (or insecure); ``[run]`` run settings.
@@ -61,7 +57,7 @@ class LaunchConfig:
         if not insecure and not root:
             raise ValueError(f"launch file '{path}': [coordinator] root-certificates is missing "
                              "(the federation's ca.pem), or set insecure = true")
-        from server.run_config import from_flat
+        from server.run_config import CODEC, PATH_KEYS, from_flat
 
         run = dict(data.get("run", {}))
         try:
@@ -74,7 +70,7 @@ class LaunchConfig:
                 run[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
         for key, value in list(run.items()):
             if isinstance(value, list):  # classes = ["a", "b"]: Flower's run config is scalars
-                run[key] = (";" if key.endswith("patterns") else ",").join(map(str, value))
+                run[key] = (CODEC.by_key[key].sep or ",").join(map(str, value))
         root_path = None
         if not insecure:
             root_path = Path(str(root)).expanduser()
