@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.settings import COORDINATOR_KEYS  # the hospital's [coordinator] has the same keys
+from protocol.coordinator import COORDINATOR  # the hospital's [coordinator] has the same keys
+from shared_models.settings import unknown_message
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,13 @@ class LaunchConfig:
                              f"{', '.join(f'[{x}]' for x in unknown_sections)} (known: "
                              "[coordinator], [run])")
         coord = data.get("coordinator", {})
-        extra = sorted(set(coord) - set(COORDINATOR_KEYS))
+        extra = sorted(set(coord) - set(COORDINATOR.keys()))
         if extra:
             hint = (" (the run's metrics endpoint is [run] metrics-port)"
                     if "metrics-port" in extra else "")
-            raise ValueError(f"launch file '{path}': unknown [coordinator] key(s) "
-                             f"{', '.join(extra)}; known: {', '.join(COORDINATOR_KEYS)}{hint}")
+            raise ValueError(f"launch file '{path}': "
+                             + unknown_message(extra, COORDINATOR.keys(), "[coordinator] key",
+                                               plain=True) + hint)
         if not coord.get("address"):
             raise ValueError(f"launch file '{path}': [coordinator] address is missing")
         insecure = bool(coord.get("insecure", False))

@@ -165,7 +165,7 @@ def unknown_message(keys: Sequence[str], known: Sequence[str], what: str = "sett
     hints = {k: (misnomers or {}).get(k) or next(iter(difflib.get_close_matches(k, known, n=1)),
                                                  "")
              for k in keys}
-    if len(keys) == 1 and hints[keys[0]]:
+    if len(keys) == 1 and hints[keys[0]] and not plain:
         return f"unknown {what} {_q(keys[0], plain)}: did you mean {hints[keys[0]]!r}?"
     named = ", ".join(f"{_q(k, plain)} (did you mean {h!r}?)" if h else _q(k, plain)
                       for k, h in hints.items())
