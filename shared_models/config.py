@@ -10,24 +10,16 @@ adding a field here (or to the coordinator's ``FederationConfig``) and nowhere e
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
 # Run-sent patterns are checked (length cap, what RE2 cannot compile) and matched by RE2, a
 # linear-time engine, in one place: shared_models/patterns.py.
 from .patterns import MAX_PATTERN_CHARS, check_pattern  # noqa: F401 - part of this module's API
+# Every field is a ``setting`` of the one settings toolkit (shared_models/settings.py).
+from .settings import Codec, setting  # noqa: F401 - ``setting`` is part of this module's API
 
 T = TypeVar("T")
-
-
-def setting(default: Any, help: str, key: str | None = None,  # noqa: A002 - the word users read
-            run: bool = True) -> Any:
-    """A dataclass field that is a run setting: ``key`` (default: the name with dashes), help.
-
-    ``run=False`` keeps a field off the run configuration (it is derived, e.g. ``num_classes``
-    from the class list).
-    """
-    return field(default=default, metadata={"help": help, "key": key, "run": run})
 
 
 @dataclass(frozen=True)
@@ -48,7 +40,7 @@ class ModelConfig:
         "projection", "how a conditional family (cdcgan) carries the class, comma separated: "
         "projection (D's class embedding on its last features, always on), multiscale (also on "
         "every earlier stage), acgan (D also classifies, G is scored by it), cbn (class-"
-        "conditional batch norm in G)")
+        "conditional batch norm in G)", sep=",")
     # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
     # DP (train dp-noise-multiplier > 0): derived by the run configuration, so every side builds
     # the same architecture.
@@ -107,7 +99,7 @@ class TrainConfig:
     # Small local data (shared_models/small_data.py; BENCHMARKS.md "Small local data")
     augment: str = setting("", "DiffAugment of everything D sees, real and fake: comma-separated "
                            "translation, cutout, brightness, contrast ('' off; dcgan, cdcgan, "
-                           "wgan-gp, pix2pix)")
+                           "wgan-gp, pix2pix)", sep=",")
     r1_gamma: float = setting(0.0, "R1 penalty weight on real images (Mescheder 2018); 0 off "
                               "(dcgan, cdcgan, pix2pix)")
     ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
@@ -177,11 +169,12 @@ class DataConfig:
     own (``[hospital] label-attribute`` / ``label-patterns``): a site names its series its own way.
     """
 
-    classes: str = setting("T1w,T2w", "class names, comma separated, in label order (cdcgan)")
+    classes: str = setting("T1w,T2w", "class names, comma separated, in label order (cdcgan)",
+                           sep=",")
     class_attribute: str = setting("series_description", "slice attribute the classes are read "
-                                   "from: " + ", ".join(DOMAIN_ATTRIBUTES))
+                                   "from: {choices}", choices=DOMAIN_ATTRIBUTES)
     class_patterns: str = setting("", "one regular expression per class, ';' separated "
-                                  "(default: each class name)")
+                                  "(default: each class name)", sep=";")
     domain_a: str = setting("T1w", "name of domain A of a translation family (its input)")
     domain_b: str = setting("T2w", "name of domain B (the translation's target)")
     domain_attribute: str = setting("series_description", "slice attribute the domains are read "
@@ -189,10 +182,11 @@ class DataConfig:
     domain_a_pattern: str = setting("", "regular expression for domain A (default: its name)")
     domain_b_pattern: str = setting("", "regular expression for domain B (default: its name)")
     mask_labels: str = setting("lesion", "mask labels in channel order, comma separated (masked "
-                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)")
+                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)",
+                               sep=",")
     mask_label_patterns: str = setting("", "one regular expression per mask label, ';' separated "
                                        "(default: each label), searched in a segment's label, "
-                                       "description and code (scheme:value)")
+                                       "description and code (scheme:value)", sep=";")
 
     def __post_init__(self) -> None:
         for attr in (self.class_attribute, self.domain_attribute):
@@ -236,23 +230,24 @@ class DataConfig:
 
 def to_flat(obj: Any, prefix: str) -> dict[str, Any]:
     """Flatten a config dataclass into ``prefix.field`` scalars for a ConfigRecord."""
-    return {f"{prefix}.{k}": v for k, v in asdict(obj).items()}
+    return _wire(type(obj)).encode(obj, prefix + ".", spelling="name")
 
 
 def from_flat(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
-    """Rebuild a config dataclass from ``prefix.field`` scalars, ignoring unknown keys.
+    """Rebuild a config dataclass from ``prefix.field`` scalars (keys with other prefixes are not
+    its own); an unknown ``prefix.`` key is refused, with the field it is closest to.
 
     Each value is coerced to the field's declared type, so a malformed record fails here with a
     ``ValueError`` that names the field, not later inside a network constructor.
     """
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        key = f"{prefix}.{f.name}"
-        if key not in values:
-            continue
-        caster = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), None)
-        try:
-            kwargs[f.name] = caster(values[key]) if caster else values[key]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"config field {key!r}: cannot use {values[key]!r}") from exc
-    return cls(**kwargs)
+    return _wire(cls).decode(values, prefix + ".", spelling="name")
+
+
+def _wire(cls: type[T]) -> Codec[T]:
+    """The config record's codec of one part: field names as keys, derived fields included."""
+    if cls not in _WIRE:
+        _WIRE[cls] = Codec(cls, "config field", lenient=True, derived=True)
+    return _WIRE[cls]
+
+
+_WIRE: dict[type, Codec[Any]] = {}
