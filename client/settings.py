@@ -26,7 +26,7 @@ DEFAULT_MAX_EVALUATIONS = 1000  # per run (client/evaluation.py)
 # The most work one message may ask (client/ceilings.py): DCGAN at 256 px, width 64, has 92 M
 # parameters; training state is about 16 bytes a parameter (weights, gradients, Adam)
 CEILINGS = {"max-parameters": 100_000_000, "max-batch": 256, "max-steps": 5000,
-            "max-round-seconds": 3600.0}
+            "max-round-seconds": 3600.0, "max-memory-mb": 8192.0}
 
 
 def _max_decoded_mb(m: Mapping[str, Any]) -> float:
@@ -99,6 +99,7 @@ class HospitalSettings:
     max_batch: int = int(CEILINGS["max-batch"])
     max_steps: int = int(CEILINGS["max-steps"])
     max_round_seconds: float = CEILINGS["max-round-seconds"]
+    max_memory_mb: float = CEILINGS["max-memory-mb"]  # estimate before, RSS between steps
 
     def _own_folder(self, root: Path | None) -> Path | None:
         """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
