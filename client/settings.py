@@ -29,7 +29,7 @@ DEFAULT_MAX_EVALUATIONS = 1000  # per run (client/evaluation.py)
 # The most work one message may ask (client/ceilings.py): DCGAN at 256 px, width 64, has 92 M
 # parameters; training state is about 16 bytes a parameter (weights, gradients, Adam)
 CEILINGS = {"max-parameters": 100_000_000, "max-batch": 256, "max-steps": 5000,
-            "max-round-seconds": 3600.0}
+            "max-round-seconds": 3600.0, "max-memory-mb": 8192.0}
 
 
 def _max_decoded_mb(value: Any, key: str = "max-decoded-mb") -> float:
@@ -126,6 +126,9 @@ class HospitalSettings:
                              parse=lambda v, k: _limit(v, k))
     max_round_seconds: float = setting(CEILINGS["max-round-seconds"], "seconds per round, at "
                                        "most", parse=lambda v, k: _positive(v, k))
+    max_memory_mb: float = setting(CEILINGS["max-memory-mb"], "memory (MB) one message may "
+                                   "make this hospital's training use, at most",
+                                   parse=lambda v, k: _positive(v, k))
 
     def _own_folder(self, root: Path | None) -> Path | None:
         """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
