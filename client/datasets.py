@@ -287,8 +287,12 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
         """A and B units of ``keys``, in one order; 3D pairs at one voxel size per pair."""
         ga, gb = [units_a[k] for k in keys], [units_b[k] for k in keys]
         voxel = pair_voxels(images, meta, ga, gb, size) if dims == 3 else None
-        return {"a": stack(images, ga, dims, size, meta, voxel),
-                "b": stack(images, gb, dims, size, meta, voxel)}
+        out = {"a": stack(images, ga, dims, size, meta, voxel),
+               "b": stack(images, gb, dims, size, meta, voxel)}
+        if masks is not None:  # lesion-cycle-weight: held-out pairs keep their masks (bench)
+            out |= {f"mask_{k}": _mask_stack(masks, g, dims, size, meta, voxel)
+                    for k, g in (("a", ga), ("b", gb))}
+        return out
 
     hold = pairs([k for k in paired if k in held_keys])
 
@@ -339,10 +343,11 @@ def _masked_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], model: M
 
 
 def _mask_stack(masks: SliceMasks, chosen: Sequence[np.ndarray], dims: int, size: int,
-                meta: Mapping[str, np.ndarray]) -> torch.Tensor:
+                meta: Mapping[str, np.ndarray],
+                voxel_mm: Sequence[float | None] | None = None) -> torch.Tensor:
     """(N, K, ...) masks of the units ``chosen``: each channel resampled like the image, as -1/1
     (background is the -1 padding), then cut at 0."""
-    chans = [stack(masks.masks[:, k:k + 1] * 2.0 - 1.0, chosen, dims, size, meta) > 0
+    chans = [stack(masks.masks[:, k:k + 1] * 2.0 - 1.0, chosen, dims, size, meta, voxel_mm) > 0
              for k in range(len(masks.labels))]
     return torch.cat(chans, dim=1).float()
 

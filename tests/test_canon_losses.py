@@ -267,3 +267,15 @@ def test_inprocess_round_with_lesion_cycle_weight(tmp_path: Path) -> None:
                                                       lesion_cycle_weight=5.0), segs=True)
     assert (row["replied"], row["failed"], row["rejected"]) == (2, 0, 0)
     assert row["train"]["loss-lesion"] > 0  # the hospital with masks; the other adds 0
+
+
+@pytest.mark.slow
+def test_bench_gradient_rows_at_a_reduced_size(capsys: pytest.CaptureFixture) -> None:
+    """bench.canon's gradient rows, 1 round x 1 step at 16^3 (about 12 s; the lesion rows take
+    about 45 s at their smallest and are not run here)."""
+    from bench.canon import main
+
+    main(["gradient", "--seeds", "0", "--size", "16", "--width", "4", "--rounds", "1",
+          "--local-steps", "1"])
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| gradient-loss")]
+    assert len(rows) == 2 and all("ssim" in r and "mae-3d" in r for r in rows)
