@@ -129,7 +129,11 @@ class LocalTrainer:
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
                            prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor,
                            small_data=SmallData.from_train(train),
-                           lesion_weight=train.lesion_weight if train is not None else 1.0)
+                           lesion_weight=train.lesion_weight if train is not None else 1.0,
+                           **({"gradient_loss": train.gradient_loss,
+                               "gradient_loss_power": train.gradient_loss_power,
+                               "lesion_cycle_weight": train.lesion_cycle_weight}
+                              if train is not None else {}))
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` on this trainer's device, in its memory format (as the trainer's own nets)."""

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
-from shared_models.capabilities import DP, check_supported, supporting
+from shared_models.capabilities import DP, check_preset, check_supported, supporting
 from shared_models.settings import Codec, Setting, check_choices, setting
 
 from .aggregation import REDUCERS, SERVER_OPTS
@@ -120,7 +120,8 @@ class FederationConfig:
         if self.secure_aggregation:
             check_secure_run(self)
         family = get_family(self.model.family)  # an unknown family fails here, by name
-        check_supported(family, self.train)  # augment / r1-gamma the family ignores
+        check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
+        check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour
         if self.train.dp and DP not in family.supports:
             raise ValueError(f"family {self.model.family!r} has no DP-SGD training "
                              f"(dp-noise-multiplier > 0 needs {', '.join(supporting(DP))})")
@@ -210,9 +211,11 @@ FAMILY_EXAMPLES = {
     "cdcgan": ["family = \"cdcgan\"", "classes = \"T1w,T2w\"  # two classes, label order",
                "class-attribute = \"series_description\""],
     "wgan-gp": ["family = \"wgan-gp\"", "spatial-dims = 3  # volumes"],
-    "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\""],
+    "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\"",
+                "gradient-loss = 1.0  # sharper edges: image-gradient difference beside L1"],
     "cyclegan": ["family = \"cyclegan\"", "domain-attribute = \"modality\"",
-                 "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired"],
+                 "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired",
+                 "lesion-cycle-weight = 10.0  # where SEG/RTSTRUCT masks exist (mask-labels)"],
     "maskgan": ["family = \"maskgan\"", "mask-labels = \"lesion\"  # DICOM SEG / RTSTRUCT labels",
                 "lesion-weight = 5.0  # the masked pixels weigh 5x in the losses"],
     "aae": ["family = \"aae\"  # masks from noise: stage 1 of `fedsynth sample --stage2`",

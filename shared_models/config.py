@@ -113,6 +113,13 @@ class TrainConfig:
         f"(eval-intended-class-accuracy); 0 off, at most {MAX_EVAL_CLASSIFIER_STEPS}")
     lesion_weight: float = setting(1.0, "mask-conditioned families: weight of the masked (lesion) "
                                    "pixels in the L1 and adversarial terms; 1 weighs all alike")
+    gradient_loss: float = setting(0.0, "pix2pix: weight of the image-gradient-difference loss "
+                                   "(Nie et al. 2017) beside L1, 2D and 3D; 0 off")
+    gradient_loss_power: int = setting(2, "gradient-loss: exponent p of each axis' gradient "
+                                       "difference, 1 or 2 (Nie et al.: 2)")
+    lesion_cycle_weight: float = setting(0.0, "cyclegan: weight of an L1 of the cycle and identity "
+                                         "terms inside the hospitals' lesion masks (SEG/RTSTRUCT, "
+                                         "mask-labels); 0 off")
 
     def __post_init__(self) -> None:
         from .augment import parse_policy
@@ -133,6 +140,11 @@ class TrainConfig:
                 and self.prox_mu >= 0 and self.lesion_weight > 0):
             raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1), "
                              "lesion_weight > 0")
+        if not (0 <= self.gradient_loss < math.inf and 0 <= self.lesion_cycle_weight < math.inf
+                and self.gradient_loss_power in (1, 2)):
+            raise ValueError("gradient-loss and lesion-cycle-weight must be finite and >= 0, "
+                             f"gradient-loss-power 1 or 2 (got {self.gradient_loss}, "
+                             f"{self.lesion_cycle_weight}, {self.gradient_loss_power})")
         if not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
