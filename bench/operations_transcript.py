@@ -130,11 +130,35 @@ def main(argv: list[str] | None = None) -> int:
               f"jq -c '{{round, replied, names}}' {work / 'runs' / 'second' / 'metrics.jsonl'}",
               "\n".join(str({"round": r["round"], "replied": r["replied"],
                              "names": sorted(r.get("names", {}).values())}) for r in rows))
-        t.command("Status of both runs", ["status", str(second), "--flwr-home",
-                                          str(work / "flwr")])
-        t.command("The run's report", ["report", str(work / "runs" / "first")])
+        # a DP run in which a hospital dies hard mid-round: the round ends without it, status and
+        # the report say who failed and why, the restarted daemon trains again
+        third = launch_toml(work / "run3.toml", address, work / "keys" / "ca.pem",
+                            family="dcgan", rounds=3, local_steps=40, batch_size=4,
+                            image_size=32, min_hospitals=1, round_timeout=60,
+                            dp_noise_multiplier=1.0, signing_key=work / "keys" / "model-signing.key",
+                            run_dir=work / "runs", run_id="third")
+        t.command("A run with DP-SGD at the hospitals", ["launch", str(third), "--flwr-home",
+                                                         str(work / "flwr")], 10)
+        north = hosp["north"]
+        seen = north.text().count("Receiving: train message")
+        wait_for("round 2 reaching north", lambda: north.text().count("Receiving: train message")
+                 >= seen + 2, 300, procs())
+        north.stop(signal.SIGKILL)  # power cut: every process of the daemon, no goodbye
+        t.add("A hospital killed mid-round (kill -9 of its process group)",
+              "kill -KILL -<north's process group>", "(no output: the daemon and its children are gone)")
+        wait_for("round 2 without north", lambda: len(metrics_rows(work / "runs" / "third")) >= 2,
+                 300, (coord, hosp["south"]))
+        hosp["north"] = start("north-2", ["hospital", str(tomls["north"]), "--metrics-port",
+                                          str(hmetrics["north"]), "--state-dir",
+                                          str(work / "hstate" / "north")], work)
+        wait_for("the third run", lambda: len(metrics_rows(work / "runs" / "third")) >= 3, 400,
+                 procs())
+        time.sleep(2)
+        t.command("Status: rounds, epsilon per hospital, who failed and why",
+                  ["status", str(third), "--flwr-home", str(work / "flwr")])
+        t.command("The run's report", ["report", str(work / "runs" / "third")])
         t.command("A hospital's privacy ledger", ["ledger", "show", "--state-dir",
-                                                  str(work / "hstate" / "north"), "--name", "north"])
+                                                  str(work / "hstate" / "south"), "--name", "south"])
     finally:
         for proc in procs():
             proc.stop()
