@@ -20,7 +20,7 @@ SAME_BARS = ("SC_rgb.dcm", "SC_ybr_full_uncompressed.dcm", "SC_ybr_full_422_unco
              "SC_rgb_jpeg_dcmtk.dcm")
 
 
-def testdata(name: str) -> str | None:
+def pydicom_file(name: str) -> str | None:
     """The path of a pydicom test file if this installation has it locally, else None."""
     return get_testdata_file(name, download=False)
 
@@ -29,7 +29,7 @@ def colour_folder(folder: Path, n: int = 6, seed: int = 0) -> Path:
     """``n`` RGB Secondary Capture files in ``folder``: variants of SC_rgb.dcm's colour bars."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    base = pydicom.dcmread(testdata("SC_rgb.dcm"))
+    base = pydicom.dcmread(pydicom_file("SC_rgb.dcm"))
     pixels = base.pixel_array  # (100, 100, 3) uint8
     for i in range(n):
         ds = base.copy()
