@@ -374,7 +374,7 @@ def local_data(hospital: HospitalSettings, model: ModelConfig,
     if key in _DATA:
         return _DATA[key]
     settings = DicomSettings(image_size=model.image_size, modalities=hospital.modalities,
-                             max_decoded_mb=hospital.max_decoded_mb)
+                             max_decoded_mb=hospital.max_decoded_mb, channels=model.channels)
     slices = load_slices(hospital.data_dir, settings, hospital.cache_dir)
     log.info("%s: %s", hospital.name, slices.report.summary())
     images = np.asarray(slices.images, dtype=np.float32)

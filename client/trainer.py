@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
-from shared_models.capabilities import check_supported
+from shared_models.capabilities import check_model, check_supported
 from shared_models.codec import decode_into
 from shared_models.downstream import ClassifierBudget, intended_class_accuracy, train_classifier
 from shared_models.dp import PrivateSteps
@@ -185,6 +185,7 @@ class LocalTrainer:
         if not any(counts.values()):
             raise ValueError("no training images")
         check_supported(self.family, train)
+        check_model(self.family, self.model, train)  # channels = 3: the colour families only
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         on_device = {k: self._to_device(v) for k, v in data.items()}

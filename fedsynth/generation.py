@@ -144,7 +144,7 @@ def translation_inputs(folder: Path, cfg: Any, data: Any, n: int, attribute: str
     from client.dicom import DicomSettings, scan_folder
     from client.settings import HospitalSettings
 
-    settings = DicomSettings(image_size=cfg.image_size)
+    settings = DicomSettings(image_size=cfg.image_size, channels=getattr(cfg, "channels", 1))
     slices = scan_folder(folder, settings)
     if cfg.spatial_dims == 3:  # the hospital's spacing-aware volume path (client/volumes.py)
         from client.cache import slice_geometry
@@ -207,7 +207,7 @@ def mask_inputs(folder: Path, cfg: Any, data: Any, n: int) -> tuple[np.ndarray, 
     from client.dicom import DicomSettings, scan_folder
     from client.segmentation import LabelRule, load_masks
 
-    settings = DicomSettings(image_size=cfg.image_size)
+    settings = DicomSettings(image_size=cfg.image_size, channels=getattr(cfg, "channels", 1))
     slices = scan_folder(folder, settings)
     if cfg.spatial_dims == 3:
         slices.meta.update(slice_geometry(folder, slices.meta, settings))

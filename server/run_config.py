@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
-from shared_models.capabilities import DP, check_preset, check_supported, supporting
+from shared_models.capabilities import (DP, check_model, check_preset, check_supported,
+                                         supporting)
 from shared_models.settings import Codec, Setting, check_choices, setting
 
 from .aggregation import REDUCERS, SERVER_OPTS
@@ -121,6 +122,7 @@ class FederationConfig:
             check_secure_run(self)
         family = get_family(self.model.family)  # an unknown family fails here, by name
         check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
+        check_model(family, self.model, self.train)  # channels = 3 for the colour families only
         check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour
         if self.train.dp and DP not in family.supports:
             raise ValueError(f"family {self.model.family!r} has no DP-SGD training "

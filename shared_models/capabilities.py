@@ -9,7 +9,9 @@ support something (a check, a refusal that lists them, the demo) asks the regist
 - ``ua-gan``: its discriminator outputs the logit of a probability, which UA-GAN's odds need;
 - ``gradient-loss``: its generator loss adds ``gradient-loss`` x the image-gradient difference;
 - ``lesion-cycle``: its cycle and identity terms add ``lesion-cycle-weight`` x their L1 inside
-  the hospital's lesion masks.
+  the hospital's lesion masks;
+- ``colour``: it trains on 3-channel (RGB) images, ``channels = 3``: its networks take and give
+  ``cfg.channels`` and its data, augmentation, quality measures and export handle colour.
 
 The two loss settings with DP-SGD and UA-GAN (``LOSS_SETTINGS``): with DP both are supported,
 each a term of a record's own loss in the family's DP generator step (the pair's gradients; the
@@ -32,7 +34,8 @@ DP = "dp"
 UA_GAN = "ua-gan"
 GRADIENT_LOSS = "gradient-loss"
 LESION_CYCLE = "lesion-cycle"
-CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE})
+COLOUR = "colour"
+CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE, COLOUR})
 # run key -> (TrainConfig field, the capability it needs): on when the field is > 0
 LOSS_SETTINGS = {"gradient-loss": ("gradient_loss", GRADIENT_LOSS),
                  "lesion-cycle-weight": ("lesion_cycle_weight", LESION_CYCLE)}
@@ -62,6 +65,18 @@ def check_supported(family: GanFamily, train: object) -> None:
     for key, (name, capability) in LOSS_SETTINGS.items():
         if getattr(train, name, 0.0) > 0 and capability not in family.supports:
             raise ValueError(refusal(family, capability, key))
+
+
+def check_model(family: GanFamily, model: object, train: object | None = None) -> None:
+    """Refuse model settings the family cannot build (``ValueError``): channels = 3 needs
+    ``colour``; augment's colour ops (saturation, color) need channels = 3."""
+    from .augment import parse_policy
+
+    channels = getattr(model, "channels", 1)
+    if channels != 1 and COLOUR not in family.supports:
+        raise ValueError(refusal(family, COLOUR, "channels = 3 (colour)"))
+    if train is not None:
+        parse_policy(getattr(train, "augment", ""), channels=channels)
 
 
 def check_preset(preset: str, train: object) -> None:

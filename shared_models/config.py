@@ -29,7 +29,9 @@ class ModelConfig:
     family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan, "
                           "maskgan (mask -> image), aae (masks)")
     image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
-    channels: int = setting(1, "image channels (grey-level medical images)", run=False)
+    channels: int = setting(1, "image channels: 1 (grey) or 3 (colour photographs: fundus, "
+                            "dermoscopy, pathology; RGB in [-1, 1] per channel; dcgan, cdcgan, "
+                            "pix2pix, maskgan; 2D)")
     latent_dim: int = setting(64, "size of the generator's noise vector")
     width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
     spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix, "
@@ -53,6 +55,11 @@ class ModelConfig:
             raise ValueError(f"image_size must be a power of two in [16, 256], got {size}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {self.channels}")
+        if self.channels == 3 and self.spatial_dims != 2:
+            raise ValueError("channels = 3 (colour) is for 2D images (spatial-dims 2): colour "
+                             "modalities are photographs, not volumes")
         if self.latent_dim < 1 or self.width < 1 or self.num_classes < 0:
             raise ValueError("latent_dim and width must be >= 1, num_classes >= 0")
         unknown = set(self.conditioning_set) - set(CONDITIONING)
@@ -98,8 +105,9 @@ class TrainConfig:
     dp_max_grad_norm: float = setting(1.0, "DP-SGD: per-record gradient clipping norm (L2)")
     # Small local data (shared_models/small_data.py; BENCHMARKS.md "Small local data")
     augment: str = setting("", "DiffAugment of everything D sees, real and fake: comma-separated "
-                           "translation, cutout, brightness, contrast ('' off; dcgan, cdcgan, "
-                           "wgan-gp, pix2pix)", sep=",")
+                           "translation, cutout, brightness, contrast, and for channels = 3 "
+                           "saturation or color (brightness, saturation, contrast) ('' off; "
+                           "dcgan, cdcgan, wgan-gp, pix2pix)", sep=",")
     r1_gamma: float = setting(0.0, "R1 penalty weight on real images (Mescheder 2018); 0 off "
                               "(dcgan, cdcgan, pix2pix)")
     ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
@@ -124,7 +132,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from .augment import parse_policy
 
-        parse_policy(self.augment)  # an unknown op is refused here, by name
+        # an unknown op is refused here, by name; saturation / color against the model's
+        # channels in capabilities.check_model (launch and hospital)
+        parse_policy(self.augment, channels=3)
         if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
             raise ValueError("r1_gamma must be >= 0 and ema_decay in [0, 1)")
         if not 0 <= self.eval_classifier_steps <= MAX_EVAL_CLASSIFIER_STEPS:

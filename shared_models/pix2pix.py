@@ -20,7 +20,7 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
-from .capabilities import AUGMENT, DP, GRADIENT_LOSS, R1
+from .capabilities import AUGMENT, COLOUR, DP, GRADIENT_LOSS, R1
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .losses import gradient_difference
@@ -35,7 +35,7 @@ class Pix2Pix(FamilyBase):
     batch_keys = ("a", "b")
     task = "translation"
     data_layout = "paired"
-    supports = frozenset({AUGMENT, R1, DP, GRADIENT_LOSS})  # augment/R1: each pair as one image
+    supports = frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR})  # augment/R1: each pair as one image
 
     def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
         self.l1_weight = l1_weight
