@@ -242,8 +242,6 @@ class LAPGAN(FamilyBase):
         """A Poisson sample of the images with each record's own (secret) noise beside it."""
         dp = ctx.dp
         records = dp.poisson(("image",))
-        n = len(records["image"])
-        records["z"] = dp.randn(n, nets["g_0"].latent_dim)
         images, _ = pyramid(records["image"])
         for k in range(1, LEVELS):
             records[f"noise{k}"] = _noise_plane(images[k], dp.randn)
@@ -257,17 +255,14 @@ class LAPGAN(FamilyBase):
         gens = {f"g_{k}": nets[f"g_{k}"] for k in range(LEVELS)}
         b = dp.batch_size
 
-        def planes(ex: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-            return [ex[f"noise{k}"] for k in range(1, LEVELS)]
-
         def d_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
             images, residuals = pyramid(ex["image"])
             real0 = nets["d_0"](images[0]).float()
             loss = bce(real0, torch.ones_like(real0))
-            with torch.no_grad():
-                fakes = self._fakes(nets, images, ex["z"], planes(ex))
-            for k in range(1, LEVELS):
-                loss = loss + self._level_d_loss(nets, k, images, residuals, fakes[k])
+            for k in range(1, LEVELS):  # G_k's fake is conditioned on this record's coarse image
+                with torch.no_grad():
+                    fake = nets[f"g_{k}"](upsample(images[k - 1]), ex[f"noise{k}"])
+                loss = loss + self._level_d_loss(nets, k, images, residuals, fake)
             return loss
 
         def g_term(ex: dict[str, torch.Tensor]) -> torch.Tensor:
