@@ -225,11 +225,15 @@ class LAPGAN(FamilyBase):
             g_losses = [self._level_g_loss(nets, k, images, fakes[k]) for k in range(LEVELS)]
             loss_g = sum(g_losses) + sum(ctx.prox_term(c, nets[c]) for c in gens)
         ctx.step(loss_g, *(opts[c] for c in gens))
-        for k in range(LEVELS):
-            out[f"loss-d{k}"] = d_losses[k].detach()
-            out[f"loss-g{k}"] = g_losses[k].detach()
-        out["loss-d"] = loss_d.detach()
-        out["loss-g"] = loss_g.detach()
+        # the protocol's metric keys (protocol/keys.py): sums over the levels, D's odds at the
+        # finest level
+        up = upsample(images[-2])
+        d_last = nets[f"d_{LEVELS - 1}"]
+        with torch.no_grad():
+            d_real = torch.sigmoid(d_last(self._d_input(up, residuals[-1])).float()).mean()
+            d_fake = torch.sigmoid(d_last(self._d_input(up, fakes[-1])).float()).mean()
+        out.update({"loss-g": loss_g.detach(), "loss-d": loss_d.detach(),
+                    "d-real": d_real, "d-fake": d_fake})
         return out
 
     # -- DP-SGD
@@ -297,8 +301,17 @@ class LAPGAN(FamilyBase):
         finally:
             for net in discs.values():
                 net.requires_grad_(True)
-        # only what is computed from released weights and fresh noise (level 0) travels
-        return {"loss-g0": loss_g0.detach(), "d-fake0": torch.sigmoid(d_fake0.detach()).mean()}
+        # only what is computed from released weights and fresh noise travels: level 0's G loss
+        # and D_0's odds on its fakes
+        return {"loss-g": loss_g0.detach(), "d-fake": torch.sigmoid(d_fake0.detach()).mean()}
+
+    judge_component = f"d_{LEVELS - 1}"
+
+    def judge(self, nets: Nets, images: torch.Tensor, labels: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """The finest D's logit on whole images: the image given its own upsampled coarse one."""
+        up = upsample(downsample(images))
+        return nets[self.judge_component](self._d_input(up, images - up))
 
     @torch.no_grad()
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None

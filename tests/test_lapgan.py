@@ -70,7 +70,9 @@ def test_a_training_step_moves_every_level(size: int) -> None:
     data = {"image": torch.rand(6, 1, size, size) * 2 - 1}
     out = fam.train_step(fam.draw(data, 4), nets, opts, StepContext())
     assert _changed(before, nets) == set(fam.components)
-    assert {f"loss-d{k}" for k in range(LEVELS)} <= set(out)
+    from protocol.keys import TRAIN_METRICS
+
+    assert set(out) == {"loss-g", "loss-d", "d-real", "d-fake"} <= set(TRAIN_METRICS)
     assert all(torch.isfinite(v) and not v.requires_grad for v in out.values())
 
 
@@ -108,7 +110,7 @@ def test_dp_step_releases_what_it_declares_and_trains_every_level() -> None:
     out = fam.train_step({}, nets, fam.optimizers(nets, TrainConfig()), StepContext(dp=dp))
     assert dp.releases == per_step
     assert _changed(before, nets) == set(fam.components)
-    assert set(out) == {"loss-g0", "d-fake0"}  # noise-only statistics, nothing of the records
+    assert set(out) == {"loss-g", "d-fake"}  # level 0's, from noise only: nothing of the records
 
 
 def test_launch_accepts_lapgan_and_refuses_what_it_cannot_do() -> None:
@@ -145,7 +147,9 @@ def test_a_tiny_federated_round_writes_report_grid_and_samples(tmp_path: Path) -
     (row,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert (row["replied"], row["failed"], row["rejected"]) == (2, 0, 0), row
     assert (folder / "samples" / "round-001.png").is_file()
-    assert (folder / "report.html").is_file()
+    from tests.report_checks import assert_report_scores
+
+    assert assert_report_scores(folder)  # the run's report: every panel drawn, a score
     ckpt = folder / "checkpoints" / "round-001.npz"
     assert ckpt.is_file()
     assert main(["sample", str(ckpt), "--n", "3", "--out", str(tmp_path / "png")]) == 0
