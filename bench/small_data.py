@@ -15,6 +15,8 @@ phantoms' jitter, the initial weights and the batches); no seed is picked.
 
 Run: ``python -m bench.small_data`` (``make bench-small-data``; ``--family``, ``--seeds``,
 ``--rounds``...). Prints a Markdown table and, last, each variant's ratio to "off".
+lapgan against dcgan at the same budget (issue 22 item 2; run alone, not yet recorded):
+``python -m bench.small_data --family {dcgan,lapgan} --variants off --hospitals {1,3}``.
 """
 
 from __future__ import annotations
@@ -163,7 +165,11 @@ def table(rows: Mapping[str, Mapping[str, float]], seeds: Sequence[int]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = Config()
-    p.add_argument("--family", default=d.family, choices=("dcgan", "cdcgan"))
+    p.add_argument("--family", default=d.family, choices=("dcgan", "cdcgan", "lapgan"),
+                   help="lapgan (issue 22 item 2's row, against dcgan): variants off and the "
+                        "EMA ones only (it refuses augment and r1-gamma)")
+    p.add_argument("--hospitals", type=int, default=d.hospitals,
+                   help="demo hospitals: 1 for the small-site row, 3 for the federation")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--local-steps", type=int, default=d.local_steps)
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for name in ("flwr", "server", "client", "fedsynth"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    cfg = replace(d, family=a.family, rounds=a.rounds, local_steps=a.local_steps,
+    cfg = replace(d, family=a.family, hospitals=a.hospitals, rounds=a.rounds, local_steps=a.local_steps,
                   image_size=a.image_size, width=a.width)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]

@@ -327,11 +327,13 @@ class LocalTrainer:
                 labels = labels.repeat(2)[:2]
         fake = self.family.sample(self.nets, noise, labels).float().cpu()
         real_labels = labels[:n] if labels is not None else None
-        d = self.nets["discriminator"]
+        d = self.nets[self.family.judge_component]
+        judge = self.family.judge
         d.eval()
         try:
-            d_real = torch.sigmoid(d(images.to(self.device), real_labels).float()).mean()
-            d_fake = torch.sigmoid(d(fake.to(self.device), labels).float()).mean()
+            d_real = torch.sigmoid(judge(self.nets, images.to(self.device), real_labels)
+                                   .float()).mean()
+            d_fake = torch.sigmoid(judge(self.nets, fake.to(self.device), labels).float()).mean()
             d_real_v, d_fake_v = torch.stack([d_real, d_fake]).tolist()
         finally:
             d.train()

@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
-from shared_models.capabilities import (DP, check_model, check_preset, check_supported,
-                                         supporting)
+from shared_models.capabilities import (DP, UA_GAN, check_model, check_preset, check_supported,
+                                         refusal, supporting)
 from shared_models.settings import Codec, Setting, check_choices, setting
 
 from .aggregation import REDUCERS, SERVER_OPTS
@@ -124,6 +124,8 @@ class FederationConfig:
         check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
         check_model(family, self.model, self.train)  # channels = 3 for the colour families only
         check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour
+        if self.preset == "ua-gan" and UA_GAN not in family.supports:  # else only at round 1
+            raise ValueError(refusal(family, UA_GAN, "preset 'ua-gan'"))
         if self.train.dp and DP not in family.supports:
             raise ValueError(f"family {self.model.family!r} has no DP-SGD training "
                              f"(dp-noise-multiplier > 0 needs {', '.join(supporting(DP))})")

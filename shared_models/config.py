@@ -26,16 +26,17 @@ T = TypeVar("T")
 class ModelConfig:
     """What network to build: identical on every side of the federation."""
 
-    family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan, "
-                          "maskgan (mask -> image), aae (masks)")
+    family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, lapgan (3-level "
+                          "Laplacian pyramid), pix2pix, cyclegan, maskgan (mask -> image), "
+                          "aae (masks)")
     image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
     channels: int = setting(1, "image channels: 1 (grey) or 3 (colour photographs: fundus, "
                             "dermoscopy, pathology; RGB in [-1, 1] per channel; dcgan, cdcgan, "
                             "pix2pix, maskgan; 2D)")
     latent_dim: int = setting(64, "size of the generator's noise vector")
     width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
-    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix, "
-                                   "maskgan, aae)")
+    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, lapgan, "
+                                   "pix2pix, maskgan, aae)")
     num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
                                run=False)
     conditioning: str = setting(

@@ -178,6 +178,14 @@ class FamilyBase:
         """What the moving averages keep (``ema-decay`` at a hospital, ``server-ema-decay``)."""
         return self.generators
 
+    # the discriminator whose odds a hospital's evaluation reports (eval-d-real / eval-d-fake)
+    judge_component = "discriminator"
+
+    def judge(self, nets: Nets, images: torch.Tensor, labels: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """``judge_component``'s logit on whole images (lapgan: its finest level's D)."""
+        return nets[self.judge_component](images, labels)
+
     def grid_inputs(self, cfg: ModelConfig, n: int) -> torch.Tensor | None:
         """The coordinator's fixed sample-grid inputs when the family has its own (maskgan:
         phantom masks); None: the default ones (seeded noise, or phantom slices)."""

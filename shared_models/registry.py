@@ -19,6 +19,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "cdcgan": ("shared_models.cdcgan", "ConditionalDCGAN"),
     "cyclegan": ("shared_models.cyclegan", "CycleGAN"),
     "dcgan": ("shared_models.dcgan", "DCGAN"),
+    "lapgan": ("shared_models.lapgan", "LAPGAN"),
     "maskgan": ("shared_models.maskgan", "MaskGan"),
     "pix2pix": ("shared_models.pix2pix", "Pix2Pix"),
     "wgan-gp": ("shared_models.wgan", "WGANGP"),

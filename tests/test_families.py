@@ -17,6 +17,7 @@ CASES = [  # (family, spatial_dims, image_size, width)
     ("wgan-gp", 2, 32, 8), ("wgan-gp", 3, 16, 4),
     ("pix2pix", 2, 32, 8), ("pix2pix", 3, 16, 4),
     ("cyclegan", 2, 32, 8),
+    ("lapgan", 2, 16, 4), ("lapgan", 2, 32, 8), ("lapgan", 3, 16, 4),
 ]
 
 
@@ -186,7 +187,7 @@ def _forbid_sync(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(torch.Tensor, method, guard(method))
 
 
-@pytest.mark.parametrize("name", ["dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan"])
+@pytest.mark.parametrize("name", ["dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan", "lapgan"])
 def test_no_host_sync_inside_a_step(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fam = get_family(name)
     cfg = _cfg(name, 2, 16, 4)
@@ -214,7 +215,7 @@ def test_forbid_sync_guard_really_fires(monkeypatch: pytest.MonkeyPatch) -> None
 OLD_CAPABILITIES = {
     "augment": {"dcgan", "cdcgan", "wgan-gp", "pix2pix"},  # small_data.AUGMENT_FAMILIES
     "r1": {"dcgan", "cdcgan", "pix2pix"},  # small_data.R1_FAMILIES
-    "dp": {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan"},  # run_config's message
+    "dp": {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan", "lapgan"},  # + lapgan (issue 22)
     "ua-gan": {"dcgan", "cdcgan"},  # server/ua_gan.py and client/ua_gan.py UA_FAMILIES
 }
 
