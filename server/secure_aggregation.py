@@ -87,9 +87,9 @@ def check_secure_run(cfg: Any) -> None:
     elif cfg.train.wire_dtype != "float32":
         why = (f"wire-dtype {cfg.train.wire_dtype!r}: the masked vector is int64 whatever the "
                "wire dtype, and updates are taken against float32 downloads")
-    elif cfg.min_hospitals < 2:
-        why = ("min-hospitals must be >= 2 (SecAgg+ needs two hospitals; one dropout is "
-               "tolerated from three)")
+    elif cfg.min_hospitals < 3:
+        why = ("min-hospitals must be >= 3 (with two, each hospital could read the other's "
+               "update off the sum; hospitals refuse fewer than 2 others)")
     elif not cfg.secure_aggregation_clip > 0 or not cfg.secure_aggregation_max_examples >= 1:
         why = "secure-aggregation-clip must be > 0 and secure-aggregation-max-examples >= 1"
     if why is not None:

@@ -119,7 +119,7 @@ def test_a_hospital_dropping_mid_protocol_leaves_the_sum_of_the_others_correct()
     ({"reducer": "trimmed-mean"}, "reducer 'trimmed-mean'"),
     ({"max-update-norm": 1.0}, "max-update-norm"),
     ({"wire-dtype": "int8"}, "wire-dtype 'int8'"),
-    ({"min-hospitals": 1}, "min-hospitals must be >= 2"),
+    ({"min-hospitals": 2}, "min-hospitals must be >= 3"),
     ({"secure-aggregation-clip": 0.0}, "secure-aggregation-clip must be > 0"),
 ])
 def test_launch_refuses_what_needs_individual_updates(values: dict, match: str) -> None:
@@ -153,3 +153,33 @@ def test_a_hospital_that_requires_it_refuses_rounds_without_it(caplog) -> None: 
     check_secure_aggregation(hospital, secure)
     check_secure_aggregation(hospital, evaluate)  # scalar metrics only, as in every run
     check_secure_aggregation(HospitalSettings(data_dir="/x"), plain)  # not required: passes
+
+
+SETUP = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2,
+         "clipping_range": CLIP, "target_range": 2 ** 24, "mod_range": 2 ** 32,
+         "max_weight": MAX_EXAMPLES}
+
+
+@pytest.mark.parametrize("configs, why", [
+    ({**SETUP, "threshold": 1}, "threshold 1 and 2 other"),
+    ({**SETUP, "sample_num": 2, "share_num": 2}, "threshold 2 and 1 other"),
+    ({"stage": "share_keys", "1001": [b"a", b"b"], "1002": [b"c", b"d"]}, "and 1 other"),
+])
+def test_a_hospital_refuses_dangerous_protocol_parameters(configs: dict, why: str,
+                                                          caplog) -> None:  # noqa: ANN001
+    from tests.flower_helpers import client_context, server_message, task_identity
+
+    def train(msg: Message, context) -> Message:  # noqa: ANN001
+        raise AssertionError("the train handler must not run")
+
+    with task_identity():
+        msg = server_message(RecordDict({"secaggplus_configs": ConfigRecord(configs)}), 1001)
+    context = client_context(1001, {"data-dir": "/x"})
+    with pytest.raises(PolicyRefused, match=why):
+        secure_aggregation_mod(msg, context, train)
+    assert "REFUSED message (secure-aggregation-parameters)" in caplog.text
+    # fedsynth's own parameters (3 hospitals: threshold 2, 2 others) pass to Flower's mod
+    with task_identity():
+        ok = server_message(RecordDict({"secaggplus_configs": ConfigRecord(SETUP)}), 1001)
+    reply = secure_aggregation_mod(ok, context, train)
+    assert set(reply.content.config_records["secaggplus_configs"]) == {"pk1", "pk2"}
