@@ -201,8 +201,13 @@ def secure_train_round(strategy: Any, grid: Any, server_round: int, record: Arra
     state.nid_to_fitins = {n: RecordDict({protocol.ARRAYS: c[protocol.ARRAYS],
                                           protocol.CONFIG: c[protocol.CONFIG]})
                            for n, c in contents.items()}
-    for stage in (workflow.share_keys_stage, workflow.collect_masked_vectors_stage,
-                  workflow.unmask_stage):
+    ok = ok and workflow.share_keys_stage(grid, context, state)  # type: ignore[arg-type]
+    # Flower 1.42 counts every hospital sampled at setup as "dead" at unmask if it is gone by
+    # then, and asks the others for its shares; one that left during setup or share keys never
+    # handed out any (and nobody masked against it), so the others' mods fail on the request
+    # (KeyError) and the round is lost. Only hospitals whose shares went out can be dead.
+    state.sampled_node_ids = set(state.active_node_ids)
+    for stage in (workflow.collect_masked_vectors_stage, workflow.unmask_stage):
         ok = ok and stage(grid, context, state)  # type: ignore[arg-type]
     survivors = {n for n, _ in (context.result[1] if context.result else [])}
     for n in nodes:
