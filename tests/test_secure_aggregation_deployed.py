@@ -7,6 +7,11 @@ Two one-round runs on the same federation, plain then ``secure-aggregation = tru
 hence the hospitals' seeds, are the same in both, so each hospital trains exactly the same update
 in both runs, and the plain run's replies tell the test what each hospital's update was.
 
+A fourth hospital, ``strict``, sets ``require-secure-aggregation = true``: it refuses the plain
+run's train message (one log line, a failed hospital in the round) and is stopped before the
+secure run, so that both runs aggregate the same three hospitals (if Flower still lists it when
+the secure round starts, it is a hospital gone at setup, left out of the protocol).
+
 - the secure aggregate equals the plain one within quantisation error;
 - no reply of the secure run carries a hospital's update, its trained weights or anything within
   quantisation of them (no array at all; every numeric vector in its protocol records is
@@ -25,6 +30,7 @@ import torch
 from deploy_helpers import launch_toml, lifecycle_federation, metrics_rows, run, start, wait_for
 
 SITES = ("h1", "h2", "h3")
+STRICT = "strict"  # require-secure-aggregation = true
 RUN = dict(family="dcgan", rounds=1, local_steps=2, batch_size=4, image_size=32, width=8,
            min_hospitals=3, round_timeout=120.0)
 
@@ -94,15 +100,17 @@ def test_the_coordinator_receives_only_the_sum(tmp_path: Path) -> None:
     from server.run_folder import load_checkpoint
     from shared_models import ModelConfig, TrainConfig, encode, get_family
 
-    keys, address, coord_args, _, tomls = lifecycle_federation(tmp_path, SITES)
+    keys, address, coord_args, _, tomls = lifecycle_federation(tmp_path, (*SITES, STRICT))
+    with tomls[STRICT].open("a") as fh:  # [hospital] is the file's last table
+        fh.write("require-secure-aggregation = true\n")
     received = tmp_path / "received.pickle"
     coord = start("coordinator", coord_args, tmp_path,
                   env={"FEDSYNTH_TEST_RECORD_REPLIES": str(received)})
-    hospitals = {n: start(n, ["hospital", str(tomls[n])], tmp_path) for n in SITES}
+    hospitals = {n: start(n, ["hospital", str(tomls[n])], tmp_path) for n in tomls}
     procs = (coord, *hospitals.values())
     folders = {}
     try:
-        wait_for("3 hospitals connected", lambda: all(
+        wait_for("4 hospitals connected", lambda: all(
             "warm executor polling" in h.text() and "SuperNode ID" in h.text()
             for h in hospitals.values()), 240, procs)
         for run_id, secure in (("plain", False), ("secure", True)):
@@ -115,9 +123,16 @@ def test_the_coordinator_receives_only_the_sum(tmp_path: Path) -> None:
             wait_for(f"the {run_id} run's round",
                      lambda: len(metrics_rows(folders[run_id])) >= 1, 240, procs)
             rows = metrics_rows(folders[run_id])
-            assert rows[0]["replied"] == 3 and not rows[0]["failed"], rows
+            assert rows[0]["replied"] == 3, rows
+            if not secure:  # the strict hospital refused it, and leaves before the secure run
+                assert rows[0]["failed"] == 1 and list(rows[0]["failed_hospitals"]) == [STRICT], rows
+                assert "REFUSED message (secure-aggregation)" in hospitals[STRICT].text()
+                hospitals[STRICT].stop()
+                procs = tuple(p for p in procs if p is not hospitals[STRICT])
+            else:  # the stopped strict hospital may still be listed: then gone at setup
+                assert set(rows[0]["failed_hospitals"]) <= {STRICT}, rows
     finally:
-        for p in procs:
+        for p in (coord, *hospitals.values()):
             p.stop()
     check_only_the_sum(folders, received)
 
