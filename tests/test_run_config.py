@@ -70,7 +70,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
                   "r1-gamma": 0.5, "class-balanced": True, "secure-aggregation": True,
                   "reducer": "mean", "wire-dtype": "float32", "sync-every": 0,
-                  "max-update-norm": 0.0}
+                  "max-update-norm": 0.0, "min-hospitals": 3}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
         assert values[s.key] != s.default or small_data[s.key] != s.default, \
