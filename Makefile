@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsynth-installed
 # CPU build of torch when no NVIDIA GPU answers; a GPU machine gets the default (CUDA) build.
 TORCH_PIN := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo 'torch>=2.4,<2.14'; else echo 'torch==2.13.0'; fi)
 
-.PHONY: install tools demo test test-quick bench bench-net bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid clean
+.PHONY: install tools demo test test-quick bench bench-net bench-quality bench-ray bench-privacy bench-utility bench-segmentation bench-small-data docs-mask-grid docs-operations clean
 
 install: $(STAMP)
 
@@ -74,6 +74,10 @@ bench-utility: $(STAMP)
 # U-Net Dice: small hospital real / + federated synthetic / synthetic only / pooled (issue 15).
 bench-segmentation: $(STAMP)
 	$(PY) -m bench.segmentation
+
+# docs/operations-transcript.md: what the operator commands print, from a real local federation
+docs-operations: $(STAMP)
+	$(PY) -m bench.operations_transcript
 
 # The README's mask | real | synthetic | overlay grid (maskgan, phantom SEGs; ~2 min on a CPU).
 docs-mask-grid: $(STAMP)

@@ -111,7 +111,8 @@ def _prepare(msg: Message, context: Context) -> tuple[HospitalSettings, LocalTra
         forget_trainer(trainer, context.run_id)
         raise
     try:
-        data: LocalData | None = local_data(hospital, model, data_cfg)
+        data: LocalData | None = local_data(hospital, model, data_cfg,
+                                            lesion_masks=train.lesion_cycle_weight > 0)
     except DataSelectionError as exc:
         log.warning("this hospital holds nothing %s can train this round: %s", model.family, exc)
         data = None

@@ -9,7 +9,8 @@ The family's ``data_layout`` says which tensors:
   every hospital); the patterns may be local (a site names its series its own way);
 - ``paired`` (pix2pix): ``a``/``b`` slices of domain A and B matched by study and slice position;
 - ``unpaired`` (CycleGAN): all A slices as ``a``, all B slices as ``b``, independently; either may be
-  empty (a hospital holding one domain only);
+  empty (a hospital holding one domain only); with ``lesion_masks`` (``lesion-cycle-weight``) also
+  ``mask_a`` / ``mask_b`` (N, K, ...) beside them, read as for ``masked`` (all 0 where none);
 - ``masked`` (mask-conditioned families): ``image`` + float ``mask`` (N, K, ...) in {0, 1}, channel
   k = the run's mask label k (``DataConfig.mask_labels``), from the DICOM SEG / RTSTRUCT files of
   the folder (:mod:`client.segmentation`); only slices of a series some segmentation covers.
@@ -286,8 +287,12 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
         """A and B units of ``keys``, in one order; 3D pairs at one voxel size per pair."""
         ga, gb = [units_a[k] for k in keys], [units_b[k] for k in keys]
         voxel = pair_voxels(images, meta, ga, gb, size) if dims == 3 else None
-        return {"a": stack(images, ga, dims, size, meta, voxel),
-                "b": stack(images, gb, dims, size, meta, voxel)}
+        out = {"a": stack(images, ga, dims, size, meta, voxel),
+               "b": stack(images, gb, dims, size, meta, voxel)}
+        if masks is not None:  # lesion-cycle-weight: held-out pairs keep their masks (bench)
+            out |= {f"mask_{k}": _mask_stack(masks, g, dims, size, meta, voxel)
+                    for k, g in (("a", ga), ("b", gb))}
+        return out
 
     hold = pairs([k for k in paired if k in held_keys])
 
@@ -304,10 +309,12 @@ def build_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], layout: st
         if not units_a and not units_b:
             raise DataSelectionError(f"no slice of domain {selector.names[0]} or "
                                      f"{selector.names[1]} in attribute {selector.attribute!r}")
-        train = {"a": stack(images, [g for k, g in units_a.items() if k not in held_keys], dims,
-                            size, meta),
-                 "b": stack(images, [g for k, g in units_b.items() if k not in held_keys], dims,
-                            size, meta)}
+        chosen = {k: [g for u, g in found.items() if u not in held_keys]
+                  for k, found in (("a", units_a), ("b", units_b))}
+        train = {k: stack(images, groups, dims, size, meta) for k, groups in chosen.items()}
+        if masks is not None:  # lesion-cycle-weight: each domain's masks, unit for unit
+            train |= {f"mask_{k}": _mask_stack(masks, groups, dims, size, meta)
+                      for k, groups in chosen.items()}
         if not held_keys:  # evaluate on the training pairs when too few to hold any out
             hold = pairs(paired)
         return train, hold
@@ -327,15 +334,22 @@ def _masked_tensors(images: np.ndarray, meta: Mapping[str, np.ndarray], model: M
     held = _held(len(groups), holdout_every)
 
     def tensors(chosen: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        x = stack(images, chosen, dims, size, meta)
-        # each channel resampled like the image, as -1/1 (background is the -1 padding), then cut
-        chans = [stack(masks.masks[:, k:k + 1] * 2.0 - 1.0, chosen, dims, size, meta) > 0
-                 for k in range(len(masks.labels))]
-        return {"image": x, "mask": torch.cat(chans, dim=1).float()}
+        return {"image": stack(images, chosen, dims, size, meta),
+                "mask": _mask_stack(masks, chosen, dims, size, meta)}
 
     train = tensors([g for g, h in zip(groups, held) if not h])
     hold = tensors([g for g, h in zip(groups, held) if h]) if held.any() else dict(train)
     return train, hold
+
+
+def _mask_stack(masks: SliceMasks, chosen: Sequence[np.ndarray], dims: int, size: int,
+                meta: Mapping[str, np.ndarray],
+                voxel_mm: Sequence[float | None] | None = None) -> torch.Tensor:
+    """(N, K, ...) masks of the units ``chosen``: each channel resampled like the image, as -1/1
+    (background is the -1 padding), then cut at 0."""
+    chans = [stack(masks.masks[:, k:k + 1] * 2.0 - 1.0, chosen, dims, size, meta, voxel_mm) > 0
+             for k in range(len(masks.labels))]
+    return torch.cat(chans, dim=1).float()
 
 
 _DATA: dict[tuple, LocalData] = {}  # warm per process and run: a Ray actor or the executor
@@ -348,15 +362,19 @@ def clear_local_data() -> None:
 
 
 def local_data(hospital: HospitalSettings, model: ModelConfig,
-               data: DataConfig | None = None) -> LocalData:
-    """Load (once per process) the slices for ``model`` and build the family's tensors."""
+               data: DataConfig | None = None, lesion_masks: bool = False) -> LocalData:
+    """Load (once per process) the slices for ``model`` and build the family's tensors.
+
+    ``lesion_masks`` (the run's ``lesion-cycle-weight`` > 0, unpaired layout): also the domain
+    slices' masks of ``data.mask_labels``; a hospital holding none trains without them (logged)."""
     data = data or DataConfig()
-    key = (hospital, model, data)
+    family = get_family(model.family)
+    lesion_masks = lesion_masks and family.data_layout == "unpaired"
+    key = (hospital, model, data, lesion_masks)
     if key in _DATA:
         return _DATA[key]
-    family = get_family(model.family)
     settings = DicomSettings(image_size=model.image_size, modalities=hospital.modalities,
-                             max_decoded_mb=hospital.max_decoded_mb)
+                             max_decoded_mb=hospital.max_decoded_mb, channels=model.channels)
     slices = load_slices(hospital.data_dir, settings, hospital.cache_dir)
     log.info("%s: %s", hospital.name, slices.report.summary())
     images = np.asarray(slices.images, dtype=np.float32)
@@ -368,12 +386,16 @@ def local_data(hospital: HospitalSettings, model: ModelConfig,
     elif family.data_layout in ("paired", "unpaired"):
         selector = domain_selector(hospital, model, data)
     masks = None
-    if family.data_layout == "masked":
+    if family.data_layout == "masked" or lesion_masks:
         from .segmentation import LabelRule, load_masks
 
         masks = load_masks(hospital.data_dir, slices, settings,
                            LabelRule.from_config(data.mask_labels, data.mask_label_patterns))
         log.info("%s: %s", hospital.name, masks.report.summary())
+        if lesion_masks and not masks.masks.any():
+            log.warning("%s: lesion-cycle-weight is on but no slice here has a mask of %s "
+                        "(%s): this hospital trains the plain cycle and identity terms",
+                        hospital.name, list(masks.labels), masks.report.summary())
     train, holdout = build_tensors(images, slices.meta, family.data_layout, model,
                                    hospital.holdout_every, selector, masks)
     log.info("%s: %s training tensors %s, held out %s", hospital.name, family.name,

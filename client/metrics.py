@@ -269,7 +269,8 @@ REFUSAL_REASONS = ("unsigned", "signature", "replay", "never-send", "ua-policy",
                    "bundle-version", "bundle-size", "bundle-hash", "bundle-not-approved",
                    "bundle-code", "bundle-malformed", "bundle-components", "dp-budget",
                    "dp-ledger", "replay-record", "evaluation-repeat", "evaluation-limit",
-                   "ceiling-parameters", "ceiling-batch", "ceiling-steps", "ceiling-seconds")
+                   "ceiling-parameters", "ceiling-batch", "ceiling-steps", "ceiling-seconds",
+                   "ceiling-memory")
 
 
 @_safely

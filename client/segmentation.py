@@ -43,99 +43,22 @@ is fit for metrics.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from shared_models.patterns import check_pattern, compile_pattern, literal
-
 from . import dicom
+from .rtstruct import read_rtstruct
+from .seg_labels import (GRID_MISMATCH, MALFORMED, NO_MATCHING_IMAGE, NO_WANTED_LABEL,  # noqa: F401
+                         TOO_LARGE, UNMATCHED_REASONS, UNREADABLE, LabelRule, code_texts,
+                         first_item, open_rule, segmentation_kind)
+from .slice_index import SliceIndex
 
 log = logging.getLogger(__name__)
-
-# Why a segmentation file gives no mask (fixed short strings: keys of MaskReport.unmatched).
-NO_MATCHING_IMAGE = "no-matching-image"  # references no slice of the scan
-NO_WANTED_LABEL = "no-wanted-label"  # none of its segments is one of the run's labels
-GRID_MISMATCH = "grid-mismatch"  # SEG frames of another size than their source image
-MALFORMED = "malformed"  # highdicom / the structure set's references refuse it
-TOO_LARGE = dicom.TOO_LARGE  # over the decoded-pixel budget or the file-size limit
-UNREADABLE = dicom.UNREADABLE  # cannot be read again
-UNMATCHED_REASONS = (NO_MATCHING_IMAGE, NO_WANTED_LABEL, GRID_MISMATCH, MALFORMED, TOO_LARGE,
-                     UNREADABLE)
-
-PLANE_TOLERANCE_MM = 0.5  # an RTSTRUCT contour lies in a slice's plane when this close to it
-
-
-def segmentation_kind(ds: Dataset) -> str | None:
-    """``"SEG"``, ``"RTSTRUCT"`` or None for any other object."""
-    sop = dicom.header_str(ds, "SOPClassUID")
-    modality = dicom.header_str(ds, "Modality").upper()
-    if sop == dicom.SEG_SOP_CLASS or (modality == "SEG" and not sop):
-        return "SEG"
-    if sop == dicom.RTSTRUCT_SOP_CLASS or (modality == "RTSTRUCT" and not sop):
-        return "RTSTRUCT"
-    return None
-
-
-# ----------------------------------------------------------------------------- labels
-
-
-@dataclass(frozen=True)
-class LabelRule:
-    """The run's mask labels in channel order, each with its pattern (regex, case-insensitive).
-
-    ``names`` empty: every distinct segment label is its own channel (``fedsynth data scan``)."""
-
-    names: tuple[str, ...] = ()
-    patterns: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, labels: str, patterns: str = "") -> "LabelRule":
-        names = tuple(x.strip() for x in labels.split(",") if x.strip())
-        pats = tuple(patterns.split(";")) if patterns else ()
-        if pats and len(pats) != len(names):
-            raise ValueError(f"mask label patterns has {len(pats)} patterns for {len(names)} labels")
-        for p in pats:
-            check_pattern(p)  # the run's (or the command line's): capped, RE2 only
-        return cls(names, tuple(p or literal(n)
-                                for n, p in zip(names, pats or ("",) * len(names))))
-
-    def channel(self, texts: Sequence[str]) -> int | None:
-        """Channel of a segment described by ``texts``; None when no label wants it."""
-        joined = " | ".join(t for t in texts if t)
-        for k, regex in enumerate(_compiled(self.patterns)):
-            if regex.search(joined) is not None:
-                return k
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled(rule_patterns: tuple[str, ...]) -> tuple:
-    """A rule's patterns compiled once by RE2 (linear time: they are run-sent), not per segment."""
-    return tuple(compile_pattern(p) for p in rule_patterns)
-
-
-def _code_texts(item: Dataset | None) -> list[str]:
-    if item is None:
-        return []
-    return [dicom.header_str(item, "CodeMeaning"),
-            f"{dicom.header_str(item, 'CodingSchemeDesignator')}:{dicom.header_str(item, 'CodeValue')}"]
-
-
-def _first(ds: Dataset, keyword: str) -> Dataset | None:
-    try:
-        seq = ds.get(keyword)
-        return seq[0] if seq else None
-    except Exception:
-        return None
-
-
-# ----------------------------------------------------------------------------- report
 
 
 @dataclass
@@ -184,72 +107,6 @@ class SliceMasks:
     report: MaskReport
 
 
-# ----------------------------------------------------------------------------- slice index
-
-
-class _Slices:
-    """Lookups from the scan's per-slice metadata to slice rows, and the images' headers."""
-
-    def __init__(self, folder: Path, meta: Mapping[str, np.ndarray], settings: dicom.DicomSettings):
-        self.folder, self.meta, self.settings = folder, meta, settings
-        self.by_ref: dict[tuple[str, int], int] = {}
-        for i, (uid, frame) in enumerate(zip(meta["sop_uid"], meta["frame_number"])):
-            self.by_ref.setdefault((str(uid), int(frame)), i)
-        self.frames_of: dict[str, int] = {}
-        for uid in meta["sop_uid"]:
-            self.frames_of[str(uid)] = self.frames_of.get(str(uid), 0) + 1
-        self._files: list[Path] | None = None
-        self._headers: dict[int, Any] = {}
-
-    def row(self, sop_uid: str, frame: int = 1) -> int | None:
-        return self.by_ref.get((sop_uid, frame))
-
-    def header(self, row: int) -> Dataset | None:
-        """The header of the file slice ``row`` comes from (bounded read), or None."""
-        k = int(self.meta["file_index"][row])
-        if k not in self._headers:
-            if self._files is None:
-                self._files = dicom.list_candidate_files(self.folder)
-            try:
-                ds, _ = dicom.read_file(self._files[k], self.settings)
-                for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):  # keep the header, not pixels
-                    ds.pop(tag, None)
-                self._headers[k] = ds
-            except Exception:
-                log.debug("cannot re-read the image of slice %d", row, exc_info=True)
-                self._headers[k] = None
-        return self._headers[k]
-
-    def geometry(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]] | None:
-        """(IPP, row cosine, column cosine, (row spacing, column spacing)), (rows, cols) of a slice."""
-        ds = self.header(row)
-        if ds is None:
-            return None
-        try:
-            frame = int(self.meta["frame_number"][row])
-            pfg = ds.get("PerFrameFunctionalGroupsSequence")
-            if pfg:
-                item, shared = pfg[frame - 1], ds.SharedFunctionalGroupsSequence[0]
-                ipp = item.PlanePositionSequence[0].ImagePositionPatient
-                seq = (item if "PlaneOrientationSequence" in item else shared)
-                iop = seq.PlaneOrientationSequence[0].ImageOrientationPatient
-                seq = (item if "PixelMeasuresSequence" in item else shared)
-                spacing = seq.PixelMeasuresSequence[0].PixelSpacing
-            else:
-                ipp, iop, spacing = ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing
-            ipp = np.array([float(v) for v in ipp])
-            iop = np.array([float(v) for v in iop])
-            sp = np.array([float(v) for v in spacing])
-            if ipp.shape != (3,) or iop.shape != (6,) or sp.shape != (2,) or np.any(sp <= 0) or \
-                    not (np.isfinite(ipp).all() and np.isfinite(iop).all()):
-                return None
-            return ipp, iop[:3], iop[3:], sp, (int(ds.Rows), int(ds.Columns))
-        except Exception:
-            return None
-
-    def in_frame_of_reference(self, uid: str) -> np.ndarray:
-        return np.flatnonzero(self.meta["frame_of_reference"] == uid)
-
 
 # ----------------------------------------------------------------------------- SEG
 
@@ -279,7 +136,7 @@ def _seg_frame_refs(ds: Dataset) -> list[tuple[int, str, int]]:
     return refs
 
 
-def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int],
+def _read_seg(ds: Dataset, slices: SliceIndex, rule: LabelRule, found: dict[str, int],
               budget: int) -> dict[tuple[int, int], np.ndarray] | str:
     """{(slice row, channel): mask on the source grid}, or an unmatched reason."""
     import highdicom as hd
@@ -295,7 +152,7 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
         for number in seg.segment_numbers:
             desc = seg.get_segment_description(number)
             texts = [str(desc.segment_label or ""), dicom.header_str(desc, "SegmentDescription"),
-                     *_code_texts(_first(desc, "SegmentedPropertyTypeCodeSequence"))]
+                     *code_texts(first_item(desc, "SegmentedPropertyTypeCodeSequence"))]
             k = rule.channel(texts)
             if k is not None:
                 channel[number] = k
@@ -348,151 +205,6 @@ def _read_seg(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, in
     return out
 
 
-# ----------------------------------------------------------------------------- RTSTRUCT
-
-
-# A hostile structure set must not hold a hospital's CPU for hours: skimage's polygon fill costs
-# about (vertices x bounding-box pixels), and matching an unreferenced contour to its slice costs a
-# plane test per slice of its frame of reference. Real structure sets stay far below these.
-MAX_CONTOUR_POINTS = 20_000        # vertices of one contour
-MAX_RTSTRUCT_POINTS = 2_000_000    # vertices of all contours of one file
-MAX_RASTER_WORK = 5e10             # sum over contours of vertices x bounding-box pixels (~1 min)
-MAX_PLANE_TESTS = 500_000          # contour-to-slice plane tests of one file (~10 s)
-
-
-def _grid_coords(points: np.ndarray, geom: tuple) -> tuple[np.ndarray, np.ndarray]:
-    ipp, row_cos, col_cos, spacing, _shape = geom
-    d = points - ipp
-    # snapped to 1/1000 pixel: ContourData is decimal text (16 characters), so a vertex on a
-    # pixel centre comes back a hair off it and would flip that boundary pixel
-    return np.round(d @ col_cos / spacing[0], 3), np.round(d @ row_cos / spacing[1], 3)
-
-
-def _raster_work(points: np.ndarray, geom: tuple) -> float:
-    """What filling this contour costs: vertices x its bounding box's pixels on the slice."""
-    rows, cols = _grid_coords(points, geom)
-    h, w = geom[4]
-    height = np.clip(rows.max(), 0, h) - np.clip(rows.min(), 0, h) + 1
-    width = np.clip(cols.max(), 0, w) - np.clip(cols.min(), 0, w) + 1
-    return float(len(points)) * float(height) * float(width)
-
-
-def _rasterise(points: np.ndarray, geom: tuple) -> np.ndarray:
-    """The pixels of the slice grid ``geom`` whose centres lie inside or on the polygon."""
-    from skimage.draw import polygon
-
-    rows, cols = _grid_coords(points, geom)
-    mask = np.zeros(geom[4], dtype=bool)
-    rr, cc = polygon(rows, cols, shape=geom[4])
-    mask[rr, cc] = True
-    return mask
-
-
-def _plane_distance(points: np.ndarray, geom: tuple) -> float:
-    ipp, row_cos, col_cos = geom[0], geom[1], geom[2]
-    normal = np.cross(row_cos, col_cos)
-    return float(np.max(np.abs((points - ipp) @ normal)))
-
-
-def _read_rtstruct(ds: Dataset, slices: _Slices, rule: LabelRule, found: dict[str, int],
-                   budget: int) -> dict[tuple[int, int], np.ndarray] | str:
-    """{(slice row, channel): mask}, or an unmatched reason. ``budget``: the most pixels all its
-    contours may rasterise together (the decode budget; a structure set of millions of
-    full-slice contours is refused as too large instead of burning the CPU)."""
-    try:
-        rois: dict[int, tuple[list[str], str]] = {}
-        for item in ds.StructureSetROISequence:
-            rois[int(item.ROINumber)] = ([dicom.header_str(item, "ROIName"),
-                                          dicom.header_str(item, "ROIDescription")],
-                                         dicom.header_str(item, "ReferencedFrameOfReferenceUID"))
-        for obs in ds.get("RTROIObservationsSequence") or []:
-            number = int(obs.ReferencedROINumber)
-            if number in rois:
-                rois[number][0].extend([dicom.header_str(obs, "ROIObservationLabel"),
-                                        *_code_texts(_first(obs, "RTROIIdentificationCodeSequence"))])
-        contours = []
-        total_points = 0
-        for roi in ds.get("ROIContourSequence") or []:
-            number = int(roi.ReferencedROINumber)
-            for c in roi.get("ContourSequence") or []:
-                kind = dicom.header_str(c, "ContourGeometricType").upper()
-                if kind not in ("CLOSED_PLANAR", "CLOSEDPLANAR_XOR"):
-                    continue
-                declared = dicom.header_int(c, "NumberOfContourPoints", 0)
-                raw = c.get("ContourData")
-                n_values = len(raw) if raw is not None else 0
-                if max(declared, n_values // 3) > MAX_CONTOUR_POINTS:
-                    return TOO_LARGE
-                total_points += n_values // 3
-                if total_points > MAX_RTSTRUCT_POINTS:
-                    return TOO_LARGE
-                data = np.asarray([float(v) for v in raw], dtype=np.float64)
-                if data.size < 9 or data.size % 3 or not np.isfinite(data).all():
-                    raise ValueError("contour data is not a list of at least three points")
-                ref = _first(c, "ContourImageSequence")
-                refs = (dicom.header_str(ref, "ReferencedSOPInstanceUID"),
-                        dicom.header_int(ref, "ReferencedFrameNumber", 1)) if ref is not None else None
-                contours.append((number, kind, data.reshape(-1, 3), refs))
-    except Exception as exc:
-        log.debug("RTSTRUCT refused: %s", exc, exc_info=True)
-        return MALFORMED
-    channel = {n: k for n, (texts, _) in rois.items() if (k := rule.channel(texts)) is not None}
-    out: dict[tuple[int, int], np.ndarray] = {}
-    xor: set[tuple[int, int]] = set()
-    any_match = False
-    spent = 0
-    work = 0.0
-    plane_tests = 0
-    for number, kind, points, refs in contours:
-        row = None
-        if refs is not None and refs[0]:
-            row = slices.row(*refs)
-            geom = slices.geometry(row) if row is not None else None
-            if geom is not None and _plane_distance(points, geom) > PLANE_TOLERANCE_MM:
-                row = None  # a reference that does not hold the contour: try the frame
-        if row is None and number in rois:
-            for cand in slices.in_frame_of_reference(rois[number][1]):
-                plane_tests += 1
-                if plane_tests > MAX_PLANE_TESTS:
-                    return TOO_LARGE
-                geom = slices.geometry(int(cand))
-                if geom is not None and _plane_distance(points, geom) <= PLANE_TOLERANCE_MM:
-                    row = int(cand)
-                    break
-        if row is None:
-            continue
-        any_match = True
-        if number not in channel:
-            continue
-        geom = slices.geometry(row)
-        if geom is None:
-            continue
-        spent += geom[4][0] * geom[4][1]  # rasterising touches at most the whole slice
-        work += _raster_work(points, geom)
-        if spent > budget or work > MAX_RASTER_WORK:
-            return TOO_LARGE
-        mask = _rasterise(points, geom)
-        key = (row, channel[number])
-        if key not in out:
-            out[key] = mask
-        elif kind == "CLOSEDPLANAR_XOR" or key in xor:
-            out[key] = out[key] ^ mask
-        else:
-            out[key] = out[key] | mask
-        if kind == "CLOSEDPLANAR_XOR":
-            xor.add(key)
-        name = rule.names[channel[number]]
-        found[name] = found.get(name, 0)
-    if not any_match:
-        return NO_MATCHING_IMAGE
-    if not out:
-        return NO_WANTED_LABEL
-    return out
-
-
-# ----------------------------------------------------------------------------- masks
-
-
 def preprocess_masks(masks: np.ndarray, size: int) -> np.ndarray:
     """(n, rows, cols) masks on the source grid -> (n, size, size) float32 {0, 1}, pixel for
     pixel on :func:`client.dicom.preprocess`'s slices (same resize, thresholded at one half, same
@@ -518,9 +230,9 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
     folder = Path(folder)
     rels = list(slices.report.segmentation_files)
     report = MaskReport(segmentation_files=len(rels))
-    index = _Slices(folder, slices.meta, settings)
+    index = SliceIndex(folder, slices.meta, settings)
     n, size = len(slices.images), int(slices.images.shape[-1]) if len(slices.images) else settings.image_size
-    open_rule = not rule.names
+    every_label = not rule.names
     found: dict[str, int] = {}
     per_file: list[dict[tuple[int, str], np.ndarray]] = []
     paths = _segmentation_paths(folder, rels)
@@ -540,12 +252,12 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
             continue
         kind = segmentation_kind(ds)
         file_rule = rule
-        if open_rule:  # every label of this file its own channel (named by its label text)
-            file_rule = _open_rule(ds, kind)
+        if every_label:  # every label of this file its own channel (named by its label text)
+            file_rule = open_rule(ds, kind)
         if kind == "SEG":
             got = _read_seg(ds, index, file_rule, found, settings.max_decoded_bytes)
         elif kind == "RTSTRUCT":
-            got = _read_rtstruct(ds, index, file_rule, found, settings.max_decoded_bytes)
+            got = read_rtstruct(ds, index, file_rule, found, settings.max_decoded_bytes)
         else:
             got = MALFORMED
         if isinstance(got, str):
@@ -554,7 +266,7 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
             continue
         report.matched_files += 1
         per_file.append({(row, file_rule.names[k]): m for (row, k), m in got.items()})
-    names = rule.names if not open_rule else tuple(sorted({name for d in per_file for _, name in d}))
+    names = rule.names if not every_label else tuple(sorted({name for d in per_file for _, name in d}))
     masks = np.zeros((n, len(names), size, size), dtype=np.float32)
     covered = np.zeros(n, dtype=bool)
     series = slices.meta["series_uid"]
@@ -568,19 +280,3 @@ def load_masks(folder: Path, slices: dicom.SliceSet, settings: dicom.DicomSettin
                               for k, name in enumerate(names)}
     log.info("%s: %s", folder.name, report.summary())
     return SliceMasks(masks=masks, covered=covered, labels=names, report=report)
-
-
-def _open_rule(ds: Dataset, kind: str | None) -> LabelRule:
-    """Every segment / ROI of ``ds`` a label of its own, named by its label (scan report)."""
-    names: list[str] = []
-    try:
-        if kind == "SEG":
-            for item in ds.SegmentSequence:
-                names.append(dicom.header_str(item, "SegmentLabel") or f"segment {item.SegmentNumber}")
-        elif kind == "RTSTRUCT":
-            for item in ds.StructureSetROISequence:
-                names.append(dicom.header_str(item, "ROIName") or f"roi {item.ROINumber}")
-    except Exception:
-        pass
-    names = list(dict.fromkeys(names))
-    return LabelRule(tuple(names), tuple(f"^{literal(n)}( \\||$)" for n in names))

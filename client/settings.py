@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from protocol.coordinator import COORDINATOR, COORDINATOR_KEYS  # noqa: F401 - re-exported
+from shared_models.settings import REQUIRED, Codec, env_path, setting, unknown_message
+
 SIM_ENV = "FEDSYNTH_SIM_HOSPITALS"
 
 
@@ -26,79 +29,106 @@ DEFAULT_MAX_EVALUATIONS = 1000  # per run (client/evaluation.py)
 # The most work one message may ask (client/ceilings.py): DCGAN at 256 px, width 64, has 92 M
 # parameters; training state is about 16 bytes a parameter (weights, gradients, Adam)
 CEILINGS = {"max-parameters": 100_000_000, "max-batch": 256, "max-steps": 5000,
-            "max-round-seconds": 3600.0}
+            "max-round-seconds": 3600.0, "max-memory-mb": 8192.0}
 
 
-def _max_decoded_mb(m: Mapping[str, Any]) -> float:
+def _max_decoded_mb(value: Any, key: str = "max-decoded-mb") -> float:
     """``max-decoded-mb``: the decompression-bomb budget, a number of MB > 0."""
-    value = m.get("max-decoded-mb", DEFAULT_MAX_DECODED_MB)
     try:
         mb = float(value)
     except (TypeError, ValueError):
         mb = float("nan")
     if not 0 < mb < float("inf"):
-        raise SettingsError(f"hospital setting 'max-decoded-mb' must be a number of MB > 0, "
+        raise SettingsError(f"hospital setting {key!r} must be a number of MB > 0, "
                             f"got {value!r}")
     return mb
 
 
+STATE_ENV = "STATE_DIRECTORY"  # set by systemd for a unit with StateDirectory=
+
+
 @dataclass(frozen=True)
 class HospitalSettings:
-    data_dir: Path
-    cache_dir: Path | None = None  # disposable: preprocessed slices (systemd CacheDirectory=)
+    """The ``[hospital]`` settings, each declared once with ``setting`` (shared_models/settings.py):
+    its key, type, default, help; ``HOSPITAL`` below is their codec (node config <-> this)."""
+
+    data_dir: Path = setting(REQUIRED, "the hospital's DICOM folder")
+    # disposable: preprocessed slices (systemd CacheDirectory=)
+    cache_dir: Path | None = setting(None, "folder of preprocessed slices (disposable)")
     # Kept: the privacy ledger and the replay records (systemd StateDirectory=, whose
     # $STATE_DIRECTORY is the default of ``state-dir``). Never cleaned; back it up.
-    state_dir: Path | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU) | off
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    modalities: tuple[str, ...] = ()
-    holdout_every: int = 10  # every n-th slice is held out for local evaluation
-    name: str = "hospital"
+    state_dir: Path | None = setting(None, "folder of the privacy ledger and replay records "
+                                     "(kept; default: $STATE_DIRECTORY)",
+                                     fallback=env_path(STATE_ENV))
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    amp: str = setting("auto", "auto (bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU) "
+                       "| off")
+    threads: int = setting(0, "torch CPU threads; 0 leaves torch's default")
+    modalities: tuple[str, ...] = setting((), "DICOM modalities read, comma separated (empty: "
+                                          "all)", sep=",",
+                                          parse=lambda v, k: tuple(x.upper() for x in _names(v)))
+    holdout_every: int = setting(10, "every n-th slice is held out for local evaluation")
+    name: str = setting("hospital", "this hospital's name (labels, its own state folder)")
     # Pinned Ed25519 public key of the coordinator: unsigned, tampered or replayed messages are
     # refused. Without one, a deployed hospital refuses every message unless
     # accept_unsigned_models is set (a loudly named flag, for local tests only).
-    model_public_key: Path | None = None
+    model_public_key: Path | None = setting(None, "the coordinator's Ed25519 public key")
     # Decompression-bomb budget (client/dicom/budget.py): the most decoded pixel MB (rows x
     # columns x frames x samples x bytes) one DICOM file may declare or encode; larger: "too-large".
-    max_decoded_mb: float = DEFAULT_MAX_DECODED_MB
-    accept_unsigned_models: bool = False
+    max_decoded_mb: float = setting(DEFAULT_MAX_DECODED_MB, "decoded MB one DICOM file may hold",
+                                    parse=_max_decoded_mb)
+    accept_unsigned_models: bool = setting(False, "serve unsigned messages (local tests only)")
     # What may never leave this hospital, whatever a message asks: component names (e.g.
     # "discriminator", "d_a", "d_b") and "ua-gan" (UA-GAN's logits and input gradients).
-    never_send: tuple[str, ...] = ()
+    never_send: tuple[str, ...] = setting((), "components (and ua-gan) never sent, comma "
+                                          "separated", sep=",")
     # UA-GAN's hospital-side floor (client/ua_gan.py): each step sees at least ua_min_batch real
     # slices, the discriminator's learning rate is at most ua_max_lr, a round runs between
     # ua_min_steps and ua_max_steps steps and answers for at most ua_max_fakes images.
-    ua_min_batch: int = 16
-    ua_max_lr: float = 2e-4
-    ua_min_steps: int = 5
-    ua_max_steps: int = 500
-    ua_max_fakes: int = 256
+    ua_min_batch: int = setting(16, "ua-gan: real slices per step, at least")
+    ua_max_lr: float = setting(2e-4, "ua-gan: discriminator learning rate, at most")
+    ua_min_steps: int = setting(5, "ua-gan: steps per round, at least")
+    ua_max_steps: int = setting(500, "ua-gan: steps per round, at most")
+    ua_max_fakes: int = setting(256, "ua-gan: generated images answered per round, at most")
     # This site's own class/domain rule (client/datasets.py): the attribute its series names are
     # read from, and (name, regex) pairs; the run's names and their order stay the federation's.
-    label_attribute: str = ""
-    label_patterns: tuple[tuple[str, str], ...] = ()
+    label_attribute: str = setting("", "slice attribute this site's class names are read from")
+    label_patterns: tuple[tuple[str, str], ...] = setting(
+        (), "this site's NAME=REGEX pairs, ';' separated (or a TOML table)", sep=";",
+        parse=lambda v, k: _patterns(v),
+        encode=lambda pairs: ";".join(f"{n}={p}" for n, p in pairs))
     # Differential privacy (client/privacy.py): this hospital's budget per run, (dp-epsilon,
     # dp-delta); inf = no budget. A finite budget, or require-dp, refuses runs without DP-SGD
     # (train dp-noise-multiplier = 0) and UA-GAN rounds (their replies are not DP).
-    dp_epsilon: float = float("inf")
-    dp_delta: float = 1e-5
-    require_dp: bool = False
+    dp_epsilon: float = setting(float("inf"), "privacy budget per run (inf: none)",
+                                parse=lambda v, k: _positive(v, k, inf_ok=True))
+    dp_delta: float = setting(1e-5, "privacy delta", parse=lambda v, k: _delta(v))
+    require_dp: bool = setting(False, "refuse runs without DP-SGD")
     # Secure aggregation (client/secure_aggregation.py): refuse every train round whose update
     # would leave this hospital unmasked (a run without `secure-aggregation = true`, UA-GAN)
-    require_secure_aggregation: bool = False
+    require_secure_aggregation: bool = setting(False, "refuse train rounds without secure "
+                                               "aggregation")
     # Memorisation audit (shared_models.audit) after every n-th round this hospital trains: its
     # scalars are logged, on the metrics port and (runs without DP only) in the reply; 0: off
-    audit_every: int = 0
+    audit_every: int = setting(0, "memorisation audit every n-th trained round (0: off)",
+                               parse=lambda v, k: _count(v, k))
     # Evaluations acted on per run (client/evaluation.py): at most one per round always, and at
     # most this many in one run; further ones are refused in one line and counted
-    max_evaluations: int = DEFAULT_MAX_EVALUATIONS
+    max_evaluations: int = setting(DEFAULT_MAX_EVALUATIONS, "evaluations acted on per run",
+                                   parse=lambda v, k: _count(v, k))
     # Ceilings on one message (client/ceilings.py): model parameters, batch, local steps per
     # round and seconds per round; past one the message is refused in one line and counted
-    max_parameters: int = int(CEILINGS["max-parameters"])
-    max_batch: int = int(CEILINGS["max-batch"])
-    max_steps: int = int(CEILINGS["max-steps"])
-    max_round_seconds: float = CEILINGS["max-round-seconds"]
+    max_parameters: int = setting(int(CEILINGS["max-parameters"]), "model parameters one "
+                                  "message may ask, at most", parse=lambda v, k: _limit(v, k))
+    max_batch: int = setting(int(CEILINGS["max-batch"]), "batch one message may ask, at most",
+                             parse=lambda v, k: _limit(v, k))
+    max_steps: int = setting(int(CEILINGS["max-steps"]), "local steps per round, at most",
+                             parse=lambda v, k: _limit(v, k))
+    max_round_seconds: float = setting(CEILINGS["max-round-seconds"], "seconds per round, at "
+                                       "most", parse=lambda v, k: _positive(v, k))
+    max_memory_mb: float = setting(CEILINGS["max-memory-mb"], "memory (MB) one message may "
+                                   "make this hospital's training use, at most",
+                                   parse=lambda v, k: _positive(v, k))
 
     def _own_folder(self, root: Path | None) -> Path | None:
         """``root/run-state/<this hospital>``: hospitals may share a folder (virtual hospitals
@@ -141,47 +171,10 @@ class HospitalSettings:
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> "HospitalSettings":
-        if "data-dir" not in m:
-            raise SettingsError("hospital setting 'data-dir' is missing")
-        mods = m.get("modalities", "")
-        if isinstance(mods, str):
-            mods = tuple(x.strip().upper() for x in mods.split(",") if x.strip())
-        return cls(
-            data_dir=Path(str(m["data-dir"])).expanduser(),
-            cache_dir=Path(str(m["cache-dir"])).expanduser() if m.get("cache-dir") else None,
-            state_dir=_state_dir(m),
-            device=str(m.get("device", "auto")),
-            amp=str(m.get("amp", "auto")),
-            threads=int(m.get("threads", 0)),
-            modalities=tuple(mods),
-            holdout_every=int(m.get("holdout-every", 10)),
-            name=str(m.get("name", "hospital")),
-            max_decoded_mb=_max_decoded_mb(m),
-            model_public_key=(Path(str(m["model-public-key"])).expanduser()
-                              if m.get("model-public-key") else None),
-            accept_unsigned_models=_flag(m.get("accept-unsigned-models", False),
-                                         "accept-unsigned-models"),
-            never_send=_names(m.get("never-send", ())),
-            ua_min_batch=int(m.get("ua-min-batch", 16)),
-            ua_max_lr=float(m.get("ua-max-lr", 2e-4)),
-            ua_min_steps=int(m.get("ua-min-steps", 5)),
-            ua_max_steps=int(m.get("ua-max-steps", 500)),
-            ua_max_fakes=int(m.get("ua-max-fakes", 256)),
-            label_attribute=str(m.get("label-attribute", "")),
-            label_patterns=_patterns(m.get("label-patterns", ())),
-            dp_epsilon=_positive(m.get("dp-epsilon", float("inf")), "dp-epsilon", inf_ok=True),
-            dp_delta=_delta(m.get("dp-delta", 1e-5)),
-            require_dp=_flag(m.get("require-dp", False), "require-dp"),
-            require_secure_aggregation=_flag(m.get("require-secure-aggregation", False),
-                                             "require-secure-aggregation"),
-            audit_every=_count(m.get("audit-every", 0), "audit-every"),
-            max_evaluations=_count(m.get("max-evaluations", DEFAULT_MAX_EVALUATIONS),
-                                   "max-evaluations"),
-            **{key.replace("-", "_"): (_positive(m.get(key, default), key)
-                                       if isinstance(default, float)
-                                       else _limit(m.get(key, default), key))
-               for key, default in CEILINGS.items()},
-        )
+        """From a node config (or one simulated hospital's entry): its hospital keys; the others
+        are Flower's (partition-id...). A settings file's unknown keys are refused, by
+        ``DaemonSettings.load``."""
+        return HOSPITAL.decode({k: v for k, v in m.items() if k in HOSPITAL.by_key})
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "HospitalSettings":
@@ -195,47 +188,9 @@ class HospitalSettings:
                             f"and {SIM_ENV} is not set")
 
     def to_node_config(self) -> dict[str, Any]:
-        """The inverse of ``from_mapping``: what ``fedsynth hospital`` hands the SuperNode."""
-        out: dict[str, Any] = {"data-dir": str(self.data_dir), "device": self.device,
-                               "amp": self.amp, "threads": self.threads,
-                               "holdout-every": self.holdout_every, "name": self.name}
-        if self.cache_dir is not None:
-            out["cache-dir"] = str(self.cache_dir)
-        if self.state_dir is not None:
-            out["state-dir"] = str(self.state_dir)
-        if self.modalities:
-            out["modalities"] = ",".join(self.modalities)
-        if self.model_public_key is not None:
-            out["model-public-key"] = str(self.model_public_key)
-        if self.max_decoded_mb != DEFAULT_MAX_DECODED_MB:
-            out["max-decoded-mb"] = self.max_decoded_mb
-        if self.accept_unsigned_models:
-            out["accept-unsigned-models"] = True
-        if self.never_send:
-            out["never-send"] = ",".join(self.never_send)
-        if self.label_attribute:
-            out["label-attribute"] = self.label_attribute
-        if self.label_patterns:
-            out["label-patterns"] = ";".join(f"{n}={p}" for n, p in self.label_patterns)
-        if math.isfinite(self.dp_epsilon):
-            out["dp-epsilon"] = self.dp_epsilon
-        if self.dp_delta != 1e-5:
-            out["dp-delta"] = self.dp_delta
-        if self.require_dp:
-            out["require-dp"] = True
-        if self.require_secure_aggregation:
-            out["require-secure-aggregation"] = True
-        if self.audit_every:
-            out["audit-every"] = self.audit_every
-        if self.max_evaluations != DEFAULT_MAX_EVALUATIONS:
-            out["max-evaluations"] = self.max_evaluations
-        for key, default in CEILINGS.items():
-            if getattr(self, key.replace("-", "_")) != default:
-                out[key] = getattr(self, key.replace("-", "_"))
-        out.update({"ua-min-batch": self.ua_min_batch, "ua-max-lr": self.ua_max_lr,
-                    "ua-min-steps": self.ua_min_steps, "ua-max-steps": self.ua_max_steps,
-                    "ua-max-fakes": self.ua_max_fakes})
-        return out
+        """The inverse of ``from_mapping``: what ``fedsynth hospital`` hands the SuperNode (the
+        settings that differ from their defaults, and data-dir)."""
+        return HOSPITAL.encode(self, changed_only=True)
 
     def check_local(self) -> None:
         """Fail at daemon start, with the setting's name, rather than in every round."""
@@ -252,16 +207,6 @@ class HospitalSettings:
                 load_public_key(self.model_public_key)  # readable, and an Ed25519 public key
             except SignatureError as exc:
                 raise SettingsError(f"hospital model-public-key: {exc}") from None
-
-
-STATE_ENV = "STATE_DIRECTORY"  # set by systemd for a unit with StateDirectory=
-
-
-def _state_dir(m: Mapping[str, Any]) -> Path | None:
-    """``state-dir``; by default the folder systemd gives a unit with ``StateDirectory=``
-    (``$STATE_DIRECTORY``, the first one if it names several), else none."""
-    value = m.get("state-dir") or os.environ.get(STATE_ENV, "").split(":")[0]
-    return Path(str(value)).expanduser() if value else None
 
 
 def _positive(value: Any, name: str, inf_ok: bool = False) -> float:
@@ -303,16 +248,6 @@ def _delta(value: Any) -> float:
     return x
 
 
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no", ""):
-        return False
-    raise SettingsError(f"hospital setting {name!r} must be true or false, got {value!r}")
-
-
 def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
     """``label-patterns``: a TOML table {name = regex} or the node-config form name=regex;...
 
@@ -343,14 +278,24 @@ def _patterns(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-HOSPITAL_KEYS = ("data-dir", "cache-dir", "state-dir", "device", "amp", "threads",
-                 "modalities", "holdout-every", "name", "model-public-key", "max-decoded-mb",
-                 "accept-unsigned-models", "never-send", "ua-min-batch", "ua-max-lr",
-                 "ua-min-steps", "ua-max-steps", "ua-max-fakes", "label-attribute",
-                 "label-patterns", "dp-epsilon", "dp-delta", "require-dp",
-                 "require-secure-aggregation", "audit-every", "max-evaluations", *CEILINGS)
-NODE_KEYS = ("key", "port", "metrics-port", "executor", "approved-apps")
-COORDINATOR_KEYS = ("address", "root-certificates", "insecure")
+HOSPITAL = Codec(HospitalSettings, "hospital setting", error=SettingsError, lenient=True)
+HOSPITAL_KEYS = HOSPITAL.keys()
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The ``[node]`` table of ``fedsynth hospital``'s settings file."""
+
+    key: Path | None = setting(None, "the SuperNode's OpenSSH EC private key")
+    port: int = setting(9094, "local runtime port of the SuperNode")
+    metrics_port: int = setting(0, "this hospital's Prometheus metrics port (0: off)")
+    executor: str = setting("warm", "only warm: one long-lived process runs every task")
+    approved_apps: tuple[str, ...] = setting((), "sha256 of the launch bundles served (empty: "
+                                             "any code-free fedsynth launch bundle)", sep=",")
+
+
+NODE = Codec(NodeSettings, "[node] setting", error=SettingsError, lenient=True, plain=True)
+NODE_KEYS = NODE.keys()
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -421,35 +366,38 @@ class DaemonSettings:
             p = Path(str(value)).expanduser()
             return p if p.is_absolute() else base / p
 
-        for section, known in (("hospital", HOSPITAL_KEYS), ("node", NODE_KEYS),
-                               ("coordinator", COORDINATOR_KEYS)):
+        for section, codec in (("hospital", HOSPITAL), ("node", NODE),
+                               ("coordinator", COORDINATOR)):
             unknown = sorted(k for k, v in data[section].items()
-                             if k not in known and v is not None)
+                             if k not in codec.by_key and v is not None)
             if unknown:
-                raise SettingsError(f"unknown [{section}] setting(s) {', '.join(unknown)}; "
-                                    f"known: {', '.join(known)}")
+                raise SettingsError(unknown_message(unknown, codec.keys(),
+                                                    f"[{section}] setting", plain=True))
+            for s in codec.settings:  # relative paths: relative to the file's folder
+                if s.is_path and data[section].get(s.key):
+                    data[section][s.key] = str(rel(data[section][s.key]))
         hosp = dict(data["hospital"])
-        for key in ("data-dir", "cache-dir", "state-dir", "model-public-key"):
-            if hosp.get(key):
-                hosp[key] = str(rel(hosp[key]))
-        coord, node = data["coordinator"], data["node"]
-        if not coord.get("address"):
+        try:
+            coord = COORDINATOR.decode(data["coordinator"])
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        node = NODE.decode(data["node"])
+        if not coord.address:
             raise SettingsError("coordinator address is missing ([coordinator] address = "
                                 "\"HOST:PORT\" or --coordinator)")
-        insecure = bool(coord.get("insecure", False))
-        root = rel(coord.get("root-certificates"))
+        insecure = coord.insecure
+        root = coord.root_certificates
         if root is None and not insecure:
             raise SettingsError("coordinator root-certificates is missing (the CA file from "
                                 "the coordinator); set insecure = true only for a local test")
-        executor = str(node.get("executor", "warm"))
+        executor = node.executor
         if executor == "flower":
             raise SettingsError('[node] executor = "flower" is no longer offered: Flower\'s own '
                                 "ClientApp process imports the code of the run's app bundle; "
                                 'the warm executor serves only the installed fedsynth')
         if executor not in EXECUTORS:
             raise SettingsError(f"[node] executor = {executor!r} is not one of {EXECUTORS}")
-        return cls(coordinator=str(coord["address"]), hospital=HospitalSettings.from_mapping(hosp),
+        return cls(coordinator=coord.address, hospital=HospitalSettings.from_mapping(hosp),
                    root_certificates=None if insecure else root, insecure=insecure,
-                   node_key=rel(node.get("key")), port=int(node.get("port", 9094)),
-                   metrics_port=int(node.get("metrics-port", 0)), executor=executor,
-                   approved_apps=_names(node.get("approved-apps", ())))
+                   node_key=node.key, port=node.port, metrics_port=node.metrics_port,
+                   executor=executor, approved_apps=node.approved_apps)

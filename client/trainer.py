@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
-from shared_models.capabilities import check_supported
+from shared_models.capabilities import check_model, check_supported
 from shared_models.codec import decode_into
 from shared_models.downstream import ClassifierBudget, intended_class_accuracy, train_classifier
 from shared_models.dp import PrivateSteps
@@ -129,7 +129,11 @@ class LocalTrainer:
         return StepContext(device=self.device, amp_dtype=self.amp_dtype, scaler=scaler,
                            prox_mu=train.prox_mu if train is not None else 0.0, anchor=anchor,
                            small_data=SmallData.from_train(train),
-                           lesion_weight=train.lesion_weight if train is not None else 1.0)
+                           lesion_weight=train.lesion_weight if train is not None else 1.0,
+                           **({"gradient_loss": train.gradient_loss,
+                               "gradient_loss_power": train.gradient_loss_power,
+                               "lesion_cycle_weight": train.lesion_cycle_weight}
+                              if train is not None else {}))
 
     def prepare(self, net: nn.Module) -> nn.Module:
         """``net`` on this trainer's device, in its memory format (as the trainer's own nets)."""
@@ -181,6 +185,7 @@ class LocalTrainer:
         if not any(counts.values()):
             raise ValueError("no training images")
         check_supported(self.family, train)
+        check_model(self.family, self.model, train)  # channels = 3: the colour families only
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         on_device = {k: self._to_device(v) for k, v in data.items()}

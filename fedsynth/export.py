@@ -13,7 +13,10 @@ Multi-frame Grayscale Word Secondary Capture object (a frame per slice). Every o
   a hospital scanning a folder that holds exports never trains on them.
 
 Pixels: the generator's [-1, 1] output is mapped linearly to 12-bit unsigned values
-(0..4095) with a matching VOI window.
+(0..4095) with a matching VOI window. Colour images (``(N, 3, H, W)``, RGB: a ``channels = 3``
+run) become Secondary Capture objects with PhotometricInterpretation RGB, SamplesPerPixel 3,
+PlanarConfiguration 0 (colour-by-pixel) and 8 bits per sample ([-1, 1] -> 0..255, as the
+reader's colour space: ``client.dicom.pixels.decode_rgb``).
 
 Translations (pix2pix, CycleGAN) of a real input slice say what they were made from without
 carrying who it was: :class:`Provenance` ``translation`` (e.g. ``T1w -> T2w``) and a per-image
@@ -90,6 +93,17 @@ def to_stored(images: np.ndarray) -> np.ndarray:
 def from_stored(stored: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_stored` (up to the 12-bit quantisation, 1/2047.5)."""
     return stored.astype(np.float32) / (_MAX_STORED / 2.0) - 1.0
+
+
+def to_stored_rgb(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) RGB in [-1, 1] -> (H, W, 3) uint8 0..255 (colour-by-pixel order)."""
+    scaled = (np.clip(np.asarray(image, dtype=np.float32), -1.0, 1.0) + 1.0) * 127.5
+    return np.ascontiguousarray(np.rint(scaled).astype(np.uint8).transpose(1, 2, 0))
+
+
+def from_stored_rgb(stored: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) in [-1, 1]: inverse of :func:`to_stored_rgb` (to 1/127.5)."""
+    return stored.astype(np.float32).transpose(2, 0, 1) / 127.5 - 1.0
 
 
 def _base_dataset(sop_class: str, study_uid: str, series_uid: str, patient_id: str,
@@ -172,10 +186,25 @@ def _pixel_module(ds: Dataset, stored: np.ndarray) -> None:
     ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
 
 
+def _rgb_pixel_module(ds: Dataset, stored: np.ndarray) -> None:
+    """Image Pixel module for 8-bit RGB, colour-by-pixel (PlanarConfiguration 0)."""
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows, ds.Columns = int(stored.shape[0]), int(stored.shape[1])
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = stored.tobytes()
+
+
 def write_dicom(images: np.ndarray, out_dir: Path, provenance: Provenance,
                 prefix: str = "synthetic", synthetic_data_flag: bool = False,
                 notes: Sequence[str] | None = None) -> list[Path]:
     """Write ``(N, 1, H, W)`` images or ``(N, 1, D, H, W)`` volumes in [-1, 1]; returns the files.
+
+    ``(N, 3, H, W)`` colour images (RGB) become RGB Secondary Capture objects.
 
     All objects of one call share one synthetic study and series (one fake patient).
     ``notes`` (one per image) says what each image is made from (its class, or the input slice
@@ -186,8 +215,10 @@ def write_dicom(images: np.ndarray, out_dir: Path, provenance: Provenance,
     attribute (an error); every other synthetic marker is always written.
     """
     images = np.asarray(images)
-    if images.ndim not in (4, 5) or images.shape[1] != 1:
-        raise ValueError(f"expected (N, 1, H, W) or (N, 1, D, H, W) images, got shape {images.shape}")
+    colour = images.ndim == 4 and images.shape[1] == 3
+    if images.ndim not in (4, 5) or (images.shape[1] != 1 and not colour):
+        raise ValueError(f"expected (N, 1, H, W), (N, 3, H, W) (RGB) or (N, 1, D, H, W) images, "
+                         f"got shape {images.shape}")
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values; refusing to export them")
     if notes is not None and len(notes) != len(images):
@@ -198,8 +229,8 @@ def write_dicom(images: np.ndarray, out_dir: Path, provenance: Provenance,
     patient_id = f"SYNTH-{uuid.uuid4().hex}"
     now = _dt.datetime.now()
     paths: list[Path] = []
-    for i, item in enumerate(images[:, 0]):
-        stored = to_stored(item)
+    for i, item in enumerate(images if colour else images[:, 0]):
+        stored = to_stored_rgb(item) if colour else to_stored(item)
         note = str(notes[i]) if notes is not None else ""
         if images.ndim == 4:
             ds = _base_dataset(SecondaryCaptureImageStorage, study_uid, series_uid, patient_id,
@@ -217,7 +248,10 @@ def write_dicom(images: np.ndarray, out_dir: Path, provenance: Provenance,
             ds.RescaleIntercept = 0
             ds.RescaleSlope = 1
             ds.RescaleType = "US"
-        _pixel_module(ds, stored)
+        if colour:
+            _rgb_pixel_module(ds, stored)
+        else:
+            _pixel_module(ds, stored)
         path = out_dir / f"{prefix}-{i + 1:04d}.dcm"
         tmp = path.with_suffix(".dcm.tmp")
         ds.save_as(tmp, enforce_file_format=True)
@@ -231,8 +265,8 @@ def _png_slices(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 5:
         images = images[:, :, images.shape[2] // 2]
-    if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"expected (N, 1, H, W) images, got shape {images.shape}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1, H, W) or (N, 3, H, W) images, got shape {images.shape}")
     return images
 
 
@@ -256,9 +290,10 @@ def write_png(images: np.ndarray, out_dir: Path, prefix: str = "synthetic",
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images[:, 0]):
+    for i, img in enumerate(images[:, 0] if images.shape[1] == 1 else images):
         if inputs is None:
-            pixels = np.rint((np.clip(img, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+            shown = img if img.ndim == 2 else img.transpose(1, 2, 0)  # colour: (H, W, RGB)
+            pixels = np.rint((np.clip(shown, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
         else:  # input | translation, on the sample grids' black frame
             pixels = grid_image(np.stack([inputs[i], images[i]]).astype(np.float32))
         path = out_dir / f"{prefix}-{i + 1:04d}.png"

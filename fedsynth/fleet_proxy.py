@@ -268,7 +268,7 @@ class FleetProxy:
 worker_processes 1;
 worker_rlimit_nofile {nofile};
 pid {self.pid_file};
-error_log stderr notice;
+error_log stderr warn;  # notices (worker started, epoll) are noise in the coordinator log
 
 events {{
     worker_connections {connections};

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ def run_config(checkpoint: Path) -> tuple[dict[str, Any], Any]:
     ``domain-a``. No config (or no ``data`` in it): the DataConfig defaults.
     """
     from shared_models import DataConfig
+    from shared_models.settings import Codec
 
     candidates = [checkpoint.parent / "config.json"]
     if checkpoint.parent.name == "checkpoints":
@@ -81,10 +81,11 @@ def run_config(checkpoint: Path) -> tuple[dict[str, Any], Any]:
     data = config.get("data") or {}
     if not isinstance(data, dict):
         raise ValueError(f"run config '{candidate}': 'data' is not a table")
-    known = {f.name for f in fields(DataConfig)}
-    values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    try:
-        return config, DataConfig(**{k: str(v) for k, v in values.items() if k in known})
+    codec = Codec(DataConfig, "run config data", lenient=True)  # the one settings codec
+    try:  # config.json keeps field names; a hand-written one may use the launch file's keys
+        return config, codec.decode({k: v for k, v in data.items()
+                                     if k in codec.by_key or k in codec.by_name},
+                                    spelling="either")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"run config '{candidate}': data rules unusable: {exc}") from exc
 
@@ -143,7 +144,7 @@ def translation_inputs(folder: Path, cfg: Any, data: Any, n: int, attribute: str
     from client.dicom import DicomSettings, scan_folder
     from client.settings import HospitalSettings
 
-    settings = DicomSettings(image_size=cfg.image_size)
+    settings = DicomSettings(image_size=cfg.image_size, channels=getattr(cfg, "channels", 1))
     slices = scan_folder(folder, settings)
     if cfg.spatial_dims == 3:  # the hospital's spacing-aware volume path (client/volumes.py)
         from client.cache import slice_geometry
@@ -206,7 +207,7 @@ def mask_inputs(folder: Path, cfg: Any, data: Any, n: int) -> tuple[np.ndarray, 
     from client.dicom import DicomSettings, scan_folder
     from client.segmentation import LabelRule, load_masks
 
-    settings = DicomSettings(image_size=cfg.image_size)
+    settings = DicomSettings(image_size=cfg.image_size, channels=getattr(cfg, "channels", 1))
     slices = scan_folder(folder, settings)
     if cfg.spatial_dims == 3:
         slices.meta.update(slice_geometry(folder, slices.meta, settings))

@@ -11,11 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.settings import COORDINATOR_KEYS  # the hospital's [coordinator] has the same keys
-
-
-
-PATH_KEYS = ("run-dir", "signing-key", "hospital-names")
+from protocol.coordinator import COORDINATOR  # the hospital's [coordinator] has the same keys
+from shared_models.settings import unknown_message
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,9 @@ class LaunchConfig:
     source: Path
 
     @classmethod
-    def load(cls, path: Path) -> "LaunchConfig":
+    def load(cls, path: Path, check_run: bool = True) -> "LaunchConfig":
+        """``check_run=False`` (``fedsynth status``) skips checking ``[run]`` against the run
+        configuration, whose families import torch (~2 s)."""
         import tomllib
 
         path = Path(path)
@@ -48,12 +47,13 @@ class LaunchConfig:
                              f"{', '.join(f'[{x}]' for x in unknown_sections)} (known: "
                              "[coordinator], [run])")
         coord = data.get("coordinator", {})
-        extra = sorted(set(coord) - set(COORDINATOR_KEYS))
+        extra = sorted(set(coord) - set(COORDINATOR.keys()))
         if extra:
             hint = (" (the run's metrics endpoint is [run] metrics-port)"
                     if "metrics-port" in extra else "")
-            raise ValueError(f"launch file '{path}': unknown [coordinator] key(s) "
-                             f"{', '.join(extra)}; known: {', '.join(COORDINATOR_KEYS)}{hint}")
+            raise ValueError(f"launch file '{path}': "
+                             + unknown_message(extra, COORDINATOR.keys(), "[coordinator] key",
+                                               plain=True) + hint)
         if not coord.get("address"):
             raise ValueError(f"launch file '{path}': [coordinator] address is missing")
         insecure = bool(coord.get("insecure", False))
@@ -61,20 +61,24 @@ class LaunchConfig:
         if not insecure and not root:
             raise ValueError(f"launch file '{path}': [coordinator] root-certificates is missing "
                              "(the federation's ca.pem), or set insecure = true")
-        from server.run_config import from_flat
-
         run = dict(data.get("run", {}))
-        try:
-            from_flat(run)  # unknown or mistyped keys fail here, by name, before submission
-        except ValueError as exc:
-            raise ValueError(f"launch file '{path}': {exc}") from None
-        for key in PATH_KEYS:
+        if check_run:
+            from server.run_config import CODEC, PATH_KEYS, from_flat
+
+            try:
+                from_flat(run)  # unknown or mistyped keys fail here, by name, before submission
+            except ValueError as exc:
+                raise ValueError(f"launch file '{path}': {exc}") from None
+            path_keys, sep = PATH_KEYS, (lambda key: CODEC.by_key[key].sep or ",")
+        else:  # status reads run-dir alone: resolved the same way, without torch's import
+            path_keys, sep = ("run-dir",), (lambda key: ",")
+        for key in path_keys:
             if run.get(key):
                 p = Path(str(run[key])).expanduser()
                 run[key] = str(p if p.is_absolute() else (path.parent / p).resolve())
         for key, value in list(run.items()):
             if isinstance(value, list):  # classes = ["a", "b"]: Flower's run config is scalars
-                run[key] = (";" if key.endswith("patterns") else ",").join(map(str, value))
+                run[key] = sep(key).join(map(str, value))
         root_path = None
         if not insecure:
             root_path = Path(str(root)).expanduser()
@@ -83,13 +87,13 @@ class LaunchConfig:
                    source=path)
 
 
-def load_launch_file(path: Path) -> "LaunchConfig":
+def load_launch_file(path: Path, check_run: bool = True) -> "LaunchConfig":
     """The parsed launch file; every mistake a person can fix is a ``UserError``."""
     from fedsynth.certs import CertError, load_certificate
     from fedsynth.errors import UserError
 
     try:
-        cfg = LaunchConfig.load(path)
+        cfg = LaunchConfig.load(path, check_run)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if cfg.root_certificates is not None:

@@ -12,6 +12,10 @@ reported to ``on_restart(reason)`` (the hospital daemon counts it on its ``/metr
 ``fedsynth_supernode_restarts_total``).
 
 Reasons: ``exited`` (the child ended), ``gave-up`` (it printed one of ``gave_up_markers``).
+
+A ``before_start`` that raises ``CoordinatorUnreachable`` (nothing answers at the coordinator's
+address) is retried on the same backoff and counts against ``max_restarts`` like a restart: once
+they are spent, ``run_forever`` returns 1 with the reason in ``unreachable``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class Supervisor:
     on_restart: Callable[[str], None] | None = None  # called with the reason of each restart
     proc: subprocess.Popen | None = None
     restarts: int = 0
+    unreachable: str | None = None  # why the last try failed, when --max-restarts ended them
     _stop: threading.Event = field(default_factory=threading.Event)
     _gave_up: threading.Event = field(default_factory=threading.Event)
 
@@ -117,7 +122,15 @@ class Supervisor:
                 try:
                     before_start()
                 except CoordinatorUnreachable as exc:
-                    log.warning("%s; retrying in %.0f s", exc, backoff)
+                    # a try that never got as far as starting the child counts like a restart:
+                    # else a wrong coordinator address retried forever under --max-restarts
+                    if self.max_restarts is not None and self.restarts >= self.max_restarts:
+                        self.unreachable = str(exc)
+                        code = 1
+                        break
+                    self.restarts += 1
+                    log.warning("%s; retrying in %.0f s (try %d)", exc, backoff,
+                                self.restarts + 1)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff)
                     continue

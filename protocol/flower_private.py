@@ -141,6 +141,17 @@ PRIVATE_NAMES: dict[str, str] = {
     "read_superlink_connection": "flwr.cli.flower_config:read_superlink_connection",
     "init_http_client_from_connection": "flwr.cli.utils:init_http_client_from_connection",
     "RegisterNodeRequest": "flwr.proto.control_pb2:RegisterNodeRequest",
+    # fedsynth.control: launch / status speak the Control API in-process (no `flwr` start)
+    "ListRunsRequest": "flwr.proto.control_pb2:ListRunsRequest",
+    "ListNodesRequest": "flwr.proto.control_pb2:ListNodesRequest",
+    "StartRunRequest": "flwr.proto.control_pb2:StartRunRequest",
+    "run_from_proto": "flwr.common.serde:run_from_proto",
+    "fab_to_proto": "flwr.common.serde:fab_to_proto",
+    "user_config_to_proto": "flwr.common.serde:user_config_to_proto",
+    "parse_config_args": "flwr.common.config:parse_config_args",
+    "Fab": "flwr.supercore.fab:Fab",
+    "build_fab_from_disk": "flwr.cli.build:build_fab_from_disk",
+    "format_runs": "flwr.cli.run_utils:format_runs",
     "public_key_to_bytes": "flwr.supercore.primitives.asymmetric:public_key_to_bytes",
     "fleet_router": "flwr.superlink.routers.fleet.router:router",
     # the largest array chunk one push-object carries: sizes the proxy's body limit

@@ -26,6 +26,8 @@ def examples_key(component: str) -> str:
 TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
                  "loss-cycle", "loss-identity",
+                 # weighted terms: pix2pix gradient-loss, cyclegan lesion-cycle-weight
+                 "loss-gradient", "loss-lesion",
                  # epsilon spent so far by this run's DP-SGD at the hospital (client/privacy.py)
                  "dp-epsilon",
                  # the hospital's memorisation audit (audit-every; runs without DP only)

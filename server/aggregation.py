@@ -16,7 +16,7 @@ different rule and a different weight per component (a hospital without domain B
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from shared_models.codec import norm_state_keys, split_key  # noqa: F401 (re-exp
 Reducer = Literal["mean", "median", "trimmed-mean"]
 ServerOpt = Literal["avg", "avgm", "adam"]
 Weighting = Literal["examples", "uniform"]
+# The registries of rules: the run setting's choices (server/run_config.py) come from these.
+REDUCERS: tuple[str, ...] = get_args(Reducer)
+SERVER_OPTS: tuple[str, ...] = get_args(ServerOpt)
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,13 @@ class ComponentPolicy:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
         if self.weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {self.weighting!r}")
-        if self.reducer not in ("mean", "median", "trimmed-mean"):
-            raise ValueError(f"reducer must be mean, median or trimmed-mean, got {self.reducer!r}")
+        if self.reducer not in REDUCERS:
+            raise ValueError(f"reducer must be {', '.join(REDUCERS)}, got {self.reducer!r}")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
-        if self.server_opt not in ("avg", "avgm", "adam"):
-            raise ValueError(f"server_opt must be avg, avgm or adam, got {self.server_opt!r}")
+        if self.server_opt not in SERVER_OPTS:
+            raise ValueError(f"server_opt must be {', '.join(SERVER_OPTS)}, got "
+                             f"{self.server_opt!r}")
         if self.server_lr <= 0 or not 0 <= self.server_momentum < 1:
             raise ValueError("server_lr must be > 0 and server_momentum in [0, 1)")
 

@@ -49,7 +49,8 @@ class RoundSummary:
     hospitals: dict[str, dict[str, float]]
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)  # per node: eval-*
     # Hospitals counted in ``failed``, by registered name (the node id where none is known):
-    # offline / restarted / timeout (did not answer, server/grid.py) or error (answered with one).
+    # offline / restarted / timeout (did not answer, server/grid.py), a refusal by its kind
+    # (dp-budget, dp-ledger, ceiling, ..., server/grid.py REFUSAL_KINDS) or error.
     failed_hospitals: dict[str, str] = field(default_factory=dict)
     evaluate_failed: dict[str, str] = field(default_factory=dict)  # the same, evaluate phase
     # node id -> the name its key was registered under (where the coordinator knows one), so
@@ -150,9 +151,87 @@ def _node_names(grid: Grid, nodes: set[str]) -> dict[str, str]:
     return out
 
 
+def describe_strategy(cfg: FederationConfig, strategy: Any) -> str:
+    """One line naming what a run aggregates with: family, preset, and per component whether it
+    is shared, its reducer and server optimiser (``ComponentPolicy``)."""
+    policies = getattr(strategy, "policies", None) or {}
+    parts = []
+    for component, p in sorted(policies.items()):
+        if not p.shared:
+            parts.append(f"{component}: local")
+            continue
+        reducer = p.reducer + (f"(beta {p.trim_beta:g})" if p.reducer == "trimmed" else "")
+        opt = p.server_opt + (f"(lr {p.server_lr:g})" if p.server_opt != "avg"
+                              or p.server_lr != 1.0 else "")
+        extra = (", local norm" if p.local_norm else "") + \
+            (f", sync every {p.sync_every}" if p.sync_every != 1 else "")
+        parts.append(f"{component}: {reducer}/{opt}{extra}")
+    if not parts:
+        parts.append(type(strategy).__name__)
+    return (f"strategy: family {cfg.model.family}, preset {cfg.preset}, wire "
+            f"{cfg.train.wire_dtype}; " + "; ".join(parts))
+
+
+def _exchange(grid: Grid, messages: Any, timeout: float, wire: dict[str, float]) -> list:
+    """``grid.send_and_receive``, adding the model bytes sent and received (arrays' shape x
+    dtype, ``server.metrics.record_nbytes``: what Prometheus counts) to ``wire``."""
+    from .metrics import record_nbytes
+
+    messages = list(messages)
+    wire["sent-bytes"] = wire.get("sent-bytes", 0.0) + float(
+        sum(record_nbytes(m.content) for m in messages))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    wire["received-bytes"] = wire.get("received-bytes", 0.0) + float(
+        sum(record_nbytes(m.content) for m in replies if not m.has_error()))
+    return replies
+
+
+class _CountingGrid:
+    """``grid`` whose ``send_and_receive`` goes through :func:`_exchange` (the secure round's
+    protocol stages are counted like a plain round's messages; their key material and masked
+    vectors are not arrays, so only array payloads are in the count)."""
+
+    def __init__(self, grid: Grid, wire: dict[str, float]) -> None:
+        self._grid, self._wire = grid, wire
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> list:
+        return _exchange(self._grid, messages, timeout, self._wire)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+RUN_LOG = "coordinator.log"
+
+
 def run_federation(grid: Grid, cfg: FederationConfig,
                    observers: tuple[Observer, ...] = ()) -> Path:
-    """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder."""
+    """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder.
+
+    The coordinator's lines about the run (its strategy, each round, hospitals that failed) are
+    also appended to the run folder's ``coordinator.log``: a deployed ServerApp's own output
+    goes nowhere (Flower's SuperExec starts it with stdout and stderr on /dev/null)."""
+    folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
+    handler = logging.FileHandler(folder.root / RUN_LOG, encoding="utf-8")
+    from protocol.logs import DATEFMT, FORMAT, PlainFormatter
+
+    handler.setFormatter(PlainFormatter(FORMAT, DATEFMT))
+    handler.setLevel(logging.INFO)
+    server_log = logging.getLogger("server")
+    level = server_log.level
+    server_log.addHandler(handler)
+    if server_log.getEffectiveLevel() > logging.INFO:
+        server_log.setLevel(logging.INFO)
+    try:
+        return _run_federation(grid, cfg, observers)
+    finally:
+        server_log.removeHandler(handler)
+        server_log.setLevel(level)
+        handler.close()
+
+
+def _run_federation(grid: Grid, cfg: FederationConfig,
+                    observers: tuple[Observer, ...] = ()) -> Path:
     family = get_family(cfg.model.family)
     torch.manual_seed(cfg.train.seed)
     nets = family.build(cfg.model)
@@ -169,7 +248,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         log.info("resuming %s after round %d", folder.root.name, start_round - 1)
     folder.write_config({"model": asdict(cfg.model), "train": asdict(cfg.train),
                          **{k: v for k, v in asdict(cfg).items() if k not in ("model", "train")},
-                         "run_id": folder.root.name})
+                         "run_id": folder.root.name,
+                         # `fedsynth status` links the Flower run to this folder
+                         "flower_run_id": str(_flower_run_id(grid) or "")})
 
     noise, labels = fixed_inputs(family, cfg.model, cfg.num_samples)
     if start_round == 1:
@@ -195,6 +276,8 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                              max_update_norm=cfg.max_update_norm,
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
+    log.info("run %s (Flower run %s), %d rounds, %s", folder.root.name, run_id or "-",
+             cfg.rounds, describe_strategy(cfg, strategy))
     # Evaluation of round r's aggregate rides in round r + 1's train message (one round trip per
     # round, GanStrategy.folds_evaluation); round r's row is written at once and completed with
     # its evaluation when round r + 1's replies are in. Only the last round (and UA-GAN, whose
@@ -208,16 +291,18 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         if pending is not None:
             config[protocol.EVALUATE_ROUND] = pending.round
         record = protocol.to_record(arrays)
+        wire: dict[str, float] = {}
         if cfg.secure_aggregation:  # Flower's SecAgg+: only the sum reaches this process
             from .secure_aggregation import secure_train_round
 
             new_record, train_metrics = secure_train_round(
-                strategy, grid, rnd, record, config, clip=cfg.secure_aggregation_clip,
+                strategy, _CountingGrid(grid, wire), rnd, record, config,
+                clip=cfg.secure_aggregation_clip,
                 max_examples=cfg.secure_aggregation_max_examples, timeout=cfg.round_timeout_s)
             t_train = time.monotonic()
         else:
-            replies = grid.send_and_receive(strategy.configure_train(rnd, record, config, grid),
-                                            timeout=cfg.round_timeout_s)
+            replies = _exchange(grid, strategy.configure_train(rnd, record, config, grid),
+                                cfg.round_timeout_s, wire)
             t_train = time.monotonic()
             new_record, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_record is not None:
@@ -239,9 +324,8 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         if due and (not fold or rnd == cfg.rounds):
             eval_config = protocol.train_config(cfg.model, cfg.train, rnd, cfg.data)
             record = protocol.to_record(arrays)
-            replies = grid.send_and_receive(
-                strategy.configure_evaluate(rnd, record, eval_config, grid),
-                timeout=cfg.round_timeout_s)
+            replies = _exchange(grid, strategy.configure_evaluate(rnd, record, eval_config, grid),
+                                cfg.round_timeout_s, wire)
             eval_metrics = strategy.aggregate_evaluate(rnd, replies)
             evaluated = strategy.last_evaluate.per_hospital
             eval_failed = dict(strategy.last_evaluate.failed_nodes)
@@ -262,6 +346,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                     "aggregate-seconds": t_aggregate - t_train,
                     "evaluate-phase-seconds": t_eval - t_aggregate,
                     "samples-seconds": time.monotonic() - t_eval,
+                    # model bytes on the wire this round (train + evaluate messages; int8
+                    # replies count one byte per weight): sent-bytes, received-bytes, wire-bytes
+                    **wire, "wire-bytes": sum(wire.values()),
                     **{f"rejected-{kind}": float(n)
                        for kind, n in train_report.rejected_reasons.items()},
                     # metric keys dropped, example counts clipped, aggregates refused

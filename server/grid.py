@@ -71,13 +71,32 @@ def record_reply(message: Any) -> None:
         pickle.dump(entry, fh)
 
 
+# A hospital's refusal names its class of problem in the error reason (client/app.py keeps
+# every other detail at the site: "train refused by the hospital's privacy settings
+# (PrivacyBudgetExhausted)"); the kind the round's metrics, the report and `fedsynth status` show.
+# Most specific first (EvaluationRefused and PrivacyBudgetExhausted are PrivacyRefused).
+REFUSAL_KINDS: tuple[tuple[str, str], ...] = (
+    ("(PrivacyBudgetExhausted)", "dp-budget"),
+    ("(LedgerUnusable)", "dp-ledger"),
+    ("(EvaluationRefused)", "evaluation-refused"),
+    ("(PrivacyRefused)", "dp-required"),
+    ("(CeilingRefused)", "ceiling"),
+    ("(PolicyRefused)", "never-send"),
+    ("app bundle is not approved", "bundle"),
+)
+
+
 def failure_kind(message: Any) -> str:
     """What kind of failure an error reply stands for: offline / restarted / timeout from this
-    grid, else ``error`` (the hospital reported one; its text is not kept)."""
+    grid; a hospital's refusal by its kind (``REFUSAL_KINDS``: dp-budget, dp-ledger, ceiling,
+    ...); else ``error`` (the hospital failed; its text stays at the hospital)."""
     reason = str(getattr(getattr(message, "error", None), "reason", "") or "")
     if reason.startswith(FAILURE_PREFIX):
         kind = reason[len(FAILURE_PREFIX):].split(":", 1)[0].strip()
         if kind in (OFFLINE, RESTARTED, TIMEOUT):
+            return kind
+    for marker, kind in REFUSAL_KINDS:
+        if marker in reason:
             return kind
     return "error"
 

@@ -113,17 +113,21 @@ def sample_images(family: Any, nets: Mapping[str, Any], inputs: Any, labels: Any
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
     """(N, 1, H, W) in [-1, 1] -> one uint8 grid image, as square as possible.
 
-    3D volumes (N, 1, D, H, W) show their middle slice.
+    3D volumes (N, 1, D, H, W) show their middle slice; colour (N, 3, H, W) images (RGB) give
+    an (h, w, 3) RGB grid.
     """
     if images.ndim == 5:
         images = images[:, :, images.shape[2] // 2]
     if images.ndim != 4:
         raise ValueError(f"expected (N, C, H, W) images, got shape {images.shape}")
-    n, _, h, w = images.shape
+    n, chans, h, w = images.shape
+    colour = chans == 3
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.uint8)
-    tiles = np.clip((images[:, 0] + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad) + ((3,) if colour else ()),
+                      dtype=np.uint8)
+    shown = images.transpose(0, 2, 3, 1) if colour else images[:, 0]
+    tiles = np.clip((shown + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)

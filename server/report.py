@@ -285,6 +285,43 @@ def _kept_home(rows: Sequence[Mapping[str, Any]], names: Mapping[str, str]) -> s
             f"</th><th>last round</th></tr>{body}</table>")
 
 
+# What each failure kind means (server/grid.py failure_kind, REFUSAL_KINDS)
+FAILURE_KINDS = {
+    "offline": "Flower no longer listed the hospital as online",
+    "restarted": "its SuperNode reconnected mid-round: the work in flight was lost",
+    "timeout": "no reply within round-timeout",
+    "dp-budget": "refused: the round would take it past its dp-epsilon",
+    "dp-ledger": "refused: its privacy ledger is unusable until an operator acts",
+    "dp-required": "refused: it requires differential privacy the run does not give",
+    "evaluation-refused": "refused the evaluation (its DP settings)",
+    "ceiling": "refused: the work asked is past its ceilings",
+    "never-send": "refused: the round asks for a component it keeps at home",
+    "bundle": "refused: the run's app bundle is not the one it approved",
+    "error": "failed at the hospital (the reason is in its own log)",
+}
+
+
+def failures_section(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per round, each hospital that failed (train or evaluate phase) and why, by registered
+    name (metrics.jsonl ``failed_hospitals`` / ``evaluate_failed``); "" when none failed."""
+    body = []
+    for r in rows:
+        for phase, key in (("train", "failed_hospitals"), ("evaluate", "evaluate_failed")):
+            failed = r.get(key) or {}
+            if not isinstance(failed, Mapping):
+                continue
+            for hospital, kind in sorted(failed.items()):
+                why = FAILURE_KINDS.get(str(kind), "")
+                body.append(f"<tr><td>{html.escape(str(r.get('round', '')))}</td>"
+                            f"<td>{html.escape(str(hospital))}</td><td>{phase}</td>"
+                            f"<td>{html.escape(str(kind))}</td><td>{html.escape(why)}</td></tr>")
+    if not body:
+        return ""
+    return ("<h2>Failed hospitals</h2>"
+            '<table class="part"><tr><th>round</th><th>hospital</th><th>phase</th>'
+            f"<th>reason</th><th>what it means</th></tr>{''.join(body)}</table>")
+
+
 def _pick_grids(paths: Sequence[Path]) -> list[Path]:
     if len(paths) <= MAX_GRIDS:
         return list(paths)
@@ -373,7 +410,7 @@ def build_report(root: Path) -> str:
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
         f'<h2>Curves</h2>{_unscored(rows, family)}<div class="charts">{"".join(charts)}</div>'
         f"<h2>Participation</h2>{_participation(rows, names)}"
-        f"{privacy[1]}{_kept_home(rows, names)}"
+        f"{privacy[1]}{_kept_home(rows, names)}{failures_section(rows)}"
         f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"
         f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>"
         f"<script>{_SCRIPT}</script></body></html>"

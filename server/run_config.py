@@ -22,15 +22,16 @@ So a setting is added by adding a field, and nowhere else.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
-from shared_models.capabilities import DP, check_supported, supporting
-from shared_models.config import setting
+from shared_models.capabilities import (DP, check_model, check_preset, check_supported,
+                                         supporting)
+from shared_models.settings import Codec, Setting, check_choices, setting
 
+from .aggregation import REDUCERS, SERVER_OPTS
 from .presets import PRESETS
 from .run_folder import check_run_id
 from .secure_aggregation import SECAGG_CLIP, SECAGG_MAX_EXAMPLES, check_secure_run
@@ -39,8 +40,6 @@ from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NOR
 # Keys people write for a known one: refused, naming it (each setting has one key, the one
 # `fedsynth launch --help` lists; a silent alias was a second spelling nobody could look up).
 MISNOMERS = {"rounds": "num-server-rounds"}
-REDUCERS = ("", "mean", "median", "trimmed-mean")
-SERVER_OPTS = ("", "avg", "avgm", "adam")
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,12 @@ class FederationConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rounds: int = setting(5, "federated rounds", key="num-server-rounds")
-    preset: str = setting("fedgan", "aggregation preset: " + ", ".join(PRESETS))
-    reducer: str = setting("", "override the preset's reducer: mean, median, trimmed-mean")
-    server_opt: str = setting("", "override the preset's server optimiser: avg, avgm, adam")
+    preset: str = setting("fedgan", "aggregation preset: {choices}", choices=tuple(PRESETS))
+    # "": the preset's; the choices are the registries' (server/aggregation.py)
+    reducer: str = setting("", "override the preset's reducer: {choices}",
+                           choices=("", *REDUCERS))
+    server_opt: str = setting("", "override the preset's server optimiser: {choices}",
+                              choices=("", *SERVER_OPTS))
     server_lr: float = setting(0.0, "server optimiser learning rate (0: the policy's, 1.0)")
     sync_every: int = setting(0, "aggregate shared components every k rounds (0: every round)")
     ua_fake_batch: int = setting(64, "ua-gan: generated images sent to hospitals per round")
@@ -65,11 +67,12 @@ class FederationConfig:
     server_ema_decay: float = setting(0.0, "coordinator: moving average of the aggregated "
                                       "generator across rounds; grids and checkpoints' samples "
                                       "come from it (0: off)")
-    run_dir: str = setting("runs", "folder of run folders, on the coordinator's machine")
+    run_dir: str = setting("runs", "folder of run folders, on the coordinator's machine",
+                           path=True)
     run_id: str = setting("", "name of this run's folder (default: run-YYYYmmdd-HHMMSS)")
     resume: bool = setting(False, "continue run-id after its last completed round")
     signing_key: str = setting("", "the coordinator's model-signing.key (Ed25519 PEM): every "
-                               "message to hospitals is signed with it")
+                               "message to hospitals is signed with it", path=True)
     num_samples: int = setting(16, "images in each round's fixed-input sample grid")
     keep_checkpoints: int = setting(3, "checkpoints kept besides the best")
     # What a hospital may claim (server/validation.py): example counts clipped to K x the others'
@@ -86,7 +89,8 @@ class FederationConfig:
     metrics_port: int = setting(0, "serve the coordinator's Prometheus metrics on this port "
                                 "(0: off)")
     metrics_host: str = setting("127.0.0.1", "address the metrics endpoint binds")
-    hospital_names: str = setting("", "JSON file mapping node ids to hospital names (labels)")
+    hospital_names: str = setting("", "JSON file mapping node ids to hospital names (labels)",
+                                  path=True)
     # Secure aggregation (server/secure_aggregation.py): Flower's SecAgg+ masks each hospital's
     # update; the coordinator learns only the sum. Reply validation cannot see single updates,
     # so the bounds are the encoding's: each update coordinate clipped at the hospital, each
@@ -103,11 +107,7 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.run_id:
             check_run_id(self.run_id)
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset {self.preset!r} is not one of {', '.join(PRESETS)}")
-        if self.reducer not in REDUCERS or self.server_opt not in SERVER_OPTS:
-            raise ValueError(f"reducer must be one of {REDUCERS[1:]} and server-opt one of "
-                             f"{SERVER_OPTS[1:]} (or empty for the preset's)")
+        check_choices(self)  # preset, reducer, server-opt: "preset 'x' is not one of ..."
         if self.rounds < 1 or self.min_hospitals < 1 or self.evaluate_every < 1:
             raise ValueError("num-server-rounds, min-hospitals and evaluate-every must be >= 1")
         if not 0 < self.fraction_train <= 1 or self.round_timeout_s <= 0:
@@ -121,7 +121,9 @@ class FederationConfig:
         if self.secure_aggregation:
             check_secure_run(self)
         family = get_family(self.model.family)  # an unknown family fails here, by name
-        check_supported(family, self.train)  # augment / r1-gamma the family ignores
+        check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
+        check_model(family, self.model, self.train)  # channels = 3 for the colour families only
+        check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour
         if self.train.dp and DP not in family.supports:
             raise ValueError(f"family {self.model.family!r} has no DP-SGD training "
                              f"(dp-noise-multiplier > 0 needs {', '.join(supporting(DP))})")
@@ -159,108 +161,33 @@ class FederationConfig:
         return from_flat(rc)
 
     def to_flat(self) -> dict[str, Any]:
-        return {s.key: s.get(self) for s in SETTINGS}
+        return CODEC.encode(self)
 
 
 # ------------------------------------------------------------------------- the settings list
 
-@dataclass(frozen=True)
-class Setting:
-    """One run setting: its flat key, where it lives in the tree, its type, default and help."""
-
-    key: str
-    path: tuple[str, ...]
-    type: type
-    default: Any
-    help: str
-
-    def get(self, cfg: FederationConfig) -> Any:
-        obj: Any = cfg
-        for name in self.path:
-            obj = getattr(obj, name)
-        return obj
-
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _walk(cls: type, path: tuple[str, ...] = ()) -> Iterator[Setting]:
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not
-                                    dataclasses.MISSING else None):
-            yield from _walk(f.default_factory, (*path, f.name))  # type: ignore[arg-type]
-            continue
-        if not f.metadata.get("run", False):
-            continue
-        yield Setting(key=f.metadata.get("key") or f.name.replace("_", "-"),
-                      path=(*path, f.name), type=_TYPES[str(f.type)], default=f.default,
-                      help=f.metadata["help"])
-
-
-SETTINGS: tuple[Setting, ...] = tuple(_walk(FederationConfig))
-_BY_KEY = {s.key: s for s in SETTINGS}
-assert len(_BY_KEY) == len(SETTINGS), "two run settings share a key"  # noqa: S101
-
-
-def _coerce(s: Setting, value: Any) -> Any:
-    """The value as the setting's type; TOML and Flower give typed values, so little is guessed."""
-    if isinstance(value, dict):
-        raise ValueError(f"run setting {s.key!r} is a {s.type.__name__}, not a table "
-                         f"([run.{s.key}] is not a thing)")
-    if s.type is bool:
-        if isinstance(value, bool):
-            return value
-    elif s.type is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif s.type is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif s.type is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(x, str) for x in value):
-            sep = ";" if s.key.endswith("patterns") else ","
-            return sep.join(value)  # classes = ["cyst", "metastasis"] reads naturally in TOML
-    raise ValueError(f"run setting {s.key!r} must be a {s.type.__name__}, got {value!r}")
+# The one flat codec (shared_models/settings.py) over the tree: the keys people write.
+CODEC: Codec[FederationConfig] = Codec(FederationConfig, "run setting", misnomers=MISNOMERS,
+                                       see=" (see `fedsynth launch --help`)",
+                                       context="run settings")
+SETTINGS: tuple[Setting, ...] = CODEC.settings
+PATH_KEYS = tuple(s.key for s in SETTINGS if s.is_path)  # relative to the launch file's folder
 
 
 def from_flat(values: Mapping[str, Any]) -> FederationConfig:
     """A ``FederationConfig`` from flat ``key = value`` settings; every mistake is a
     ``ValueError`` naming the key (``unknown_message``)."""
-    values = dict(values)
-    unknown = sorted(set(values) - set(_BY_KEY))
-    if unknown:
-        raise ValueError(unknown_message(unknown))
-    parts: dict[tuple[str, ...], dict[str, Any]] = {}
-    for key, value in values.items():
-        s = _BY_KEY[key]
-        parts.setdefault(s.path[:-1], {})[s.path[-1]] = _coerce(s, value)
-    try:
-        nested = {name: cls(**parts.get((name,), {})) for name, cls in
-                  (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig))}
-        return FederationConfig(**nested, **parts.get((), {}))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"run settings: {exc}") from None
+    return CODEC.decode(values)
 
 
 def unknown_message(keys: list[str]) -> str:
     """One "did you mean X" per mistyped key; the full list only when nothing is close."""
-    hints = {k: MISNOMERS.get(k) or next(iter(difflib.get_close_matches(k, _BY_KEY, n=1)), "")
-             for k in keys}
-    if len(keys) == 1 and hints[keys[0]]:
-        return f"unknown run setting {keys[0]!r}: did you mean {hints[keys[0]]!r}?"
-    named = ", ".join(f"{k!r} (did you mean {h!r}?)" if h else repr(k) for k, h in hints.items())
-    known = "" if all(hints.values()) else f"; known: {', '.join(_BY_KEY)}"
-    return (f"unknown run setting{'s' if len(keys) > 1 else ''} {named}{known} "
-            "(see `fedsynth launch --help`)")
+    return CODEC.unknown_message(keys)
 
 
 def defaults_flat() -> dict[str, Any]:
     """Every key with its default: the launch app's ``[tool.flwr.app.config]``."""
-    return {s.key: s.default for s in SETTINGS}
+    return CODEC.defaults()
 
 
 def settings_help() -> str:
@@ -286,9 +213,11 @@ FAMILY_EXAMPLES = {
     "cdcgan": ["family = \"cdcgan\"", "classes = \"T1w,T2w\"  # two classes, label order",
                "class-attribute = \"series_description\""],
     "wgan-gp": ["family = \"wgan-gp\"", "spatial-dims = 3  # volumes"],
-    "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\""],
+    "pix2pix": ["family = \"pix2pix\"", "domain-a = \"T1w\"", "domain-b = \"T2w\"",
+                "gradient-loss = 1.0  # sharper edges: image-gradient difference beside L1"],
     "cyclegan": ["family = \"cyclegan\"", "domain-attribute = \"modality\"",
-                 "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired"],
+                 "domain-a = \"MR\"", "domain-b = \"CT\"  # MR -> CT, unpaired",
+                 "lesion-cycle-weight = 10.0  # where SEG/RTSTRUCT masks exist (mask-labels)"],
     "maskgan": ["family = \"maskgan\"", "mask-labels = \"lesion\"  # DICOM SEG / RTSTRUCT labels",
                 "lesion-weight = 5.0  # the masked pixels weigh 5x in the losses"],
     "aae": ["family = \"aae\"  # masks from noise: stage 1 of `fedsynth sample --stage2`",

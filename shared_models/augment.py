@@ -12,10 +12,14 @@ draws its own parameters. The ops, for (B, C, S, S) slices and (B, C, S, S, S) v
 - ``cutout``: one square (cube) of half the side set to the background, at a random place (it
   may overhang the border, as in the paper's code);
 - ``brightness``: + U(-0.5, 0.5) per image (the paper's range, for images in [-1, 1]);
-- ``contrast``: (x - mean) * U(0.5, 1.5) + mean per image.
+- ``contrast``: (x - mean) * U(0.5, 1.5) + mean per image;
+- ``saturation`` (colour runs, ``channels = 3``): (x - m) * U(0, 2) + m per image, m the mean of
+  each pixel's three channels (RGB), as the paper's code; a pix2pix pair's six channels are two
+  RGB images, each pulled to its own pixel means by the same factor.
 
-The paper's third colour op, saturation, is left out: it is meaningless for grey images, and asking
-for it (``color``/``saturation``) is refused rather than silently ignored.
+``color`` (or ``colour``) is the paper's colour policy: brightness, saturation, contrast, in that
+order. Saturation is meaningless for grey images: with ``channels = 1`` it (and ``color``) is
+refused by name rather than silently ignored.
 
 Written here rather than taken from MONAI: MONAI 1.6's array transforms act on ONE un-batched image
 per call with parameters drawn from a NumPy RandomState (so per-image parameters mean a Python loop
@@ -29,24 +33,33 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-OPS = ("translation", "cutout", "brightness", "contrast")
+OPS = ("translation", "cutout", "brightness", "contrast", "saturation")
+COLOUR_OPS = ("saturation",)  # need 3 channels
+COLOUR_POLICY = ("brightness", "saturation", "contrast")  # Zhao et al. 2020's ``color``
 BACKGROUND = -1.0  # the value of air in [-1, 1] images: what translation and cutout fill with
 TRANSLATION_RATIO = 0.125  # Zhao et al. 2020's code: shifts up to 1/8 of the side
 CUTOUT_RATIO = 0.5  # a square of half the side
 
 
-def parse_policy(policy: str) -> tuple[str, ...]:
+def parse_policy(policy: str, channels: int = 1) -> tuple[str, ...]:
     """``"translation,cutout,brightness"`` -> the ops in that order; ``""`` -> none.
 
-    Unknown names raise ``ValueError`` naming the known ones (``color`` / ``saturation`` too: grey
-    images have no saturation)."""
-    ops = tuple(p.strip() for p in policy.split(",") if p.strip())
-    for op in ops:
-        if op in ("color", "colour", "saturation"):
+    ``color``/``colour`` stands for brightness, saturation, contrast. Unknown names raise
+    ``ValueError`` naming the known ones; with ``channels`` 1, ``saturation`` and ``color`` too
+    (grey images have no saturation)."""
+    named = tuple(p.strip() for p in policy.split(",") if p.strip())
+    ops: tuple[str, ...] = ()
+    for op in named:
+        if op in ("color", "colour", "saturation") and channels != 3:
+            grey = tuple(o for o in OPS if o not in COLOUR_OPS)
             raise ValueError(f"augment op {op!r}: grey-level images have no colour saturation; "
-                             f"use {', '.join(OPS)}")
+                             f"use {', '.join(grey)} (or channels = 3)")
+        if op in ("color", "colour"):
+            ops += COLOUR_POLICY
+            continue
         if op not in OPS:
-            raise ValueError(f"unknown augment op {op!r}; known: {', '.join(OPS)}")
+            raise ValueError(f"unknown augment op {op!r}; known: {', '.join(OPS)}, color")
+        ops += (op,)
     if len(set(ops)) != len(ops):
         raise ValueError(f"augment policy {policy!r} repeats an op")
     return ops
@@ -65,6 +78,18 @@ def contrast(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     factor = torch.rand(_per_image(x), device=x.device, dtype=x.dtype) + 0.5
     return (x - mean) * factor + mean
+
+
+def saturation(x: torch.Tensor) -> torch.Tensor:
+    """Scale each pixel's distance from its own RGB mean by U(0, 2) per image (channel groups of
+    3: one RGB image, or a pix2pix pair's two)."""
+    b, c = x.shape[:2]
+    if c % 3:
+        raise ValueError(f"saturation needs RGB channels (a multiple of 3), got {c}")
+    groups = x.view(b, c // 3, 3, *x.shape[2:])
+    mean = groups.mean(dim=2, keepdim=True)
+    factor = (torch.rand((b,) + (1,) * (groups.ndim - 1), device=x.device, dtype=x.dtype) * 2.0)
+    return ((groups - mean) * factor + mean).view_as(x)
 
 
 def translation(x: torch.Tensor, ratio: float = TRANSLATION_RATIO) -> torch.Tensor:
@@ -106,7 +131,7 @@ def cutout(x: torch.Tensor, ratio: float = CUTOUT_RATIO) -> torch.Tensor:
 
 
 _FUNCS = {"translation": translation, "cutout": cutout, "brightness": brightness,
-          "contrast": contrast}
+          "contrast": contrast, "saturation": saturation}
 
 
 def diff_augment(x: torch.Tensor, ops: tuple[str, ...] | str) -> torch.Tensor:
@@ -115,7 +140,7 @@ def diff_augment(x: torch.Tensor, ops: tuple[str, ...] | str) -> torch.Tensor:
     Differentiable in ``x``; every image draws its own parameters from torch's generator on
     ``x``'s device (the trainer seeds it per round)."""
     if isinstance(ops, str):
-        ops = parse_policy(ops)
+        ops = parse_policy(ops, channels=3)  # saturation itself refuses a non-RGB x
     for op in ops:
         x = _FUNCS[op](x)
     return x

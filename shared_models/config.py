@@ -10,24 +10,16 @@ adding a field here (or to the coordinator's ``FederationConfig``) and nowhere e
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, TypeVar
 
 # Run-sent patterns are checked (length cap, what RE2 cannot compile) and matched by RE2, a
 # linear-time engine, in one place: shared_models/patterns.py.
 from .patterns import MAX_PATTERN_CHARS, check_pattern  # noqa: F401 - part of this module's API
+# Every field is a ``setting`` of the one settings toolkit (shared_models/settings.py).
+from .settings import Codec, setting  # noqa: F401 - ``setting`` is part of this module's API
 
 T = TypeVar("T")
-
-
-def setting(default: Any, help: str, key: str | None = None,  # noqa: A002 - the word users read
-            run: bool = True) -> Any:
-    """A dataclass field that is a run setting: ``key`` (default: the name with dashes), help.
-
-    ``run=False`` keeps a field off the run configuration (it is derived, e.g. ``num_classes``
-    from the class list).
-    """
-    return field(default=default, metadata={"help": help, "key": key, "run": run})
 
 
 @dataclass(frozen=True)
@@ -37,7 +29,9 @@ class ModelConfig:
     family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, pix2pix, cyclegan, "
                           "maskgan (mask -> image), aae (masks)")
     image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
-    channels: int = setting(1, "image channels (grey-level medical images)", run=False)
+    channels: int = setting(1, "image channels: 1 (grey) or 3 (colour photographs: fundus, "
+                            "dermoscopy, pathology; RGB in [-1, 1] per channel; dcgan, cdcgan, "
+                            "pix2pix, maskgan; 2D)")
     latent_dim: int = setting(64, "size of the generator's noise vector")
     width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
     spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, pix2pix, "
@@ -48,7 +42,7 @@ class ModelConfig:
         "projection", "how a conditional family (cdcgan) carries the class, comma separated: "
         "projection (D's class embedding on its last features, always on), multiscale (also on "
         "every earlier stage), acgan (D also classifies, G is scored by it), cbn (class-"
-        "conditional batch norm in G)")
+        "conditional batch norm in G)", sep=",")
     # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
     # DP (train dp-noise-multiplier > 0): derived by the run configuration, so every side builds
     # the same architecture.
@@ -61,6 +55,11 @@ class ModelConfig:
             raise ValueError(f"image_size must be a power of two in [16, 256], got {size}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (colour), got {self.channels}")
+        if self.channels == 3 and self.spatial_dims != 2:
+            raise ValueError("channels = 3 (colour) is for 2D images (spatial-dims 2): colour "
+                             "modalities are photographs, not volumes")
         if self.latent_dim < 1 or self.width < 1 or self.num_classes < 0:
             raise ValueError("latent_dim and width must be >= 1, num_classes >= 0")
         unknown = set(self.conditioning_set) - set(CONDITIONING)
@@ -106,8 +105,9 @@ class TrainConfig:
     dp_max_grad_norm: float = setting(1.0, "DP-SGD: per-record gradient clipping norm (L2)")
     # Small local data (shared_models/small_data.py; BENCHMARKS.md "Small local data")
     augment: str = setting("", "DiffAugment of everything D sees, real and fake: comma-separated "
-                           "translation, cutout, brightness, contrast ('' off; dcgan, cdcgan, "
-                           "wgan-gp, pix2pix)")
+                           "translation, cutout, brightness, contrast, and for channels = 3 "
+                           "saturation or color (brightness, saturation, contrast) ('' off; "
+                           "dcgan, cdcgan, wgan-gp, pix2pix)", sep=",")
     r1_gamma: float = setting(0.0, "R1 penalty weight on real images (Mescheder 2018); 0 off "
                               "(dcgan, cdcgan, pix2pix)")
     ema_decay: float = setting(0.0, "hospital: moving average of the generator over the local "
@@ -121,11 +121,20 @@ class TrainConfig:
         f"(eval-intended-class-accuracy); 0 off, at most {MAX_EVAL_CLASSIFIER_STEPS}")
     lesion_weight: float = setting(1.0, "mask-conditioned families: weight of the masked (lesion) "
                                    "pixels in the L1 and adversarial terms; 1 weighs all alike")
+    gradient_loss: float = setting(0.0, "pix2pix: weight of the image-gradient-difference loss "
+                                   "(Nie et al. 2017) beside L1, 2D and 3D; 0 off")
+    gradient_loss_power: int = setting(2, "gradient-loss: exponent p of each axis' gradient "
+                                       "difference, 1 or 2 (Nie et al.: 2)")
+    lesion_cycle_weight: float = setting(0.0, "cyclegan: weight of an L1 of the cycle and identity "
+                                         "terms inside the hospitals' lesion masks (SEG/RTSTRUCT, "
+                                         "mask-labels); 0 off")
 
     def __post_init__(self) -> None:
         from .augment import parse_policy
 
-        parse_policy(self.augment)  # an unknown op is refused here, by name
+        # an unknown op is refused here, by name; saturation / color against the model's
+        # channels in capabilities.check_model (launch and hospital)
+        parse_policy(self.augment, channels=3)
         if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
             raise ValueError("r1_gamma must be >= 0 and ema_decay in [0, 1)")
         if not 0 <= self.eval_classifier_steps <= MAX_EVAL_CLASSIFIER_STEPS:
@@ -141,6 +150,11 @@ class TrainConfig:
                 and self.prox_mu >= 0 and self.lesion_weight > 0):
             raise ValueError("learning rates and prox_mu must be >= 0, betas in [0, 1), "
                              "lesion_weight > 0")
+        if not (0 <= self.gradient_loss < math.inf and 0 <= self.lesion_cycle_weight < math.inf
+                and self.gradient_loss_power in (1, 2)):
+            raise ValueError("gradient-loss and lesion-cycle-weight must be finite and >= 0, "
+                             f"gradient-loss-power 1 or 2 (got {self.gradient_loss}, "
+                             f"{self.lesion_cycle_weight}, {self.gradient_loss_power})")
         if not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
@@ -177,11 +191,12 @@ class DataConfig:
     own (``[hospital] label-attribute`` / ``label-patterns``): a site names its series its own way.
     """
 
-    classes: str = setting("T1w,T2w", "class names, comma separated, in label order (cdcgan)")
+    classes: str = setting("T1w,T2w", "class names, comma separated, in label order (cdcgan)",
+                           sep=",")
     class_attribute: str = setting("series_description", "slice attribute the classes are read "
-                                   "from: " + ", ".join(DOMAIN_ATTRIBUTES))
+                                   "from: {choices}", choices=DOMAIN_ATTRIBUTES)
     class_patterns: str = setting("", "one regular expression per class, ';' separated "
-                                  "(default: each class name)")
+                                  "(default: each class name)", sep=";")
     domain_a: str = setting("T1w", "name of domain A of a translation family (its input)")
     domain_b: str = setting("T2w", "name of domain B (the translation's target)")
     domain_attribute: str = setting("series_description", "slice attribute the domains are read "
@@ -189,10 +204,11 @@ class DataConfig:
     domain_a_pattern: str = setting("", "regular expression for domain A (default: its name)")
     domain_b_pattern: str = setting("", "regular expression for domain B (default: its name)")
     mask_labels: str = setting("lesion", "mask labels in channel order, comma separated (masked "
-                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)")
+                               "families: DICOM SEG segments / RTSTRUCT ROIs at the hospitals)",
+                               sep=",")
     mask_label_patterns: str = setting("", "one regular expression per mask label, ';' separated "
                                        "(default: each label), searched in a segment's label, "
-                                       "description and code (scheme:value)")
+                                       "description and code (scheme:value)", sep=";")
 
     def __post_init__(self) -> None:
         for attr in (self.class_attribute, self.domain_attribute):
@@ -236,23 +252,24 @@ class DataConfig:
 
 def to_flat(obj: Any, prefix: str) -> dict[str, Any]:
     """Flatten a config dataclass into ``prefix.field`` scalars for a ConfigRecord."""
-    return {f"{prefix}.{k}": v for k, v in asdict(obj).items()}
+    return _wire(type(obj)).encode(obj, prefix + ".", spelling="name")
 
 
 def from_flat(cls: type[T], values: Mapping[str, Any], prefix: str) -> T:
-    """Rebuild a config dataclass from ``prefix.field`` scalars, ignoring unknown keys.
+    """Rebuild a config dataclass from ``prefix.field`` scalars (keys with other prefixes are not
+    its own); an unknown ``prefix.`` key is refused, with the field it is closest to.
 
     Each value is coerced to the field's declared type, so a malformed record fails here with a
     ``ValueError`` that names the field, not later inside a network constructor.
     """
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        key = f"{prefix}.{f.name}"
-        if key not in values:
-            continue
-        caster = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), None)
-        try:
-            kwargs[f.name] = caster(values[key]) if caster else values[key]
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"config field {key!r}: cannot use {values[key]!r}") from exc
-    return cls(**kwargs)
+    return _wire(cls).decode(values, prefix + ".", spelling="name")
+
+
+def _wire(cls: type[T]) -> Codec[T]:
+    """The config record's codec of one part: field names as keys, derived fields included."""
+    if cls not in _WIRE:
+        _WIRE[cls] = Codec(cls, "config field", lenient=True, derived=True)
+    return _WIRE[cls]
+
+
+_WIRE: dict[type, Codec[Any]] = {}

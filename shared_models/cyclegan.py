@@ -8,6 +8,15 @@ E[||F(G(a)) - a||_1] + E[||G(F(b)) - b||_1]; plus the identity loss of sec. 5.2,
 0.5 * lambda * (E[||G(b) - b||_1] + E[||F(a) - a||_1]). The paper's 50-image history buffer for D
 is left out: a round holds a few dozen steps, and the buffer would not survive between rounds.
 
+Lesion-aware cycle (after Jiang et al. 2018's tumour-aware loss; Cohen et al. 2018 showed that
+plain translation can drop lesions): with ``lesion-cycle-weight`` w > 0 (``TrainConfig``, carried
+in ``StepContext``) a hospital also loads its lesion masks (DICOM SEG / RTSTRUCT of the run's
+``mask-labels``, read as maskgan reads them) as ``mask_a`` / ``mask_b`` beside its domain images,
+and G's loss adds w x (L1 of the cycle + (identity / cycle weight) x L1 of the identity term),
+each L1 averaged over the pixels inside the union of the record's masks. A slice no mask covers
+adds 0, so does a hospital holding no mask: it trains the plain terms, says so in one log line,
+and reports ``loss-lesion`` 0. Under DP the masked terms are part of each record's own loss.
+
 A hospital may hold one domain only. What it trains then, and the examples it reports (so that the
 coordinator weights each component by the data that really trained it):
 
@@ -31,13 +40,15 @@ from typing import Mapping
 import torch
 
 from .config import ModelConfig
-from .capabilities import DP
+from .capabilities import DP, LESION_CYCLE
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
+from .losses import masked_l1
 from .translation_networks import PatchGAN, ResnetGenerator, init_normal, set_requires_grad
 
 CYCLE_WEIGHT = 10.0  # lambda of eq. 3
 IDENTITY_WEIGHT = 0.5 * CYCLE_WEIGHT  # sec. 5.2: 0.5 * lambda
+MASK_KEYS = {"a": "mask_a", "b": "mask_b"}  # a domain's lesion masks, drawn with its index
 
 
 def _ls(pred: torch.Tensor, target: float) -> torch.Tensor:
@@ -61,7 +72,7 @@ class CycleGAN(FamilyBase):
     batch_keys = ("a", "b")
     task = "translation"
     data_layout = "unpaired"
-    supports = frozenset({DP})
+    supports = frozenset({DP, LESION_CYCLE})
 
     def __init__(self, cycle_weight: float = CYCLE_WEIGHT,
                  identity_weight: float = IDENTITY_WEIGHT) -> None:
@@ -97,11 +108,23 @@ class CycleGAN(FamilyBase):
         both = all(k in data and len(data[k]) for k in self.batch_keys)
         return sample_rate(batch_size, self.dp_records(data)), 2 if both else 1
 
+    def _lesion(self, ctx: StepContext, x: torch.Tensor, cycled: torch.Tensor,
+                same: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+        """``lesion-cycle-weight`` x the cycle and identity L1 inside ``mask`` (0 without one)."""
+        if ctx.lesion_cycle_weight <= 0 or mask is None:
+            return 0.0
+        return ctx.lesion_cycle_weight * (
+            masked_l1(cycled, x, mask)
+            + self.identity_weight / self.cycle_weight * masked_l1(same, x, mask))
+
     def _domain_rate(self, dp, key: str) -> dict[str, torch.Tensor]:  # noqa: ANN001
-        """A Poisson sample of domain ``key`` at batch / N_key (<= the accounted rate)."""
+        """A Poisson sample of domain ``key`` at batch / N_key (<= the accounted rate), with its
+        masks when the data holds them."""
         n = len(dp.data[key])
         mask = dp.rand(n) < min(1.0, dp.batch_size / n)
-        return {key: dp.data[key][mask.nonzero().squeeze(1)]}
+        idx = mask.nonzero().squeeze(1)
+        keys = [k for k in (key, MASK_KEYS[key]) if k in dp.data and len(dp.data[k]) == n]
+        return {k: dp.data[k][idx] for k in keys}
 
     def dp_step(self, nets: Nets, opts: Optimizers, ctx: StepContext) -> dict[str, torch.Tensor]:
         """The DP path of ``train_step`` (shared_models.dp): every term of a record of domain a
@@ -114,14 +137,18 @@ class CycleGAN(FamilyBase):
         def g_a(ex: dict[str, torch.Tensor]) -> torch.Tensor:
             a = ex["a"]
             fake_b = g_ab(a)
-            return (_ls(d_b(fake_b), 1.0) + self.cycle_weight * _l1(g_ba(fake_b), a)
-                    + self.identity_weight * _l1(g_ba(a), a))
+            rec, same = g_ba(fake_b), g_ba(a)
+            return (_ls(d_b(fake_b), 1.0) + self.cycle_weight * _l1(rec, a)
+                    + self.identity_weight * _l1(same, a)
+                    + self._lesion(ctx, a, rec, same, ex.get("mask_a")))
 
         def g_b(ex: dict[str, torch.Tensor]) -> torch.Tensor:
             b = ex["b"]
             fake_a = g_ba(b)
-            return (_ls(d_a(fake_a), 1.0) + self.cycle_weight * _l1(g_ab(fake_a), b)
-                    + self.identity_weight * _l1(g_ab(b), b))
+            rec, same = g_ab(fake_a), g_ab(b)
+            return (_ls(d_a(fake_a), 1.0) + self.cycle_weight * _l1(rec, b)
+                    + self.identity_weight * _l1(same, b)
+                    + self._lesion(ctx, b, rec, same, ex.get("mask_b")))
 
         def d_of_a(ex: dict[str, torch.Tensor]) -> torch.Tensor:
             a = ex["a"]
@@ -162,14 +189,19 @@ class CycleGAN(FamilyBase):
 
     def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
              balanced: bool = False) -> dict[str, torch.Tensor]:
-        """Unpaired: an independent index draw per domain; an empty or absent domain is left out."""
+        """Unpaired: an independent index draw per domain (its masks, if any, with the same
+        index); an empty or absent domain is left out."""
         batch: dict[str, torch.Tensor] = {}
         for key in self.batch_keys:
             images = data.get(key)
             if images is None or len(images) == 0:
                 continue
             n = len(images)
-            batch[key] = images[torch.randint(n, (min(batch_size, n),), device=images.device)]
+            idx = torch.randint(n, (min(batch_size, n),), device=images.device)
+            batch[key] = images[idx]
+            masks = data.get(MASK_KEYS[key])
+            if masks is not None and len(masks) == n:
+                batch[MASK_KEYS[key]] = masks[idx]
         if not batch:
             raise ValueError("family 'cyclegan': no images of domain a or b")
         return batch
@@ -188,26 +220,32 @@ class CycleGAN(FamilyBase):
         set_requires_grad([d_a, d_b], False)
         try:
             with ctx.autocast():
-                adv, cyc, idt = [], [], []
+                adv, cyc, idt, lesion = [], [], [], []
                 if a is not None:
                     fake_b = g_ab(a)
+                    rec_a, same_a = g_ba(fake_b), g_ba(a)
                     adv.append(_ls(d_b(fake_b), 1.0))
-                    cyc.append(_l1(g_ba(fake_b), a))
-                    idt.append(_l1(g_ba(a), a))
+                    cyc.append(_l1(rec_a, a))
+                    idt.append(_l1(same_a, a))
+                    lesion.append(self._lesion(ctx, a, rec_a, same_a, batch.get("mask_a")))
                 if b is not None:
                     fake_a = g_ba(b)
+                    rec_b, same_b = g_ab(fake_a), g_ab(b)
                     adv.append(_ls(d_a(fake_a), 1.0))
-                    cyc.append(_l1(g_ab(fake_a), b))
-                    idt.append(_l1(g_ab(b), b))
-                loss_cyc, loss_idt = sum(cyc), sum(idt)
+                    cyc.append(_l1(rec_b, b))
+                    idt.append(_l1(same_b, b))
+                    lesion.append(self._lesion(ctx, b, rec_b, same_b, batch.get("mask_b")))
+                loss_cyc, loss_idt, loss_lesion = sum(cyc), sum(idt), sum(lesion)
                 loss_g = (sum(adv) + self.cycle_weight * loss_cyc
-                          + self.identity_weight * loss_idt
+                          + self.identity_weight * loss_idt + loss_lesion
                           + ctx.prox_term("g_ab", g_ab) + ctx.prox_term("g_ba", g_ba))
             ctx.step(loss_g, opts["g_ab"], opts["g_ba"])
         finally:
             set_requires_grad([d_a, d_b], True)
         out = {"loss-g": loss_g.detach(), "loss-cycle": loss_cyc.detach(),
                "loss-identity": loss_idt.detach()}
+        if ctx.lesion_cycle_weight > 0:  # 0 where this hospital's batch held no mask
+            out["loss-lesion"] = (loss_g.new_zeros(()) + loss_lesion).detach()  # no host copy
 
         # Discriminators: only with both domains (real a vs F(b), real b vs G(a)).
         if a is not None and b is not None:

@@ -14,7 +14,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits as bce
 from torch.nn.functional import cross_entropy as ce
 
 from .config import ModelConfig
-from .capabilities import AUGMENT, DP, R1, UA_GAN
+from .capabilities import AUGMENT, COLOUR, DP, R1, UA_GAN
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .networks import DCGANDiscriminator, DCGANGenerator, init_dcgan_weights
@@ -32,7 +32,7 @@ class DCGAN(FamilyBase):
     optional_keys = ("label",)
     task = "generation"
     data_layout = "image"
-    supports = frozenset({AUGMENT, R1, DP, UA_GAN})  # cdcgan inherits them
+    supports = frozenset({AUGMENT, R1, DP, UA_GAN, COLOUR})  # cdcgan inherits them
 
     def build(self, cfg: ModelConfig) -> Nets:
         cond = cfg.conditioning_set

@@ -41,6 +41,11 @@ class StepContext:
     small_data: SmallData = field(default_factory=SmallData)
     # mask-conditioned families: weight of the masked pixels in the L1 / adversarial terms
     lesion_weight: float = 1.0
+    # pix2pix: weight and exponent of the image-gradient-difference loss (shared_models.losses)
+    gradient_loss: float = 0.0
+    gradient_loss_power: int = 2
+    # cyclegan: weight of the cycle and identity L1 inside the batch's lesion masks
+    lesion_cycle_weight: float = 0.0
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .capabilities import COLOUR
 from .config import ModelConfig
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
@@ -64,6 +65,7 @@ class MaskGan(FamilyBase):
     pair_keys = ("mask", "image")  # local evaluation: SSIM/PSNR/MAE of G(mask) against the image
     task = "translation"
     data_layout = "masked"
+    supports = frozenset({COLOUR})  # e.g. vessel tree -> colour fundus (Costa et al. 2017)
 
     def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
         self.l1_weight = l1_weight

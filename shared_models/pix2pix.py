@@ -6,6 +6,10 @@ the real or translated image, and L_L1 (eq. 3) = E[||b - G(a)||_1]. D's loss is 
 G uses the non-saturating form. Losses work on logits (stable under fp16). No noise input: as in
 the paper, dropout would be the only stochasticity, and it is off here (small local batches).
 Batches hold paired ``a`` (input) and ``b`` (target) tensors, drawn with one shared index.
+
+``gradient-loss`` w (``TrainConfig``, carried in ``StepContext``) adds w x L_GDL(G(a), b), the
+image-gradient-difference loss of Nie et al. 2017 (``shared_models.losses``), to G's loss, 2D and
+3D; under DP-SGD it is a term of each pair's own generator loss, clipped and noised with it.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
-from .capabilities import AUGMENT, DP, R1
+from .capabilities import AUGMENT, COLOUR, DP, GRADIENT_LOSS, R1
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
+from .losses import gradient_difference
 from .translation_networks import PatchGAN, UNetGenerator, init_normal, set_requires_grad
 
 L1_WEIGHT = 100.0  # lambda of eq. 4
@@ -30,7 +35,7 @@ class Pix2Pix(FamilyBase):
     batch_keys = ("a", "b")
     task = "translation"
     data_layout = "paired"
-    supports = frozenset({AUGMENT, R1, DP})  # augment/R1: each (a, b) pair as one image
+    supports = frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR})  # augment/R1: each pair as one image
 
     def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
         self.l1_weight = l1_weight
@@ -67,7 +72,8 @@ class Pix2Pix(FamilyBase):
             fake = g(a)
             pred = d(torch.cat([a, fake], 1)).float()
             return (bce(pred, torch.ones_like(pred))
-                    + self.l1_weight * (fake.float() - b.float()).abs().mean())
+                    + self.l1_weight * (fake.float() - b.float()).abs().mean()
+                    + self._gradient_term(fake, b, ctx))
 
         with ctx.autocast():
             dp.step({"discriminator": d}, [(d_term, dp.poisson(("a", "b")))],
@@ -110,17 +116,30 @@ class Pix2Pix(FamilyBase):
                 pred = d(aug.view(torch.cat([a, fake], 1))).float()
                 loss_adv = bce(pred, torch.ones_like(pred))
                 loss_l1 = (fake.float() - b.float()).abs().mean()
-                loss_g = loss_adv + self.l1_weight * loss_l1 + ctx.prox_term("generator", g)
+                loss_grad = self._gradient_term(fake, b, ctx)
+                loss_g = (loss_adv + self.l1_weight * loss_l1 + loss_grad
+                          + ctx.prox_term("generator", g))
             ctx.step(loss_g, opts["generator"])
         finally:
             set_requires_grad([d], True)
-        return {
+        out = {
             "loss-g": loss_g.detach(),
             "loss-d": loss_d.detach(),
             "loss-l1": loss_l1.detach(),
             "d-real": torch.sigmoid(d_real.detach()).mean(),
             "d-fake": torch.sigmoid(d_fake.detach()).mean(),
         }
+        if ctx.gradient_loss > 0:
+            out["loss-gradient"] = loss_grad.detach()
+        return out
+
+    @staticmethod
+    def _gradient_term(fake: torch.Tensor, b: torch.Tensor, ctx: StepContext
+                       ) -> torch.Tensor | float:
+        """``gradient-loss`` x L_GDL(G(a), b); 0 (no work) when the setting is off."""
+        if ctx.gradient_loss <= 0:
+            return 0.0
+        return ctx.gradient_loss * gradient_difference(fake, b, ctx.gradient_loss_power)
 
     @torch.no_grad()
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None

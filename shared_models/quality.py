@@ -6,6 +6,11 @@ come from ``torch.manual_seed(FEATURE_SEED)`` (Kaiming-uniform init, torch's def
 global average and standard-deviation pooling of each stage. Random conv features separate real and
 generated medical images well enough to rank models (cf. "random network FID" in Naeem et al.
 2020), and the numbers are only comparable between runs using the same ``FEATURE_SEED`` and size.
+
+Colour (``channels = 3``): ``FeatureNet(3)`` convolves the three RGB channels jointly (its first
+layer takes 3 inputs, seeded alike); the radiomic features (FRD) are per channel: R, G and B each
+described as a grey image, the three rows side by side (3 x 93 features). Colour numbers are
+comparable only with colour numbers.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ class FeatureNet(nn.Module):
         feats = []
         for stage in self.stages:
             x = stage(x)
-            feats += [x.mean((2, 3)), x.std((2, 3))]
+            # a stage down to one pixel (16 px input, 4 stages) has no spread: its std is 0, not
+            # the unbiased estimator's NaN, which made every 16 px evaluation fail in PRDC
+            spread = x.std((2, 3)) if x.shape[2] * x.shape[3] > 1 else torch.zeros_like(x[:, :, 0, 0])
+            feats += [x.mean((2, 3)), spread]
         return torch.cat(feats, 1)
 
 
@@ -107,7 +115,8 @@ def _extractor():  # noqa: ANN202 - radiomics.featureextractor.RadiomicsFeatureE
 
 
 def radiomics_features(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """(N, F) radiomic features of (N, 1, H, W) images in [-1, 1] (3D: the middle slice).
+    """(N, F) radiomic features of (N, 1, H, W) images in [-1, 1] (3D: the middle slice);
+    (N, 3 F) of colour (N, 3, H, W) ones, each channel's features in RGB order.
 
     Each image is mapped to [0, 255] and described whole (a mask of every pixel but one corner,
     frd_score's workaround for a pyradiomics edge case); a constant image gives NaN features,
@@ -119,6 +128,8 @@ def radiomics_features(images: np.ndarray | torch.Tensor) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 5:
         x = x[:, :, x.shape[2] // 2]
+    if x.ndim == 4 and x.shape[1] > 1:  # colour: per channel, side by side
+        return np.concatenate([radiomics_features(x[:, c:c + 1]) for c in range(x.shape[1])], 1)
     x = x.reshape(len(x), *x.shape[-2:])
     extractor = _extractor()
     mask = np.ones(x.shape[1:], np.uint8)

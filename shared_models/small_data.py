@@ -41,7 +41,8 @@ class SmallData:
     def from_train(cls, train: object | None) -> "SmallData":
         if train is None:
             return cls()
-        return cls(augment=parse_policy(getattr(train, "augment", "")),
+        # channels are checked at launch and by the hospital (capabilities.check_model)
+        return cls(augment=parse_policy(getattr(train, "augment", ""), channels=3),
                    r1_gamma=float(getattr(train, "r1_gamma", 0.0)))
 
     def view(self, x: torch.Tensor) -> torch.Tensor:

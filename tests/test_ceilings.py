@@ -93,16 +93,66 @@ def test_a_round_past_its_seconds_stops_and_sends_nothing(demo_hospitals: list[P
     assert refusals("ceiling-seconds") == 1
 
 
+def test_work_past_the_memory_ceiling_is_refused_before_anything_is_built(
+        demo_hospitals: list[Path], tmp_path: Path, monkeypatch, caplog, refusals) -> None:
+    """Within every other ceiling: DCGAN at 256 px, width 64 (92 M parameters), batch 256."""
+    from client.ceilings import memory_floor_mb
+
+    built = []
+    real_init = LocalTrainer.__init__
+    monkeypatch.setattr(LocalTrainer, "__init__",
+                        lambda self, *a, **k: built.append(1) or real_init(self, *a, **k))
+    context = _context(demo_hospitals[0], tmp_path / "c", **{"max-memory-mb": 2000})
+    big = ModelConfig(image_size=256, width=64)
+    train = TrainConfig(local_steps=2, batch_size=256)
+    n = parameter_count(big)
+    defaults = HospitalSettings.from_mapping({"data-dir": "."})
+    assert n < defaults.max_parameters and train.batch_size <= defaults.max_batch
+    need = memory_floor_mb(big, train, n, True)
+    assert 2000 < need < defaults.max_memory_mb  # refused here, allowed at the default
+    with task_identity():
+        t0 = time.perf_counter()
+        with pytest.raises(Exception, match="past the hospital's ceilings"):
+            app(_message(big, train, 1, {"generator.none": np.zeros(1, "float32")}), context)
+        assert time.perf_counter() - t0 < 5
+    assert refusals("ceiling-memory") == 1 and not built
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "REFUSED message (ceiling-memory)" in lines[0].getMessage()
+    assert "max-memory-mb = 2000" in lines[0].getMessage()
+
+
+def test_a_round_whose_process_grows_past_the_memory_ceiling_stops_and_sends_nothing(
+        demo_hospitals: list[Path], tmp_path: Path, caplog, refusals) -> None:
+    from client.ceilings import resident_mb
+
+    limit = 64  # this test's process, with torch loaded, holds more: the first step stops
+    assert resident_mb() > limit
+    context = _context(demo_hospitals[0], tmp_path / "c", **{"max-memory-mb": limit})
+    with task_identity():
+        with pytest.raises(Exception, match="past the hospital's ceilings"):
+            app(_message(SMALL, TrainConfig(local_steps=5000, batch_size=4), 1), context)
+    assert refusals("ceiling-memory") == 1
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 1 and "after 0 steps" in lines[0].getMessage(), lines
+    # the same message trains at the default
+    context = _context(demo_hospitals[0], tmp_path / "d")
+    with task_identity():
+        reply = app(_message(SMALL, TrainConfig(local_steps=2, batch_size=4), 2), context)
+    assert not reply.has_error()
+
+
 def test_ceiling_settings() -> None:
     h = HospitalSettings.from_mapping({"data-dir": ".", "max-parameters": 10, "max-batch": 2,
-                                       "max-steps": 3, "max-round-seconds": 1.5})
-    assert (h.max_parameters, h.max_batch, h.max_steps, h.max_round_seconds) == (10, 2, 3, 1.5)
+                                       "max-steps": 3, "max-round-seconds": 1.5,
+                                       "max-memory-mb": 512})
+    assert (h.max_parameters, h.max_batch, h.max_steps, h.max_round_seconds,
+            h.max_memory_mb) == (10, 2, 3, 1.5, 512.0)
     assert HospitalSettings.from_mapping(h.to_node_config()) == h
     d = HospitalSettings.from_mapping({"data-dir": "."})
-    assert (d.max_parameters, d.max_batch, d.max_steps, d.max_round_seconds) == (
-        100_000_000, 256, 5000, 3600.0)
+    assert (d.max_parameters, d.max_batch, d.max_steps, d.max_round_seconds,
+            d.max_memory_mb) == (100_000_000, 256, 5000, 3600.0, 8192.0)
     for key, bad in (("max-batch", 0), ("max-steps", -1), ("max-parameters", 1.5),
-                     ("max-round-seconds", 0)):
+                     ("max-round-seconds", 0), ("max-memory-mb", 0), ("max-memory-mb", "x")):
         with pytest.raises(SettingsError, match=key):
             HospitalSettings.from_mapping({"data-dir": ".", key: bad})
 
@@ -125,4 +175,4 @@ def test_the_run_goes_on_without_a_hospital_past_its_ceiling(tmp_path: Path) -> 
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert (r["replied"], r["failed"]) == (1, 1)
-        assert r["failed_hospitals"] == {"small": "error"}
+        assert r["failed_hospitals"] == {"small": "ceiling"}  # the kind of refusal

@@ -270,6 +270,26 @@ def test_compose_file_is_valid() -> None:
         assert "--insecure" not in cmd
         assert any("/data" in str(v) for v in services[name]["volumes"])
     assert "--insecure" not in " ".join(services["coordinator"]["command"])
+    # the compose Prometheus scrapes the coordinator's long-lived metrics port by service name
+    coord_cmd = services["coordinator"]["command"]
+    port = coord_cmd[coord_cmd.index("--metrics-port") + 1]
+    assert coord_cmd[coord_cmd.index("--metrics-host") + 1] == "0.0.0.0"
+    prom_cfg = next(a.split("=", 1)[1] for a in services["prometheus"]["command"]
+                    if a.startswith("--config.file="))
+    mount = next(v for v in services["prometheus"]["volumes"] if v.endswith(":ro"))
+    host_dir, container_dir = mount.split(":")[:2]
+    local_cfg = compose.parent / host_dir / Path(prom_cfg).relative_to(container_dir)
+    scraped = yaml.safe_load(local_cfg.read_text())["scrape_configs"]
+    assert f"coordinator:{port}" in [t for job in scraped for c in job["static_configs"]
+                                     for t in c["targets"]]
+    promtool = shutil.which("promtool")
+    if promtool:
+        for cfg in (local_cfg, compose.parent / "prometheus" / "prometheus.yml"):
+            out = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True,
+                                 text=True, check=False)
+            assert out.returncode == 0, out.stdout + out.stderr
+    unit = (ROOT / "deploy" / "systemd" / "fedsynth-coordinator.service").read_text()
+    assert "--metrics-port 9400" in unit  # prometheus.yml's coordinator target
     for svc in services.values():
         build = svc.get("build")
         if build:

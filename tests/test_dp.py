@@ -260,7 +260,11 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
     assert (rows[0]["replied"], rows[0]["failed"]) == (2, 0)
     for r in rows[1:]:  # refused by name; the other hospital goes on training
         assert (r["replied"], r["failed"]) == (1, 1)
-        assert r["failed_hospitals"] == {"tight": "error"}
+        assert r["failed_hospitals"] == {"tight": "dp-budget"}  # its reason, not "error"
+        # the model bytes of the round are in its row: one reply fewer than round 1
+        assert 0 < r["server"]["received-bytes"] < rows[0]["server"]["received-bytes"]
+        assert r["server"]["wire-bytes"] == (r["server"]["sent-bytes"]
+                                             + r["server"]["received-bytes"])
     eps = {name: [r["hospitals"][node]["dp-epsilon"] for r in rows
                   for node in r["hospitals"] if r["names"].get(node, node) == name]
            for name in ("hospital-1", "tight")}
@@ -274,6 +278,16 @@ def test_a_hospital_at_its_budget_refuses_and_the_run_goes_on(tmp_path: Path, ca
         eps["hospital-1"][-1])
     report = build_report(folder)
     assert "Privacy spent per hospital" in report and "<td>tight</td>" in report
+    # ... and the report says who failed in which round, and why
+    failed = report[report.index("<h2>Failed hospitals</h2>"):]
+    assert "<td>2</td><td>tight</td><td>train</td><td>dp-budget</td>" in failed
+    assert "<td>3</td><td>tight</td><td>train</td><td>dp-budget</td>" in failed
+    # the coordinator's log names the run's strategy once, at its start
+    starts = [r.getMessage() for r in caplog.records if "strategy: family" in r.getMessage()]
+    assert len(starts) == 1 and starts[0].startswith("run dp (Flower run "), starts
+    assert starts[0].split("), ", 1)[1] == ("3 rounds, strategy: family pix2pix, preset fedgan, "
+                                            "wire float32; discriminator: mean/avg; "
+                                            "generator: mean/avg"), starts
     refusals = [r for r in caplog.records if "REFUSED" in r.getMessage()]
     assert len(refusals) == 2  # one line per refused round
     assert "past this hospital's dp-epsilon" in refusals[0].getMessage()

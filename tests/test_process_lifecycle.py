@@ -9,6 +9,7 @@ with SIGKILL, as ``kill -9 -PGID`` or an OOM kill of the group would, mid-round.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,22 @@ def test_guard_passes_the_exit_code_and_refuses_an_orphaned_start() -> None:
     assert wrong.returncode == 1 and "ran" not in wrong.stdout
 
 
+def _status_without_flwr(launch: Path, flwr_home: Path) -> dict:
+    """``fedsynth status``'s answer with every ``flwr`` start made to fail."""
+    from unittest import mock
+
+    from fedsynth import deployment
+    from fedsynth.commands.status import collect
+    from fedsynth.launch_file import load_launch_file
+
+    def no_flwr(*a, **k):  # noqa: ANN002, ANN003
+        raise AssertionError("status started flwr")
+
+    with mock.patch.object(deployment, "flwr_cli", no_flwr):
+        return collect(load_launch_file(launch, check_run=False), flwr_home)
+
+
+
 # ---------------------------------------------------------------- real daemons (slow)
 
 @pytest.mark.slow
@@ -188,10 +205,32 @@ def test_killed_hospital_is_failed_by_name_and_leaves_nothing(tmp_path: Path) ->
         assert row["failed_hospitals"] == {"h2": "offline"}, row
         assert "h2" not in row["evaluate_failed"], row  # offline: not even asked to evaluate
 
-        # fedsynth status names it too
+        # each round's row has its model bytes: round 2 received one reply of round 1's two
+        wire = [r["server"] for r in metrics_rows(folder)[:2]]
+        assert wire[0]["sent-bytes"] > 0 and wire[0]["received-bytes"] > 0, wire
+        assert wire[1]["received-bytes"] == pytest.approx(wire[0]["received-bytes"] / 2,
+                                                          rel=0.02), wire
+        # the run folder's coordinator log names the run's strategy, once, at its start
+        run_log = (folder / "coordinator.log").read_text()
+        assert run_log.count("strategy: family dcgan, preset fedgan, wire float32; "
+                             "discriminator: mean/avg; generator: mean/avg") == 1, run_log
+        assert "round 2/3 done" in run_log and "h2 failed (offline)" in run_log, run_log
+        # fedsynth status names it too: the run's folder, rounds done / asked, each failure
+        flower_id = re.search(r"Flower run (\d+)", out.stdout).group(1)
+        t_status = time.monotonic()
         status = run(["status", str(launch), "--flwr-home", str(tmp_path / "flwr")], tmp_path)
+        took_status = time.monotonic() - t_status
         assert status.returncode == 0, status.stderr[-2000:]
+        assert f"run lifecycle (Flower run {flower_id}): running" in status.stdout, status.stdout
+        assert f"folder {folder}: rounds 2 / 3" in status.stdout, status.stdout
         assert "round 2 failed: h2 (offline)" in status.stdout, status.stdout
+        assert "N/A" not in status.stdout, status.stdout
+        # ... asking the SuperLink in-process (a `flwr` start each costs 1.5-5 s)
+        info = _status_without_flwr(launch, tmp_path / "flwr")
+        mine = [r for r in info["runs"] if r["run-id"] == flower_id]
+        assert mine and mine[0]["folder"] == str(folder) and mine[0]["rounds-asked"] == 3, info
+        print(f"[lifecycle] fedsynth status took {took_status:.1f} s (load "
+              f"{os.getloadavg()[0]:.1f})")
 
         # restarted, h2 trains in round 3 (its old SuperNode does not hold the port)
         hospitals["h2"] = start("h2-restarted", ["hospital", str(tomls["h2"])], tmp_path)
@@ -218,7 +257,7 @@ def test_killed_coordinator_leaves_nothing_and_resumes(tmp_path: Path) -> None:
     launch = launch_toml(tmp_path / "launch.toml", address, keys.ca_cert, family="dcgan",
                          rounds=2, local_steps=40, batch_size=4, image_size=32, min_hospitals=1,
                          round_timeout=ROUND_TIMEOUT, signing_key=keys.signing_key,
-                         run_dir=tmp_path / "runs", run_id="resumed")
+                         run_dir=tmp_path / "runs", run_id="resumed", wire_dtype="int8")
     flwr_home = ["--flwr-home", str(tmp_path / "flwr")]
     try:
         wait_for("h1 connected", lambda: "SuperNode ID" in h1.text(), 240, (coord, h1))
@@ -241,12 +280,22 @@ def test_killed_coordinator_leaves_nothing_and_resumes(tmp_path: Path) -> None:
         coord = start("coordinator-2", coord_args, tmp_path)
         wait_for("the restarted coordinator", lambda: "Uvicorn running" in coord.text(), 120,
                  (coord, h1))
-        out = run(["launch", str(launch), "--resume", "resumed", *flwr_home], tmp_path)
-        assert out.returncode == 0, out.stderr[-2000:]
-        wait_for("round 2", lambda: len(metrics_rows(folder)) >= 2, 300, (coord, h1))
+        # --wait follows the run to its end, a line per round it completes
+        out = run(["launch", str(launch), "--resume", "resumed", "--wait", "--poll", "1",
+                   *flwr_home], tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:] + out.stdout[-2000:]
+        assert re.search(r"^round 2: 1/1 hospitals replied in [0-9.]+ s, loss-g [0-9.-]+, "
+                         r"loss-d [0-9.-]+, [0-9.]+ MB on the wire$", out.stdout, re.M), out.stdout
+        assert out.stdout.rstrip().endswith("run resumed: finished:completed"), out.stdout
         rows = metrics_rows(folder)
         assert [r["round"] for r in rows] == [1, 2]
         assert rows[1]["replied"] == 1, rows[1]
+        # an int8 run's bytes are in metrics.jsonl: float16 down, one byte per weight back
+        # (round 1: train messages only; the last round adds its evaluate message's download)
+        sent, got = rows[0]["server"]["sent-bytes"], rows[0]["server"]["received-bytes"]
+        assert 0.4 * sent < got < 0.6 * sent, rows[0]["server"]
+        assert rows[1]["server"]["received-bytes"] == got, rows[1]["server"]
+        assert rows[1]["server"]["sent-bytes"] == 2 * sent, rows[1]["server"]
         assert "address already in use" not in coord.text().lower()
     finally:
         for p in (coord, h1):

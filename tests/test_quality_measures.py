@@ -68,3 +68,21 @@ def test_hospital_evaluation_reports_frd_and_prdc_as_scalars() -> None:
     for key in ("eval-precision", "eval-recall", "eval-density", "eval-coverage"):
         assert isinstance(first[key], float) and 0.0 <= first[key] <= 12.0, key
     assert FRD_MAX_IMAGES >= 32
+
+
+def test_16_px_features_are_finite_and_32_px_features_unchanged() -> None:
+    """At 16 px the last of FeatureNet's four stride-2 stages is one pixel: its spread is 0, not
+    the unbiased std's NaN, which failed every 16 px evaluation in PRDC; 32 px and up keep
+    the features they had (the spread of more than one pixel is computed as before)."""
+    feat = FeatureNet()
+    small = feat(_blobs(20, 0)[:, :, 8:24, 8:24])
+    assert torch.isfinite(small).all()
+    assert (small[:, -32:] == 0).all()  # the one-pixel stage's std block
+    scores = prdc(small.numpy(), feat(_blobs(20, 1)[:, :, 8:24, 8:24]).numpy())
+    assert all(np.isfinite(v) for v in scores.values()), scores
+    x = _blobs(4, 2)
+    by_hand, h = [], x
+    for stage in feat.stages:
+        h = stage(h)
+        by_hand += [h.mean((2, 3)), h.std((2, 3))]
+    assert torch.equal(feat(x), torch.cat(by_hand, 1))

@@ -141,7 +141,7 @@ def two_hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,size", [("cdcgan", 32), ("wgan-gp", 32), ("cyclegan", 16)])
+@pytest.mark.parametrize("family,size", [("cdcgan", 16), ("wgan-gp", 16), ("cyclegan", 16)])
 def test_the_report_of_each_family_shows_a_score(two_hospitals: list[Path], tmp_path: Path,
                                                  family: str, size: int) -> None:
     """One round of the family in-process (the families whose other tests run no federation;

@@ -48,6 +48,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11, "lesion-weight": 4.0,
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
+        "gradient-loss": 0.5, "gradient-loss-power": 1, "lesion-cycle-weight": 0.0,
         "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9, "class-balanced": False,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
@@ -71,17 +72,22 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
                   "r1-gamma": 0.5, "class-balanced": True, "secure-aggregation": True,
                   "reducer": "mean", "wire-dtype": "float32", "sync-every": 0,
                   "max-update-norm": 0.0, "min-hospitals": 3}
+    # lesion-cycle-weight is cyclegan's (2D here): a third run
+    cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0,
+             "lesion-cycle-weight": 3.0}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
-        assert values[s.key] != s.default or small_data[s.key] != s.default, \
+        assert any(d[s.key] != s.default for d in (values, small_data, cycle)), \
             f"{s.key}: pick a non-default value"
     cfg = from_flat(values)
     assert cfg.to_flat() == values
     assert from_flat(small_data).to_flat() == small_data
+    assert from_flat(cycle).to_flat() == cycle
     with pytest.raises(ValueError, match="not supported with DP-SGD"):
         from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
-    assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2}).model.num_classes == 3
+    assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2,
+                      "gradient-loss": 0.0}).model.num_classes == 3
     assert cfg.data.class_names == ("cyst", "metastasis", "haemangioma")
 
 

@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from client import rtstruct
 from client import segmentation as segm
 from client.dicom import DicomSettings, scan_folder
 from fedsynth.cli import main
@@ -292,9 +293,9 @@ def test_hostile_rtstruct_cannot_hold_the_cpu(tmp_path: Path, attack: str,
         ring = np.repeat(pts, 30_000 // len(pts) + 1, axis=0)[:30_000]
         c0.ContourData, c0.NumberOfContourPoints = [f"{v:.3f}" for v in ring.ravel()], len(ring)
     else:  # far off every slice's plane, no image reference: each is tested against every slice
-        monkeypatch.setattr(segm, "MAX_PLANE_TESTS", 200)  # the mechanism, at a test's size
+        monkeypatch.setattr(rtstruct, "MAX_PLANE_TESTS", 200)  # the mechanism, at a test's size
         many = Sequence()
-        for k in range(segm.MAX_PLANE_TESTS // len(images) + 10):
+        for k in range(rtstruct.MAX_PLANE_TESTS // len(images) + 10):
             c = Dataset()
             c.ContourGeometricType, c.NumberOfContourPoints = "CLOSED_PLANAR", 3
             c.ContourData = [0.0, 0.0, 5000.0 + k, 1.0, 0.0, 5000.0 + k, 0.0, 1.0, 5000.0 + k]

@@ -75,7 +75,10 @@ def test_wheel_installs_into_clean_venv_and_runs_hospital_commands(
     bin_dir = env_dir / "bin"
     # Plain pip, nothing before it: every dependency, pyradiomics' sdist build included, comes
     # from the wheel's own metadata (torch resolves to the CPU build where pip is pointed at it).
-    _run([str(bin_dir / "pip"), "install", "-q", str(wheels[0])], tmp_path, 1500)
+    # --no-compile: pip's byte-compiling of every installed module (torch, scipy, MONAI: tens of
+    # seconds of CPU on 2 busy cores) is a cache Python rebuilds at first import, and pip logs
+    # rather than fails its errors; it can hide no install step, the commands below still import.
+    _run([str(bin_dir / "pip"), "install", "-q", "--no-compile", str(wheels[0])], tmp_path, 1500)
 
     work = tmp_path / "elsewhere"  # not the checkout: nothing imports from the source tree
     work.mkdir()

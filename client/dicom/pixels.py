@@ -18,6 +18,7 @@ from .budget import check_pixel_budget
 from .reader import file_limit, has_pixel_tag, read_bytes
 from .tags import PIXEL_KEYWORDS, header_int, header_str
 from .types import (
+    GREY_IN_COLOUR_RUN,
     INCONSISTENT_GEOMETRY,
     NO_PIXEL_DATA,
     TOO_SMALL,
@@ -146,7 +147,8 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     - Colour: the Y plane of YBR data, BT.601 luminance of RGB, PALETTE COLOR through
       its colour LUT; no modality LUT.
 
-    Raises whatever the decoder raises (the scanner maps that to "undecodable").
+    Raises whatever the decoder raises (the scanner maps that to "undecodable"). A colour
+    run's frames come from :func:`decode_rgb` instead.
     """
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
@@ -185,6 +187,46 @@ def decode_frames(ds: Dataset) -> np.ndarray:
     if photometric == "MONOCHROME1":
         values = values.min() + values.max() - values
     return values.astype(np.float32, copy=False)
+
+
+def is_colour(ds: Dataset) -> bool:
+    """Three samples per pixel (RGB, YBR_*) or a palette: what a colour run decodes."""
+    photometric = header_str(ds, "PhotometricInterpretation").upper()
+    return max(header_int(ds, "SamplesPerPixel", 1), 1) == 3 or photometric == "PALETTE COLOR"
+
+
+def decode_rgb(ds: Dataset) -> np.ndarray:
+    """Decode a colour object to float32 ``(frames, rows, cols, 3)`` RGB in [-1, 1] per channel.
+
+    The one colour space of colour runs (``channels = 3``): RGB, each channel mapped linearly
+    from its stored range (0 .. 2**BitsStored - 1; a palette's LUT entries: 0 .. 2**bits of
+    its descriptor - 1) to [-1, 1], the same fixed mapping for every slice and channel, so the
+    colour balance of a photograph is kept (per-slice percentiles, as for MR, would not).
+    YBR_FULL, YBR_FULL_422 (and the JPEG codecs' YBR_ICT/RCT) are converted by pydicom
+    (``as_rgb=True``: PS3.3 C.7.6.3.1.2's full-range BT.601 equations); PALETTE COLOR goes
+    through its colour LUT. Raises ``ValueError`` for anything else.
+    """
+    from pydicom.pixels import apply_color_lut, get_decoder
+
+    _ensure_transfer_syntax(ds)
+    rows, cols = header_int(ds, "Rows"), header_int(ds, "Columns")
+    n_frames = max(header_int(ds, "NumberOfFrames", 1), 1)
+    samples = max(header_int(ds, "SamplesPerPixel", 1), 1)
+    photometric = header_str(ds, "PhotometricInterpretation").upper()
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    if photometric == "PALETTE COLOR" and samples == 1:
+        arr, _ = decoder.as_array(ds, as_rgb=False)
+        rgb = apply_color_lut(arr, ds)
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        bits = int(descriptor[2]) if descriptor is not None and len(descriptor) == 3 else 16
+        top = float(2 ** (16 if bits > 8 else 8) - 1)
+    elif samples == 3:
+        rgb, _ = decoder.as_array(ds, as_rgb=True)
+        top = float(2 ** max(1, header_int(ds, "BitsStored", header_int(ds, "BitsAllocated", 8))) - 1)
+    else:
+        raise ValueError(f"not a colour image: {samples} sample(s), {photometric!r}")
+    rgb = np.asarray(rgb, dtype=np.float32).reshape(n_frames, rows, cols, 3)
+    return np.clip(rgb * np.float32(2.0 / top) - 1.0, -1.0, 1.0).astype(np.float32, copy=False)
 
 
 def frame_geometry(ds: Dataset, n_frames: int) -> tuple[np.ndarray, tuple[float, ...] | None,
@@ -249,6 +291,8 @@ def decode_dataset(ds: Dataset, path: Path, settings: DicomSettings,
     """Checks that need pixel data, then decode to modality units; raises Skip on problems.
 
     ``raw``: the bytes ``ds`` was parsed from (else ``path`` is read again when needed).
+    ``settings.channels`` 3 (a colour run): colour objects come out as :func:`decode_rgb`'s
+    ``(frames, rows, cols, 3)`` RGB in [-1, 1]; a grey object is skipped (``grey-image``).
     """
     if not any(kw in ds for kw in PIXEL_KEYWORDS):
         if len(ds) == 0 or "Rows" in ds:
@@ -272,14 +316,18 @@ def decode_dataset(ds: Dataset, path: Path, settings: DicomSettings,
     expected = _expected_native_bytes(ds)
     if expected is not None and _pixel_bytes_len(ds) < expected:
         raise Skip(TRUNCATED_PIXEL_DATA, f"{_pixel_bytes_len(ds)} < {expected} bytes")
+    colour = settings.channels == 3
+    if colour and not is_colour(ds):
+        raise Skip(GREY_IN_COLOUR_RUN, header_str(ds, "PhotometricInterpretation"))
     try:
-        frames = decode_frames(ds)
+        frames = decode_rgb(ds) if colour else decode_frames(ds)
     except Exception as exc:
         msg = str(exc)
         if "less than expected" in msg or "too short" in msg.lower():
             raise Skip(TRUNCATED_PIXEL_DATA, msg) from exc
         raise Skip(UNDECODABLE, f"{type(exc).__name__}: {msg}") from exc
-    if frames.ndim != 3 or frames.shape[1:] != (rows, cols) or frames.shape[0] == 0:
+    if (frames.ndim != 3 + colour or frames.shape[1:3] != (rows, cols) or frames.shape[0] == 0
+            or (colour and frames.shape[3] != 3)):
         raise Skip(INCONSISTENT_GEOMETRY, f"decoded shape {frames.shape}")
     if not np.all(np.isfinite(frames)):
         frames = np.nan_to_num(frames, nan=0.0, posinf=0.0, neginf=0.0)

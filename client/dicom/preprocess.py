@@ -43,26 +43,34 @@ def resized_shape(rows: int, cols: int, size: int) -> tuple[int, int]:
 
 
 def resize_keep_aspect(frames: np.ndarray, size: int) -> np.ndarray:
-    """Scale so the longer side is ``size`` (area when shrinking, bilinear when enlarging)."""
-    n, h, w = frames.shape
+    """Scale so the longer side is ``size`` (area when shrinking, bilinear when enlarging).
+
+    ``(n, h, w)`` grey frames, or ``(n, h, w, 3)`` colour ones (each channel alike)."""
+    n, h, w = frames.shape[:3]
     if max(h, w) == size:
         return frames
     out_h, out_w = resized_shape(h, w, size)
     side = max(h, w)
-    tensor = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).unsqueeze(1)
+    tensor = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
+    tensor = tensor.unsqueeze(1) if frames.ndim == 3 else tensor.permute(0, 3, 1, 2)
     if side > size:
         tensor = F.interpolate(tensor, size=(out_h, out_w), mode="area")
     else:
         tensor = F.interpolate(tensor, size=(out_h, out_w), mode="bilinear", align_corners=False)
-    return tensor[:, 0].numpy()
+    return tensor[:, 0].numpy() if frames.ndim == 3 else tensor.permute(0, 2, 3, 1).numpy()
 
 
 def pad_square(frames: np.ndarray, size: int) -> np.ndarray:
-    """Centre-pad ``(n, h, w)`` (h, w <= size) to ``(n, 1, size, size)`` with -1 (background)."""
-    n, h, w = frames.shape
-    out = np.full((n, 1, size, size), -1.0, dtype=np.float32)
+    """Centre-pad ``(n, h, w)`` (h, w <= size) to ``(n, 1, size, size)`` with -1 (background);
+    colour ``(n, h, w, 3)`` to ``(n, 3, size, size)`` (-1 in every channel: black)."""
+    n, h, w = frames.shape[:3]
+    chans = 1 if frames.ndim == 3 else frames.shape[3]
+    out = np.full((n, chans, size, size), -1.0, dtype=np.float32)
     top, left = (size - h) // 2, (size - w) // 2
-    out[:, 0, top : top + h, left : left + w] = frames
+    if frames.ndim == 3:
+        out[:, 0, top : top + h, left : left + w] = frames
+    else:
+        out[:, :, top : top + h, left : left + w] = frames.transpose(0, 3, 1, 2)
     return out
 
 
@@ -70,8 +78,12 @@ def preprocess(frames: np.ndarray, modality: str, settings: DicomSettings) -> np
     """Modality units ``(n, rows, cols)`` -> ``(n, 1, size, size)`` float32 in [-1, 1].
 
     Resizing first is exact for the CT window (both linear) and makes the MR
-    percentiles cheap on large images.
+    percentiles cheap on large images. Colour frames ``(n, rows, cols, 3)`` (a colour run's,
+    already RGB in [-1, 1]: ``pixels.decode_rgb``) are only resized and padded, to
+    ``(n, 3, size, size)``.
     """
     small = resize_keep_aspect(frames, settings.image_size)
+    if small.ndim == 4:
+        return pad_square(np.clip(small, -1.0, 1.0), settings.image_size)
     return pad_square(normalise(small, modality, settings), settings.image_size)
 

@@ -161,7 +161,7 @@ def scan_folder(folder: Path, settings: DicomSettings) -> SliceSet:
             skipped[reason] = skipped.get(reason, 0) + 1
             skipped_files.append((rel, reason))
             continue
-        n, rows, cols = item.frames.shape
+        n, rows, cols = item.frames.shape[:3]
         images = preprocess(item.frames, item.modality, settings)
         usable_files += 1
         by_modality[item.modality] = by_modality.get(item.modality, 0) + n

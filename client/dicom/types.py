@@ -36,6 +36,7 @@ UNREADABLE = "unreadable"  # the file exists but cannot be opened or read (permi
 UNREADABLE_FOLDER = "unreadable-folder"  # a subfolder that cannot be listed: its files are unseen
 OUTSIDE_DATA_DIR = "outside-data-dir"  # a symlink resolving outside the data folder: not followed
 NOT_A_FILE = "not-a-file"  # FIFO, socket, device, dangling symlink: never opened
+GREY_IN_COLOUR_RUN = "grey-image"  # a one-sample (grey) image met by a colour run (channels = 3)
 
 SKIP_REASONS: tuple[str, ...] = (
     NOT_DICOM,
@@ -75,10 +76,16 @@ class DicomSettings:
     # Decompression-bomb budget: the most decoded pixel bytes one file may produce (Rows x
     # Columns x Frames x SamplesPerPixel x BitsAllocated / 8), checked before any decode.
     max_decoded_mb: float = 256.0
+    # 1: grey slices (colour images as their luminance); 3: colour slices, RGB in [-1, 1] per
+    # channel (client/dicom/pixels.py decode_rgb), grey images skipped. In the fingerprint, so a
+    # grey cache entry is never served to a colour run.
+    channels: int = 1
 
     def __post_init__(self) -> None:
         if self.image_size < 1 or self.min_size < 1:
             raise ValueError(f"image_size and min_size must be >= 1, got {self.image_size}, {self.min_size}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if not self.max_decoded_mb > 0:
             raise ValueError(f"max_decoded_mb must be > 0, got {self.max_decoded_mb}")
         if self.series_pattern:

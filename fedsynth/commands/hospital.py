@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
             from client import metrics
 
             metrics.cleanup(metrics_dir)
+    if node.unreachable is not None:  # --max-restarts spent on a coordinator nobody answers at
+        raise UserError(f"{node.unreachable}; gave up after {node.restarts + 1} tries "
+                        f"(--max-restarts {args.max_restarts}): check [coordinator] address")
     if node.stopping():
         return 0
     return 3 if refused["seen"] else (code or 1)
