@@ -65,7 +65,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "metrics-host": "0.0.0.0", "hospital-names": "/n.json",
         # secure-aggregation = true refuses median and float16 (test_secure_aggregation.py)
         "secure-aggregation": False, "secure-aggregation-clip": 0.25,
-        "secure-aggregation-max-examples": 500.0,
+        "secure-aggregation-max-examples": 500.0, "channels": 1,
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
@@ -75,14 +75,17 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     # lesion-cycle-weight is cyclegan's (2D here): a third run
     cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0,
              "lesion-cycle-weight": 3.0}
+    # channels = 3 (colour) is 2D only: a fourth run
+    colour = {**small_data, "spatial-dims": 2, "channels": 3}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
-        assert any(d[s.key] != s.default for d in (values, small_data, cycle)), \
+        assert any(d[s.key] != s.default for d in (values, small_data, cycle, colour)), \
             f"{s.key}: pick a non-default value"
     cfg = from_flat(values)
     assert cfg.to_flat() == values
     assert from_flat(small_data).to_flat() == small_data
     assert from_flat(cycle).to_flat() == cycle
+    assert from_flat(colour).to_flat() == colour
     with pytest.raises(ValueError, match="not supported with DP-SGD"):
         from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
