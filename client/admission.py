@@ -154,6 +154,30 @@ def check_secure_aggregation(hospital: HospitalSettings, msg: Message) -> None:
             "round's update would leave it unmasked"))
 
 
+MIN_SECURE_THRESHOLD = 2  # shares to rebuild a secret: 1 would let any one holder do it alone
+MIN_SECURE_PEERS = 2  # others to mask with: with 1, the sum of two is the other's update to each
+
+
+def check_secure_parameters(hospital: HospitalSettings, configs: ConfigRecord) -> None:
+    """Refuse SecAgg+ parameters that would leave this hospital's update exposed, whoever chose
+    them (the coordinator sends them unsigned): a reconstruction threshold below 2, or fewer than
+    2 other hospitals in the round (setup: the sampled and share counts; share keys: the
+    neighbours whose keys were forwarded)."""
+    stage = configs.get("stage")
+    if stage == "setup":
+        threshold = int(configs.get("threshold", 0))
+        peers = min(int(configs.get("sample_num", 0)), int(configs.get("share_num", 0))) - 1
+    elif stage == "share_keys":
+        threshold, peers = MIN_SECURE_THRESHOLD, len([k for k in configs if k != "stage"]) - 1
+    else:
+        return
+    if threshold < MIN_SECURE_THRESHOLD or peers < MIN_SECURE_PEERS:
+        refuse(hospital, "secure-aggregation-parameters", PolicyRefused(
+            f"secure aggregation with threshold {threshold} and {peers} other hospital(s) would "
+            f"expose this hospital's update (at least threshold {MIN_SECURE_THRESHOLD} and "
+            f"{MIN_SECURE_PEERS} others are needed)"))
+
+
 def check_never_send(hospital: HospitalSettings, components: tuple[str, ...]) -> None:
     """Refuse a round that asks for a component this hospital's settings keep at home."""
     forbidden = sorted(set(components) & set(hospital.never_send))

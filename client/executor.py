@@ -10,7 +10,9 @@ What: the hospital daemon starts its SuperNode with ``--isolation process`` (so 
 starts no SuperExec of its own) and runs this executor beside it. The executor speaks Flower's own
 Runtime API on the SuperNode's loopback port, exactly as ``flower-superexec`` + ``flwr-clientapp``
 do: acquire a task, pull its message and context, run the ClientApp, push the reply and the
-updated context (where ``context.state`` keeps the hospital's local components). The difference is
+updated context (where ``context.state`` keeps the hospital's local components, and secure
+aggregation's ``secaggplus_mod`` its keys, shares and next stage between the protocol's four
+messages; the app's mods run as under Flower). The difference is
 only that the process, its imports and the trainer/data caches of ``client.app`` survive between
 tasks. Tasks pull in their own threads but train one at a time (``RUN_LOCK``).
 

@@ -13,6 +13,10 @@ themselves are never in the reply; the mod masks the encoded list and clears the
 
 The scalar metrics (losses, example counts, eval-*) still travel in the clear, as in every run.
 
+Before the mod sees a protocol message, ``client.admission.check_secure_parameters`` refuses a
+threshold below 2 or fewer than 2 other hospitals (the coordinator's protocol messages are not
+signed; these are the parameters that would expose this hospital's update).
+
 Which stage is next, the hospital's key pair and its shares of the others' secrets live in the
 run's ``context.state`` (Flower keeps it per node across messages of a run).
 """
@@ -24,7 +28,8 @@ from flwr.app import Context, Message, MessageType
 from protocol import records as protocol
 from protocol.secure_vector import components_of, encode_update, secure_keys
 
-from .admission import SECURE_RECORD
+from .admission import SECURE_RECORD, check_secure_parameters
+from .settings import HospitalSettings
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
@@ -32,6 +37,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next):  # type: 
     if (str(msg.metadata.message_type) != MessageType.TRAIN
             or SECURE_RECORD not in msg.content.config_records):
         return call_next(msg, context)
+    check_secure_parameters(HospitalSettings.from_node_config(context.node_config),
+                            msg.content.config_records[SECURE_RECORD])
     from flwr.client.mod import secaggplus_mod
 
     def handler(m: Message, c: Context) -> Message:

@@ -21,6 +21,12 @@ counted failed, by node, in the round's metrics:
   daemon restarted within seconds would otherwise hold the round until ``timeout``;
 * ``timeout``: no reply within ``timeout`` seconds (the run's ``round-timeout``).
 
+Test hook (never set in a deployment): with ``FEDSYNTH_TEST_RECORD_REPLIES`` naming a file, every
+reply this process receives from a hospital is appended to it (one pickle per reply: sender,
+message type, every array, config and metric record as received). The secure-aggregation
+deployed test (``tests/test_secure_aggregation_deployed.py``) reads it to show that no reply
+carries a hospital's update.
+
 Liveness is checked every ``liveness_s`` (1 s) with one ``get_nodes`` request. So a phase waits
 for a dead hospital at most ~1 s after Flower reports it offline, not ``round-timeout``.
 """
@@ -28,6 +34,7 @@ for a dead hospital at most ~1 s after Flower reports it offline, not ``round-ti
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Iterable
 
@@ -39,6 +46,29 @@ SUPERLINK_NODE_ID = 1  # flwr.common.constant.SUPERLINK_NODE_ID: Flower's own er
 # failure kinds (the reason of a synthetic error reply is "fedsynth: <kind>")
 OFFLINE, RESTARTED, TIMEOUT = "offline", "restarted", "timeout"
 FAILURE_PREFIX = "fedsynth: "
+RECORD_ENV = "FEDSYNTH_TEST_RECORD_REPLIES"  # test hook: see the module docstring
+
+
+def record_reply(message: Any) -> None:
+    """Append what ``message`` carried to the file ``FEDSYNTH_TEST_RECORD_REPLIES`` names (a test
+    hook; nothing happens when it is unset)."""
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    import pickle
+
+    content = None if message.has_error() else message.content
+    entry = {"src": int(message.metadata.src_node_id), "run": int(message.metadata.run_id),
+             "type": str(message.metadata.message_type), "error": message.has_error(),
+             "arrays": {} if content is None else {
+                 name: {k: a.numpy() for k, a in rec.items()}
+                 for name, rec in content.array_records.items()},
+             "configs": {} if content is None else {
+                 name: dict(rec) for name, rec in content.config_records.items()},
+             "metrics": {} if content is None else {
+                 name: dict(rec) for name, rec in content.metric_records.items()}}
+    with open(path, "ab") as fh:
+        pickle.dump(entry, fh)
 
 
 # A hospital's refusal names its class of problem in the error reason (client/app.py keeps
@@ -127,6 +157,7 @@ class PromptGrid:
             for msg in self._grid.pull_messages(pending):
                 mid = msg.metadata.reply_to_message_id
                 pending.discard(mid)
+                record_reply(msg)
                 if (msg.has_error() if hasattr(msg, "has_error") else False) and \
                         msg.metadata.src_node_id == SUPERLINK_NODE_ID and mid in sent:
                     msg = self._failure(sent[mid], mid, OFFLINE) or msg  # Flower's "unavailable"

@@ -87,9 +87,9 @@ def check_secure_run(cfg: Any) -> None:
     elif cfg.train.wire_dtype != "float32":
         why = (f"wire-dtype {cfg.train.wire_dtype!r}: the masked vector is int64 whatever the "
                "wire dtype, and updates are taken against float32 downloads")
-    elif cfg.min_hospitals < 2:
-        why = ("min-hospitals must be >= 2 (SecAgg+ needs two hospitals; one dropout is "
-               "tolerated from three)")
+    elif cfg.min_hospitals < 3:
+        why = ("min-hospitals must be >= 3 (with two, each hospital could read the other's "
+               "update off the sum; hospitals refuse fewer than 2 others)")
     elif not cfg.secure_aggregation_clip > 0 or not cfg.secure_aggregation_max_examples >= 1:
         why = "secure-aggregation-clip must be > 0 and secure-aggregation-max-examples >= 1"
     if why is not None:
@@ -201,8 +201,13 @@ def secure_train_round(strategy: Any, grid: Any, server_round: int, record: Arra
     state.nid_to_fitins = {n: RecordDict({protocol.ARRAYS: c[protocol.ARRAYS],
                                           protocol.CONFIG: c[protocol.CONFIG]})
                            for n, c in contents.items()}
-    for stage in (workflow.share_keys_stage, workflow.collect_masked_vectors_stage,
-                  workflow.unmask_stage):
+    ok = ok and workflow.share_keys_stage(grid, context, state)  # type: ignore[arg-type]
+    # Flower 1.42 counts every hospital sampled at setup as "dead" at unmask if it is gone by
+    # then, and asks the others for its shares; one that left during setup or share keys never
+    # handed out any (and nobody masked against it), so the others' mods fail on the request
+    # (KeyError) and the round is lost. Only hospitals whose shares went out can be dead.
+    state.sampled_node_ids = set(state.active_node_ids)
+    for stage in (workflow.collect_masked_vectors_stage, workflow.unmask_stage):
         ok = ok and stage(grid, context, state)  # type: ignore[arg-type]
     survivors = {n for n, _ in (context.result[1] if context.result else [])}
     for n in nodes:

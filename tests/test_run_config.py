@@ -71,7 +71,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
                   "r1-gamma": 0.5, "class-balanced": True, "secure-aggregation": True,
                   "reducer": "mean", "wire-dtype": "float32", "sync-every": 0,
-                  "max-update-norm": 0.0}
+                  "max-update-norm": 0.0, "min-hospitals": 3}
     # lesion-cycle-weight is cyclegan's (2D here): a third run
     cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0,
              "lesion-cycle-weight": 3.0}

@@ -30,7 +30,7 @@ GLOBAL = {
 }
 # per hospital: examples per component (a hospital that trained no discriminator says 0)
 EXAMPLES = [{"generator": 64, "discriminator": 64}, {"generator": 200, "discriminator": 0},
-            {"generator": 32, "discriminator": 32}]
+            {"generator": 32, "discriminator": 32}, {"generator": 50, "discriminator": 50}]
 
 
 def _update(node_id: int, key: str) -> np.ndarray:
@@ -38,7 +38,7 @@ def _update(node_id: int, key: str) -> np.ndarray:
     return rng.uniform(-0.05, 0.05, GLOBAL[key].shape).astype(np.float32)
 
 
-def _trainer(dead: set[int], seen: list[Message]):
+def _trainer(dead: set[int], seen: list[Message], absent: set[int] = frozenset()):
     """A hospital's ClientApp: the secure-aggregation mod around a stand-in train handler."""
 
     def train(msg: Message, context) -> Message:  # noqa: ANN001
@@ -54,6 +54,8 @@ def _trainer(dead: set[int], seen: list[Message]):
         return Message(protocol.train_reply(trained, metrics), reply_to=msg)
 
     def app(msg: Message, context) -> Message:  # noqa: ANN001
+        if int(context.node_id) in absent:
+            raise RuntimeError("this hospital is gone before the protocol starts")
         reply = secure_aggregation_mod(msg, context, train)
         seen.append(reply)
         return reply
@@ -74,9 +76,11 @@ def _plain_mean(nodes: list[int]) -> dict[str, np.ndarray]:
     return out
 
 
-def _round(dead: set[int] = frozenset()) -> tuple[dict, GanStrategy, list[Message]]:
+def _round(dead: set[int] = frozenset(), absent: set[int] = frozenset(), hospitals: int = 3
+           ) -> tuple[dict, GanStrategy, list[Message]]:
     seen: list[Message] = []
-    grid = InProcessGrid([{"data-dir": "/nowhere"}] * 3, app=_trainer(set(dead), seen))
+    grid = InProcessGrid([{"data-dir": "/nowhere"}] * hospitals,
+                         app=_trainer(set(dead), seen, set(absent)))
     strategy = GanStrategy(("generator", "discriminator"), min_train_nodes=3,
                            min_available_nodes=3)
     config = ConfigRecord({"train.wire_dtype": "float32"})
@@ -113,13 +117,23 @@ def test_a_hospital_dropping_mid_protocol_leaves_the_sum_of_the_others_correct()
     assert strategy.last_train.failed_nodes == {"1002": "secure-aggregation"}
 
 
+def test_a_hospital_gone_at_setup_is_left_out_of_the_protocol() -> None:
+    # Flower 1.42 alone asks the others for shares it never handed out, and the round fails
+    got, strategy, _ = _round(absent={1004}, hospitals=4)
+    want = _plain_mean([1001, 1002, 1003])
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, atol=5e-5, err_msg=key)
+    assert strategy.last_train.replied == 3
+    assert strategy.last_train.failed_nodes == {"1004": "secure-aggregation"}
+
+
 @pytest.mark.parametrize("values, match", [
     ({"preset": "ua-gan"}, "preset 'ua-gan' needs each hospital's reply"),
     ({"reducer": "median"}, "reducer 'median' needs each hospital's update"),
     ({"reducer": "trimmed-mean"}, "reducer 'trimmed-mean'"),
     ({"max-update-norm": 1.0}, "max-update-norm"),
     ({"wire-dtype": "int8"}, "wire-dtype 'int8'"),
-    ({"min-hospitals": 1}, "min-hospitals must be >= 2"),
+    ({"min-hospitals": 2}, "min-hospitals must be >= 3"),
     ({"secure-aggregation-clip": 0.0}, "secure-aggregation-clip must be > 0"),
 ])
 def test_launch_refuses_what_needs_individual_updates(values: dict, match: str) -> None:
@@ -153,3 +167,33 @@ def test_a_hospital_that_requires_it_refuses_rounds_without_it(caplog) -> None: 
     check_secure_aggregation(hospital, secure)
     check_secure_aggregation(hospital, evaluate)  # scalar metrics only, as in every run
     check_secure_aggregation(HospitalSettings(data_dir="/x"), plain)  # not required: passes
+
+
+SETUP = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2,
+         "clipping_range": CLIP, "target_range": 2 ** 24, "mod_range": 2 ** 32,
+         "max_weight": MAX_EXAMPLES}
+
+
+@pytest.mark.parametrize("configs, why", [
+    ({**SETUP, "threshold": 1}, "threshold 1 and 2 other"),
+    ({**SETUP, "sample_num": 2, "share_num": 2}, "threshold 2 and 1 other"),
+    ({"stage": "share_keys", "1001": [b"a", b"b"], "1002": [b"c", b"d"]}, "and 1 other"),
+])
+def test_a_hospital_refuses_dangerous_protocol_parameters(configs: dict, why: str,
+                                                          caplog) -> None:  # noqa: ANN001
+    from tests.flower_helpers import client_context, server_message, task_identity
+
+    def train(msg: Message, context) -> Message:  # noqa: ANN001
+        raise AssertionError("the train handler must not run")
+
+    with task_identity():
+        msg = server_message(RecordDict({"secaggplus_configs": ConfigRecord(configs)}), 1001)
+    context = client_context(1001, {"data-dir": "/x"})
+    with pytest.raises(PolicyRefused, match=why):
+        secure_aggregation_mod(msg, context, train)
+    assert "REFUSED message (secure-aggregation-parameters)" in caplog.text
+    # fedsynth's own parameters (3 hospitals: threshold 2, 2 others) pass to Flower's mod
+    with task_identity():
+        ok = server_message(RecordDict({"secaggplus_configs": ConfigRecord(SETUP)}), 1001)
+    reply = secure_aggregation_mod(ok, context, train)
+    assert set(reply.content.config_records["secaggplus_configs"]) == {"pk1", "pk2"}
