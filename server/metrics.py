@@ -163,7 +163,6 @@ def _finite_or_nan(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-from protocol.keys import PRDC as PRDC_MEASURES  # noqa: E402,F401 - one list, in protocol/keys
 
 
 def multiprocess_mode() -> bool:
