@@ -163,8 +163,6 @@ def _finite_or_nan(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-
-
 def multiprocess_mode() -> bool:
     """Whether this process records into a daemon's multiprocess folder (module docstring)."""
     return bool(os.environ.get(PROMETHEUS_MULTIPROC_ENV))
