@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import multiprocess
 from protocol.keys import NAME_PATTERN, check_name  # noqa: F401 - one definition, shared
-from protocol.keys import PROMETHEUS_MULTIPROC_ENV
+from protocol.keys import HOSPITAL_GAUGES, PROMETHEUS_MULTIPROC_ENV, gauge_values
 
 log = logging.getLogger(__name__)
 
@@ -81,41 +81,17 @@ class _Series:
             "Messages this hospital refused by its own policy (reason: unsigned, signature, "
             "replay, replay-record, never-send, ua-policy, dp-budget, dp-ledger, bundle-*).",
             h + ["reason"], registry=r)
-        self.dp_epsilon = Gauge("fedsynth_hospital_dp_epsilon_spent",
-                                "Differential privacy spent by this run so far at this hospital "
-                                "(epsilon at its dp-delta; DP-SGD runs only).", h, registry=r,
-                                multiprocess_mode="mostrecent")
-        self.audit_near_copies = Gauge(
-            "fedsynth_hospital_audit_near_copy_share",
-            "Share of the last memorisation audit's samples that are near-copies of this "
-            "hospital's training slices (audit-every rounds only).", h, registry=r,
-            multiprocess_mode="mostrecent")
-        self.images_per_second = Gauge("fedsynth_hospital_train_images_per_second",
-                                       "Training throughput of the last round.", h, registry=r,
+        # the gauges of reported scalars, declared in protocol/keys.py (name, help, labels)
+        self.reported = {g.name: Gauge(g.name, g.help, h + list(g.labels), registry=r,
                                        multiprocess_mode="mostrecent")
+                         for g in HOSPITAL_GAUGES}
         self.step_seconds = Histogram("fedsynth_hospital_step_seconds",
                                       "Mean wall time of one local step, once per round.", h,
                                       buckets=STEP_BUCKETS, registry=r)
-        self.train_seconds = Gauge("fedsynth_hospital_train_seconds",
-                                   "Wall time of the last round's local training.", h, registry=r,
-                                   multiprocess_mode="mostrecent")
         self.memory = Gauge("fedsynth_hospital_device_memory_bytes",
                             "Peak memory of the last training round on its device (CPU: peak "
                             "resident set of the process).", h + ["device"], registry=r,
                             multiprocess_mode="mostrecent")
-        self.loss = Gauge("fedsynth_hospital_train_loss", "Mean loss of the last training round.",
-                          h + ["component"], registry=r, multiprocess_mode="mostrecent")
-        self.eval_frechet = Gauge("fedsynth_hospital_eval_frechet_distance",
-                                  "Fréchet distance of the last local evaluation.", h, registry=r,
-                                  multiprocess_mode="mostrecent")
-        self.eval_frd = Gauge("fedsynth_hospital_eval_frd",
-                              "Fréchet Radiomics Distance of the last local evaluation.", h,
-                              registry=r, multiprocess_mode="mostrecent")
-        self.eval_intended = Gauge("fedsynth_hospital_eval_intended_class_accuracy",
-                                   "Conditional families: this hospital's real-slice classifier "
-                                   "on generated slices, balanced accuracy against the intended "
-                                   "class (last local evaluation).", h, registry=r,
-                                   multiprocess_mode="mostrecent")
         self.usable = Gauge("fedsynth_hospital_scan_usable_slices",
                             "Usable slices in the local data scan, by modality.",
                             h + ["modality"], registry=r, multiprocess_mode="mostrecent")
@@ -202,19 +178,11 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
     s, name = series(), label_name(hospital)
     steps = float(metrics.get("steps", 0))
     s.steps.labels(name).inc(steps)
-    s.images_per_second.labels(name).set(float(metrics.get("images-per-second", float("nan"))))
+    _set_reported(s, name, "train", metrics)
     seconds = float(metrics.get("train-seconds", float("nan")))
-    s.train_seconds.labels(name).set(seconds)
     if steps > 0:
         s.step_seconds.labels(name).observe(seconds / steps)
     s.memory.labels(name, getattr(device, "type", "cpu")).set(peak_memory_bytes(device))
-    for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
-        if key in metrics:
-            s.loss.labels(name, component).set(float(metrics[key]))
-    if "dp-epsilon" in metrics:
-        s.dp_epsilon.labels(name).set(float(metrics["dp-epsilon"]))
-    if "audit-near-copy-share" in metrics:
-        s.audit_near_copies.labels(name).set(float(metrics["audit-near-copy-share"]))
     if report is not None:
         record_scan(name, report)
     _success(s, name, "train", server_round)
@@ -225,11 +193,16 @@ def record_train(hospital: str, server_round: int, metrics: Mapping[str, float],
 @_safely
 def record_evaluate(hospital: str, server_round: int, metrics: Mapping[str, float]) -> None:
     s, name = series(), label_name(hospital)
-    s.eval_frechet.labels(name).set(float(metrics.get("eval-frechet", float("nan"))))
-    s.eval_frd.labels(name).set(float(metrics.get("eval-frd", float("nan"))))
-    s.eval_intended.labels(name).set(float(metrics.get("eval-intended-class-accuracy",
-                                                       float("nan"))))
+    _set_reported(s, name, "evaluate", metrics)
     _success(s, name, "evaluate", server_round)
+
+
+def _set_reported(s: _Series, name: str, section: str, metrics: Mapping[str, float]) -> None:
+    """The ``HOSPITAL_GAUGES`` of ``section`` (train / evaluate) from the round's metrics."""
+    for gauge in HOSPITAL_GAUGES:
+        if gauge.section == section:
+            for values, value in gauge_values(gauge, metrics):
+                s.reported[gauge.name].labels(name, *values).set(float(value))
 
 
 def _success(s: _Series, name: str, kind: str, server_round: int) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 ARRAYS = "arrays"  # the one ArrayRecord: component-prefixed keys (see shared_models.codec)
 CONFIG = "config"
@@ -94,3 +96,119 @@ def check_name(name: str) -> str:
 # environment, inherited by every run's ServerApp, which then records its series there for the
 # daemon to serve across runs (server/metrics.py, server/app.py).
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+# -- dashboard gauges of reported metrics ---------------------------------------------------------
+# The coordinator's (server/metrics.py) and the hospital's (client/metrics.py) Prometheus gauges of
+# the scalars above are made from these declarations and set from the metric keys they name: a
+# new hospital-reported scalar is its key in TRAIN_METRICS / EVAL_METRICS, a ``ReportedGauge``
+# below, and a panel in deploy/grafana/dashboards/fedsynth.json. Names are Prometheus names
+# (``fedsynth_`` prefix, base units); the dashboard and the alert rules (deploy/) use them.
+
+@dataclass(frozen=True)
+class ReportedGauge:
+    """A gauge of reported scalars: its ``name``, ``help`` and ``labels``, and which metric key
+    gives the value for which label values (``keys``: key -> values of ``labels``; at a
+    per-hospital gauge the ``hospital`` label comes first and is not listed).
+
+    ``section``: the scalars of a train reply (``train``) or of an evaluation (``evaluate``).
+    ``missing``: ``keep`` leaves the last value when a report lacks the key, ``nan`` shows NaN.
+    ``check``: turns a reported value into the one shown (None: shown as NaN), e.g. an epsilon
+    that cannot be one (``valid_epsilon``)."""
+
+    name: str
+    help: str
+    keys: tuple[tuple[str, tuple[str, ...]], ...]
+    labels: tuple[str, ...] = ()
+    section: str = "train"
+    missing: str = "keep"
+    check: Callable[[object], float | None] | None = None
+
+    @classmethod
+    def of(cls, name: str, help: str, key: str, **kw: Any) -> "ReportedGauge":
+        """A gauge of one key, without labels of its own."""
+        return cls(name, help, ((key, ()),), **kw)
+
+
+_LOSSES = (("loss-g", ("generator",)), ("loss-d", ("discriminator",)))
+PRDC = ("precision", "recall", "density", "coverage")
+
+# The coordinator's gauges of the federation's round (example-weighted means of the replies).
+FEDERATION_GAUGES = (
+    ReportedGauge("fedsynth_loss", "Example-weighted mean training loss of the last round.",
+                  _LOSSES, ("component",)),
+    ReportedGauge("fedsynth_discriminator_score",
+                  "Mean D output on real / generated images in training.",
+                  (("d-real", ("real",)), ("d-fake", ("fake",))), ("on",)),
+    ReportedGauge.of("fedsynth_eval_frechet_distance",
+                     "Fréchet distance, hospitals' held-out slices vs samples.", "eval-frechet",
+                     section="evaluate"),
+    ReportedGauge.of("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", "eval-mmd",
+                     section="evaluate"),
+    ReportedGauge.of("fedsynth_eval_frd",
+                     "Fréchet Radiomics Distance, hospitals' held-out slices vs samples.",
+                     "eval-frd", section="evaluate"),
+    ReportedGauge.of("fedsynth_eval_intended_class_accuracy",
+                     "Conditional families: hospitals' real-slice classifiers reading generated "
+                     "slices, balanced accuracy against the intended class.",
+                     "eval-intended-class-accuracy", section="evaluate"),
+    ReportedGauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of samples vs "
+                  "hospitals' held-out slices.", tuple((f"eval-{m}", (m,)) for m in PRDC),
+                  ("measure",), section="evaluate"),
+)
+
+# The coordinator's per-hospital gauges, from each hospital's last train reply.
+COORDINATOR_HOSPITAL_GAUGES = (
+    ReportedGauge.of("fedsynth_hospital_images_per_second",
+                     "Training throughput the hospital reported in its last reply.",
+                     "images-per-second", missing="nan"),
+    ReportedGauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.", _LOSSES,
+                  ("component",), missing="nan"),
+    ReportedGauge.of("fedsynth_hospital_dp_epsilon",
+                     "Differential privacy the hospital reported spent so far in this run "
+                     "(epsilon at its own delta; DP-SGD runs only). NaN when its last report "
+                     "was not a finite number >= 0.", "dp-epsilon", check=valid_epsilon),
+)
+
+# The hospital's own exporter (its metrics port), from the round it trained or evaluated.
+HOSPITAL_GAUGES = (
+    ReportedGauge.of("fedsynth_hospital_dp_epsilon_spent",
+                     "Differential privacy spent by this run so far at this hospital (epsilon at "
+                     "its dp-delta; DP-SGD runs only).", "dp-epsilon"),
+    ReportedGauge.of("fedsynth_hospital_audit_near_copy_share",
+                     "Share of the last memorisation audit's samples that are near-copies of "
+                     "this hospital's training slices (audit-every rounds only).",
+                     "audit-near-copy-share"),
+    ReportedGauge.of("fedsynth_hospital_train_images_per_second",
+                     "Training throughput of the last round.", "images-per-second",
+                     missing="nan"),
+    ReportedGauge.of("fedsynth_hospital_train_seconds",
+                     "Wall time of the last round's local training.", "train-seconds",
+                     missing="nan"),
+    ReportedGauge("fedsynth_hospital_train_loss", "Mean loss of the last training round.",
+                  _LOSSES, ("component",)),
+    ReportedGauge.of("fedsynth_hospital_eval_frechet_distance",
+                     "Fréchet distance of the last local evaluation.", "eval-frechet",
+                     section="evaluate", missing="nan"),
+    ReportedGauge.of("fedsynth_hospital_eval_frd",
+                     "Fréchet Radiomics Distance of the last local evaluation.", "eval-frd",
+                     section="evaluate", missing="nan"),
+    ReportedGauge.of("fedsynth_hospital_eval_intended_class_accuracy",
+                     "Conditional families: this hospital's real-slice classifier on generated "
+                     "slices, balanced accuracy against the intended class (last local "
+                     "evaluation).", "eval-intended-class-accuracy", section="evaluate",
+                     missing="nan"),
+)
+
+
+def gauge_values(gauge: ReportedGauge, metrics: Mapping[str, object]
+                 ) -> list[tuple[tuple[str, ...], object]]:
+    """(label values, reported value) of ``gauge`` in ``metrics``: a key the report lacks is
+    left out (``missing = keep``) or NaN (``nan``); the value as reported, unchecked."""
+    out = []
+    for key, values in gauge.keys:
+        if key in metrics:
+            out.append((values, metrics[key]))
+        elif gauge.missing == "nan":
+            out.append((values, math.nan))
+    return out

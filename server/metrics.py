@@ -42,8 +42,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protocol.keys import check_name  # one definition of a valid hospital label
-from protocol.keys import valid_epsilon  # ... and of a self-reported epsilon it may show
 from protocol.keys import PROMETHEUS_MULTIPROC_ENV
+from protocol.keys import COORDINATOR_HOSPITAL_GAUGES, FEDERATION_GAUGES, gauge_values
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,6 @@ def _finite_or_nan(value: Any) -> float:
     return v if math.isfinite(v) else math.nan
 
 
-PRDC_MEASURES = ("precision", "recall", "density", "coverage")
-
-
 def multiprocess_mode() -> bool:
     """Whether this process records into a daemon's multiprocess folder (module docstring)."""
     return bool(os.environ.get(PROMETHEUS_MULTIPROC_ENV))
@@ -222,23 +219,9 @@ class CoordinatorMetrics:
         self.rejected = Counter("fedsynth_rejected_updates",
                                 "Train replies refused by validation, by reason.", ["reason"],
                                 registry=r)
-        self.loss = _gauge("fedsynth_loss", "Example-weighted mean training loss of the last round.",
-                          ["component"], registry=r)
-        self.d_score = _gauge("fedsynth_discriminator_score",
-                             "Mean D output on real / generated images in training.", ["on"],
-                             registry=r)
-        self.frechet = _gauge("fedsynth_eval_frechet_distance",
-                             "Fréchet distance, hospitals' held-out slices vs samples.", registry=r)
-        self.mmd = _gauge("fedsynth_eval_mmd", "MMD (RBF) of held-out slices vs samples.", registry=r)
-        self.frd = _gauge("fedsynth_eval_frd",
-                         "Fréchet Radiomics Distance, hospitals' held-out slices vs samples.",
-                         registry=r)
-        self.intended = _gauge("fedsynth_eval_intended_class_accuracy",
-                              "Conditional families: hospitals' real-slice classifiers reading "
-                              "generated slices, balanced accuracy against the intended class.",
-                              registry=r)
-        self.prdc = _gauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of "
-                          "samples vs hospitals' held-out slices.", ["measure"], registry=r)
+        # the gauges of reported scalars, declared in protocol/keys.py (name, help, labels)
+        self.reported = {g.name: _gauge(g.name, g.help, list(g.labels), registry=r)
+                         for g in FEDERATION_GAUGES}
         self.diversity = _gauge("fedsynth_sample_diversity",
                                "Mean pairwise L2 distance of the fixed-noise samples.", registry=r)
         self.nonfinite = Counter("fedsynth_nonfinite_losses",
@@ -250,20 +233,13 @@ class CoordinatorMetrics:
         self.h_last = _gauge("fedsynth_hospital_last_round",
                             "Last round in which the hospital's update was aggregated.",
                             ["hospital"], registry=r)
-        self.h_ips = _gauge("fedsynth_hospital_images_per_second",
-                           "Training throughput the hospital reported in its last reply.",
-                           ["hospital"], registry=r)
-        self.h_loss = _gauge("fedsynth_hospital_loss", "Losses of the hospital's last reply.",
-                            ["hospital", "component"], registry=r)
-        self.h_dp_epsilon = _gauge("fedsynth_hospital_dp_epsilon",
-                                  "Differential privacy the hospital reported spent so far in "
-                                  "this run (epsilon at its own delta; DP-SGD runs only). "
-                                  "NaN when its last report was not a finite number >= 0.",
-                                  ["hospital"], registry=r)
-        self.h_dp_epsilon_invalid = Counter(
+        self.h_reported = {g.name: _gauge(g.name, g.help, ["hospital", *g.labels], registry=r)
+                           for g in COORDINATOR_HOSPITAL_GAUGES}
+        # a reported value its gauge's check refused, by metric key (shown as NaN)
+        self.h_invalid = {"dp-epsilon": Counter(
             "fedsynth_hospital_dp_epsilon_invalid_reports",
             "Replies whose self-reported dp-epsilon was negative, NaN or infinite: refused, "
-            "never shown as the hospital's epsilon.", ["hospital"], registry=r)
+            "never shown as the hospital's epsilon.", ["hospital"], registry=r)}
         self.sent = Counter("fedsynth_sent_bytes", "Model bytes sent to hospitals.",
                             ["hospital", "kind"], registry=r)
         self.received = Counter("fedsynth_received_bytes", "Model bytes received from hospitals.",
@@ -333,39 +309,37 @@ class CoordinatorMetrics:
             self.rejected.labels("unclassified").inc(summary.rejected - sum(reasons.values()))
         # A value a round did not produce (no valid reply, no evaluation) keeps its last value;
         # a NaN one is exported as NaN, which the NaN-loss alert looks for.
+        for gauge in FEDERATION_GAUGES:
+            metric = self.reported[gauge.name]
+            for values, value in gauge_values(gauge, getattr(summary, gauge.section)):
+                (metric.labels(*values) if values else metric).set(_finite_or_nan(value))
         for key, component in (("loss-g", "generator"), ("loss-d", "discriminator")):
-            if key in summary.train:
-                value = _finite_or_nan(summary.train[key])
-                self.loss.labels(component).set(value)
-                if math.isnan(value):
-                    self.nonfinite.labels(component).inc()
-        for key, gauge in (("d-real", self.d_score.labels("real")),
-                           ("d-fake", self.d_score.labels("fake"))):
-            if key in summary.train:
-                gauge.set(_finite_or_nan(summary.train[key]))
-        for section, key, gauge in (("evaluate", "eval-frechet", self.frechet),
-                                    ("evaluate", "eval-mmd", self.mmd),
-                                    ("evaluate", "eval-frd", self.frd),
-                                    ("evaluate", "eval-intended-class-accuracy", self.intended),
-                                    *(("evaluate", f"eval-{m}", self.prdc.labels(m))
-                                      for m in PRDC_MEASURES),
-                                    ("server", "sample-diversity", self.diversity)):
-            values = getattr(summary, section)
-            if key in values:
-                gauge.set(_finite_or_nan(values[key]))
+            if key in summary.train and math.isnan(_finite_or_nan(summary.train[key])):
+                self.nonfinite.labels(component).inc()
+        if "sample-diversity" in summary.server:
+            self.diversity.set(_finite_or_nan(summary.server["sample-diversity"]))
         for node_id, m in summary.hospitals.items():
             name = self.names(node_id)
             self.h_rounds.labels(name).inc()
             self.h_last.labels(name).set(summary.round)
-            self.h_ips.labels(name).set(_finite_or_nan(m.get("images-per-second", math.nan)))
-            self.h_loss.labels(name, "generator").set(_finite_or_nan(m.get("loss-g", math.nan)))
-            self.h_loss.labels(name, "discriminator").set(
-                _finite_or_nan(m.get("loss-d", math.nan)))
-            if "dp-epsilon" in m:
-                eps = valid_epsilon(m["dp-epsilon"])
-                self.h_dp_epsilon.labels(name).set(math.nan if eps is None else eps)
-                if eps is None:
-                    self.h_dp_epsilon_invalid.labels(name).inc()
+            self._observe_hospital(name, m)
+
+    def _observe_hospital(self, name: str, m: Mapping[str, Any]) -> None:
+        """One hospital's reply: the gauges ``COORDINATOR_HOSPITAL_GAUGES`` declares."""
+        for gauge in COORDINATOR_HOSPITAL_GAUGES:
+            metric = self.h_reported[gauge.name]
+            for key, values in gauge.keys:
+                if key not in m and gauge.missing != "nan":
+                    continue
+                raw = m.get(key, math.nan)
+                if gauge.check is None:
+                    value = _finite_or_nan(raw)
+                else:
+                    checked = gauge.check(raw)
+                    value = math.nan if checked is None else checked
+                    if checked is None and key in self.h_invalid:
+                        self.h_invalid[key].labels(name).inc()
+                metric.labels(name, *values).set(value)
 
     __call__ = observe
 
