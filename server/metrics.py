@@ -260,6 +260,10 @@ class CoordinatorMetrics:
                                   "this run (epsilon at its own delta; DP-SGD runs only). "
                                   "NaN when its last report was not a finite number >= 0.",
                                   ["hospital"], registry=r)
+        self.client_dp_epsilon = _gauge("fedsynth_client_dp_epsilon",
+                                        "Client-level DP on the aggregate: the run's epsilon "
+                                        "after the last round (the coordinator's RDP accountant, "
+                                        "at client-dp-delta; client-DP runs only).", registry=r)
         self.h_dp_epsilon_invalid = Counter(
             "fedsynth_hospital_dp_epsilon_invalid_reports",
             "Replies whose self-reported dp-epsilon was negative, NaN or infinite: refused, "
@@ -349,7 +353,8 @@ class CoordinatorMetrics:
                                     ("evaluate", "eval-intended-class-accuracy", self.intended),
                                     *(("evaluate", f"eval-{m}", self.prdc.labels(m))
                                       for m in PRDC_MEASURES),
-                                    ("server", "sample-diversity", self.diversity)):
+                                    ("server", "sample-diversity", self.diversity),
+                                    ("server", "client-dp-epsilon", self.client_dp_epsilon)):
             values = getattr(summary, section)
             if key in values:
                 gauge.set(_finite_or_nan(values[key]))
