@@ -171,3 +171,26 @@ def test_an_inprocess_run_reports_a_growing_epsilon(tmp_path: Path) -> None:
     assert summary["client-dp-epsilon"] == pytest.approx(eps[1])
     assert any(f"client-level epsilon: {eps[1]:.4g} (delta 1e-05)" in line
                for line in format_run({**summary, "run-folder": "cdp"}))
+
+
+def test_the_strategy_keeps_a_loud_hospital_clipped_instead_of_comparing_it_to_the_others(
+) -> None:
+    """The plain round drops a reply 50x the others' median (norm_outliers); under client DP that
+    test is off (it would let one hospital decide another's inclusion) and the reply is clipped.
+    Equal weights: hospital 1's 10x example count does not count."""
+    from server.strategy import GanStrategy
+    from tests.test_strategy import ALL, COMPONENTS, run_round
+
+    many = {c: 10 * n for c, n in ALL.items()}
+    answers = {1: (0.1, many), 2: (0.1, ALL), 3: (5.0, ALL)}
+    plain = GanStrategy(COMPONENTS)
+    run_round(plain, answers)
+    assert (plain.last_train.replied, plain.last_train.rejected) == (2, 1)
+    dp = GanStrategy(COMPONENTS, client_dp=ClientDP(1e-6, 1.0))
+    _, _, new, _ = run_round(dp, answers)
+    assert (dp.last_train.replied, dp.last_train.rejected) == (3, 0)
+    loud = 5.0 / (5.0 * math.sqrt(10))  # 10 elements over the four components, clipped to 1
+    assert new["g_ab.w"] == pytest.approx([(0.1 + 0.1 + loud) / 3] * 2, abs=1e-4)
+    notes = dp.last_train.notes()
+    assert notes["client-dp-clipped"] == 1 and notes["client-dp-sample-rate"] == 1.0
+    assert notes[EPSILON] == pytest.approx(epsilon([(1e-6, 1.0, 1)], 1e-5))
