@@ -168,6 +168,9 @@ def describe_strategy(cfg: FederationConfig, strategy: Any) -> str:
         parts.append(f"{component}: {reducer}/{opt}{extra}")
     if not parts:
         parts.append(type(strategy).__name__)
+    if cfg.client_dp_noise_multiplier:  # server/client_dp.py: the mean is equal-weight, noised
+        parts.append(f"client-level DP: clip {cfg.client_dp_clip:g}, noise multiplier "
+                     f"{cfg.client_dp_noise_multiplier:g}, delta {cfg.client_dp_delta:g}")
     return (f"strategy: family {cfg.model.family}, preset {cfg.preset}, wire "
             f"{cfg.train.wire_dtype}; " + "; ".join(parts))
 

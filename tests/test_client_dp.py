@@ -159,6 +159,8 @@ def test_an_inprocess_run_reports_a_growing_epsilon(tmp_path: Path) -> None:
     folder, _ = run_inprocess(cfg, _hospitals(tmp_path), observers=(metrics.observe,))
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
+    assert "client-level DP: clip 0.5, noise multiplier 1, delta 1e-05" in \
+        (folder / "coordinator.log").read_text()
     eps = [r["server"][EPSILON] for r in rows]
     assert 0 < eps[0] < eps[1] and eps[1] == pytest.approx(epsilon([(1.0, 1.0, 2)], 1e-5))
     assert all(r["replied"] == 2 and r["server"]["client-dp-noise-std"] == pytest.approx(0.25)
