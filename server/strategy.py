@@ -265,8 +265,9 @@ class GanStrategy(Strategy):
         rate = min(1.0, report.selected / self._available) if self._available else 1.0
         update, notes = self.client_dp.release(updates, expected, rate)
         report.client_dp = notes
-        if update is None:
-            return None, None
+        if update is None:  # nothing collected this round (sync-every): nothing released
+            return (protocol.to_record(self._global),
+                    MetricRecord(self._mean_metrics(report.per_hospital)))
         log.info("round %d: client-level DP: %d update(s) clipped to %g, noise std %.3g, "
                  "epsilon %.4g (delta %g)", server_round, int(notes["client-dp-clipped"]),
                  self.client_dp.clip, notes["client-dp-noise-std"],
