@@ -33,6 +33,12 @@ profiles' jitter, the phantom noise, the network initialisations and the batches
 (default 0 and 1) are averaged row by row, no seed is picked. The last line prints the two ratios
 the issue asks for, computed from the seed-averaged rows, over every federated row (the presets
 with kept optimisers, local-d with fresh ones, and local-d with FedAvgM on the coordinator).
+
+``--client-dp-epsilon 8 1`` (issue 26 item 3) runs, instead of the preset rows, ``fedgan`` without
+DP and ``fedgan`` with client-level DP on the aggregate (``server/client_dp.py``) at each target
+epsilon over the run's rounds (all hospitals train: sampling rate 1; the noise multiplier from
+Opacus' RDP accountant, ``server.client_dp.noise_for_epsilon``, at delta 1e-5), each hospital's
+update clipped to ``--client-dp-clip``; the last line prints each arm's SSIM over no DP's.
 """
 
 from __future__ import annotations
@@ -248,7 +254,23 @@ class BenchFederationConfig(FederationConfig):
         return {**super().policy_overrides(), **dict(self.extra_overrides)}
 
 
-RUN_SETTINGS = ("reducer", "server_opt", "server_lr", "sync_every")  # overrides with a setting
+RUN_SETTINGS = ("reducer", "server_opt", "server_lr", "sync_every",  # overrides with a setting
+                "client_dp_noise_multiplier", "client_dp_clip")
+CLIENT_DP_DELTA = 1e-5
+
+
+def client_dp_variants(epsilons: Sequence[float], rounds: int, clip: float
+                       ) -> dict[str, Variant]:
+    """``fedgan`` without DP, then ``fedgan`` with client-level DP calibrated to each target
+    epsilon over ``rounds`` releases at sampling rate 1 (every hospital trains each round)."""
+    from server.client_dp import noise_for_epsilon
+
+    out: dict[str, Variant] = {"fedgan": VARIANTS["fedgan"]}
+    for eps in epsilons:
+        z = noise_for_epsilon(eps, rounds, 1.0, CLIENT_DP_DELTA)
+        out[f"fedgan, client-level DP eps={eps:g} (z {z:.2f}, C {clip:g})"] = (
+            "fedgan", {"client_dp_noise_multiplier": z, "client_dp_clip": clip}, True)
+    return out
 
 
 def federation_config(preset: str, model: ModelConfig, train: TrainConfig, rounds: int,
@@ -386,14 +408,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--client-dp-epsilon", type=float, nargs="+", default=[],
+                        help="rows: fedgan without DP and with client-level DP at these epsilons")
+    parser.add_argument("--client-dp-clip", type=float, default=0.5,
+                        help="client-level DP: each hospital's update norm bound")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(args.threads)
     cfg = BenchConfig(rounds=args.rounds, local_steps=args.local_steps, width=args.width,
                       batch=args.batch, lr=args.lr)
     t0 = time.perf_counter()
-    rows, fed_ratio, alone_ratio = run(cfg, args.seeds)
-    best, _, _ = ratios(rows, list(VARIANTS), alone_rows(cfg))
+    variants = (client_dp_variants(args.client_dp_epsilon, cfg.rounds, args.client_dp_clip)
+                if args.client_dp_epsilon else VARIANTS)
+    rows, fed_ratio, alone_ratio = run(cfg, args.seeds, variants)
+    best, _, _ = ratios(rows, list(variants), alone_rows(cfg))
     print(f"pix2pix T1w->T2w, {cfg.hospitals} hospitals, {cfg.image_size}px, width {cfg.width}, "
           f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch}, lr {cfg.lr:g}, "
           f"seeds {args.seeds} (mean), {time.perf_counter() - t0:.0f} s")
@@ -404,6 +432,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{'met' if met else 'NOT met'} (best federated: {best})")
     print(f"best federated SSIM / centralized SSIM = {fed_ratio:.3f}; "
           f"mean hospital-alone SSIM / centralized SSIM = {alone_ratio:.3f}")
+    if args.client_dp_epsilon:
+        print("client-level DP SSIM / no-DP SSIM: " + "; ".join(
+            f"{name.split(' (')[0].split(', ')[1]}: {rows[name]['ssim'] / rows['fedgan']['ssim']:.3f}"
+            for name in list(variants)[1:]))
 
 
 if __name__ == "__main__":

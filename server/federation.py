@@ -168,6 +168,9 @@ def describe_strategy(cfg: FederationConfig, strategy: Any) -> str:
         parts.append(f"{component}: {reducer}/{opt}{extra}")
     if not parts:
         parts.append(type(strategy).__name__)
+    if cfg.client_dp_noise_multiplier:  # server/client_dp.py: the mean is equal-weight, noised
+        parts.append(f"client-level DP: clip {cfg.client_dp_clip:g}, noise multiplier "
+                     f"{cfg.client_dp_noise_multiplier:g}, delta {cfg.client_dp_delta:g}")
     return (f"strategy: family {cfg.model.family}, preset {cfg.preset}, wire "
             f"{cfg.train.wire_dtype}; " + "; ".join(parts))
 
@@ -274,6 +277,8 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
                              update_norm_ratio=cfg.update_norm_ratio,
                              norm_floor_rms=cfg.norm_floor_rms,
                              max_update_norm=cfg.max_update_norm,
+                             **({"client_dp": _client_dp(cfg, folder, start_round)}
+                                if cfg.client_dp_noise_multiplier else {}),
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
     log.info("run %s (Flower run %s), %d rounds, %s", folder.root.name, run_id or "-",
@@ -379,6 +384,17 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
         for observe in observers:
             observe(summary)
     return folder.root
+
+
+def _client_dp(cfg: FederationConfig, folder: RunFolder, start_round: int) -> Any:
+    """The run's client-level DP (server/client_dp.py); on resume its ledger is rebuilt from the
+    rounds already in metrics.jsonl, so the epsilon goes on from where it was."""
+    from .client_dp import ClientDP
+
+    dp = ClientDP(cfg.client_dp_noise_multiplier, cfg.client_dp_clip, cfg.client_dp_delta)
+    if start_round > 1:
+        dp.restore(folder.read_metrics(), before_round=start_round)
+    return dp
 
 
 def _pending_evaluation(folder: RunFolder, start_round: int, cfg: FederationConfig

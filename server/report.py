@@ -373,6 +373,25 @@ window.addEventListener('load', function(){
 """
 
 
+def _client_dp(rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> tuple[str, str]:
+    """Client-level DP runs (server/client_dp.py): a chart of the run's epsilon by round and a
+    line with its mechanism; ("", "") otherwise. The epsilon is the coordinator's own accounting
+    (Opacus' RDP accountant over the rounds), not a hospital's report."""
+    series = _series(rows, "server", {"client-level epsilon": "client-dp-epsilon"})
+    if not series:
+        return "", ""
+    last = series["client-level epsilon"][-1]
+    chart = line_chart("Client-level DP on the aggregate (epsilon spent by the run)", series)
+    line = (f"<p>Client-level DP on the aggregate: each hospital's update clipped to "
+            f"{html.escape(str(config.get('client_dp_clip', '?')))}, Gaussian noise multiplier "
+            f"{html.escape(str(config.get('client_dp_noise_multiplier', '?')))}; epsilon "
+            f"{_fmt(last[1])} after round {int(last[0])} at delta "
+            f"{html.escape(str(config.get('client_dp_delta', '?')))} (the coordinator's RDP "
+            "accountant; it protects each hospital's participation in the released model, not "
+            "against the coordinator).</p>")
+    return chart, line
+
+
 def build_report(root: Path) -> str:
     """The HTML text of the report of run folder ``root``."""
     root = Path(root)
@@ -399,6 +418,9 @@ def build_report(root: Path) -> str:
     privacy = _privacy(rows, names, config)
     if privacy[0]:
         charts.append(privacy[0])
+    client_dp = _client_dp(rows, config)
+    if client_dp[0]:
+        charts.append(client_dp[0])
 
     model = config.get("model", {})
     title = f"fedsynth run {config.get('run_id', root.name)}"
@@ -410,7 +432,7 @@ def build_report(root: Path) -> str:
         f"<h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
         f'<h2>Curves</h2>{_unscored(rows, family)}<div class="charts">{"".join(charts)}</div>'
         f"<h2>Participation</h2>{_participation(rows, names)}"
-        f"{privacy[1]}{_kept_home(rows, names)}{failures_section(rows)}"
+        f"{privacy[1]}{client_dp[1]}{_kept_home(rows, names)}{failures_section(rows)}"
         f"<h2>Fixed-noise samples by round</h2>{_grids(root)}"
         f"<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>"
         f"<script>{_SCRIPT}</script></body></html>"

@@ -32,6 +32,7 @@ from shared_models.capabilities import (DP, UA_GAN, check_model, check_preset, c
 from shared_models.settings import Codec, Setting, check_choices, setting
 
 from .aggregation import REDUCERS, SERVER_OPTS
+from .client_dp import DEFAULT_DELTA as CLIENT_DP_DELTA, check_client_dp_run
 from .presets import PRESETS
 from .run_folder import check_run_id
 from .secure_aggregation import SECAGG_CLIP, SECAGG_MAX_EXAMPLES, check_secure_run
@@ -103,6 +104,17 @@ class FederationConfig:
     secure_aggregation_max_examples: float = setting(
         SECAGG_MAX_EXAMPLES, "secure-aggregation: a hospital's example count is capped to this "
         "(the weights' scale; larger = coarser quantisation of small hospitals)")
+    # Client-level DP on the aggregate (server/client_dp.py, McMahan et al. 2018): each hospital's
+    # update clipped to client-dp-clip at the coordinator, equal-weight mean, Gaussian noise
+    # z C / n; epsilon over rounds from Opacus' RDP accountant (docs/security.md).
+    client_dp_noise_multiplier: float = setting(0.0, "client-level DP: noise multiplier z of the "
+                                                "Gaussian noise z x client-dp-clip / n added to "
+                                                "the mean update (0: off)")
+    client_dp_clip: float = setting(0.0, "client-level DP: each hospital's update (trained - "
+                                    "received, L2 over the shared components) is clipped to "
+                                    "this norm; required > 0 with client DP")
+    client_dp_delta: float = setting(CLIENT_DP_DELTA, "client-level DP: the delta of the run's "
+                                     "client-level epsilon")
 
     def __post_init__(self) -> None:
         if self.run_id:
@@ -118,6 +130,8 @@ class FederationConfig:
             raise ValueError(f"max-update-norm must be >= 0, got {self.max_update_norm}")
         if self.max_update_norm and self.preset == "ua-gan":  # its replies are no model updates
             raise ValueError("max-update-norm does not apply to preset 'ua-gan'")
+        if self.client_dp_noise_multiplier:  # before SecAgg's: client DP names that clash
+            check_client_dp_run(self)
         if self.secure_aggregation:
             check_secure_run(self)
         family = get_family(self.model.family)  # an unknown family fails here, by name

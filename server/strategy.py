@@ -27,6 +27,7 @@ from protocol import records as protocol
 from protocol.signing import SIGNATURE_KEY
 from shared_models.codec import split_key
 
+from .client_dp import ClientDP
 from .grid import failure_kind
 from .aggregation import ComponentPolicy, ServerOptState, Update, aggregate
 from .validation import (
@@ -56,13 +57,15 @@ class RoundReport:
     capped_examples: int = 0  # (hospital, component) example counts clipped
     refused_aggregates: int = 0  # components whose aggregate was not finite: previous kept
     clipped_updates: int = 0  # (hospital, component) updates scaled down to max-update-norm
+    # client-level DP (server/client_dp.py): client-dp-epsilon and the round's mechanism figures
+    client_dp: dict[str, float] = field(default_factory=dict)
 
     def notes(self) -> dict[str, float]:
         """The counters above, for the ``server`` section of metrics.jsonl."""
         return {"dropped-metric-keys": float(self.dropped_metric_keys),
                 "capped-example-counts": float(self.capped_examples),
                 "refused-aggregates": float(self.refused_aggregates),
-                "clipped-updates": float(self.clipped_updates)}
+                "clipped-updates": float(self.clipped_updates), **self.client_dp}
 
 
 # ConfigRecord entries that tell a hospital what to send back this round (defined in
@@ -89,6 +92,10 @@ class GanStrategy(Strategy):
     sqrt(n_c)); ``examples_ratio`` K and ``max_examples`` clip each example count to K x the
     median of the other replies' and to an absolute cap; ``max_update_norm`` (> 0) scales each
     accepted update down to that norm per component.
+
+    ``client_dp`` (``server/client_dp.py``) makes each round's aggregate the noised, equal-weight
+    mean of the updates clipped to its bound, accounted over rounds; the cross-hospital outlier
+    test is then off (it would let one hospital decide another's inclusion).
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class GanStrategy(Strategy):
         examples_ratio: float = EXAMPLES_RATIO,
         max_examples: float = MAX_EXAMPLES,
         max_update_norm: float = 0.0,
+        client_dp: ClientDP | None = None,
     ) -> None:
         if not (update_norm_ratio > 0 and norm_floor_rms >= 0 and examples_ratio >= 1
                 and max_examples >= 1 and max_update_norm >= 0):
@@ -131,6 +139,8 @@ class GanStrategy(Strategy):
         self.examples_ratio = examples_ratio
         self.max_examples = max_examples
         self.max_update_norm = max_update_norm
+        self.client_dp = client_dp
+        self._available = 0  # hospitals connected when the round's trainers were sampled
         self._global: dict[str, np.ndarray] = {}
         self._opt_state = ServerOptState()
         self._last_round = 0
@@ -214,9 +224,9 @@ class GanStrategy(Strategy):
         # family uses (zero examples, unchanged weights) would make the median 0 and every
         # reply that moved an "outlier" (per component, norm_outliers compares only replies
         # that trained that component).
-        outliers = norm_outliers({h: u for h, u in updates.items()
-                                  if any(n > 0 for n in u.examples.values())},
-                                 expected, self.norm_outlier_ratio)
+        outliers = {} if self.client_dp is not None else norm_outliers(
+            {h: u for h, u in updates.items() if any(n > 0 for n in u.examples.values())},
+            expected, self.norm_outlier_ratio)
         outliers.update({h: r for h, r in update_bound(
             updates, expected, self.update_norm_ratio, self.norm_floor_rms).items()
             if h not in outliers})
@@ -242,7 +252,27 @@ class GanStrategy(Strategy):
                         "(<= %g x the others' median, <= %.3g)", server_round, hospital,
                         claimed, component, kept, self.examples_ratio, self.max_examples)
         report.capped_examples += len(clipped)
+        if self.client_dp is not None:
+            return self._apply_client_dp(server_round, updates, expected, report)
         return self._apply(server_round, list(updates.values()), report)
+
+    def _apply_client_dp(self, server_round: int, updates: Mapping[str, Update],
+                         expected: Mapping[str, np.ndarray], report: RoundReport
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The noised mean of the clipped updates (``server/client_dp.py``) through the server
+        step; the round's epsilon goes to the report."""
+        assert self.client_dp is not None
+        rate = min(1.0, report.selected / self._available) if self._available else 1.0
+        update, notes = self.client_dp.release(updates, expected, rate)
+        report.client_dp = notes
+        if update is None:  # nothing collected this round (sync-every): nothing released
+            return (protocol.to_record(self._global),
+                    MetricRecord(self._mean_metrics(report.per_hospital)))
+        log.info("round %d: client-level DP: %d update(s) clipped to %g, noise std %.3g, "
+                 "epsilon %.4g (delta %g)", server_round, int(notes["client-dp-clipped"]),
+                 self.client_dp.clip, notes["client-dp-noise-std"],
+                 notes["client-dp-epsilon"], self.client_dp.delta)
+        return self._apply(server_round, [update], report)
 
     def aggregate_secure(self, server_round: int, update: Update, report: RoundReport
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -412,6 +442,7 @@ class GanStrategy(Strategy):
         from protocol.flower_private import sample_nodes
 
         available = len(list(grid.get_node_ids()))
+        self._available = available
         size = max(int(available * fraction), minimum)
         wait = self.min_available_nodes if wait_for is None else wait_for
         nodes, _ = sample_nodes(grid, wait, size)

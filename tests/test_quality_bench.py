@@ -78,3 +78,22 @@ def test_reduced_benchmark_trains_and_reports_every_row() -> None:
     assert fed_ratio == pytest.approx(max(rows[n]["ssim"] for n in fed_rows) / c)
     assert alone_ratio == pytest.approx(sum(rows[n]["ssim"] for n in alone_rows(SMALL)) / 2 / c)
     assert "| fedbn |" in table(rows)
+
+
+def test_client_dp_rows_are_calibrated_and_reach_the_run_settings() -> None:
+    """``--client-dp-epsilon 8 1``: fedgan without DP, then at each epsilon; the noise the
+    accountant gives for the rounds, passed as run settings (no training here: the reduced
+    federated run takes over 30 s on the shared cores)."""
+    from bench.quality import client_dp_variants, federation_config
+    from server.client_dp import epsilon
+
+    variants = client_dp_variants([8.0, 1.0], SMALL.rounds, 0.5)
+    names = list(variants)
+    assert names[0] == "fedgan" and len(names) == 3 and "eps=8" in names[1]
+    for name, target in zip(names[1:], (8.0, 1.0)):
+        preset, overrides, keep = variants[name]
+        fcfg = federation_config(preset, SMALL.model(), SMALL.train_config(), SMALL.rounds,
+                                 overrides)
+        assert fcfg.client_dp_clip == 0.5 and fcfg.extra_overrides == ()
+        eps = epsilon([(fcfg.client_dp_noise_multiplier, 1.0, SMALL.rounds)], 1e-5)
+        assert eps == pytest.approx(target, rel=0.02)

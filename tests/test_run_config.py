@@ -66,6 +66,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         # secure-aggregation = true refuses median and float16 (test_secure_aggregation.py)
         "secure-aggregation": False, "secure-aggregation-clip": 0.25,
         "secure-aggregation-max-examples": 500.0, "channels": 1,
+        # client-level DP (server/client_dp.py) refuses median: its noise is in the third run
+        "client-dp-noise-multiplier": 0.0, "client-dp-clip": 0.3, "client-dp-delta": 1e-6,
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
@@ -74,7 +76,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
                   "max-update-norm": 0.0, "min-hospitals": 3}
     # lesion-cycle-weight is cyclegan's (2D here): a third run
     cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0,
-             "lesion-cycle-weight": 3.0}
+             "lesion-cycle-weight": 3.0, "reducer": "mean", "client-dp-noise-multiplier": 1.2}
     # channels = 3 (colour) is 2D only: a fourth run
     colour = {**small_data, "spatial-dims": 2, "channels": 3}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"

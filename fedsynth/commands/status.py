@@ -2,7 +2,8 @@
 
 Per run: its Flower run id and state, its run folder (the run config's ``run-dir``/``run-id``,
 also written to the folder's ``config.json`` as ``flower_run_id``), rounds done / asked, the
-privacy spent per hospital (its latest ``dp-epsilon``, by registered name) and every round's
+privacy spent per hospital (its latest ``dp-epsilon``, by registered name), the run's
+client-level epsilon (``client-dp-epsilon``, server/client_dp.py) and every round's
 failed hospitals with the reason (offline / restarted / timeout / dp-budget / ...,
 ``server/grid.py``). The SuperLink is asked in-process over its Control API
 (``fedsynth.control``), not through ``flwr`` starts.
@@ -47,9 +48,13 @@ def folder_summary(folder: Path, rounds_asked: int | None = None) -> dict[str, A
     except (OSError, ValueError):
         pass
     epsilon: dict[str, float] = {}
+    client_dp: float | None = None  # the run's client-level epsilon (server/client_dp.py EPSILON)
     failures: list[dict[str, Any]] = []
     for r in sorted(rows, key=lambda r: r.get("round", 0)):
         names = r.get("names", {})
+        server = r.get("server")
+        if isinstance(server, dict) and isinstance(server.get("client-dp-epsilon"), (int, float)):
+            client_dp = float(server["client-dp-epsilon"])
         for node, metrics in r.get("hospitals", {}).items():
             if isinstance(metrics, dict) and "dp-epsilon" in metrics:
                 epsilon[names.get(node, node)] = float(metrics["dp-epsilon"])
@@ -61,7 +66,8 @@ def folder_summary(folder: Path, rounds_asked: int | None = None) -> dict[str, A
             "rounds-done": len({r.get("round") for r in rows}),
             "rounds-asked": config.get("rounds", rounds_asked),
             "flower-run-id": config.get("flower_run_id"),
-            "epsilon": epsilon, "failures": failures}
+            "client-dp-delta": config.get("client_dp_delta") if client_dp is not None else None,
+            "epsilon": epsilon, "client-dp-epsilon": client_dp, "failures": failures}
 
 
 def collect(cfg, flwr_home: Path) -> dict:  # noqa: ANN001
@@ -118,6 +124,10 @@ def format_run(r: dict[str, Any]) -> list[str]:
         if r["epsilon"]:
             lines.append("    epsilon: " + ", ".join(f"{h} {e:.4g}"
                                                      for h, e in sorted(r["epsilon"].items())))
+        if r.get("client-dp-epsilon") is not None:
+            delta = r.get("client-dp-delta")
+            lines.append(f"    client-level epsilon: {r['client-dp-epsilon']:.4g}"
+                         + (f" (delta {delta:g})" if isinstance(delta, (int, float)) else ""))
         by_round: dict[Any, list[str]] = {}
         for f in r["failures"]:
             by_round.setdefault(f["round"], []).append(
