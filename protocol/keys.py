@@ -155,10 +155,6 @@ FEDERATION_GAUGES = (
     ReportedGauge("fedsynth_eval_prdc", "Precision / recall / density / coverage of samples vs "
                   "hospitals' held-out slices.", tuple((f"eval-{m}", (m,)) for m in PRDC),
                   ("measure",), section="evaluate"),
-    ReportedGauge.of("fedsynth_client_dp_epsilon",
-                     "Client-level DP on the aggregate: the run's epsilon after the last round "
-                     "(the coordinator's RDP accountant, at client-dp-delta; client-DP runs only).",
-                     "client-dp-epsilon", section="server"),
 )
 
 # The coordinator's per-hospital gauges, from each hospital's last train reply.

@@ -224,6 +224,11 @@ class CoordinatorMetrics:
                          for g in FEDERATION_GAUGES}
         self.diversity = _gauge("fedsynth_sample_diversity",
                                "Mean pairwise L2 distance of the fixed-noise samples.", registry=r)
+        # computed here, not reported by hospitals: written out like the sample diversity
+        self.client_dp_epsilon = _gauge("fedsynth_client_dp_epsilon",
+                                        "Client-level DP on the aggregate: the run's epsilon "
+                                        "after the last round (the coordinator's RDP accountant, "
+                                        "at client-dp-delta; client-DP runs only).", registry=r)
         self.nonfinite = Counter("fedsynth_nonfinite_losses",
                                  "Rounds whose aggregated loss was NaN or infinite.", ["component"],
                                  registry=r)
@@ -318,6 +323,8 @@ class CoordinatorMetrics:
                 self.nonfinite.labels(component).inc()
         if "sample-diversity" in summary.server:
             self.diversity.set(_finite_or_nan(summary.server["sample-diversity"]))
+        if "client-dp-epsilon" in summary.server:
+            self.client_dp_epsilon.set(_finite_or_nan(summary.server["client-dp-epsilon"]))
         for node_id, m in summary.hospitals.items():
             name = self.names(node_id)
             self.h_rounds.labels(name).inc()

@@ -168,7 +168,7 @@ def test_an_inprocess_run_reports_a_growing_epsilon(tmp_path: Path) -> None:
     page = build_report(folder)
     assert any("Client-level DP" in t for t in chart_titles(page))
     assert "Client-level DP on the aggregate: each hospital" in page
-    assert metrics.reported["fedsynth_client_dp_epsilon"]._value.get() == pytest.approx(eps[1])
+    assert metrics.client_dp_epsilon._value.get() == pytest.approx(eps[1])
     summary = folder_summary(folder)
     assert summary["client-dp-epsilon"] == pytest.approx(eps[1])
     assert any(f"client-level epsilon: {eps[1]:.4g} (delta 1e-05)" in line
