@@ -94,3 +94,9 @@ def check_name(name: str) -> str:
 # environment, inherited by every run's ServerApp, which then records its series there for the
 # daemon to serve across runs (server/metrics.py, server/app.py).
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# A file `fedsynth coordinator` sets in the SuperLink's environment (inherited by every run's
+# ServerApp, whose stdout and stderr Flower sends to /dev/null): each ServerApp appends its
+# coordinator lines there (strategy, rounds, failed hospitals; server/federation.py), and the
+# daemon follows it into its own log (fedsynth/child_output.py).
+SERVERAPP_LOG_ENV = "FEDSYNTH_SERVERAPP_LOG"
