@@ -29,27 +29,12 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-OPS = ("translation", "cutout", "brightness", "contrast")
+# the policy's names and parser are torch-free (run settings are checked without torch)
+from .augment_policy import OPS, parse_policy  # noqa: E402,F401 (re-exported)
+
 BACKGROUND = -1.0  # the value of air in [-1, 1] images: what translation and cutout fill with
 TRANSLATION_RATIO = 0.125  # Zhao et al. 2020's code: shifts up to 1/8 of the side
 CUTOUT_RATIO = 0.5  # a square of half the side
-
-
-def parse_policy(policy: str) -> tuple[str, ...]:
-    """``"translation,cutout,brightness"`` -> the ops in that order; ``""`` -> none.
-
-    Unknown names raise ``ValueError`` naming the known ones (``color`` / ``saturation`` too: grey
-    images have no saturation)."""
-    ops = tuple(p.strip() for p in policy.split(",") if p.strip())
-    for op in ops:
-        if op in ("color", "colour", "saturation"):
-            raise ValueError(f"augment op {op!r}: grey-level images have no colour saturation; "
-                             f"use {', '.join(OPS)}")
-        if op not in OPS:
-            raise ValueError(f"unknown augment op {op!r}; known: {', '.join(OPS)}")
-    if len(set(ops)) != len(ops):
-        raise ValueError(f"augment policy {policy!r} repeats an op")
-    return ops
 
 
 def _per_image(x: torch.Tensor) -> tuple[int, ...]:

@@ -122,7 +122,7 @@ class TrainConfig:
                                          "mask-labels); 0 off")
 
     def __post_init__(self) -> None:
-        from .augment import parse_policy
+        from .augment_policy import parse_policy  # torch-free
 
         parse_policy(self.augment)  # an unknown op is refused here, by name
         if not (self.r1_gamma >= 0 and 0 <= self.ema_decay < 1):
