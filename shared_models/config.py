@@ -131,7 +131,7 @@ class TrainConfig:
                                          "mask-labels); 0 off")
 
     def __post_init__(self) -> None:
-        from .augment import parse_policy
+        from .augment_policy import parse_policy  # torch-free
 
         # an unknown op is refused here, by name; saturation / color against the model's
         # channels in capabilities.check_model (launch and hospital)
