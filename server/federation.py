@@ -276,6 +276,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
 
     noise, labels = fixed_inputs(family, cfg.model, cfg.num_samples)
     if start_round == 1:
+        family.at_round(nets, cfg.model, 1)  # the initial grid: round 1's stage (pgan)
         folder.save_samples(0, _grid_images(family, nets, noise, labels))
 
     signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
@@ -357,6 +358,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
 
         ema.update(arrays)
         decode_into(nets, ema.overlay(arrays))  # the grid shows the average when one is kept
+        family.at_round(nets, cfg.model, rnd)  # pgan: the stage this round trained
         samples = _grid_images(family, nets, noise, labels)
         folder.save_samples(rnd, samples)
         summary = RoundSummary(

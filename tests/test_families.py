@@ -18,6 +18,7 @@ CASES = [  # (family, spatial_dims, image_size, width)
     ("pix2pix", 2, 32, 8), ("pix2pix", 3, 16, 4),
     ("cyclegan", 2, 32, 8),
     ("lapgan", 2, 16, 4), ("lapgan", 2, 32, 8), ("lapgan", 3, 16, 4),
+    ("pgan", 2, 16, 4), ("pgan", 2, 32, 4), ("pgan", 3, 16, 4),
 ]
 
 
