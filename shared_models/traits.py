@@ -44,6 +44,12 @@ TRAITS: dict[str, FamilyTraits] = {t.name: t for t in (
         UA_GAN: "UA-GAN's coordinator trains one generator against odds on noise-only fakes; "
                 "lapgan's finer generators are conditioned on real coarse images"}),
     FamilyTraits("maskgan", "masked", frozenset({COLOUR})),
+    FamilyTraits("pgan", "image", frozenset({DP}), {
+        AUGMENT: "its discriminator's input resolution changes with the stage; DiffAugment of "
+                 "the blended reals is not implemented",
+        R1: "no R1 penalty in its discriminator step",
+        UA_GAN: "UA-GAN's coordinator trains the generator without the round's stage and "
+                "fade-in alpha"}),
     FamilyTraits("pix2pix", "paired", frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR})),
     FamilyTraits("wgan-gp", "image", frozenset({AUGMENT, DP}),
                  {R1: "it has its own gradient penalty"}),
