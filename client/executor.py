@@ -26,6 +26,8 @@ bundle's code) is no longer offered.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import logging
 import os
 import re
@@ -38,6 +40,41 @@ log = logging.getLogger("fedsynth.executor")
 
 POLL_S = 0.1  # an AcquireTask on loopback costs about a millisecond
 RUN_LOCK = threading.Lock()  # one task at a time trains: the device is the hospital's one GPU/CPU
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+MALLOC_ARENAS = 2  # tasks run in threads of their own: without a cap glibc gives each its arena
+
+
+def _libc() -> "ctypes.CDLL | None":
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc only (not musl, not macOS)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) before task threads start.
+
+    Every task runs in a fresh thread (``WarmExecutor.serve``), and glibc hands a new thread an
+    arena of its own, up to 8 per core: the training tensors of round after round were spread
+    over up to 16 arenas whose freed pages glibc rarely gives back, the slow RSS drift of the
+    120-round soak (BENCHMARKS.md, "Hospital memory"). True where glibc took the setting."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(M_ARENA_MAX, int(arenas)))
+
+
+def release_memory() -> bool:
+    """After a task: collect cycles and hand freed heap pages back to the OS (``malloc_trim``).
+    A few milliseconds once a round; True where glibc's ``malloc_trim`` ran."""
+    gc.collect()
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @dataclass
@@ -190,6 +227,8 @@ def run_task(runtime_api_address: str, token: str, task_id: int,
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+    message = reply = context = run = fab = None  # noqa: F841 - freed before the trim below
+    release_memory()
     seconds = time.perf_counter() - t0
     ok = status == SubStatus.COMPLETED
     if ok:
@@ -238,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     from protocol import flower_private
 
+    limit_malloc_arenas()  # before any task thread starts
     flower_private.fast_object_pulls()  # objects arrive just after the task: retry in 20 ms steps
     executor = WarmExecutor(args.runtime_api_address, args.poll, tuple(args.approved_app))
     logs.adopt_flower()  # Flower's logger is set up by now: one plain copy of its lines

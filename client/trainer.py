@@ -108,6 +108,7 @@ class LocalTrainer:
         # radiomic features of the held-out slices: computed once, they do not change per round
         self._real_radiomics: tuple[torch.Tensor, np.ndarray] | None = None
         self._real_classifier: tuple[torch.Tensor, int, torch.nn.Module] | None = None
+        self._feature_net: FeatureNet | None = None  # fixed weights: built once, not per round
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         decode_into(self.nets, arrays)
@@ -337,7 +338,9 @@ class LocalTrainer:
             d_real_v, d_fake_v = torch.stack([d_real, d_fake]).tolist()
         finally:
             d.train()
-        feat = FeatureNet(self.model.channels)
+        feat = self._feature_net
+        if feat is None:
+            feat = self._feature_net = FeatureNet(self.model.channels)
         fr, ff = feat(images.float().cpu()).numpy(), feat(fake).numpy()
         coverage = prdc(fr, ff[:n])
         intended = {}
