@@ -223,7 +223,7 @@ def train(r: Round) -> Round:
         r.result = r.trainer.idle(r.train, r.reply)
     else:
         r.result = r.trainer.fit(r.data.train, r.train, r.seed, reply=r.reply,
-                                 deadline=r.deadline)
+                                 deadline=r.deadline, server_round=r.server_round)
     return r
 
 

@@ -46,6 +46,9 @@ class StepContext:
     gradient_loss_power: int = 2
     # cyclegan: weight of the cycle and identity L1 inside the batch's lesion masks
     lesion_cycle_weight: float = 0.0
+    # pix2pix cascade, stagewise: the one stage (1-based) this round trains, earlier ones frozen;
+    # None: every stage (end-to-end, or a single stage)
+    cascade_stage: int | None = None
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(
