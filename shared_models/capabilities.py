@@ -10,6 +10,8 @@ support something (a check, a refusal that lists them, the demo) asks the regist
 - ``gradient-loss``: its generator loss adds ``gradient-loss`` x the image-gradient difference;
 - ``lesion-cycle``: its cycle and identity terms add ``lesion-cycle-weight`` x their L1 inside
   the hospital's lesion masks;
+- ``perceptual-loss``: its generator loss adds ``perceptual-loss`` x an L1 of the feature maps of
+  the hospital's pinned network (``shared_models.perceptual``);
 - ``cascade``: it builds ``cascade = k > 1`` refining stages (pix2pix; ``cascade-training``);
 - ``colour``: it trains on 3-channel (RGB) images, ``channels = 3``: its networks take and give
   ``cfg.channels`` and its data, augmentation, quality measures and export handle colour.
@@ -37,10 +39,13 @@ GRADIENT_LOSS = "gradient-loss"
 LESION_CYCLE = "lesion-cycle"
 COLOUR = "colour"
 CASCADE = "cascade"
-CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE, COLOUR, CASCADE})
+PERCEPTUAL = "perceptual-loss"
+CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE, COLOUR, CASCADE,
+                          PERCEPTUAL})
 # run key -> (TrainConfig field, the capability it needs): on when the field is > 0
 LOSS_SETTINGS = {"gradient-loss": ("gradient_loss", GRADIENT_LOSS),
-                 "lesion-cycle-weight": ("lesion_cycle_weight", LESION_CYCLE)}
+                 "lesion-cycle-weight": ("lesion_cycle_weight", LESION_CYCLE),
+                 "perceptual-loss": ("perceptual_loss", PERCEPTUAL)}
 
 
 def supporting(capability: str) -> tuple[str, ...]:

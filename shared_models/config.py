@@ -137,6 +137,10 @@ class TrainConfig:
     lesion_cycle_weight: float = setting(0.0, "cyclegan: weight of an L1 of the cycle and identity "
                                          "terms inside the hospitals' lesion masks (SEG/RTSTRUCT, "
                                          "mask-labels); 0 off")
+    perceptual_loss: float = setting(0.0, "pix2pix: weight of the perceptual (deep-supervision) "
+                                     "loss of Zhao et al. 2018, an L1 between feature maps of "
+                                     "the network each hospital supplies (perceptual-network); "
+                                     "0 off")
     cascade_training: str = setting(
         "end-to-end", "pix2pix cascade > 1: end-to-end (every stage trains every step, a loss on "
         "each stage's output) or stagewise (stage j trains from round (j-1) x "
@@ -171,6 +175,8 @@ class TrainConfig:
             raise ValueError("gradient-loss and lesion-cycle-weight must be finite and >= 0, "
                              f"gradient-loss-power 1 or 2 (got {self.gradient_loss}, "
                              f"{self.lesion_cycle_weight}, {self.gradient_loss_power})")
+        if not 0 <= self.perceptual_loss < math.inf:
+            raise ValueError(f"perceptual-loss must be finite and >= 0, got {self.perceptual_loss}")
         if self.cascade_training not in CASCADE_TRAINING or self.cascade_stage_rounds < 1:
             raise ValueError(f"cascade-training must be one of {', '.join(CASCADE_TRAINING)} and "
                              f"cascade-stage-rounds >= 1 (got {self.cascade_training!r}, "

@@ -10,6 +10,9 @@ Batches hold paired ``a`` (input) and ``b`` (target) tensors, drawn with one sha
 ``gradient-loss`` w (``TrainConfig``, carried in ``StepContext``) adds w x L_GDL(G(a), b), the
 image-gradient-difference loss of Nie et al. 2017 (``shared_models.losses``), to G's loss, 2D and
 3D; under DP-SGD it is a term of each pair's own generator loss, clipped and noised with it.
+``perceptual-loss`` w adds w x L_perc(G(a), b) (Zhao et al. 2018; ``shared_models.perceptual``)
+in the frozen feature network the hospital supplies (``StepContext.perceptual_net``), likewise a
+term of each pair's own loss under DP-SGD.
 
 ``cascade = k > 1`` (``ModelConfig``; Nie et al. 2017's auto-context, Wei et al. 2018's cascade
 of cGANs): k UNets, o_1 = G_1(a), o_j = G_j(cat(a, o_{j-1})), each stage with its own conditional
@@ -41,10 +44,11 @@ import torch
 from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
 from .config import ModelConfig
-from .capabilities import AUGMENT, CASCADE, COLOUR, DP, GRADIENT_LOSS, R1
+from .capabilities import AUGMENT, CASCADE, COLOUR, DP, GRADIENT_LOSS, PERCEPTUAL, R1
 from .dp import per_sample_norms, sample_rate
 from .family import FamilyBase, Nets, Optimizers, StepContext, eval_forward
 from .losses import gradient_difference
+from .perceptual import perceptual_loss
 from .translation_networks import (CascadeDiscriminator, CascadeGenerator, PatchGAN, UNetGenerator,
                                    init_normal, set_requires_grad)
 
@@ -58,7 +62,7 @@ class Pix2Pix(FamilyBase):
     task = "translation"
     data_layout = "paired"
     # augment/R1: each pair as one image
-    supports = frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR, CASCADE})
+    supports = frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR, CASCADE, PERCEPTUAL})
 
     def __init__(self, l1_weight: float = L1_WEIGHT) -> None:
         self.l1_weight = l1_weight
@@ -144,7 +148,8 @@ class Pix2Pix(FamilyBase):
                 pred = self._judge(d, j, torch.cat([a, fakes[j]], 1)).float()
                 total = total + (bce(pred, torch.ones_like(pred))
                                  + self.l1_weight * (fakes[j].float() - b.float()).abs().mean()
-                                 + self._gradient_term(fakes[j], b, ctx))
+                                 + self._gradient_term(fakes[j], b, ctx)
+                                 + self._perceptual_term(fakes[j], b, ctx))
             return total
 
         frozen = self._frozen(nets, trained)
@@ -198,13 +203,16 @@ class Pix2Pix(FamilyBase):
             with ctx.autocast():
                 loss_g = 0.0
                 loss_grad = 0.0
+                loss_perc = 0.0
                 for j in trained:
                     pred = self._judge(d, j, aug.view(torch.cat([a, fakes[j]], 1))).float()
                     loss_l1 = (fakes[j].float() - b.float()).abs().mean()
                     grad_j = self._gradient_term(fakes[j], b, ctx)
+                    perc_j = self._perceptual_term(fakes[j], b, ctx)
                     loss_grad = loss_grad + grad_j
+                    loss_perc = loss_perc + perc_j
                     loss_g = (loss_g + bce(pred, torch.ones_like(pred))
-                              + self.l1_weight * loss_l1 + grad_j)
+                              + self.l1_weight * loss_l1 + grad_j + perc_j)
                 loss_g = loss_g + ctx.prox_term("generator", g)
             ctx.step(loss_g, opts["generator"])
         finally:
@@ -218,7 +226,19 @@ class Pix2Pix(FamilyBase):
         }
         if ctx.gradient_loss > 0:
             out["loss-gradient"] = loss_grad.detach()
+        if ctx.perceptual_loss > 0:
+            out["loss-perceptual"] = loss_perc.detach()
         return out
+
+    @staticmethod
+    def _perceptual_term(fake: torch.Tensor, b: torch.Tensor, ctx: StepContext
+                         ) -> torch.Tensor | float:
+        """``perceptual-loss`` x L_perc(G(a), b) in the hospital's feature net; 0 when off."""
+        if ctx.perceptual_loss <= 0:
+            return 0.0
+        if ctx.perceptual_net is None:
+            raise ValueError("perceptual-loss > 0 needs the hospital's perceptual-network")
+        return ctx.perceptual_loss * perceptual_loss(ctx.perceptual_net, fake, b)
 
     @staticmethod
     def _gradient_term(fake: torch.Tensor, b: torch.Tensor, ctx: StepContext

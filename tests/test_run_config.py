@@ -50,6 +50,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
         "gradient-loss": 0.5, "gradient-loss-power": 1, "lesion-cycle-weight": 0.0,
         "cascade": 2, "cascade-training": "stagewise", "cascade-stage-rounds": 3,
+        "perceptual-loss": 0.5,
         "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9, "class-balanced": False,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
@@ -77,6 +78,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
                   "max-update-norm": 0.0, "min-hospitals": 3}
     # lesion-cycle-weight is cyclegan's (2D here): a third run
     cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0, "cascade": 1,
+             "perceptual-loss": 0.0,
              "lesion-cycle-weight": 3.0, "reducer": "mean", "client-dp-noise-multiplier": 1.2}
     # channels = 3 (colour) is 2D only: a fourth run
     colour = {**small_data, "spatial-dims": 2, "channels": 3}
@@ -93,7 +95,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
     assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2, "cascade": 1,
-                      "gradient-loss": 0.0}).model.num_classes == 3
+                      "gradient-loss": 0.0, "perceptual-loss": 0.0}).model.num_classes == 3
     assert cfg.data.class_names == ("cyst", "metastasis", "haemangioma")
 
 
