@@ -170,3 +170,15 @@ def test_inprocess_round_with_a_cascade(tmp_path: Path, training: str) -> None:
                     TrainConfig(local_steps=2, batch_size=2, cascade_training=training))
     assert (row["replied"], row["failed"], row["rejected"]) == (2, 0, 0)
     assert row["train"]["loss-l1"] > 0
+
+
+@pytest.mark.slow
+def test_bench_cascade_rows_at_a_reduced_size(capsys: pytest.CaptureFixture) -> None:
+    """bench.canon's cascade rows (2 stages against 1), 1 round x 1 step at 16^3."""
+    from bench.canon import main
+
+    main(["cascade", "--seeds", "0", "--size", "16", "--width", "4", "--rounds", "1",
+          "--local-steps", "1"])
+    rows = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| cascade")]
+    assert [r.split("|")[1].strip() for r in rows] == ["cascade = 1", "cascade = 2"]
+    assert all("ssim" in r and "mae-3d" in r for r in rows)
