@@ -178,3 +178,4 @@ def test_inprocess_round_with_perceptual_loss(tmp_path: Path) -> None:
     (row,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert row["replied"] == 1 and row["train"]["loss-perceptual"] > 0
     assert row["failed"] == 1
+    assert list(row["failed_hospitals"].values()) == ["perceptual-network"]
