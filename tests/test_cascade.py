@@ -170,6 +170,14 @@ def test_inprocess_round_with_a_cascade(tmp_path: Path, training: str) -> None:
                     TrainConfig(local_steps=2, batch_size=2, cascade_training=training))
     assert (row["replied"], row["failed"], row["rejected"]) == (2, 0, 0)
     assert row["train"]["loss-l1"] > 0
+    # the checkpoint rebuilds the cascade, and sampling (fedsynth sample --input) runs it all
+    from fedsynth.generation import load_generator
+
+    (ckpt,) = sorted((tmp_path / "runs" / "cascade" / "checkpoints").glob("round-*.npz"))[-1:]
+    family, nets, meta = load_generator(ckpt)
+    assert meta["_config"].cascade == 2 and isinstance(nets["generator"], CascadeGenerator)
+    a = torch.rand(1, 1, 16, 16) * 2 - 1
+    assert torch.equal(family.sample(nets, a), nets["generator"].eval().outputs(a)[-1])
 
 
 @pytest.mark.slow
