@@ -61,13 +61,13 @@ def host_usage(net: Harness, name: str) -> tuple[float, int]:
     return rss_kb / 1024, fds
 
 
-def shaped_run(fed: Federation, wire: str, rounds: int, **run: object) -> dict:
+def shaped_run(fed: Federation, wire: str, rounds: int, tag: str = "", **run: object) -> dict:
     """One run in ``wire``; tbf counters read as each round's row lands, so every round has the
     bytes each hospital moved in it (round 1 also carries the run's start, the last round its
     separate evaluate message)."""
     net = fed.harness
     marks = [{h: tbf_bytes(net, h) for h in RATES}]
-    folder = fed.launch(f"shaped-{wire}", rounds=rounds, wire_dtype=wire, **run)
+    folder = fed.launch(f"shaped-{wire}{tag}", rounds=rounds, wire_dtype=wire, **run)
     deadline = time.monotonic() + 300 + 90 * rounds
     while len(marks) <= rounds:
         if time.monotonic() > deadline or not all(p.popen.poll() is None for p in fed.procs()):
@@ -77,7 +77,7 @@ def shaped_run(fed: Federation, wire: str, rounds: int, **run: object) -> dict:
         time.sleep(0.2)
     rows = metrics_rows(folder)
     names = {n: node for r in rows for node, n in r.get("names", {}).items()}
-    out: dict = {"wire": wire, "rounds": []}
+    out: dict = {"wire": wire + tag, "rounds": []}
     for i, r in enumerate(rows):
         floors, moved = {}, {}
         for h, mbit in RATES.items():
@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-image-size", type=int, default=32)
     p.add_argument("--soak-wire", default="int8")
     p.add_argument("--wires", default="float32,float16,int8")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="also a float32 run under SecAgg+ (issue 26): its round seconds and "
+                        "bytes on the links against the plain float32 run's")
     p.add_argument("--json", type=Path, help="write every figure and sample here")
     args = p.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="fedsynth-net-"))
@@ -199,6 +202,25 @@ def main(argv: list[str] | None = None) -> int:
                       f"({x['slowest']}); h3 moved {b['up'] / 1e6:.2f} MB up, "
                       f"{b['down'] / 1e6:.2f} MB down, computed {b['compute']:.1f} s; "
                       f"replied {x['replied']}", flush=True)
+        if args.secure_aggregation:
+            shape = dict(family=args.family, image_size=args.image_size,
+                         local_steps=args.local_steps, batch_size=4)
+            plain = next((r for r in result["shaped"] if r["wire"] == "float32"), None) or \
+                shaped_run(fed, "float32", args.shaped_rounds, **shape)
+            secure = shaped_run(fed, "float32", args.shaped_rounds, tag="-secagg",
+                                secure_aggregation=True, min_hospitals=len(RATES), **shape)
+            result["secure"] = {"plain": plain, "secure": secure}
+
+            def totals(res: dict) -> tuple[float, float]:  # rounds 2.. (round 1 starts the run)
+                later = res["rounds"][1:]
+                return (sum(x["seconds"] for x in later),
+                        sum(m["up"] + m["down"] for x in later for m in x["moved"].values()))
+            (ps, pb), (ss, sb) = totals(plain), totals(secure)
+            print(f"secagg_round_seconds_over_plain_{args.family}{args.image_size}: {ss / ps:.3f} "
+                  f"({ss:.1f} s vs {ps:.1f} s, rounds 2..{args.shaped_rounds}); "
+                  f"secagg_link_bytes_over_plain: {sb / pb:.3f} ({sb / 1e6:.1f} MB vs "
+                  f"{pb / 1e6:.1f} MB, 3 hospitals up + down); replied "
+                  f"{[x['replied'] for x in secure['rounds']]}", flush=True)
         if args.soak_rounds:
             s = soak(fed, args.soak_rounds, family=args.family,
                      image_size=args.soak_image_size, local_steps=2, batch_size=4,

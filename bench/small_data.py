@@ -17,6 +17,10 @@ Run: ``python -m bench.small_data`` (``make bench-small-data``; ``--family``, ``
 ``--rounds``...). Prints a Markdown table and, last, each variant's ratio to "off".
 lapgan against dcgan at the same budget (issue 22 item 2; run alone, not yet recorded):
 ``python -m bench.small_data --family {dcgan,lapgan} --variants off --hospitals {1,3}``.
+pgan against dcgan at 64 and 128 px (issue 22 item 1; run alone, not yet recorded; pgan at 64 px
+has 5 stages, so R = 1 reaches 64 px by round 9 and 128 px by round 11):
+``python -m bench.small_data --family {dcgan,pgan} --variants off --image-size {64,128}
+--rounds 12 --pgan-rounds-per-stage 1``.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ class Config:
     local_steps: int = 25
     batch: int = 16
     lr: float = 2e-4
+    pgan_rounds_per_stage: int = 1
 
 
 def hospitals(root: Path, cfg: Config, seed: int) -> list[dict[str, Any]]:
@@ -99,10 +104,12 @@ def features(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generated(family_name: str, model: ModelConfig, arrays: Mapping[str, np.ndarray], n: int,
-              seed: int) -> torch.Tensor:
+              seed: int, server_round: int | None = None) -> torch.Tensor:
     family = get_family(family_name)
     nets = family.build(model)
     decode_into(nets, arrays)
+    if server_round is not None:  # pgan: the stage the checkpoint's round reached
+        family.at_round(nets, model, server_round)
     gen = torch.Generator().manual_seed(10_000 + seed)
     noise = torch.randn(n, model.latent_dim, generator=gen)
     labels = torch.arange(n) % model.num_classes if model.num_classes else None
@@ -111,7 +118,8 @@ def generated(family_name: str, model: ModelConfig, arrays: Mapping[str, np.ndar
 
 def run_variant(cfg: Config, root: Path, seed: int, train_over: Mapping[str, Any],
                 server_ema: float, n: int, held_feats: np.ndarray) -> tuple[float, float]:
-    model = ModelConfig(family=cfg.family, image_size=cfg.image_size, width=cfg.width)
+    model = ModelConfig(family=cfg.family, image_size=cfg.image_size, width=cfg.width,
+                        pgan_rounds_per_stage=cfg.pgan_rounds_per_stage)
     train = TrainConfig(local_steps=cfg.local_steps, batch_size=cfg.batch, lr_g=cfg.lr,
                         lr_d=cfg.lr, seed=seed, **train_over)
     fcfg = FederationConfig(model=model, train=train, rounds=cfg.rounds, preset="fedgan",
@@ -123,7 +131,7 @@ def run_variant(cfg: Config, root: Path, seed: int, train_over: Mapping[str, Any
     seconds = time.perf_counter() - t0
     arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1],
                                 ema=True)
-    fake = generated(cfg.family, fcfg.model, arrays, n, seed)
+    fake = generated(cfg.family, fcfg.model, arrays, n, seed, cfg.rounds)
     return frechet_distance(features(fake), held_feats), seconds
 
 
@@ -165,9 +173,11 @@ def table(rows: Mapping[str, Mapping[str, float]], seeds: Sequence[int]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     d = Config()
-    p.add_argument("--family", default=d.family, choices=("dcgan", "cdcgan", "lapgan"),
-                   help="lapgan (issue 22 item 2's row, against dcgan): variants off and the "
-                        "EMA ones only (it refuses augment and r1-gamma)")
+    p.add_argument("--family", default=d.family, choices=("dcgan", "cdcgan", "lapgan", "pgan"),
+                   help="lapgan / pgan (issue 22 items 2 / 1, against dcgan): variants off and "
+                        "the EMA ones only (they refuse augment and r1-gamma)")
+    p.add_argument("--pgan-rounds-per-stage", type=int, default=d.pgan_rounds_per_stage,
+                   help="pgan: rounds of fade-in and of stable training per resolution")
     p.add_argument("--hospitals", type=int, default=d.hospitals,
                    help="demo hospitals: 1 for the small-site row, 3 for the federation")
     p.add_argument("--seeds", default="0,1,2")
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("flwr", "server", "client", "fedsynth"):
         logging.getLogger(name).setLevel(logging.WARNING)
     cfg = replace(d, family=a.family, hospitals=a.hospitals, rounds=a.rounds, local_steps=a.local_steps,
-                  image_size=a.image_size, width=a.width)
+                  image_size=a.image_size, width=a.width,
+                  pgan_rounds_per_stage=a.pgan_rounds_per_stage)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

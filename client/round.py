@@ -144,6 +144,8 @@ def load(r: Round) -> None:
     trainer = trainer_for(r.hospital, r.model, r.context.run_id)
     try:
         restore_local(trainer, r.context, received, r.train.seed)
+        # the round's state from the signed round number (pgan: stage and fade-in alpha)
+        trainer.family.at_round(trainer.nets, r.model, r.server_round)
     except Exception:
         forget_trainer(trainer, r.context.run_id)
         raise

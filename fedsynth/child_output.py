@@ -8,12 +8,19 @@ should read them (issue 24 item 7):
   already holds with two red ``ERROR Public key already in use`` lines and a 412, though nothing
   is wrong (the registrar logs "registered (node already registered)");
 - a SuperNode's ``Connection attempt failed`` is about the coordinator, so it says so.
+
+A run's ServerApp is not a child whose output can be read (Flower starts it with stdout and
+stderr on /dev/null): it appends its lines to a file the coordinator names in its environment
+(``$FEDSYNTH_SERVERAPP_LOG``), and :func:`follow_file` copies them like a child's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
+from pathlib import Path
 from typing import Callable, TextIO
 
 from protocol.logs import Rule, plain, reword
@@ -45,3 +52,38 @@ def child_sink(name: str, log_file: TextIO | None) -> Callable[[str], None]:
             log_file.write(text + "\n")
         logger.info("%s", text)
     return sink
+
+
+def follow_file(path: Path, sink: Callable[[str], None], stopping: Callable[[], bool],
+                poll: float = 0.5) -> None:
+    """Give ``sink`` each line appended to ``path`` until ``stopping()`` (``tail -F``'s rule).
+
+    ``path`` must exist. What it held before is not repeated; a file truncated or replaced is
+    read again from its start; a partial last line waits for its newline.
+    """
+    fh = open(path, "rb")  # noqa: SIM115 - reopened when replaced
+    fh.seek(0, os.SEEK_END)
+    pending = b""
+    try:
+        while True:
+            chunk = fh.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    sink(line.decode("utf-8", "replace"))
+                continue
+            if stopping():
+                return
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            if st is not None and (st.st_ino != os.fstat(fh.fileno()).st_ino
+                                   or st.st_size < fh.tell()):
+                fh.close()
+                fh, pending = open(path, "rb"), b""  # noqa: SIM115
+                continue
+            time.sleep(poll)
+    finally:
+        fh.close()

@@ -47,6 +47,8 @@ def load_generator(path: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         cfg = ModelConfig(**meta["model"])
         nets = family.build(cfg)
         decode_into(nets, arrays, strict_components=family.samplers)
+        if "round" in meta:  # pgan: sample at the stage the checkpoint's round reached
+            family.at_round(nets, cfg, int(meta["round"]))
     except Exception as exc:
         raise ValueError(f"checkpoint '{path}' does not fit its model: {exc}") from exc
     meta["_config"] = cfg

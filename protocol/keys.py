@@ -99,6 +99,11 @@ def check_name(name: str) -> str:
 # daemon to serve across runs (server/metrics.py, server/app.py).
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+# A file `fedsynth coordinator` sets in the SuperLink's environment (inherited by every run's
+# ServerApp, whose stdout and stderr Flower sends to /dev/null): each ServerApp appends its
+# coordinator lines there (strategy, rounds, failed hospitals; server/federation.py), and the
+# daemon follows it into its own log (fedsynth/child_output.py).
+SERVERAPP_LOG_ENV = "FEDSYNTH_SERVERAPP_LOG"
 
 # -- dashboard gauges of reported metrics ---------------------------------------------------------
 # The coordinator's (server/metrics.py) and the hospital's (client/metrics.py) Prometheus gauges of

@@ -22,12 +22,11 @@ import numpy as np
 
 from shared_models.codec import norm_state_keys, split_key  # noqa: F401 (re-exported)
 
-Reducer = Literal["mean", "median", "trimmed-mean"]
-ServerOpt = Literal["avg", "avgm", "adam"]
+from .run_rules import REDUCERS, SERVER_OPTS, Reducer, ServerOpt  # noqa: F401 (re-exported)
+
 Weighting = Literal["examples", "uniform"]
-# The registries of rules: the run setting's choices (server/run_config.py) come from these.
-REDUCERS: tuple[str, ...] = get_args(Reducer)
-SERVER_OPTS: tuple[str, ...] = get_args(ServerOpt)
+# The registries of rules (REDUCERS, SERVER_OPTS): the run setting's choices come from them,
+# declared torch-free in server/run_rules.py for `fedsynth launch`'s check.
 
 
 @dataclass(frozen=True)

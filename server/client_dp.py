@@ -68,37 +68,14 @@ from shared_models.codec import split_key
 
 from .aggregation import Update
 
-DEFAULT_DELTA = 1e-5
+# the launch refusal and the default delta are torch-free (server/run_rules.py: launch's check)
+from .run_rules import CLIENT_DP_DELTA as DEFAULT_DELTA, check_client_dp_run  # noqa: E402,F401
 # Entries of a round's ``server`` section in metrics.jsonl (also Prometheus and `fedsynth status`)
 EPSILON = "client-dp-epsilon"
 SAMPLE_RATE = "client-dp-sample-rate"
 NOISE_MULTIPLIER = "client-dp-noise-multiplier"
 NOISE_STD = "client-dp-noise-std"  # sigma of the round's largest-n component: z C / n
 CLIPPED = "client-dp-clipped"  # hospitals whose update was scaled down to client-dp-clip
-
-
-def check_client_dp_run(cfg: Any) -> None:
-    """Refuse, at launch, a client-level DP run that cannot be accounted (one line each)."""
-    why = None
-    if not cfg.client_dp_noise_multiplier >= 0 or not math.isfinite(cfg.client_dp_noise_multiplier):
-        why = f"client-dp-noise-multiplier must be >= 0, got {cfg.client_dp_noise_multiplier}"
-    elif not cfg.client_dp_clip > 0 or not math.isfinite(cfg.client_dp_clip):
-        why = (f"client-dp-clip must be > 0 (the per-hospital update norm bound), got "
-               f"{cfg.client_dp_clip}")
-    elif not 0 < cfg.client_dp_delta < 1:
-        why = f"client-dp-delta must be in (0, 1), got {cfg.client_dp_delta}"
-    elif cfg.preset == "ua-gan":
-        why = ("preset 'ua-gan' sends no model updates (its coordinator trains the generator on "
-               "the hospitals' discriminator feedback): there is no update to clip")
-    elif cfg.reducer in ("median", "trimmed-mean"):
-        why = (f"reducer {cfg.reducer!r} is not a mean: the noise is calibrated to the "
-               "sensitivity C / n of a mean of clipped updates")
-    elif cfg.secure_aggregation:
-        why = ("with secure-aggregation the coordinator never sees single updates: the clipping "
-               "must run at the hospital and the noise be distributed among them (not "
-               "implemented yet)")
-    if why is not None:
-        raise ValueError(f"client-dp: {why}")
 
 
 def _floating(ref: np.ndarray) -> bool:

@@ -212,25 +212,44 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     """Run ``cfg.rounds`` rounds on ``grid``; returns the run folder.
 
     The coordinator's lines about the run (its strategy, each round, hospitals that failed) are
-    also appended to the run folder's ``coordinator.log``: a deployed ServerApp's own output
-    goes nowhere (Flower's SuperExec starts it with stdout and stderr on /dev/null)."""
-    folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
-    handler = logging.FileHandler(folder.root / RUN_LOG, encoding="utf-8")
+    also appended to the run folder's ``coordinator.log``, and to the file named by
+    ``$FEDSYNTH_SERVERAPP_LOG`` (set by ``fedsynth coordinator``, which follows it into its own
+    log): a deployed ServerApp's own output goes nowhere (Flower's SuperExec starts it with
+    stdout and stderr on /dev/null)."""
+    import os
+
+    from protocol.keys import SERVERAPP_LOG_ENV
     from protocol.logs import DATEFMT, FORMAT, PlainFormatter
 
+    folder = RunFolder.for_run(cfg.run_dir, cfg.resolved_run_id(), keep=cfg.keep_checkpoints)
+    handler = logging.FileHandler(folder.root / RUN_LOG, encoding="utf-8")
     handler.setFormatter(PlainFormatter(FORMAT, DATEFMT))
-    handler.setLevel(logging.INFO)
+    handlers = [handler]
+    # ... and, under `fedsynth coordinator`, to the file its daemon follows into its own log
+    # (without a time: the daemon's line has its own), each line naming the run's folder
+    if daemon_log := os.environ.get(SERVERAPP_LOG_ENV):
+        try:
+            shared = logging.FileHandler(daemon_log, encoding="utf-8")  # mode "a": O_APPEND
+        except OSError as exc:
+            log.warning("cannot append to the coordinator's log %s: %s", daemon_log, exc)
+        else:
+            shared.setFormatter(PlainFormatter(
+                f"%(levelname)s %(name)s [{folder.root.name}] %(message)s"))
+            handlers.append(shared)
     server_log = logging.getLogger("server")
     level = server_log.level
-    server_log.addHandler(handler)
+    for h in handlers:
+        h.setLevel(logging.INFO)
+        server_log.addHandler(h)
     if server_log.getEffectiveLevel() > logging.INFO:
         server_log.setLevel(logging.INFO)
     try:
         return _run_federation(grid, cfg, observers)
     finally:
-        server_log.removeHandler(handler)
+        for h in handlers:
+            server_log.removeHandler(h)
+            h.close()
         server_log.setLevel(level)
-        handler.close()
 
 
 def _run_federation(grid: Grid, cfg: FederationConfig,
@@ -257,6 +276,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
 
     noise, labels = fixed_inputs(family, cfg.model, cfg.num_samples)
     if start_round == 1:
+        family.at_round(nets, cfg.model, 1)  # the initial grid: round 1's stage (pgan)
         folder.save_samples(0, _grid_images(family, nets, noise, labels))
 
     signing_key = load_private_key(Path(cfg.signing_key)) if cfg.signing_key else None
@@ -338,6 +358,7 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
 
         ema.update(arrays)
         decode_into(nets, ema.overlay(arrays))  # the grid shows the average when one is kept
+        family.at_round(nets, cfg.model, rnd)  # pgan: the stage this round trained
         samples = _grid_images(family, nets, noise, labels)
         folder.save_samples(rnd, samples)
         summary = RoundSummary(

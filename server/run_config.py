@@ -26,17 +26,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from shared_models import DataConfig, ModelConfig, TrainConfig, families, get_family
+from shared_models import DataConfig, ModelConfig, TrainConfig, families
 from shared_models.capabilities import (DP, UA_GAN, check_model, check_preset, check_supported,
                                          refusal, supporting)
+from shared_models.traits import family_traits
 from shared_models.settings import Codec, Setting, check_choices, setting
 
-from .aggregation import REDUCERS, SERVER_OPTS
-from .client_dp import DEFAULT_DELTA as CLIENT_DP_DELTA, check_client_dp_run
-from .presets import PRESETS
-from .run_folder import check_run_id
-from .secure_aggregation import SECAGG_CLIP, SECAGG_MAX_EXAMPLES, check_secure_run
-from .validation import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO
+# torch- and flwr-free: `fedsynth launch` checks its run file with this module (issue 24 item 8)
+from .run_rules import (CLIENT_DP_DELTA, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, PRESETS,
+                        REDUCERS, SECAGG_CLIP, SECAGG_MAX_EXAMPLES, SERVER_OPTS,
+                        UPDATE_NORM_RATIO, check_client_dp_run, check_run_id, check_secure_run)
 
 # Keys people write for a known one: refused, naming it (each setting has one key, the one
 # `fedsynth launch --help` lists; a silent alias was a second spelling nobody could look up).
@@ -134,7 +133,8 @@ class FederationConfig:
             check_client_dp_run(self)
         if self.secure_aggregation:
             check_secure_run(self)
-        family = get_family(self.model.family)  # an unknown family fails here, by name
+        # its declared traits, torch-free; an unknown family fails here, by name
+        family = family_traits(self.model.family)
         check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
         check_model(family, self.model, self.train)  # channels = 3 for the colour families only
         check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour

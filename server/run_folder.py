@@ -17,18 +17,9 @@ import numpy as np
 
 from .images import save_grid
 
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from .run_rules import RUN_ID_PATTERN, check_run_id  # noqa: F401 (re-exported; torch-free)
+
 CHECKPOINT_NAME = re.compile(r"round-[0-9]{3,9}\.npz")
-
-
-def check_run_id(run_id: str) -> str:
-    """``run_id`` if it is a plain folder name (letters, digits, ``.``, ``_``, ``-``; at most 64,
-    not starting with a dot or dash); otherwise ``ValueError``: a run id never names a path."""
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id) \
-            or set(run_id) == {"."}:
-        raise ValueError(f"run id {str(run_id)[:80]!r} is not a plain name: use 1-64 letters, "
-                         f"digits, '.', '_' or '-', starting with a letter or digit")
-    return run_id
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -58,42 +58,15 @@ from .aggregation import Update
 
 log = logging.getLogger(__name__)
 
-SECAGG_CLIP = 0.5  # +- per coordinate of a hospital's update (Adam moves ~lr per step)
-SECAGG_MAX_EXAMPLES = 10000.0
+# SECAGG_CLIP, SECAGG_MAX_EXAMPLES, SECURE_PRESETS and the launch refusal (check_secure_run) are
+# declared torch- and flwr-free for `fedsynth launch`'s check
+from .run_rules import SECAGG_CLIP, SECAGG_MAX_EXAMPLES, SECURE_PRESETS, check_secure_run  # noqa: F401
+
 QUANTIZATION_RANGE = 2 ** 24  # per hospital; hospitals x range must stay below MOD_RANGE
 MOD_RANGE = 2 ** 32
 NUM_SHARES = 1.0  # every hospital holds a share of every other's secrets
 RECONSTRUCTION_THRESHOLD = 0.5  # of the shares: 3 hospitals tolerate 1 dropout, 10 tolerate 5
 MAX_HOSPITALS = MOD_RANGE // QUANTIZATION_RANGE - 1  # 255: beyond, the masked sum overflows
-
-# mean presets whose aggregation is a weighted mean of the hospitals' updates
-SECURE_PRESETS = ("fedgan", "fedmed-gan", "local-d", "fedbn")
-
-
-def check_secure_run(cfg: Any) -> None:
-    """Refuse, at launch, what needs individual updates or cannot be masked (one line each)."""
-    why = None
-    if cfg.preset not in SECURE_PRESETS:
-        why = (f"preset {cfg.preset!r} needs each hospital's reply (secure aggregation gives the "
-               f"coordinator only the sum); use one of {', '.join(SECURE_PRESETS)}")
-    elif cfg.reducer in ("median", "trimmed-mean"):
-        why = (f"reducer {cfg.reducer!r} needs each hospital's update; under secure "
-               "aggregation only the (weighted) mean exists")
-    elif cfg.max_update_norm:
-        why = ("max-update-norm scales each hospital's update, which the coordinator no longer "
-               "sees; secure-aggregation-clip bounds each coordinate at the hospital instead")
-    elif cfg.sync_every > 1:
-        why = "sync-every > 1 is not supported with secure aggregation yet"
-    elif cfg.train.wire_dtype != "float32":
-        why = (f"wire-dtype {cfg.train.wire_dtype!r}: the masked vector is int64 whatever the "
-               "wire dtype, and updates are taken against float32 downloads")
-    elif cfg.min_hospitals < 3:
-        why = ("min-hospitals must be >= 3 (with two, each hospital could read the other's "
-               "update off the sum; hospitals refuse fewer than 2 others)")
-    elif not cfg.secure_aggregation_clip > 0 or not cfg.secure_aggregation_max_examples >= 1:
-        why = "secure-aggregation-clip must be > 0 and secure-aggregation-max-examples >= 1"
-    if why is not None:
-        raise ValueError(f"secure-aggregation: {why}")
 
 
 @dataclass

@@ -33,10 +33,9 @@ from shared_models.codec import CodecError, dequantize_update, is_int8_reply, sp
 from .aggregation import Update, update_norm
 
 NORM_OUTLIER_RATIO = 10.0  # a reply moving the model > 10x the median reply's distance is dropped
-UPDATE_NORM_RATIO = 10.0  # ||reply_c - global_c|| <= R x (||global_c|| + floor x sqrt(n_c))
-NORM_FLOOR_RMS = 1.0  # the floor, per element: a zero-initialised component may still move
-EXAMPLES_RATIO = 3.0  # a reply's example count <= K x the median count of the others
-MAX_EXAMPLES = 100_000_000  # and never more than this, whatever the others claim
+# UPDATE_NORM_RATIO, NORM_FLOOR_RMS, EXAMPLES_RATIO, MAX_EXAMPLES: the run settings' defaults,
+# declared torch-free for `fedsynth launch`'s check
+from .run_rules import EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, UPDATE_NORM_RATIO  # noqa: F401
 MAX_BATCHES_TRACKED = 2**53  # num_batches_tracked beyond this no longer round-trips float64
 
 DROPPED_METRIC_KEYS = "dropped-metric-keys"  # ``notes`` counter: metric keys not kept

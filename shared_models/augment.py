@@ -33,36 +33,12 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-OPS = ("translation", "cutout", "brightness", "contrast", "saturation")
-COLOUR_OPS = ("saturation",)  # need 3 channels
-COLOUR_POLICY = ("brightness", "saturation", "contrast")  # Zhao et al. 2020's ``color``
+# the policy's names and parser are torch-free (run settings are checked without torch)
+from .augment_policy import COLOUR_OPS, COLOUR_POLICY, OPS, parse_policy  # noqa: E402,F401
+
 BACKGROUND = -1.0  # the value of air in [-1, 1] images: what translation and cutout fill with
 TRANSLATION_RATIO = 0.125  # Zhao et al. 2020's code: shifts up to 1/8 of the side
 CUTOUT_RATIO = 0.5  # a square of half the side
-
-
-def parse_policy(policy: str, channels: int = 1) -> tuple[str, ...]:
-    """``"translation,cutout,brightness"`` -> the ops in that order; ``""`` -> none.
-
-    ``color``/``colour`` stands for brightness, saturation, contrast. Unknown names raise
-    ``ValueError`` naming the known ones; with ``channels`` 1, ``saturation`` and ``color`` too
-    (grey images have no saturation)."""
-    named = tuple(p.strip() for p in policy.split(",") if p.strip())
-    ops: tuple[str, ...] = ()
-    for op in named:
-        if op in ("color", "colour", "saturation") and channels != 3:
-            grey = tuple(o for o in OPS if o not in COLOUR_OPS)
-            raise ValueError(f"augment op {op!r}: grey-level images have no colour saturation; "
-                             f"use {', '.join(grey)} (or channels = 3)")
-        if op in ("color", "colour"):
-            ops += COLOUR_POLICY
-            continue
-        if op not in OPS:
-            raise ValueError(f"unknown augment op {op!r}; known: {', '.join(OPS)}, color")
-        ops += (op,)
-    if len(set(ops)) != len(ops):
-        raise ValueError(f"augment policy {policy!r} repeats an op")
-    return ops
 
 
 def _per_image(x: torch.Tensor) -> tuple[int, ...]:

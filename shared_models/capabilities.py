@@ -1,6 +1,7 @@
 """What a family can do beyond plain training, as each family declares it (``FamilyBase.supports``).
 
-A family names its capabilities once, in its own module; whoever needs to know which families
+A family names its capabilities in its own module (and, for checks that must not import torch,
+in `shared_models.traits`, a test keeping the two equal); whoever needs to know which families
 support something (a check, a refusal that lists them, the demo) asks the registry here.
 
 - ``augment``: its train step shows D everything through ``ctx.small_data.view`` (DiffAugment);
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .registry import families, get_family
+from .registry import families
+from .traits import family_traits  # declared without torch (shared_models/traits.py)
 
 if TYPE_CHECKING:
     from .family import GanFamily
@@ -52,7 +54,7 @@ def supporting(capability: str) -> tuple[str, ...]:
     """The registered families that declare ``capability``, sorted by name."""
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown capability {capability!r}; known: {sorted(CAPABILITIES)}")
-    return tuple(name for name in families() if capability in get_family(name).supports)
+    return tuple(name for name in families() if capability in family_traits(name).supports)
 
 
 def refusal(family: GanFamily, capability: str, what: str) -> str:
@@ -77,7 +79,7 @@ def check_supported(family: GanFamily, train: object) -> None:
 def check_model(family: GanFamily, model: object, train: object | None = None) -> None:
     """Refuse model settings the family cannot build (``ValueError``): channels = 3 needs
     ``colour``; augment's colour ops (saturation, color) need channels = 3."""
-    from .augment import parse_policy
+    from .augment_policy import parse_policy
 
     channels = getattr(model, "channels", 1)
     if channels != 1 and COLOUR not in family.supports:

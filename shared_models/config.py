@@ -27,7 +27,7 @@ class ModelConfig:
     """What network to build: identical on every side of the federation."""
 
     family: str = setting("dcgan", "GAN family: dcgan, cdcgan, wgan-gp, lapgan (3-level "
-                          "Laplacian pyramid), pix2pix, cyclegan, maskgan (mask -> image), "
+                          "Laplacian pyramid), pgan (progressive growing), pix2pix, cyclegan, maskgan (mask -> image), "
                           "aae (masks)")
     image_size: int = setting(32, "square slices (2D) or cubes (3D): a power of two, 16 to 256")
     channels: int = setting(1, "image channels: 1 (grey) or 3 (colour photographs: fundus, "
@@ -35,7 +35,7 @@ class ModelConfig:
                             "pix2pix, maskgan; 2D)")
     latent_dim: int = setting(64, "size of the generator's noise vector")
     width: int = setting(32, "channels of the widest-resolution layer; deeper layers double it")
-    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, lapgan, "
+    spatial_dims: int = setting(2, "2 (slices) or 3 (volumes: dcgan, wgan-gp, lapgan, pgan, "
                                    "pix2pix, maskgan, aae)")
     num_classes: int = setting(0, "classes of a conditional family (from data's classes)",
                                run=False)
@@ -47,6 +47,11 @@ class ModelConfig:
     cascade: int = setting(1, "pix2pix: stages of a refining cascade (Nie et al. 2017, Wei et "
                            "al. 2018), 1 to 4: stage j >= 2 takes the input and stage j-1's "
                            "output (auto-context) and refines it; 1: one stage")
+    # pgan: the stage schedule (shared_models.pgan.schedule), a model setting so that it is signed
+    # with every round's message and stored in every checkpoint's model
+    pgan_rounds_per_stage: int = setting(
+        4, "pgan: rounds of fade-in and rounds of stable training per resolution (4 px first, "
+        "doubling to image-size); every hospital derives the stage from the round number")
     # "group" (BatchNorm layers swapped for GroupNorm, shared_models.dp) when the run trains with
     # DP (train dp-noise-multiplier > 0): derived by the run configuration, so every side builds
     # the same architecture.
@@ -57,6 +62,8 @@ class ModelConfig:
         size = self.image_size
         if size < 16 or size > 256 or size & (size - 1):
             raise ValueError(f"image_size must be a power of two in [16, 256], got {size}")
+        if self.pgan_rounds_per_stage < 1:
+            raise ValueError(f"pgan_rounds_per_stage must be >= 1, got {self.pgan_rounds_per_stage}")
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.channels not in (1, 3):
@@ -150,7 +157,7 @@ class TrainConfig:
                                         "before the next starts (the last trains to the end)")
 
     def __post_init__(self) -> None:
-        from .augment import parse_policy
+        from .augment_policy import parse_policy  # torch-free
 
         # an unknown op is refused here, by name; saturation / color against the model's
         # channels in capabilities.check_model (launch and hospital)

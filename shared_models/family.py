@@ -193,6 +193,12 @@ class FamilyBase:
         """``judge_component``'s logit on whole images (lapgan: its finest level's D)."""
         return nets[self.judge_component](images, labels)
 
+    def at_round(self, nets: Nets, cfg: ModelConfig, server_round: int) -> None:
+        """Put ``nets`` in the state of coordinator round ``server_round`` before they train or
+        sample (pgan: the round's stage and fade-in alpha); nothing by default. Called by the
+        hospital after loading a round's weights, the coordinator before a sample grid and
+        ``fedsynth sample`` with the checkpoint's round."""
+
     def grid_inputs(self, cfg: ModelConfig, n: int) -> torch.Tensor | None:
         """The coordinator's fixed sample-grid inputs when the family has its own (maskgan:
         phantom masks); None: the default ones (seeded noise, or phantom slices)."""

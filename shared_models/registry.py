@@ -21,6 +21,7 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "dcgan": ("shared_models.dcgan", "DCGAN"),
     "lapgan": ("shared_models.lapgan", "LAPGAN"),
     "maskgan": ("shared_models.maskgan", "MaskGan"),
+    "pgan": ("shared_models.pgan", "PGAN"),
     "pix2pix": ("shared_models.pix2pix", "Pix2Pix"),
     "wgan-gp": ("shared_models.wgan", "WGANGP"),
 }

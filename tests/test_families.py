@@ -18,6 +18,7 @@ CASES = [  # (family, spatial_dims, image_size, width)
     ("pix2pix", 2, 32, 8), ("pix2pix", 3, 16, 4),
     ("cyclegan", 2, 32, 8),
     ("lapgan", 2, 16, 4), ("lapgan", 2, 32, 8), ("lapgan", 3, 16, 4),
+    ("pgan", 2, 16, 4), ("pgan", 2, 32, 4), ("pgan", 3, 16, 4),
 ]
 
 
@@ -215,7 +216,7 @@ def test_forbid_sync_guard_really_fires(monkeypatch: pytest.MonkeyPatch) -> None
 OLD_CAPABILITIES = {
     "augment": {"dcgan", "cdcgan", "wgan-gp", "pix2pix"},  # small_data.AUGMENT_FAMILIES
     "r1": {"dcgan", "cdcgan", "pix2pix"},  # small_data.R1_FAMILIES
-    "dp": {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan", "lapgan"},  # + lapgan (issue 22)
+    "dp": {"dcgan", "cdcgan", "wgan-gp", "pix2pix", "cyclegan", "lapgan", "pgan"},  # + lapgan, pgan (issue 22)
     "ua-gan": {"dcgan", "cdcgan"},  # server/ua_gan.py and client/ua_gan.py UA_FAMILIES
 }
 

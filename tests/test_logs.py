@@ -124,3 +124,36 @@ def test_a_restarted_coordinators_log_is_plain_and_calm(tmp_path: Path) -> None:
         assert "alembic" not in text
         assert "Public key already in use" not in text
         assert "ERROR" not in text
+
+
+def test_the_coordinator_follows_its_serverapps_log_file(tmp_path: Path) -> None:
+    """A run's ServerApp has no stdout (Flower: /dev/null); it appends to a file the coordinator
+    follows: new lines only, a partial line once whole, a truncated file from its start."""
+    import threading
+
+    from fedsynth.child_output import follow_file
+
+    path = tmp_path / "serverapp.log"
+    path.write_text("before the start\n")
+    got: list[str] = []
+    stop = threading.Event()
+    follower = threading.Thread(target=follow_file, args=(path, got.append, stop.is_set, 0.05))
+    follower.start()
+    try:
+        time.sleep(0.2)
+        with path.open("a") as fh:
+            fh.write("INFO server.federation [r1] strategy: family dcgan\nround 1")
+            fh.flush()
+            time.sleep(0.2)
+            fh.write("/3 done\n")
+        time.sleep(0.3)
+        path.write_text("after truncation\n")
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        follower.join(5)
+    assert got == ["INFO server.federation [r1] strategy: family dcgan", "round 1/3 done",
+                   "after truncation"], got
+    assert not follower.is_alive()

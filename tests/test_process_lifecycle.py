@@ -215,6 +215,17 @@ def test_killed_hospital_is_failed_by_name_and_leaves_nothing(tmp_path: Path) ->
         assert run_log.count("strategy: family dcgan, preset fedgan, wire float32; "
                              "discriminator: mean/avg; generator: mean/avg") == 1, run_log
         assert "round 2/3 done" in run_log and "h2 failed (offline)" in run_log, run_log
+        # ... and so does the coordinator daemon's own log (the ServerApp has no stdout: it
+        # appends to the daemon's state/serverapp.log, which the daemon follows), with the run
+        strategy = ("strategy: family dcgan, preset fedgan, wire float32; discriminator: "
+                    "mean/avg; generator: mean/avg")
+        wait_for("the run's lines in the coordinator's log",
+                 lambda: "h2 failed (offline)" in coord.text(), 10, procs)
+        daemon_log = coord.text()
+        assert daemon_log.count(strategy) == 1, daemon_log[-4000:]
+        assert re.search(r"fedsynth\.serverapp: INFO server\.\S+ \[lifecycle\] run lifecycle .*"
+                         + re.escape(strategy), daemon_log), daemon_log[-4000:]
+        assert "[lifecycle] round 2/3 done" in daemon_log, daemon_log[-4000:]
         # fedsynth status names it too: the run's folder, rounds done / asked, each failure
         flower_id = re.search(r"Flower run (\d+)", out.stdout).group(1)
         t_status = time.monotonic()

@@ -45,6 +45,7 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     values = {
         "family": "pix2pix", "image-size": 64, "latent-dim": 17, "width": 9, "spatial-dims": 3,
         "conditioning": "projection,acgan,cbn", "eval-classifier-steps": 50,
+        "pgan-rounds-per-stage": 3,
         "local-steps": 3, "batch-size": 5, "lr-g": 1e-3, "lr-d": 3e-3, "beta1": 0.1,
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11, "lesion-weight": 4.0,
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,

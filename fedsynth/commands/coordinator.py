@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def _tls(args: argparse.Namespace):  # noqa: ANN202
 
 
 DATABASE = "state.db"
+SERVERAPP_LOG = "serverapp.log"  # what runs' ServerApps log (they have no stdout)
 
 
 def private_database(state: Path) -> Path:
@@ -141,7 +143,7 @@ def start_metrics(args: argparse.Namespace) -> tuple[dict[str, str], Path | None
 def run(args: argparse.Namespace) -> int:
     from fedsynth.certs import CertError, FederationKeys
     from fedsynth.errors import UserError
-    from fedsynth.child_output import child_sink
+    from fedsynth.child_output import child_sink, follow_file
     from fedsynth.deployment import (DeploymentError, register_node_keys, split_address,
                                      superlink_command, superlink_env, wait_for_port,
                                      write_flwr_home)
@@ -179,12 +181,25 @@ def run(args: argparse.Namespace) -> int:
     flwr_home = state / "flwr"
     write_flwr_home(flwr_home, f"{local}:{link_port}", tls.ca_cert if tls else None)
 
+    # Every run's ServerApp appends its lines (strategy, rounds, failures) here, followed below
+    # into this daemon's log. Emptied at each start: an earlier start logged what it held, and
+    # its ServerApps ended with its SuperLink.
+    from protocol.keys import SERVERAPP_LOG_ENV
+
+    serverapp_log = state / SERVERAPP_LOG
+    try:
+        os.close(os.open(serverapp_log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600))
+    except OSError as exc:
+        raise UserError(f"coordinator log for runs '{serverapp_log}': {exc.strerror or exc}"
+                        ) from None
     log_fh = args.log_file.open("a", buffering=1) if args.log_file else None
     metrics_env, metrics_dir, metrics_server = start_metrics(args)
 
     link = Supervisor("superlink", superlink_command(f"{local}:{link_port}", database,
                                                     tls, node_auth=tls is not None),
-                      env={**superlink_env(), **metrics_env},
+                      env={**superlink_env(), **metrics_env,
+                           SERVERAPP_LOG_ENV: str(serverapp_log)},
                       sink=child_sink("superlink", log_fh))
     front = Supervisor("fleet-proxy", proxy.command(), sink=child_sink("proxy", log_fh))
 
@@ -225,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
                                     kwargs={"before_start": proxy.clear_sockets})
     front_thread.start()
     threading.Thread(target=registrar, daemon=True).start()
+    threading.Thread(target=follow_file, daemon=True,
+                     args=(serverapp_log, child_sink("serverapp", log_fh), link.stopping)
+                     ).start()
     log.info("coordinator listening on %s (%s; Fleet API only from the network, nginx config "
              "%s); SuperLink on %s:%d; state in %s", args.address,
              "TLS + node authentication" if tls else "INSECURE", proxy.config, local, link_port,
