@@ -3,6 +3,9 @@
 - ``gradient``: 3D MR -> CT pix2pix on the demo's paired series (``build_mr_ct_hospitals``:
   the site with both modalities pairs them by study), ``gradient-loss`` = ``--weight`` against
   0; SSIM / PSNR / MAE of G(MR) against the held-out CT volumes (``bench.quality._metrics``).
+- ``cascade``: the ``gradient`` setup (3D MR -> CT pix2pix) with ``cascade`` = ``--weight``
+  stages (default 2; ``--cascade-training`` end-to-end or stagewise, ``--stage-rounds``) against
+  the single stage (cascade 1) at the same rounds and local steps; the same figures.
 - ``lesion``: 2D T1w -> T2w CycleGAN on the demo hospitals with phantom lesion SEGs
   (``fedsynth.mask_demo``), ``lesion-cycle-weight`` = ``--weight`` against 0; MAE of G(T1w)
   against the held-out T2w over the slice and inside the lesion masks.
@@ -32,19 +35,24 @@ from shared_models import DataConfig, ModelConfig, TrainConfig, get_family
 from shared_models.codec import decode_into
 from shared_models.losses import masked_l1
 
-BENCHES = ("gradient", "lesion")
+BENCHES = ("gradient", "cascade", "lesion")
 
 
 def _setup(bench: str, root: Path, size: int, width: int, weight: float, rounds: int,
-           steps: int, seed: int) -> tuple[FederationConfig, list[dict]]:
-    if bench == "gradient":
+           steps: int, seed: int, cascade_training: str = "end-to-end", stage_rounds: int = 5
+           ) -> tuple[FederationConfig, list[dict]]:
+    if bench in ("gradient", "cascade"):
         from fedsynth.demo_data import build_mr_ct_hospitals
 
         folders = build_mr_ct_hospitals(root / "data", matrix=size, include_real=False)
-        model = ModelConfig(family="pix2pix", image_size=size, width=width, spatial_dims=3)
+        stages = int(weight) if bench == "cascade" else 1
+        model = ModelConfig(family="pix2pix", image_size=size, width=width, spatial_dims=3,
+                            cascade=stages)
         data = DataConfig(domain_attribute="modality", domain_a="MR", domain_b="CT",
                           domain_a_pattern="^MR$", domain_b_pattern="^CT$")
-        train = TrainConfig(local_steps=steps, batch_size=2, seed=seed, gradient_loss=weight)
+        train = TrainConfig(local_steps=steps, batch_size=2, seed=seed,
+                            gradient_loss=weight if bench == "gradient" else 0.0,
+                            cascade_training=cascade_training, cascade_stage_rounds=stage_rounds)
     else:
         from fedsynth.demo_data import build_demo_hospitals
         from fedsynth.mask_demo import add_phantom_segs
@@ -76,10 +84,12 @@ def _held(cfg: FederationConfig, hospitals: Sequence[dict]) -> dict[str, torch.T
 
 
 def row(bench: str, weight: float, seed: int, size: int, width: int, rounds: int,
-        steps: int) -> dict[str, float]:
+        steps: int, cascade_training: str = "end-to-end", stage_rounds: int = 5
+        ) -> dict[str, float]:
     """One federated run, scored on the held-out pairs."""
     with tempfile.TemporaryDirectory(prefix="fedsynth-canon-") as tmp:
-        cfg, hospitals = _setup(bench, Path(tmp), size, width, weight, rounds, steps, seed)
+        cfg, hospitals = _setup(bench, Path(tmp), size, width, weight, rounds, steps, seed,
+                                cascade_training, stage_rounds)
         clear_local_data()
         folder, _ = run_inprocess(cfg, hospitals)
         arrays, _ = load_checkpoint(sorted((folder / "checkpoints").glob("round-*.npz"))[-1])
@@ -88,7 +98,7 @@ def row(bench: str, weight: float, seed: int, size: int, width: int, rounds: int
         decode_into(nets, arrays)
         held = _held(cfg, hospitals)
         pred = family.sample(nets, held["a"])  # eval mode, no gradients
-        if bench == "gradient":  # SSIM of the middle slices (bench.quality._metrics is 2D)
+        if bench in ("gradient", "cascade"):  # SSIM of the middle slices (bench.quality._metrics is 2D)
             mid = pred.shape[2] // 2
             out = _metrics(pred[:, :, mid], held["b"][:, :, mid])
             out["mae-3d"] = ((pred.clamp(-1, 1) - held["b"]).abs().mean() / 2).item()
@@ -103,7 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench", choices=BENCHES)
     p.add_argument("--weight", type=float, default=None,
-                   help="the setting's value (default: 1.0 gradient, 10.0 lesion)")
+                   help="the setting's value (default: 1.0 gradient, 2 cascade stages, 10.0 "
+                   "lesion)")
+    p.add_argument("--cascade-training", choices=("end-to-end", "stagewise"),
+                   default="end-to-end", help="cascade: how the stages train")
+    p.add_argument("--stage-rounds", type=int, default=5,
+                   help="cascade stagewise: cascade-stage-rounds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--width", type=int, default=8)
@@ -112,11 +127,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    weight = args.weight if args.weight is not None else (1.0 if args.bench == "gradient" else 10.0)
-    key = "gradient-loss" if args.bench == "gradient" else "lesion-cycle-weight"
+    default = {"gradient": 1.0, "cascade": 2.0, "lesion": 10.0}[args.bench]
+    weight = args.weight if args.weight is not None else default
+    key = {"gradient": "gradient-loss", "cascade": "cascade",
+           "lesion": "lesion-cycle-weight"}[args.bench]
+    baseline = 1.0 if args.bench == "cascade" else 0.0  # the single stage; the setting off
     t0 = time.perf_counter()
-    for w in (0.0, weight):
-        rows = [row(args.bench, w, s, args.size, args.width, args.rounds, args.local_steps)
+    for w in (baseline, weight):
+        rows = [row(args.bench, w, s, args.size, args.width, args.rounds, args.local_steps,
+                    args.cascade_training, args.stage_rounds)
                 for s in args.seeds]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         print(f"| {key} = {w:g} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())

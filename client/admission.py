@@ -24,6 +24,10 @@ class PolicyRefused(RuntimeError):
     """The hospital's own settings forbid what a message asks (the message says which)."""
 
 
+class PerceptualRefused(PolicyRefused):
+    """``perceptual-loss`` > 0 at a hospital without a usable pinned ``perceptual-network``."""
+
+
 SEEN_ROUNDS = "fedsynth-seen-rounds"  # in context.state: message type -> last round acted on
 
 

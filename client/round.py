@@ -39,12 +39,13 @@ from flwr.app import Context, Message, MessageType
 from protocol import records as protocol
 from shared_models import TrainConfig, encode, get_family
 from shared_models.codec import decode_into
+from shared_models.perceptual import load_feature_net
 
 from . import ceilings
 from . import evaluation as evaluations
 from . import metrics as hospital_metrics
 from . import privacy
-from .admission import check_never_send, check_signature
+from .admission import PerceptualRefused, check_never_send, check_signature, refuse
 from .datasets import DataSelectionError, LocalData, local_data
 from .run_state import forget_trainer, trainer_for
 from .settings import HospitalSettings
@@ -75,6 +76,7 @@ class Round:
     seed: int = 0
     reply: tuple[tuple[str, ...], Callable[[str, str], bool] | None] | None = None
     dp_plan: privacy.RoundPlan | None = None
+    perceptual: torch.nn.Module | None = None  # the pinned feature net of perceptual-loss
     evaluated_round: int | None = None  # the folded evaluation's round, once admitted
     # evaluate, train, account
     evaluation: dict[str, float] = field(default_factory=dict)
@@ -123,6 +125,7 @@ def plan(r: Round) -> Round:
     load(r)
     if r.training:
         plan_reply(r)
+        plan_perceptual(r)
         plan_privacy(r)
         plan_evaluation(r)
     return r
@@ -162,6 +165,23 @@ def plan_reply(r: Round) -> None:
     hospital_metrics.reset_peak_memory(r.trainer.device)
     r.reply = reply_plan(r.config, r.trainer.nets, r.trainer.family.components)
     check_never_send(r.hospital, r.reply[0])
+
+
+def plan_perceptual(r: Round) -> None:
+    """``perceptual-loss`` > 0: this hospital's pinned feature network, or the round refused in
+    one line (no file set, a missing file, another SHA-256, tensors of another shape)."""
+    if r.train.perceptual_loss <= 0:
+        return
+    h = r.hospital
+    if h.perceptual_network is None or not h.perceptual_network_sha256:
+        refuse(h, "perceptual-network", PerceptualRefused(
+            "perceptual-loss > 0 needs this hospital's perceptual-network and "
+            "perceptual-network-sha256 settings; none are set"))
+    try:
+        r.perceptual = load_feature_net(h.perceptual_network, h.perceptual_network_sha256,
+                                        r.model.spatial_dims, r.model.channels)
+    except ValueError as exc:
+        refuse(h, "perceptual-network", PerceptualRefused(str(exc)))
 
 
 def plan_privacy(r: Round) -> None:
@@ -225,7 +245,8 @@ def train(r: Round) -> Round:
         r.result = r.trainer.idle(r.train, r.reply)
     else:
         r.result = r.trainer.fit(r.data.train, r.train, r.seed, reply=r.reply,
-                                 deadline=r.deadline)
+                                 deadline=r.deadline, server_round=r.server_round,
+                                 perceptual_net=r.perceptual)
     return r
 
 

@@ -82,6 +82,13 @@ class HospitalSettings:
     # "discriminator", "d_a", "d_b") and "ua-gan" (UA-GAN's logits and input gradients).
     never_send: tuple[str, ...] = setting((), "components (and ua-gan) never sent, comma "
                                           "separated", sep=",")
+    # pix2pix perceptual-loss (shared_models/perceptual.py): this hospital's own feature network,
+    # a FeatureNet state dict, loaded only when its SHA-256 is the pinned one; without both, a
+    # run asking perceptual-loss > 0 is refused here
+    perceptual_network: Path | None = setting(None, "perceptual-loss: this hospital's feature "
+                                              "network, a FeatureNet state dict (.pt)")
+    perceptual_network_sha256: str = setting("", "perceptual-loss: the SHA-256 the "
+                                             "perceptual-network file must have")
     # UA-GAN's hospital-side floor (client/ua_gan.py): each step sees at least ua_min_batch real
     # slices, the discriminator's learning rate is at most ua_max_lr, a round runs between
     # ua_min_steps and ua_max_steps steps and answers for at most ua_max_fakes images.

@@ -166,7 +166,8 @@ class LocalTrainer:
     def fit(self, data: Mapping[str, torch.Tensor], train: TrainConfig, seed: int,
             examples: Mapping[str, int] | None = None,
             reply: tuple[tuple[str, ...], Callable[[str, str], bool] | None] | None = None,
-            deadline: "Deadline | None" = None) -> LocalResult:
+            deadline: "Deadline | None" = None, server_round: int = 0,
+            perceptual_net: nn.Module | None = None) -> LocalResult:
         """``train.local_steps`` steps on batches the family draws from ``data``.
 
         ``data`` maps batch keys to tensors (N, C, ...) in [-1, 1] (labels: int64 (N,)). How a
@@ -176,7 +177,11 @@ class LocalTrainer:
         could not train). ``reply`` = (components, include) says what goes back to the
         coordinator (see ``client.ua_gan.reply_plan``); default: every component.
         ``deadline`` (``client.ceilings.Deadline``) is checked before each step: past it the
-        round raises and sends nothing. Losses stay on the device; one host sync at the end.
+        round raises and sends nothing. ``server_round``: the round the coordinator signed (a
+        stagewise pix2pix cascade trains the stage it names). ``perceptual_net``: the hospital's
+        pinned feature network (``shared_models.perceptual``), needed when ``perceptual-loss``
+        is on. Losses stay on the device; one
+        host sync at the end.
         """
         counts = self.family.examples(data) | dict(examples or {})
         unknown = set(counts) - set(self.family.components)
@@ -192,6 +197,12 @@ class LocalTrainer:
         on_device = {k: self._to_device(v) for k, v in data.items()}
         opts = self.family.optimizers(self.nets, train)
         ctx = self._context(train)
+        ctx.cascade_stage = train.cascade_stage(self.model.cascade, server_round)
+        if train.perceptual_loss > 0:
+            if perceptual_net is None:
+                raise ValueError("perceptual-loss > 0 needs the hospital's perceptual-network")
+            ctx.perceptual_loss = train.perceptual_loss
+            ctx.perceptual_net = perceptual_net.to(self.device)
         if train.dp:  # DP-SGD: the family draws secret Poisson batches itself (shared_models.dp)
             rate, _per_step = self.family.dp_plan(data, train.batch_size)
             ctx.dp = PrivateSteps(on_device, train.batch_size, rate, train.dp_noise_multiplier,

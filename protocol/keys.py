@@ -30,6 +30,8 @@ TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps
                  "loss-cycle", "loss-identity",
                  # weighted terms: pix2pix gradient-loss, cyclegan lesion-cycle-weight
                  "loss-gradient", "loss-lesion",
+                 # pix2pix perceptual-loss (the hospital's feature network)
+                 "loss-perceptual",
                  # epsilon spent so far by this run's DP-SGD at the hospital (client/privacy.py)
                  "dp-epsilon",
                  # the hospital's memorisation audit (audit-every; runs without DP only)

@@ -81,6 +81,7 @@ REFUSAL_KINDS: tuple[tuple[str, str], ...] = (
     ("(EvaluationRefused)", "evaluation-refused"),
     ("(PrivacyRefused)", "dp-required"),
     ("(CeilingRefused)", "ceiling"),
+    ("(PerceptualRefused)", "perceptual-network"),  # before its base class, PolicyRefused
     ("(PolicyRefused)", "never-send"),
     ("app bundle is not approved", "bundle"),
 )

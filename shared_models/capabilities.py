@@ -11,6 +11,9 @@ support something (a check, a refusal that lists them, the demo) asks the regist
 - ``gradient-loss``: its generator loss adds ``gradient-loss`` x the image-gradient difference;
 - ``lesion-cycle``: its cycle and identity terms add ``lesion-cycle-weight`` x their L1 inside
   the hospital's lesion masks;
+- ``perceptual-loss``: its generator loss adds ``perceptual-loss`` x an L1 of the feature maps of
+  the hospital's pinned network (``shared_models.perceptual``);
+- ``cascade``: it builds ``cascade = k > 1`` refining stages (pix2pix; ``cascade-training``);
 - ``colour``: it trains on 3-channel (RGB) images, ``channels = 3``: its networks take and give
   ``cfg.channels`` and its data, augmentation, quality measures and export handle colour.
 
@@ -37,10 +40,14 @@ UA_GAN = "ua-gan"
 GRADIENT_LOSS = "gradient-loss"
 LESION_CYCLE = "lesion-cycle"
 COLOUR = "colour"
-CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE, COLOUR})
+CASCADE = "cascade"
+PERCEPTUAL = "perceptual-loss"
+CAPABILITIES = frozenset({AUGMENT, R1, DP, UA_GAN, GRADIENT_LOSS, LESION_CYCLE, COLOUR, CASCADE,
+                          PERCEPTUAL})
 # run key -> (TrainConfig field, the capability it needs): on when the field is > 0
 LOSS_SETTINGS = {"gradient-loss": ("gradient_loss", GRADIENT_LOSS),
-                 "lesion-cycle-weight": ("lesion_cycle_weight", LESION_CYCLE)}
+                 "lesion-cycle-weight": ("lesion_cycle_weight", LESION_CYCLE),
+                 "perceptual-loss": ("perceptual_loss", PERCEPTUAL)}
 
 
 def supporting(capability: str) -> tuple[str, ...]:
@@ -77,6 +84,8 @@ def check_model(family: GanFamily, model: object, train: object | None = None) -
     channels = getattr(model, "channels", 1)
     if channels != 1 and COLOUR not in family.supports:
         raise ValueError(refusal(family, COLOUR, "channels = 3 (colour)"))
+    if getattr(model, "cascade", 1) > 1 and CASCADE not in family.supports:
+        raise ValueError(refusal(family, CASCADE, "cascade > 1"))
     if train is not None:
         parse_policy(getattr(train, "augment", ""), channels=channels)
 

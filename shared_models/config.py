@@ -44,6 +44,9 @@ class ModelConfig:
         "projection (D's class embedding on its last features, always on), multiscale (also on "
         "every earlier stage), acgan (D also classifies, G is scored by it), cbn (class-"
         "conditional batch norm in G)", sep=",")
+    cascade: int = setting(1, "pix2pix: stages of a refining cascade (Nie et al. 2017, Wei et "
+                           "al. 2018), 1 to 4: stage j >= 2 takes the input and stage j-1's "
+                           "output (auto-context) and refines it; 1: one stage")
     # pgan: the stage schedule (shared_models.pgan.schedule), a model setting so that it is signed
     # with every round's message and stored in every checkpoint's model
     pgan_rounds_per_stage: int = setting(
@@ -77,6 +80,8 @@ class ModelConfig:
                              + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
         if self.norm not in ("batch", "group"):
             raise ValueError(f"norm must be batch or group, got {self.norm!r}")
+        if not 1 <= self.cascade <= MAX_CASCADE:
+            raise ValueError(f"cascade must be 1 to {MAX_CASCADE} stages, got {self.cascade}")
 
     @property
     def conditioning_set(self) -> frozenset[str]:
@@ -86,6 +91,9 @@ class ModelConfig:
 # The memorisation audit's near-copy bar (shared_models.audit): here, where a command line's help
 # can read it without importing torch.
 SSIM_THRESHOLD = 0.9
+
+MAX_CASCADE = 4  # pix2pix cascade stages (each one a full UNet and PatchGAN)
+CASCADE_TRAINING = ("end-to-end", "stagewise")
 
 # How a conditional generator carries its class (BENCHMARKS.md, "Class-faithful conditioning").
 CONDITIONING = ("projection", "multiscale", "acgan", "cbn")
@@ -136,6 +144,17 @@ class TrainConfig:
     lesion_cycle_weight: float = setting(0.0, "cyclegan: weight of an L1 of the cycle and identity "
                                          "terms inside the hospitals' lesion masks (SEG/RTSTRUCT, "
                                          "mask-labels); 0 off")
+    perceptual_loss: float = setting(0.0, "pix2pix: weight of the perceptual (deep-supervision) "
+                                     "loss of Zhao et al. 2018, an L1 between feature maps of "
+                                     "the network each hospital supplies (perceptual-network); "
+                                     "0 off")
+    cascade_training: str = setting(
+        "end-to-end", "pix2pix cascade > 1: end-to-end (every stage trains every step, a loss on "
+        "each stage's output) or stagewise (stage j trains from round (j-1) x "
+        "cascade-stage-rounds + 1, earlier stages frozen; the round the coordinator signed "
+        "decides, so every hospital trains the same stage)", choices=CASCADE_TRAINING)
+    cascade_stage_rounds: int = setting(5, "cascade-training stagewise: rounds each stage trains "
+                                        "before the next starts (the last trains to the end)")
 
     def __post_init__(self) -> None:
         from .augment_policy import parse_policy  # torch-free
@@ -163,6 +182,12 @@ class TrainConfig:
             raise ValueError("gradient-loss and lesion-cycle-weight must be finite and >= 0, "
                              f"gradient-loss-power 1 or 2 (got {self.gradient_loss}, "
                              f"{self.lesion_cycle_weight}, {self.gradient_loss_power})")
+        if not 0 <= self.perceptual_loss < math.inf:
+            raise ValueError(f"perceptual-loss must be finite and >= 0, got {self.perceptual_loss}")
+        if self.cascade_training not in CASCADE_TRAINING or self.cascade_stage_rounds < 1:
+            raise ValueError(f"cascade-training must be one of {', '.join(CASCADE_TRAINING)} and "
+                             f"cascade-stage-rounds >= 1 (got {self.cascade_training!r}, "
+                             f"{self.cascade_stage_rounds})")
         if not (self.dp_noise_multiplier >= 0 and self.dp_max_grad_norm > 0
                 and math.isfinite(self.dp_noise_multiplier)
                 and math.isfinite(self.dp_max_grad_norm)):
@@ -180,6 +205,14 @@ class TrainConfig:
     @property
     def dp(self) -> bool:
         return self.dp_noise_multiplier > 0
+
+    def cascade_stage(self, stages: int, server_round: int) -> int | None:
+        """The one cascade stage (1-based) trained in ``server_round`` under stagewise training,
+        from the round the coordinator signed (rounds count from 1; 0, a round outside a
+        federation, trains stage 1); None: end-to-end, or a single stage (all stages train)."""
+        if stages <= 1 or self.cascade_training != "stagewise":
+            return None
+        return min(stages, max(server_round - 1, 0) // self.cascade_stage_rounds + 1)
 
 
 # The per-slice text attributes a hospital keeps for these rules (client/dicom/types.py META_KEYS):

@@ -46,6 +46,13 @@ class StepContext:
     gradient_loss_power: int = 2
     # cyclegan: weight of the cycle and identity L1 inside the batch's lesion masks
     lesion_cycle_weight: float = 0.0
+    # pix2pix cascade, stagewise: the one stage (1-based) this round trains, earlier ones frozen;
+    # None: every stage (end-to-end, or a single stage)
+    cascade_stage: int | None = None
+    # pix2pix: weight of the perceptual loss and the hospital's frozen feature network
+    # (shared_models.perceptual); the net is set whenever the weight is > 0
+    perceptual_loss: float = 0.0
+    perceptual_net: nn.Module | None = None
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(

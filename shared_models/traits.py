@@ -19,6 +19,7 @@ from .registry import FAMILIES
 # test comparing each line with its family's class checks them)
 AUGMENT, R1, DP, UA_GAN = "augment", "r1", "dp", "ua-gan"
 GRADIENT_LOSS, LESION_CYCLE, COLOUR = "gradient-loss", "lesion-cycle", "colour"
+CASCADE, PERCEPTUAL = "cascade", "perceptual-loss"
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ TRAITS: dict[str, FamilyTraits] = {t.name: t for t in (
         R1: "no R1 penalty in its discriminator step",
         UA_GAN: "UA-GAN's coordinator trains the generator without the round's stage and "
                 "fade-in alpha"}),
-    FamilyTraits("pix2pix", "paired", frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR})),
+    FamilyTraits("pix2pix", "paired", frozenset({AUGMENT, R1, DP, GRADIENT_LOSS, COLOUR, CASCADE,
+                                                  PERCEPTUAL})),
     FamilyTraits("wgan-gp", "image", frozenset({AUGMENT, DP}),
                  {R1: "it has its own gradient penalty"}),
 )}

@@ -9,6 +9,11 @@
   no padding mode, and at 32-128 px the border effect is small).
 - ``PatchGAN``: MONAI's ``PatchDiscriminator`` (a list of feature maps) reduced to its last map, the
   grid of per-patch logits (Isola et al. 2017, sec. 3.2.2).
+- ``CascadeGenerator`` / ``CascadeDiscriminator``: pix2pix's ``cascade = k > 1`` (Nie et al. 2017's
+  auto-context, Wei et al. 2018's cascade of cGANs): k UNets, stage 1 on the input a, stage j >= 2
+  on (a, stage j-1's output) concatenated; one PatchGAN per stage. Held as ModuleLists inside the
+  one ``generator`` / ``discriminator`` component, so every stage is shared and aggregated by the
+  preset's rule for its role (``stages.<j-1>.*`` in the state dict).
 """
 
 from __future__ import annotations
@@ -108,6 +113,47 @@ class PatchGAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[-1]
+
+
+class CascadeGenerator(nn.Module):
+    """k refining UNets: o_1 = G_1(a), o_j = G_j(cat(a, o_{j-1})); ``forward`` gives o_k."""
+
+    def __init__(self, stages: int, spatial_dims: int, channels: int, image_size: int,
+                 width: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(
+            UNetGenerator(spatial_dims, channels if j == 0 else 2 * channels, channels,
+                          image_size, width) for j in range(stages))
+
+    def outputs(self, a: torch.Tensor, upto: int | None = None,
+                frozen: int = 0) -> list[torch.Tensor]:
+        """[o_1, ..., o_upto] (default all); the first ``frozen`` stages run without gradients
+        (stagewise training: their outputs are inputs, not trained)."""
+        outs: list[torch.Tensor] = []
+        for j, stage in enumerate(list(self.stages)[: upto or len(self.stages)]):
+            x = a if j == 0 else torch.cat([a, outs[-1].to(a.dtype)], 1)
+            if j < frozen:
+                with torch.no_grad():
+                    outs.append(stage(x))
+            else:
+                outs.append(stage(x))
+        return outs
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.outputs(a)[-1]
+
+
+class CascadeDiscriminator(nn.Module):
+    """One conditional PatchGAN per cascade stage; ``forward(x, stage)`` is stage's (0-based)."""
+
+    def __init__(self, stages: int, spatial_dims: int, in_channels: int, image_size: int,
+                 width: int, norm: str = "BATCH") -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(PatchGAN(spatial_dims, in_channels, image_size, width, norm)
+                                    for _ in range(stages))
+
+    def forward(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        return self.stages[stage](x)
 
 
 def init_normal(module: nn.Module, std: float = 0.02) -> None:

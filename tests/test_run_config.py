@@ -50,6 +50,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "beta2": 0.9, "prox-mu": 0.01, "wire-dtype": "float16", "seed": 11, "lesion-weight": 4.0,
         "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 0.7,
         "gradient-loss": 0.5, "gradient-loss-power": 1, "lesion-cycle-weight": 0.0,
+        "cascade": 2, "cascade-training": "stagewise", "cascade-stage-rounds": 3,
+        "perceptual-loss": 0.5,
         "augment": "", "r1-gamma": 0.0, "ema-decay": 0.9, "class-balanced": False,
         "classes": "cyst,metastasis,haemangioma", "class-attribute": "protocol_name",
         "class-patterns": "cyst;meta;haem", "domain-a": "MR", "domain-b": "CT",
@@ -76,7 +78,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
                   "reducer": "mean", "wire-dtype": "float32", "sync-every": 0,
                   "max-update-norm": 0.0, "min-hospitals": 3}
     # lesion-cycle-weight is cyclegan's (2D here): a third run
-    cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0,
+    cycle = {**values, "family": "cyclegan", "spatial-dims": 2, "gradient-loss": 0.0, "cascade": 1,
+             "perceptual-loss": 0.0,
              "lesion-cycle-weight": 3.0, "reducer": "mean", "client-dp-noise-multiplier": 1.2}
     # channels = 3 (colour) is 2D only: a fourth run
     colour = {**small_data, "spatial-dims": 2, "channels": 3}
@@ -92,8 +95,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
     with pytest.raises(ValueError, match="not supported with DP-SGD"):
         from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
-    assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2,
-                      "gradient-loss": 0.0}).model.num_classes == 3
+    assert from_flat({**values, "family": "cdcgan", "spatial-dims": 2, "cascade": 1,
+                      "gradient-loss": 0.0, "perceptual-loss": 0.0}).model.num_classes == 3
     assert cfg.data.class_names == ("cyst", "metastasis", "haemangioma")
 
 
