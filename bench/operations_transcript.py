@@ -25,7 +25,10 @@ from bench.localdeploy import (free_port, hospital_toml, launch_toml, metrics_ro
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "operations-transcript.md"
-NAMES = ("north", "south")
+NAMES = ("north", "south", "east")
+# east has a privacy budget: it refuses the runs without DP-SGD (dp-required) and the DP run's
+# rounds past its budget (dp-budget), and status says so by name
+EAST_BUDGET = "\ndp-epsilon = 6.0\n"
 
 
 class Transcript:
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     coord = start("coordinator", coord_args, work)
     tomls = {n: hospital_toml(work / f"{n}.toml", address, work / "keys", n, data[i], free_port())
              for i, n in enumerate(NAMES)}
+    with tomls["east"].open("a") as fh:  # the [hospital] table is the file's last
+        fh.write(EAST_BUDGET)
     hmetrics = {n: free_port() for n in NAMES}
     hosp = {n: start(n, ["hospital", str(tomls[n]), "--metrics-port", str(hmetrics[n]),
                          "--state-dir", str(work / "hstate" / n)], work) for n in NAMES}
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         t.command("Status: rounds, epsilon per hospital, who failed and why",
                   ["status", str(third), "--flwr-home", str(work / "flwr")])
         t.command("The run's report", ["report", str(work / "runs" / "third")])
+        t.command("The budgeted hospital's ledger", ["ledger", "show", str(tomls["east"]),
+                                                     "--state-dir", str(work / "hstate" / "east")])
         t.command("A hospital's privacy ledger", ["ledger", "show", "--state-dir",
                                                   str(work / "hstate" / "south"), "--name", "south"])
     finally:
