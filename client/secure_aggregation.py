@@ -44,7 +44,10 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next):  # type: 
     def handler(m: Message, c: Context) -> Message:
         return _masked_input(m, c, call_next(m, c))
 
-    return secaggplus_mod(msg, context, handler)
+    from protocol.flower_private import masked_as_arrays
+
+    # the masked vector as chunked arrays, not one ConfigRecord object (masked_as_arrays: why)
+    return masked_as_arrays(secaggplus_mod(msg, context, handler))
 
 
 def _masked_input(msg: Message, context: Context, reply: Message) -> Message:

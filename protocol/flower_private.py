@@ -192,6 +192,46 @@ def check_names() -> list[str]:
 # (``flwr.common``), and its mod keeps its state under a constant of ``flwr.common``.
 SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation...RECORD_KEY_CONFIGS
 SECAGG_STATE = "secaggplus_state"  # ... RECORD_KEY_STATE: the mod's state in context.state
+SECAGG_MASKED = "masked_params"  # ...secaggplus_constants.Key.MASKED_PARAMETERS
+# fedsynth's own record for the masked vector on the wire (masked_as_arrays below)
+SECAGG_MASKED_ARRAYS = "fedsynth-secagg-masked"
+
+
+def masked_as_arrays(reply: Any) -> Any:
+    """The mod's masked vector moved from its ConfigRecord (``bytes`` in numpy's save format)
+    into an ArrayRecord of the same int64 arrays, in place.
+
+    Why: a ConfigRecord travels as one object, pushed in one request, so a masked vector of a
+    DCGAN-64 (about 14 MiB) was refused by the Fleet proxy's push-object limit (8 MiB: one
+    5 MiB array chunk and its header; fedsynth/proxy_limits.py) and every secure round on a
+    real-size model failed (413 Request Entity Too Large). Arrays go in Flower's 5 MiB chunks
+    like every model. The numbers are the mod's, unchanged; ``masked_from_arrays`` puts them
+    back where Flower's workflow reads them. No cryptography is touched."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.common import bytes_to_ndarray
+
+    configs = reply.content.config_records.get(SECAGG_CONFIGS) if not reply.has_error() else None
+    if configs is None or SECAGG_MASKED not in configs:
+        return reply
+    vectors = [bytes_to_ndarray(b) for b in configs[SECAGG_MASKED]]
+    del configs[SECAGG_MASKED]
+    reply.content.array_records[SECAGG_MASKED_ARRAYS] = ArrayRecord(
+        {str(i): Array.from_numpy_ndarray(v) for i, v in enumerate(vectors)})
+    return reply
+
+
+def masked_from_arrays(reply: Any) -> Any:
+    """``masked_as_arrays`` undone, in place: the workflow finds the bytes where it looks."""
+    from flwr.common import ndarray_to_bytes
+
+    if reply.has_error() or SECAGG_MASKED_ARRAYS not in reply.content.array_records:
+        return reply
+    record = reply.content.array_records[SECAGG_MASKED_ARRAYS]
+    vectors = [record[str(i)].numpy() for i in range(len(record))]
+    del reply.content.array_records[SECAGG_MASKED_ARRAYS]
+    reply.content.config_records[SECAGG_CONFIGS][SECAGG_MASKED] = [
+        ndarray_to_bytes(v) for v in vectors]
+    return reply
 
 
 def legacy_fit_ins() -> Any:

@@ -136,7 +136,11 @@ class _OwnContent:
         own = [Message(content=copy.deepcopy(m.content), dst_node_id=m.metadata.dst_node_id,
                        message_type=m.metadata.message_type, group_id=m.metadata.group_id)
                for m in messages]
-        return self._grid.send_and_receive(own, timeout=timeout)
+        from protocol.flower_private import masked_from_arrays
+
+        # hospitals send the masked vector as chunked arrays (protocol.flower_private
+        # masked_as_arrays); the workflow reads it where Flower's mod puts it
+        return [masked_from_arrays(r) for r in self._grid.send_and_receive(own, timeout=timeout)]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)

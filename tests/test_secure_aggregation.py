@@ -197,3 +197,51 @@ def test_a_hospital_refuses_dangerous_protocol_parameters(configs: dict, why: st
         ok = server_message(RecordDict({"secaggplus_configs": ConfigRecord(SETUP)}), 1001)
     reply = secure_aggregation_mod(ok, context, train)
     assert set(reply.content.config_records["secaggplus_configs"]) == {"pk1", "pk2"}
+
+
+def test_the_masked_vector_travels_in_chunks_under_the_proxy_s_object_limit() -> None:
+    """Flower's mod returns the masked vector as bytes in one ConfigRecord, pushed as one object:
+    a DCGAN-64's (~14 MiB) was refused by the Fleet proxy (413) and every secure round on the
+    netns harness failed (BENCHMARKS.md, "Secure aggregation"). As arrays it goes in Flower's
+    5 MiB chunks; the coordinator gets the mod's bytes back unchanged."""
+    import time
+
+    import numpy as np
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.common import ndarray_to_bytes
+    from flwr.proto import message_pb2
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedsynth.fleet_proxy import fleet_routes
+    from fedsynth.proxy_limits import route_body_limits
+    from protocol.flower_private import (SECAGG_CONFIGS, SECAGG_MASKED, SECAGG_MASKED_ARRAYS,
+                                         masked_as_arrays, masked_from_arrays)
+
+    limit = route_body_limits(fleet_routes())["/v1/fleet/push-object"]
+    vector = [np.arange(1_800_000, dtype=np.int64) * 7919 % (1 << 40), np.arange(5, dtype=np.int64)]
+    original = [ndarray_to_bytes(v) for v in vector]
+
+    def reply() -> Message:
+        meta = Metadata(run_id=1, message_id="a" * 64, src_node_id=5, dst_node_id=1,
+                        reply_to_message_id="b" * 64, group_id="1", created_at=time.time(),
+                        ttl=600.0, message_type="train")
+        content = RecordDict({SECAGG_CONFIGS: ConfigRecord({SECAGG_MASKED: list(original),
+                                                            "stage": "collect"})})
+        return make_message(metadata=meta, content=content)
+
+    def biggest(msg: Message) -> int:
+        node = Node(node_id=5)
+        return max(message_pb2.PushObjectRequest(
+            node=node, run_id=1, object_id=k, object_content=o.deflate(),
+            session_id="f" * 64).ByteSize() for k, o in get_all_nested_objects(msg).items())
+
+    assert biggest(reply()) > limit  # as Flower's mod sends it: refused by the proxy
+    sent = masked_as_arrays(reply())
+    assert SECAGG_MASKED not in sent.content.config_records[SECAGG_CONFIGS]
+    assert biggest(sent) <= 5 * 2**20 + 1024 < limit  # one chunk per request
+    back = masked_from_arrays(sent)
+    assert SECAGG_MASKED_ARRAYS not in back.content.array_records
+    assert back.content.config_records[SECAGG_CONFIGS][SECAGG_MASKED] == original
+    assert back.content.config_records[SECAGG_CONFIGS]["stage"] == "collect"
