@@ -116,6 +116,14 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
         "max_examples": 1e6, "update_norm_ratio": 20.0, "norm_floor_rms": 2.0,
         "metrics_port": metrics_port, "metrics_host": "127.0.0.2",
         "hospital_names": str(dep["names_file"]),
+        "pgan_rounds_per_stage": 3, "gradient_loss": 0.5, "gradient_loss_power": 1,
+        "cascade": 2, "cascade_training": "stagewise", "cascade_stage_rounds": 1,
+        # off here, each for its reason: cyclegan's, a hospital file's, 2D colour's, and
+        # secure aggregation / client-level DP refuse the median reducer this run exercises
+        "lesion_cycle_weight": 0.0, "perceptual_loss": 0.0, "channels": 1,
+        "secure_aggregation": False, "secure_aggregation_clip": 0.25,
+        "secure_aggregation_max_examples": 500.0, "client_dp_noise_multiplier": 0.0,
+        "client_dp_clip": 0.3, "client_dp_delta": 1e-6,
     }
     keys = {k.replace("_", "-") for k in given} | {"run-id", "run-dir", "signing-key"}
     assert keys == {s.key for s in SETTINGS}, "a run setting was added: give it a value here"

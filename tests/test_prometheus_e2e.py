@@ -138,8 +138,11 @@ def scraped(demo_hospitals: list[Path], tmp_path_factory: pytest.TempPathFactory
     saved_env = {k: os.environ.get(k) for k in (client_metrics.MULTIPROC_ENV,
                                                   client_metrics.SIM_NAMES_ENV)}
     c_port, h_port, p_port = _free_port(), _free_port(), _free_port()
-    hospital_exporter = client_metrics.start_exporter(h_port, multiproc_dir=tmp / "multiproc")
+    # the coordinator's metrics first: in one process, the hospital exporter's multiprocess
+    # folder (PROMETHEUS_MULTIPROC_DIR) would make them look like a ServerApp writing into a
+    # coordinator daemon's folder, which derives seconds-since-checkpoint itself
     metrics = CoordinatorMetrics()
+    hospital_exporter = client_metrics.start_exporter(h_port, multiproc_dir=tmp / "multiproc")
     coordinator_exporter = start_exporter(metrics, c_port)
 
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())

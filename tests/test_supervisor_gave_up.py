@@ -10,6 +10,7 @@ tiny script that prints Flower's line and sleeps.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
 import time
@@ -73,8 +74,12 @@ def test_alive_child_that_gave_up_is_restarted_with_backoff_logged_and_counted(
     gaps = [b[0] - a[0] for a, b in zip(procs, procs[1:])]
     # grace 0.2 s + backoff 0.3, 0.6, 1.2 s: each wait doubles
     assert gaps[0] >= 0.45 and gaps[1] >= 0.75 and gaps[2] >= 1.35, gaps
-    assert gaps[1] > gaps[0] + 0.2 and gaps[2] > gaps[1] + 0.4, gaps
     lines = [r.getMessage() for r in caplog.records]
+    # each wait doubles, as the supervisor says it waits (the gaps add detection latency that
+    # grows with the box's load: at load 20 they were 1.19, 1.38, 2.08 s)
+    waits = [float(m.group(1)) for x in lines
+             if (m := re.search(r"gave up reconnecting; restarting in ([0-9.]+) s", x))]
+    assert waits[:3] == [0.3, 0.6, 1.2], lines
     ended = [x for x in lines if "stopped trying to reach the coordinator" in x]
     restarting = [x for x in lines if "gave up reconnecting; restarting in" in x]
     assert len(ended) >= 3 and len(restarting) >= 3, lines
