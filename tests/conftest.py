@@ -22,6 +22,18 @@ def demo_hospitals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return build_demo_hospitals(tmp_path_factory.mktemp("demo-data"), 3, matrix=32)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():  # type: ignore[no-untyped-def]
+    """One torch thread for a module's in-process training (``pytestmark = pytest.mark.
+    usefixtures("one_torch_thread")``): the CI machine is small and shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     """Under ``CI=true`` a test skipped for a missing tool fails: CI must run every test."""

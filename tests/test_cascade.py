@@ -19,12 +19,7 @@ from shared_models.translation_networks import CascadeGenerator
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _build(dims: int = 2, k: int = 2, size: int = 16):  # noqa: ANN202

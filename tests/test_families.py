@@ -22,13 +22,7 @@ CASES = [  # (family, spatial_dims, image_size, width)
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """One torch thread: the CI machine is small and shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _cfg(name: str, dims: int, size: int, width: int) -> ModelConfig:

@@ -14,12 +14,7 @@ from shared_models.dp import PrivateSteps
 from shared_models.lapgan import LEVELS, downsample, pyramid, reconstruct, upsample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("dims", [2, 3])

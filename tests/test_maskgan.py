@@ -25,12 +25,7 @@ from tests import seg_helpers as h
 from tests.report_checks import assert_report_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _batch(cfg: ModelConfig, n: int = 4) -> dict[str, torch.Tensor]:

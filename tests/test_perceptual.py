@@ -23,12 +23,7 @@ from shared_models.perceptual import (FeatureNet, load_feature_net, perceptual_l
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _identity_net(dims: int) -> FeatureNet:

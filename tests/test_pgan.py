@@ -16,12 +16,7 @@ from shared_models.dp import PrivateSteps
 from shared_models.pgan import _up, minibatch_stddev, schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _nets(size: int = 16, r: int = 1):
