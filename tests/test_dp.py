@@ -150,8 +150,18 @@ def test_batch_norm_nets_are_refused_and_dp_runs_build_group_norm() -> None:
                 [torch.optim.SGD(nets["discriminator"].parameters(), lr=0.1)])
 
 
-@pytest.mark.parametrize("family, steps", [("dcgan", 3), ("pix2pix", 3), ("cdcgan", 1),
-                                           ("wgan-gp", 1), ("cyclegan", 1)])
+# every family that declares DP-SGD (test below): its DP step reports no real-data statistic
+DP_CASES = [("dcgan", 3), ("pix2pix", 3), ("cdcgan", 1), ("wgan-gp", 1), ("cyclegan", 1),
+            ("lapgan", 1), ("pgan", 1)]
+
+
+def test_every_dp_family_is_checked_for_real_data_statistics() -> None:
+    from shared_models.capabilities import DP, supporting
+
+    assert {f for f, _ in DP_CASES} == set(supporting(DP))
+
+
+@pytest.mark.parametrize("family, steps", DP_CASES)
 def test_dp_training_moves_weights_and_reports_no_real_data_statistic(family: str,
                                                                       steps: int) -> None:
     model = ModelConfig(family=family, image_size=16, width=4, latent_dim=8, norm="group",
