@@ -43,9 +43,10 @@ tools:
 test: $(STAMP) tools
 	$(PY) -m pytest -n 4 --dist loadfile
 
-# The edit loop: tests that start no Flower simulation and no real process (not marked slow).
+# The edit loop: tests/unit (in process, no daemon), less the in-process federations marked slow.
+# tests/system (daemons, netns, nginx, Prometheus, Chromium, DCMTK, wheel) runs in `make test` only.
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q tests/unit -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

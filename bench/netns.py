@@ -17,8 +17,9 @@ which takes their interfaces and qdiscs with them.
   line that goes dead: the host's packets go nowhere, nothing tells its processes);
   ``empty(name)`` SIGKILLs every process in a host's namespace (the host lost power).
 
-Used by the fault tests (tests/test_netns_*.py, fixture ``netns_federation`` in tests/netns_helpers.py), the shaped-link
-and soak benchmarks (bench/net.py) and by hand: ``deploy/netns-harness.sh`` (root, Linux).
+Used by the fault tests (tests/system/test_netns_*.py, fixture ``netns_federation`` in
+tests/harness/netns_helpers.py), the shaped-link and soak benchmarks (bench/net.py) and by hand:
+``deploy/netns-harness.sh`` (root, Linux).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ REFUSED_STATUS = 503
 # content, plus the tree of its object ids) and then one request per object (push-object);
 # arrays travel as chunks of at most FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB), so no legitimate
 # body grows with the model. Measured on fedsynth's own reply (protocol.records.train_reply, a
-# packed model, tests/test_fleet_proxy_limits.py): the largest push-object is one chunk + 179
+# packed model, tests/system/test_fleet_proxy_limits.py): the largest push-object is one chunk + 179
 # bytes; push-messages is ~0.6 kB + 68 bytes per object. The largest model a run can ask for
 # today (no width cap yet, issue 25 item 5) e.g. aae at 256x256 and width 64 is 358 MiB of fp32
 # weights: 72 chunks, a 6 kB push-messages. Each route gets its largest message times a margin:

@@ -9,5 +9,5 @@
   the daemons read their children's lines, so the format is shared like the wire.
 
 ``server/`` and ``client/`` both import this package and never each other; it imports only
-``shared_models`` and Flower (tests/test_import_graph.py).
+``shared_models`` and Flower (tests/unit/test_import_graph.py).
 """

@@ -4,8 +4,8 @@ Names: ``PRIVATE_NAMES`` maps each non-public Flower name fedsynth uses (the war
 Runtime API client, node registration, the Fleet routes the proxy lets through, constants) to its
 ``module:attribute``. ``from protocol.flower_private import NAME`` imports it on first use, so a
 hospital never imports the SuperLink's web routers; ``check_names`` resolves them all and
-``tests/test_flower_latency.py`` runs it, so a Flower release that moved one fails there first
-(tests/test_import_graph.py keeps such imports out of every other module).
+``tests/unit/protocol/test_flower_latency.py`` runs it, so a Flower release that moved one fails
+there first (tests/unit/test_import_graph.py keeps such imports out of every other module).
 
 Patches: Flower 1.42's fixed waits, shortened for the processes fedsynth starts, each measured.
 
@@ -26,7 +26,8 @@ settable:
    in our own code, not patched: ``server.metrics.MeteredGrid`` polls every 0.1 s.
 
 These patch module attributes of a pinned Flower (``flwr>=1.42,<1.43``); ``check`` raises if a
-name moved, and ``tests/test_flower_latency.py`` fails on such a Flower before a deployment does.
+name moved, and ``tests/unit/protocol/test_flower_latency.py`` fails on such a Flower before a
+deployment does.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ counted failed, by node, in the round's metrics:
 Test hook (never set in a deployment): with ``FEDSYNTH_TEST_RECORD_REPLIES`` naming a file, every
 reply this process receives from a hospital is appended to it (one pickle per reply: sender,
 message type, every array, config and metric record as received). The secure-aggregation
-deployed test (``tests/test_secure_aggregation_deployed.py``) reads it to show that no reply
+deployed test (``tests/system/test_secure_aggregation_deployed.py``) reads it to show that no reply
 carries a hospital's update.
 
 Liveness is checked every ``liveness_s`` (1 s) with one ``get_nodes`` request. So a phase waits

@@ -57,7 +57,8 @@ def _ls(pred: torch.Tensor, target: float) -> torch.Tensor:
     Why not MONAI's ``PatchAdversarialLoss(criterion="least_squares")``, which computes the same:
     it builds its target with ``torch.tensor(1).fill_(label).to(device)`` on every call, a copy
     from pageable host memory that synchronises the CUDA stream, several times per step; the
-    step is meant to run with no host synchronisation (tests/test_perf_regression.py, GPU bench).
+    step is meant to run with no host synchronisation (GPU bench,
+    tests/unit/shared_models/test_perf_regression.py).
     """
     return ((pred.float() - target) ** 2).mean()
 

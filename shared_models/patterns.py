@@ -18,8 +18,8 @@ are ASCII (``\\w`` does not match ``é``), and ``$`` matches only at the very en
 No nesting rule is kept (``(a+)+``, ``(a|ab)*`` compile and run in linear time): the shape check
 it replaced did not stop the patterns above, and every pattern goes through here, so a second,
 incomplete defence would only refuse useful rules such as ``(T1|T2)+``.
-``tests/test_patterns_re2.py`` checks that no module of ``client``, ``server`` or
-``shared_models`` calls ``re`` on a pattern that is not a literal.
+``tests/unit/shared_models/test_patterns_re2.py`` checks that no module of ``client``,
+``server`` or ``shared_models`` calls ``re`` on a pattern that is not a literal.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A family's module (its networks, torch) declares ``name``, ``data_layout``, ``su
 ``lacks``; ``fedsynth launch`` checks a run file against them before it submits anything, and
 importing a family module to read four class attributes cost it torch's import (2-6 s, issue 24
 item 8). So they are repeated here, one line per family, and a test checks each line against its
-family's class (tests/test_families.py). A family registered without a line here still works: its
-module is imported, as before (slower, same answers).
+family's class (tests/unit/shared_models/test_families.py). A family registered without a line
+here still works: its module is imported, as before (slower, same answers).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The multi-host harness fixture of the netns fault tests (tests/test_netns_*.py).
+"""The multi-host harness fixture of the netns fault tests (tests/system/test_netns_*.py).
 
 One federation per test file: coordinator (SuperLink behind nginx, TLS naming its WAN address
 10.213.<n>.1) and three hospital daemons, h1 and h2 on 20 Mbit/s links and h3 on 5 Mbit/s (tbf

@@ -23,11 +23,11 @@ import pytest
 from fedsynth.certs import init_federation, new_node_key
 from fedsynth.cli import main
 
-from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
-                            wait_for)
+from tests.harness.deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run,
+                                          start, wait_for)
 from tools import skip_unless, which
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- the deployed federation

@@ -24,8 +24,8 @@ import pytest
 
 from fedsynth.certs import init_federation, new_node_key
 
-from deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run, start,
-                            wait_for)
+from tests.harness.deploy_helpers import (free_port, hospital_toml, launch_toml, metrics_rows, run,
+                                          start, wait_for)
 
 SITES = ("mr-only", "ct-only", "mr-and-ct")
 
@@ -240,7 +240,7 @@ def test_mask_conditioned_family_with_dicom_seg_at_the_hospitals(deployment, tmp
     highdicom) beside it; the hospitals pair their slices with the masks and train label map ->
     image, every site contributes, and `fedsynth sample --input` draws images for a folder's
     masks."""
-    from tests.seg_helpers import add_phantom_segs
+    from tests.harness.seg_helpers import add_phantom_segs
 
     dep = deployment
     for name in SITES:

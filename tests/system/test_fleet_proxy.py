@@ -2,7 +2,8 @@
 nginx in front of a fake SuperLink, the network reaches the Fleet routes only.
 
 "The network" is 127.0.0.2 here (served like any non-loopback address: only 127.0.0.1 and ::1
-count as the coordinator's own host); tests/test_stranger.py does it from a network namespace.
+count as the coordinator's own host); tests/system/test_stranger.py does it from a network
+namespace.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fedsynth.certs import init_federation
 from fedsynth.fleet_proxy import (NGINX_MISSING, FleetProxy, ProxyError, ProxyTLS,
                                   fleet_routes, forwarded_paths, nginx_binary, write_proxy)
 
-from deploy_helpers import free_port
+from tests.harness.deploy_helpers import free_port
 from tools import needs, skip_unless, which
 
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")
@@ -244,7 +245,7 @@ def test_stale_nginx_of_a_killed_coordinator_is_stopped(tmp_path: Path) -> None:
         upstream.close()
 
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_deploy_files_run_the_proxy(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 * the generated config (no nginx needed): a per-address connection cap counted at accept, a
   request rate, header/body timeouts, a worker big enough, and one body limit per Fleet route;
 * those limits hold fedsynth's own largest messages, measured on Flower's wire format;
-* with a real nginx in front of a stand-in SuperLink (tests/test_fleet_proxy.py's): a stranger
-  holding ~1,100 unfinished TLS connections from one address (more than the 1,024 that once
+* with a real nginx in front of a stand-in SuperLink (tests/system/test_fleet_proxy.py's): a
+  stranger holding ~1,100 unfinished TLS connections from one address (more than the 1,024 that once
   filled nginx) does not keep a hospital at another address out; and bodies over a route's limit
   are refused with 413 by nginx, before the SuperLink sees a byte.
 
@@ -31,8 +31,8 @@ from fedsynth.proxy_limits import (BODY_TIMEOUT_S, BUFFER_SLACK, HEADER_TIMEOUT_
                                    PER_ADDRESS_BODIES, PER_ADDRESS_CONNECTIONS, SMALL_BODY,
                                    route_body_limits)
 
-from deploy_helpers import free_port
-from test_fleet_proxy import SIGNED, _start_nginx, _stop, _Upstream, needs_nginx
+from tests.harness.deploy_helpers import free_port
+from tests.system.test_fleet_proxy import SIGNED, _start_nginx, _stop, _Upstream, needs_nginx
 
 PUBLIC, STRANGER, HOSPITAL = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"

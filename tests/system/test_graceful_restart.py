@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import launch_toml, lifecycle_federation, metrics_rows, run, start, wait_for
+from tests.harness.deploy_helpers import (launch_toml, lifecycle_federation, metrics_rows, run, start,
+                                          wait_for)
 
 ACCEPTED_WITHIN_S = 30.0  # restart -> connected; a still-marked-online node waited ~80 s
 

@@ -30,7 +30,7 @@ import pytest
 from client.bundle import BundleRefused, check_bundle
 from protocol.keys import LAUNCH_APP_NAME, LAUNCH_APP_PUBLISHER, LAUNCH_APP_VERSION
 
-from deploy_helpers import FEDSYNTH, free_port, wait_for
+from tests.harness.deploy_helpers import FEDSYNTH, free_port, wait_for
 
 LAUNCH_ID = f"{LAUNCH_APP_PUBLISHER}/{LAUNCH_APP_NAME}"
 
@@ -146,7 +146,7 @@ def test_coordinator_code_never_runs_at_a_hospital(tmp_path: Path, demo_hospital
     """Real SuperLink + hospital daemon; the coordinator's operator ``flwr run``s a bundle of its
     own (a foreign app, or fedsynth's name and version with its own ``client/app.py``). The
     hospital refuses it with one log line and a metric, and the marker file is never written."""
-    from deploy_helpers import start
+    from tests.harness.deploy_helpers import start
     from fedsynth.deployment import flwr_cli, write_launch_app
 
     marker = tmp_path / "PWNED"
@@ -286,7 +286,7 @@ def test_runs_do_not_accumulate_state(demo_hospitals, tmp_path: Path) -> None:
     from protocol import records as protocol
     from shared_models import ModelConfig, TrainConfig, encode, get_family
 
-    from flower_helpers import server_message, task_identity
+    from tests.harness.flower_helpers import server_message, task_identity
 
     node = {"data-dir": str(demo_hospitals[0]), "cache-dir": str(tmp_path / "cache"),
             "accept-unsigned-models": True, "threads": 1}

@@ -17,7 +17,7 @@ import pytest
 from fedsynth.deployment import CoordinatorUnreachable
 from fedsynth.supervisor import Supervisor
 
-from deploy_helpers import run
+from tests.harness.deploy_helpers import run
 
 
 def test_unreachable_before_start_counts_against_max_restarts() -> None:

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy_helpers import free_port, launch_toml, lifecycle_federation, metrics_rows, run, start
-from deploy_helpers import wait_for
+from tests.harness.deploy_helpers import (free_port, launch_toml, lifecycle_federation, metrics_rows,
+                                          run, start, wait_for)
 from tools import missing_tool, which
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules" / "fedsynth.rules.yml"
 NAMES = ("north", "south")
 QUIET_S = 20  # the window after the run in which no alert may fire or go pending

@@ -31,7 +31,7 @@ from bench.netns import PORT, Federation, Harness, HarnessError, available
 from fedsynth.deployment import child_env
 from fedsynth.proxy_limits import PER_ADDRESS_CONNECTIONS
 from fedsynth.supervisor import SUPERNODE_GAVE_UP
-from netns_helpers import node_of, unavailable
+from tests.harness.netns_helpers import node_of, unavailable
 
 ROUND_TIMEOUT = 40.0  # the run's round timeout: the bound each round must keep
 SLACK = 10.0          # what a round may take beyond it (aggregation, a poll interval)

@@ -1,4 +1,4 @@
-"""Fault on the multi-host harness (bench/netns.py, fixture in tests/netns_helpers.py).
+"""Fault on the multi-host harness (bench/netns.py, fixture in tests/harness/netns_helpers.py).
 
 A hospital whose disk fills mid-round (its cache on a tiny tmpfs) fails that round cleanly and
 trains again once there is room.
@@ -14,7 +14,7 @@ import pytest
 
 from bench.localdeploy import metrics_rows, wait_for
 from bench.netns import Federation
-from netns_helpers import netns_federation, unavailable  # noqa: F401
+from tests.harness.netns_helpers import netns_federation, unavailable  # noqa: F401
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Fault on the multi-host harness (bench/netns.py, fixture in tests/netns_helpers.py).
+"""Fault on the multi-host harness (bench/netns.py, fixture in tests/harness/netns_helpers.py).
 
 A hospital's WAN line goes dead mid-round for longer than the round timeout, then comes back:
 the round ends at the timeout with the other two, names h3 failed, and h3 trains again in a
@@ -13,7 +13,7 @@ import pytest
 
 from bench.localdeploy import metrics_rows, wait_for
 from bench.netns import Federation
-from netns_helpers import netns_federation, node_of, received  # noqa: F401
+from tests.harness.netns_helpers import netns_federation, node_of, received  # noqa: F401
 
 ROUND_TIMEOUT = 35.0  # the coordinator's round timeout in the link-cut run: the stated bound
 SLACK = 15.0          # what a round may take beyond it (aggregation, samples, a poll interval)

@@ -1,4 +1,4 @@
-"""Fault on the multi-host harness (bench/netns.py, fixture in tests/netns_helpers.py).
+"""Fault on the multi-host harness (bench/netns.py, fixture in tests/harness/netns_helpers.py).
 
 The coordinator's host loses power (every process in its namespace SIGKILLed: coordinator,
 SuperLink, nginx, ServerApp) and is restarted: ``fedsynth launch --resume`` continues from the
@@ -13,7 +13,7 @@ import pytest
 
 from bench.localdeploy import metrics_rows, wait_for
 from bench.netns import COORD, Federation
-from netns_helpers import netns_federation  # noqa: F401
+from tests.harness.netns_helpers import netns_federation  # noqa: F401
 
 
 @pytest.mark.slow

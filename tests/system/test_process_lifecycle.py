@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import (free_port, launch_toml, lifecycle_federation, metrics_rows, run,
-                            start, wait_for)
+from tests.harness.deploy_helpers import (free_port, launch_toml, lifecycle_federation, metrics_rows,
+                                          run, start, wait_for)
 
 ROUND_TIMEOUT = 600.0  # what a dead hospital must NOT cost a round
 DEAD_HOSPITAL_BOUND_S = 30.0  # kill → round done, with the other hospital's training in it
@@ -112,7 +112,7 @@ DAEMON = textwrap.dedent("""\
 
 def test_children_outlive_the_starting_thread_and_die_with_the_daemon(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", DAEMON], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
     try:
         lines = [proc.stdout.readline().strip() for _ in range(2)]
         assert "started" in lines, lines

@@ -28,10 +28,10 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from test_metric_labels import assert_labels_safe
+from tests.unit.server.test_metric_labels import assert_labels_safe
 from tools import missing_tool, which
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = ROOT / "deploy" / "prometheus"
 RULES = PROM_DIR / "rules" / "fedsynth.rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedsynth.json"
@@ -245,7 +245,7 @@ def test_no_scraped_label_is_a_path_or_unbounded(scraped: tuple[str, Path]) -> N
 @needs_prometheus
 @pytest.mark.slow
 def test_report_of_the_scraped_run_renders(scraped: tuple[str, Path], tmp_path: Path) -> None:
-    from test_report import render_in_chromium
+    from tests.system.test_report import render_in_chromium
 
     from server.report import write_report
 

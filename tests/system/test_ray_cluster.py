@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.ray_cluster import BIN, actors_per_node, ray_cluster, write_run_file
-from deploy_helpers import free_port
+from tests.harness.deploy_helpers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from server.report import ReportError, build_report, line_chart
 from server.run_folder import RunFolder
 from tools import missing_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -152,7 +152,7 @@ def test_the_report_of_each_family_shows_a_score(two_hospitals: list[Path], tmp_
     from server.federation import FederationConfig
     from shared_models import ModelConfig, TrainConfig
 
-    from tests.report_checks import assert_report_scores
+    from tests.harness.report_checks import assert_report_scores
 
     hospitals = [{"data-dir": str(f), "cache-dir": str(tmp_path / "cache" / f.name),
                   "device": "cpu", "holdout-every": 4} for f in two_hospitals]

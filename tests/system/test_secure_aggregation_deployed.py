@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 import torch
 
-from deploy_helpers import launch_toml, lifecycle_federation, metrics_rows, run, start, wait_for
+from tests.harness.deploy_helpers import (launch_toml, lifecycle_federation, metrics_rows, run, start,
+                                          wait_for)
 from protocol.flower_private import SECAGG_MASKED_ARRAYS
 
 SITES = ("h1", "h2", "h3")

@@ -6,7 +6,7 @@ The hospital's ``secaggplus_mod`` keeps its key pair, its shares and the stage i
 hospitals finish all four stages shows that state surviving between stages (and rounds) under
 Ray. Simulation node ids are random per run, and each hospital's seed includes its node id, so a
 plain run would train different updates: the aggregate's equality with the plain run's is the
-deployed test's (``tests/test_secure_aggregation_deployed.py``), where node ids are stable.
+deployed test's (``tests/system/test_secure_aggregation_deployed.py``), where node ids are stable.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from deploy_helpers import metrics_rows, run
+from tests.harness.deploy_helpers import metrics_rows, run
 
 
 @pytest.mark.slow

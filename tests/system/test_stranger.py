@@ -28,7 +28,7 @@ import pytest
 from fedsynth.certs import init_federation, new_node_key
 from fedsynth.deployment import BIN_DIR, child_env, flwr_cli, write_flwr_home
 
-from deploy_helpers import FEDSYNTH, free_port, hospital_toml, start, wait_for
+from tests.harness.deploy_helpers import FEDSYNTH, free_port, hospital_toml, start, wait_for
 
 IP = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin")
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:/sbin:/bin")

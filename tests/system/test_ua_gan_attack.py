@@ -47,7 +47,7 @@ from protocol import records as protocol
 from fedsynth.demo_data import build_demo_hospitals
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 
-from flower_helpers import server_message, task_identity
+from tests.harness.flower_helpers import server_message, task_identity
 
 try:  # the message type the coordinator sends (moved between modules over time)
     from server.ua_gan import UA_MESSAGE_TYPE

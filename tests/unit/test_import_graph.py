@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("shared_models", "protocol", "server", "client", "fedsynth", "bench")
 # what each package may import of the others (the layering above)
 ALLOWED = {

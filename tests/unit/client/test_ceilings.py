@@ -22,7 +22,7 @@ from client.trainer import LocalTrainer
 from protocol import records as protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 
-from flower_helpers import server_message, task_identity
+from tests.harness.flower_helpers import server_message, task_identity
 
 SMALL = ModelConfig(image_size=16, width=4, latent_dim=8)
 

@@ -17,7 +17,7 @@ from client.app import app
 from protocol import records as protocol
 from shared_models import ModelConfig, TrainConfig, encode, get_family
 
-from flower_helpers import client_context, server_message, task_identity
+from tests.harness.flower_helpers import client_context, server_message, task_identity
 
 SECRETS = ("DOE^JANE", "PID-8812345", "ACC-77441", "Oncology Private Clinic")
 

@@ -1,6 +1,7 @@
 """Colour modalities (issue 22 item 5): channels = 3 from the DICOM reader to the export.
 
-Colour DICOM comes from pydicom's own colour test files (tests/colour_helpers.py), read locally.
+Colour DICOM comes from pydicom's own colour test files (tests/harness/colour_helpers.py), read
+locally.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from client.cache import cache_key, load_slices
 from client.dicom import DicomSettings, scan_folder
 from client.dicom.pixels import decode_rgb
-from colour_helpers import SAME_BARS, colour_folder, pydicom_file
+from tests.harness.colour_helpers import SAME_BARS, colour_folder, pydicom_file
 from fedsynth.export import Provenance, from_stored_rgb, write_dicom
 from shared_models import ModelConfig, TrainConfig, get_family
 from shared_models.augment import diff_augment, parse_policy

@@ -38,7 +38,7 @@ from client.dicom import TOO_LARGE, DicomSettings, scan_folder
 from client.settings import HospitalSettings, SettingsError
 from fedsynth.demo_data import build_demo_hospitals
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 BIG = 16384
 
 

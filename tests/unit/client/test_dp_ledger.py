@@ -24,7 +24,7 @@ from client.privacy import (LedgerUnusable, PrivacyBudgetExhausted, PrivacyRefus
 from client.settings import HospitalSettings, SettingsError
 from shared_models import TrainConfig, get_family
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 DATA = {"image": torch.zeros(64, 1, 16, 16)}
 TRAIN = TrainConfig(dp_noise_multiplier=1.0, local_steps=5, batch_size=16)
 FAMILY = get_family("dcgan")

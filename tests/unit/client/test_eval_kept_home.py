@@ -28,7 +28,7 @@ from client.trainer import LocalTrainer
 from protocol import records as protocol
 from shared_models import DataConfig, ModelConfig, TrainConfig, encode, get_family
 
-from flower_helpers import server_message, task_identity
+from tests.harness.flower_helpers import server_message, task_identity
 
 MODEL = ModelConfig(image_size=32)
 SCALE = 1e-3  # logit = SCALE * pixel: sigmoid is linear to ~1e-7 there

@@ -38,7 +38,7 @@ from client.dicom import (
     scan_folder,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 def _warm_up() -> None:
     """Import everything a scan uses (pixel decoders are imported on first use) while this

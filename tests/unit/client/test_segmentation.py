@@ -16,7 +16,7 @@ from client import rtstruct
 from client import segmentation as segm
 from client.dicom import DicomSettings, scan_folder
 from fedsynth.cli import main
-from tests import seg_helpers as h
+from tests.harness import seg_helpers as h
 
 SIZE = 32
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import run
+from tests.harness.deploy_helpers import run
 
 
 def _launch_file(tmp_path: Path, coordinator: str, run_lines: str) -> Path:

@@ -128,7 +128,7 @@ def test_seg_and_image_pass_dciodvfy(lesions: Path) -> None:
 def test_make_lesions_agrees_with_the_run_defaults_and_the_launch_loader(tmp_path: Path) -> None:
     """Issue 24 item 5, through the CLI: the run's default mask-labels finds every SEG that
     make-lesions writes, and the label rule it prints is a launch file's [run] table."""
-    from deploy_helpers import run
+    from tests.harness.deploy_helpers import run
 
     from fedsynth.launch_file import load_launch_file
     from server.run_config import from_flat

@@ -1,5 +1,5 @@
 """``fedsynth status`` / ``launch --wait`` read what happened from the run folder (fast, no
-processes; the deployed checks are in tests/test_process_lifecycle.py)."""
+processes; the deployed checks are in tests/system/test_process_lifecycle.py)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedsynth.supervisor import SUPERNODE_GAVE_UP, Supervisor
 
-from deploy_helpers import free_port
+from tests.harness.deploy_helpers import free_port
 
 GIVE_UP = ("import sys, time\n"
            "print('INFO :      Starting Flower SuperNode', flush=True)\n"

@@ -99,7 +99,7 @@ def test_the_executors_retry_line_names_its_own_supernode(caplog: pytest.LogCapt
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_restarted_coordinators_log_is_plain_and_calm(tmp_path: Path) -> None:
-    from deploy_helpers import free_port, start, wait_for
+    from tests.harness.deploy_helpers import free_port, start, wait_for
 
     from fedsynth.certs import init_federation, new_node_key
 

@@ -147,8 +147,8 @@ def test_an_inprocess_run_reports_a_growing_epsilon(tmp_path: Path) -> None:
     from fedsynth.inprocess import run_inprocess
     from server.metrics import CoordinatorMetrics
     from shared_models import ModelConfig, TrainConfig
-    from tests.report_checks import chart_titles
-    from tests.test_inprocess import _hospitals
+    from tests.harness.report_checks import chart_titles
+    from tests.unit.fedsynth.test_inprocess import _hospitals
     from server.report import build_report
 
     cfg = FederationConfig(model=ModelConfig(family="pix2pix", image_size=16, width=4),
@@ -181,7 +181,7 @@ def test_the_strategy_keeps_a_loud_hospital_clipped_instead_of_comparing_it_to_t
     test is off (it would let one hospital decide another's inclusion) and the reply is clipped.
     Equal weights: hospital 1's 10x example count does not count."""
     from server.strategy import GanStrategy
-    from tests.test_strategy import ALL, COMPONENTS, run_round
+    from tests.unit.server.test_strategy import ALL, COMPONENTS, run_round
 
     many = {c: 10 * n for c, n in ALL.items()}
     answers = {1: (0.1, many), 2: (0.1, ALL), 3: (5.0, ALL)}

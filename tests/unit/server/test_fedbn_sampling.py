@@ -26,8 +26,8 @@ from server.images import sample_images, untrained_norm_stats, with_batch_stats
 from server.run_folder import RunFolder
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, get_family
 from shared_models.codec import decode_into, norm_state_keys
-from tests.flower_helpers import task_identity
-from tests.test_strategy import FakeGrid
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import FakeGrid
 
 MODEL = ModelConfig(family="dcgan", image_size=16, latent_dim=8, width=8)
 TRAIN = TrainConfig(local_steps=25, batch_size=8, lr_g=1e-3, lr_d=1e-3)

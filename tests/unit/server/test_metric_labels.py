@@ -123,7 +123,7 @@ _CHILD = textwrap.dedent("""
     from client.app import app
     from protocol import records as protocol
     from shared_models import ModelConfig, TrainConfig, encode, get_family
-    from flower_helpers import client_context, server_message, task_identity
+    from tests.harness.flower_helpers import client_context, server_message, task_identity
 
     model = ModelConfig(image_size=32)
     arrays = encode(get_family("dcgan").build(model))
@@ -171,9 +171,10 @@ def test_hospital_labels_from_real_handlers(tmp_path: Path, demo_hospitals: list
     mp = tmp_path / "multiproc"
     mp.mkdir()
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp))
-    code = _CHILD.format(tests=str(Path(__file__).parent), nodes=nodes)
+    root = Path(__file__).resolve().parents[3]
+    code = _CHILD.format(tests=str(root / "tests" / "harness"), nodes=nodes)
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120,
-                   cwd=Path(__file__).parent.parent, capture_output=True)
+                   cwd=root, capture_output=True)
 
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(mp))

@@ -14,7 +14,7 @@ from protocol import records as protocol
 from server.metrics import (CoordinatorMetrics, HospitalNames, MeteredGrid, record_nbytes,
                             reject_reason, start_exporter)
 
-from flower_helpers import server_message, task_identity
+from tests.harness.flower_helpers import server_message, task_identity
 
 
 def _summary(rnd: int, **over: object) -> SimpleNamespace:

@@ -2,7 +2,7 @@
 hospitals are named by their registered names, and a hospital's /metrics has series at start.
 
 The real-process version (coordinator daemon, hospital daemons, a run, a real Prometheus) is
-``tests/test_metrics_e2e_daemon.py``.
+``tests/system/test_metrics_e2e_daemon.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 # A stand-in for a run's ServerApp: records one finished round in multiprocess mode, then exits.
 RUN = textwrap.dedent("""

@@ -30,8 +30,8 @@ from server.aggregation import ComponentPolicy
 from server.strategy import GanStrategy
 from shared_models import ModelConfig, encode, get_family
 from shared_models.codec import decode_into, norm_state_keys
-from tests.flower_helpers import task_identity
-from tests.test_strategy import FakeGrid
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import FakeGrid
 
 MODEL = ModelConfig(family="dcgan", image_size=16, latent_dim=8, width=4)
 FAMILY = get_family(MODEL.family)

@@ -7,7 +7,7 @@ every sample saturated; with three, a reply at ~6x the honest norm passed every 
 with two each is judged against the other), and ``max-update-norm`` clips what any one hospital
 can move a component by.
 
-Same small real DCGAN and helpers as ``tests/test_poisoning.py``.
+Same small real DCGAN and helpers as ``tests/unit/server/test_poisoning.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from server.strategy import GanStrategy
 from server.validation import component_norms, update_bound
 from shared_models import encode
 from shared_models.codec import norm_state_keys, split_key
-from tests.test_poisoning import COMPONENTS, FAMILY, MODEL, counts, direction, moved, one_round
+from tests.unit.server.test_poisoning import (COMPONENTS, FAMILY, MODEL, counts, direction, moved,
+                                             one_round)
 
 STEP = 0.01  # an honest hospital's update norm (the whole model)
 

@@ -16,10 +16,10 @@ from server.strategy import GanStrategy
 from server.ua_gan import FAKES, GRADS, LOGITS, UA_MESSAGE_TYPE, UaGanStrategy, \
     generator_input_grad
 from shared_models import ModelConfig, TrainConfig, get_family
-from tests.flower_helpers import task_identity
-from tests.test_strategy import ALL, COMPONENTS, NO_B, NORM, global_model, run_round
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import ALL, COMPONENTS, NO_B, NORM, global_model, run_round
 
-CYCLEGAN = get_family("cyclegan")  # the components of the round helpers (tests.test_strategy)
+CYCLEGAN = get_family("cyclegan")  # the components of the round helpers (test_strategy.py)
 DCGAN = get_family("dcgan")
 assert CYCLEGAN.components == COMPONENTS
 
@@ -147,7 +147,7 @@ AAE_EXPECTED = {  # preset -> component -> (weight, norm) after one round; 0.0: 
 def test_adversarial_autoencoder_components_under_every_preset(preset: str) -> None:
     """aae (issue 15): encoder and decoder are shared like generators, the latent discriminator
     is a discriminator (private under local-d / fedmed-gan); UA-GAN refuses the family."""
-    from tests.test_strategy import FakeGrid, reply
+    from tests.unit.server.test_strategy import FakeGrid, reply
 
     aae = get_family("aae")
     components = aae.components

@@ -22,8 +22,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from protocol import records as protocol
 from server.strategy import GanStrategy
-from tests.flower_helpers import task_identity
-from tests.test_strategy import FakeGrid
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import FakeGrid
 
 COMPONENTS = ("g", "d")
 NORM_KEYS = frozenset({"g.bn.running_var", "g.bn.running_mean", "g.bn.num_batches_tracked"})

@@ -17,7 +17,7 @@ import pytest
 from server.run_config import (SETTINGS, FederationConfig, defaults_flat, example_toml,
                                from_flat, settings_help)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_declaration_is_generated_from_the_run_configuration(tmp_path: Path) -> None:
@@ -181,11 +181,12 @@ def test_hospital_settings_refuse_unknown_keys(tmp_path: Path) -> None:
 def test_run_sent_patterns_the_hospital_cannot_match_in_linear_time_are_refused(
         key: str, pattern: str) -> None:
     """A coordinator's pattern runs in the hospital's daemon on its slices' text. It is matched
-    by RE2, which takes linear time whatever the pattern (tests/test_patterns_re2.py); what RE2
-    cannot compile (backreferences, lookaround) and patterns over 256 characters are refused at
-    launch, in one line, and again by the hospital (it rebuilds DataConfig from the signed
-    record). Nested repetition such as ``(a+)+`` was refused here before RE2; it is accepted
-    now, and the timing test shows it ends at once."""
+    by RE2, which takes linear time whatever the pattern
+    (tests/unit/shared_models/test_patterns_re2.py); what RE2 cannot compile (backreferences,
+    lookaround) and patterns over 256 characters are refused at launch, in one line, and again by
+    the hospital (it rebuilds DataConfig from the signed record). Nested repetition such as
+    ``(a+)+`` was refused here before RE2; it is accepted now, and the timing test shows it ends
+    at once."""
     import time
 
     from shared_models import DataConfig

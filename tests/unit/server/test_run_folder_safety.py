@@ -22,8 +22,8 @@ from server import run_folder
 from server.run_folder import RunFolder
 from server.strategy import GanStrategy
 from shared_models import ModelConfig
-from tests.flower_helpers import task_identity
-from tests.test_strategy import ALL, COMPONENTS, FakeGrid, filled, global_model
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import ALL, COMPONENTS, FakeGrid, filled, global_model
 
 HOSTILE_KEY = "<script>alert(1)</script>/etc/passwd DOE^JANE"
 BAD_IDS = ["../../x", "..", ".", "/etc", "a/b", "a\\b", ".hidden", "-rf", "", "x" * 65, "a\0b",

@@ -148,7 +148,7 @@ def test_mean_presets_are_accepted(preset: str) -> None:
 
 
 def test_a_hospital_that_requires_it_refuses_rounds_without_it(caplog) -> None:  # noqa: ANN001
-    from tests.flower_helpers import server_message, task_identity
+    from tests.harness.flower_helpers import server_message, task_identity
 
     hospital = HospitalSettings.from_mapping({"data-dir": "/x",
                                               "require-secure-aggregation": True})
@@ -181,7 +181,7 @@ SETUP = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2,
 ])
 def test_a_hospital_refuses_dangerous_protocol_parameters(configs: dict, why: str,
                                                           caplog) -> None:  # noqa: ANN001
-    from tests.flower_helpers import client_context, server_message, task_identity
+    from tests.harness.flower_helpers import client_context, server_message, task_identity
 
     def train(msg: Message, context) -> Message:  # noqa: ANN001
         raise AssertionError("the train handler must not run")

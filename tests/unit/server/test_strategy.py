@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, Message
 from protocol import records as protocol
 from server.aggregation import ComponentPolicy
 from server.strategy import LOCAL_NORM_COMPONENTS, REPLY_COMPONENTS, GanStrategy
-from tests.flower_helpers import task_identity
+from tests.harness.flower_helpers import task_identity
 
 COMPONENTS = ("g_ab", "g_ba", "d_a", "d_b")
 NORM = frozenset({"g_ab.norm.weight", "d_a.norm.weight"})

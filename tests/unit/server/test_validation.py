@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from protocol import records as protocol
 from server.strategy import GanStrategy
-from tests.flower_helpers import task_identity
-from tests.test_strategy import ALL, COMPONENTS, FakeGrid, filled, global_model, reply
+from tests.harness.flower_helpers import task_identity
+from tests.unit.server.test_strategy import ALL, COMPONENTS, FakeGrid, filled, global_model, reply
 
 Corrupt = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 

@@ -120,7 +120,7 @@ def test_launch_accepts_lapgan_and_refuses_what_it_cannot_do() -> None:
                         ({"image-size": 24}, "power of two")):
         with pytest.raises(ValueError, match=says):
             from_flat({"family": "lapgan", **extra})
-    assert 'family = "lapgan"' in (Path(__file__).parents[1] / "examples" / "run.toml").read_text()
+    assert 'family = "lapgan"' in (Path(__file__).parents[3] / "examples" / "run.toml").read_text()
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_a_tiny_federated_round_writes_report_grid_and_samples(tmp_path: Path) -
     (row,) = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert (row["replied"], row["failed"], row["rejected"]) == (2, 0, 0), row
     assert (folder / "samples" / "round-001.png").is_file()
-    from tests.report_checks import assert_report_scores
+    from tests.harness.report_checks import assert_report_scores
 
     assert assert_report_scores(folder)  # the run's report: every panel drawn, a score
     ckpt = folder / "checkpoints" / "round-001.npz"

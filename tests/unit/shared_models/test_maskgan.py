@@ -21,8 +21,8 @@ from server.federation import FederationConfig
 from server.presets import POLICY_PRESETS, make_strategy
 from shared_models import DataConfig, ModelConfig, StepContext, TrainConfig, get_family
 from shared_models.maskgan import one_hot, pixel_weights
-from tests import seg_helpers as h
-from tests.report_checks import assert_report_scores
+from tests.harness import seg_helpers as h
+from tests.harness.report_checks import assert_report_scores
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

@@ -19,7 +19,7 @@ import pytest
 from shared_models import DataConfig
 from shared_models.patterns import PatternError, check_pattern, compile_pattern, search
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 HOSTILE = [".*" * 20 + "=", r"\w*\w*\w*!", "a{0,30}" * 4, "a{0,30}" * 4 + "!",
            # refused by the shape check before RE2; harmless now
            "(.*.*)*X", "(a+)+$", "(a|ab)*c", "(x?)*y"]

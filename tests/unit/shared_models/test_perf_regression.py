@@ -22,7 +22,7 @@ from client.trainer import LocalTrainer
 from shared_models import ModelConfig, StepContext, TrainConfig, encode, families, get_family
 from shared_models.codec import nbytes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 PROJECT_DIRS = tuple(str(REPO / d) + "/"
                      for d in ("shared_models", "client", "server", "fedsynth", "tests"))
 SCALAR_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "__format__", "__repr__")

@@ -124,7 +124,7 @@ def test_launch_accepts_pgan_and_refuses_what_it_cannot_do() -> None:
                         ({"pgan-rounds-per-stage": 0}, "pgan_rounds_per_stage")):
         with pytest.raises(ValueError, match=says):
             from_flat({"family": "pgan", **extra})
-    assert "pgan-rounds-per-stage" in (Path(__file__).parents[1] / "examples"
+    assert "pgan-rounds-per-stage" in (Path(__file__).parents[3] / "examples"
                                        / "run.toml").read_text()
 
 
@@ -161,7 +161,7 @@ def test_a_tiny_federation_grows_resumes_at_its_stage_and_samples(tmp_path: Path
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all((r["replied"], r["failed"], r["rejected"]) == (2, 0, 0) for r in rows), rows
     assert (folder / "samples" / "round-003.png").is_file()
-    from tests.report_checks import assert_report_scores
+    from tests.harness.report_checks import assert_report_scores
 
     assert assert_report_scores(folder)
     ck = {n: _arrays(folder / "checkpoints" / f"round-{n:03d}.npz") for n in (1, 2, 3)}

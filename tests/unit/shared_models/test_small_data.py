@@ -249,7 +249,7 @@ def test_a_federation_with_them_on_samples_from_the_coordinators_average(
 
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["replied"] for r in rows] == [3, 3] and all(r["failed"] == 0 for r in rows)
-    from tests.report_checks import assert_report_scores
+    from tests.harness.report_checks import assert_report_scores
 
     assert any(t.startswith("Fréchet distance") for t in assert_report_scores(folder))
     raw1, _ = load_checkpoint(folder / "checkpoints" / "round-001.npz")

@@ -105,7 +105,7 @@ def test_a_signed_run_trains_every_hospital_and_keeps_local_state(tmp_path: Path
         assert (r["selected"], r["replied"], r["failed"], r["rejected"]) == (2, 2, 0, 0)
         assert r["train"]["num-examples"] > 0 and len(r["evaluated"]) == 2
     assert (folder / "checkpoints" / "round-002.npz").is_file()
-    from tests.report_checks import assert_report_scores
+    from tests.harness.report_checks import assert_report_scores
 
     titles = assert_report_scores(folder)  # pix2pix: SSIM / PSNR / MAE of G(A) vs its pair
     assert {t.split(" ")[0] for t in titles} >= {"SSIM", "PSNR", "MAE"}, titles
