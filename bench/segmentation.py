@@ -18,6 +18,16 @@ real mask or image leaves a hospital). A MONAI U-Net is trained, per seed, on:
 and scored by Dice on the held-out set. Every condition of a seed shares the seed and the step
 budget, in one run; the last line prints ``segmentation gain (b)-(a)`` and
 ``synthetic-only / pooled`` (mean over seeds).
+
+Learning curve (issue 21): the maskgan's global model is kept at every round, and at
+``curve_points`` rounds along the run (the last included) the same synthetic masks are drawn
+into images by that round's model and (b) and (c) are scored again, per seed, against the
+maskgan's optimiser steps per hospital (rounds x local steps). The mask generator (aae) stays at
+its final round at every point: the curve measures the image model alone, on identical masks.
+The Markdown table is printed; ``--plot PATH`` writes it as a PNG (``bench.plots.curve_png``).
+Each point also gets the checkerboard score (``shared_models.quality.checkerboard_score``: the
+share of spectral power at the period-2 frequencies) of its synthetic images, beside the
+held-out real slices' score.
 """
 
 from __future__ import annotations
@@ -83,9 +93,16 @@ def hospital_pairs(folder: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     return data["image"].numpy(), data["mask"].numpy()
 
 
+def curve_rounds(rounds: list[int], points: int) -> list[int]:
+    """``points`` kept rounds spread evenly along the run, the last one included."""
+    last = max(rounds)
+    want = {max(1, round(last * (i + 1) / max(1, points))) for i in range(points)}
+    return sorted(want & set(rounds)) or [last]
+
+
 def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 20,
         small: int = 6, synthetic: int = 96, unet_steps: int = 150, seeds: int = 3,
-        width: int = 8, aae_rounds: int = 10, aae_local_steps: int = 30,
+        width: int = 8, aae_rounds: int = 10, aae_local_steps: int = 30, curve_points: int = 4,
         log=print) -> dict:  # type: ignore[no-untyped-def]
     import torch
 
@@ -95,6 +112,7 @@ def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 
     from fedsynth.mask_demo import add_phantom_segs
     from server.federation import FederationConfig
     from shared_models import DataConfig, ModelConfig, TrainConfig
+    from shared_models.quality import checkerboard_score
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
@@ -111,7 +129,8 @@ def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 
             test.append((x[held], y[held]))
         sites = [{"data-dir": str(f), "cache-dir": str(root / "cache" / f.name), "device": "cpu",
                   "holdout-every": 4} for f in folders]
-        ckpts = {}
+        ckpts: dict[str, dict[int, Path]] = {}
+        seconds: dict[str, float] = {}
         for family in ("aae", "maskgan"):
             # the autoencoder is cheap and needs more steps than the image model (an
             # under-trained decoder draws empty masks: the lesion is 8 % of a slice)
@@ -124,47 +143,118 @@ def run(hospitals: int = 3, size: int = 32, rounds: int = 3, local_steps: int = 
                                   else 1.0),
                 data=DataConfig(mask_labels="lesion"), preset="fedgan",
                 run_dir=str(root / "runs"), run_id=f"seg-{family}", num_samples=2,
-                rounds=n_rounds)
+                rounds=n_rounds, keep_checkpoints=n_rounds + 1)  # every round: the curve
+            t_family = time.perf_counter()
             folder, _ = run_inprocess(cfg, sites)
-            ckpts[family] = sorted((folder / "checkpoints").glob("round-*.npz"))[-1]
+            seconds[family] = time.perf_counter() - t_family
+            ckpts[family] = {int(p.stem.split("-")[1]): p
+                             for p in (folder / "checkpoints").glob("round-*.npz")}
         fed_seconds = time.perf_counter() - t0
-        aae, aae_nets, aae_meta = load_generator(ckpts["aae"])
-        mg, mg_nets, _ = load_generator(ckpts["maskgan"])
+        aae, aae_nets, aae_meta = load_generator(ckpts["aae"][max(ckpts["aae"])])
         syn_masks = generate(aae, aae_nets, aae_meta["_config"], synthetic, seed=123)
-        syn_images = translate(mg, mg_nets, syn_masks)
+        points = curve_rounds(list(ckpts["maskgan"]), curve_points)
+        images_at: dict[int, np.ndarray] = {}
+        for r in points:  # the same masks, drawn by the maskgan of round r
+            mg, mg_nets, _ = load_generator(ckpts["maskgan"][r])
+            images_at[r] = translate(mg, mg_nets, syn_masks)
+    last = points[-1]
+    syn_images = images_at[last]
     test_x = np.concatenate([t[0] for t in test])
     test_y = np.concatenate([t[1] for t in test])
     small_x, small_y = train[0][0][:small], train[0][1][:small]
     pooled_x = np.concatenate([t[0] for t in train])
     pooled_y = np.concatenate([t[1] for t in train])
+
+    def augmented(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.concatenate([small_x, images]), np.concatenate([small_y, syn_masks])
+
     conditions = {
         "(a) small hospital real": (small_x, small_y),
-        "(b) small real + federated synthetic": (np.concatenate([small_x, syn_images]),
-                                                 np.concatenate([small_y, syn_masks])),
+        "(b) small real + federated synthetic": augmented(syn_images),
         "(c) federated synthetic only": (syn_images, syn_masks),
         "(d) all hospitals real, pooled": (pooled_x, pooled_y),
     }
+    mg_steps = rounds * local_steps
+    per_step = seconds["maskgan"] / max(1, mg_steps)
     log(f"{hospitals} phantom hospitals, {size} px; federated aae {aae_rounds} rounds x "
-        f"{aae_local_steps} local steps, maskgan {rounds} rounds x {local_steps} local steps "
-        f"({fed_seconds:.0f} s); synthetic pairs {len(syn_images)} "
+        f"{aae_local_steps} local steps ({seconds['aae']:.0f} s), maskgan {rounds} rounds x "
+        f"{local_steps} local steps ({seconds['maskgan']:.0f} s, {per_step:.2f} s per local "
+        f"step); federation {fed_seconds:.0f} s; synthetic pairs {len(syn_images)} "
         f"(lesion in {float((syn_masks.reshape(len(syn_masks), -1).max(1) > 0).mean()):.0%}); "
         f"small hospital {len(small_x)} real pairs; pooled {len(pooled_x)}; held-out "
         f"{len(test_x)} real slices from every hospital; U-Net {unet_steps} steps per condition")
     scores: dict[str, list[float]] = {k: [] for k in conditions}
+    curve: dict[int, dict[str, list[float]]] = {r: {"b": [], "c": []} for r in points}
+    t_unet = time.perf_counter()
     for seed in range(seeds):
         for name, (x, y) in conditions.items():
             net = train_unet(x, y, unet_steps, seed)
             scores[name].append(dice(predict(net, test_x), test_y))
+        curve[last]["b"].append(scores["(b) small real + federated synthetic"][-1])
+        curve[last]["c"].append(scores["(c) federated synthetic only"][-1])
+        for r in points[:-1]:  # the final round is scored above
+            for key, (x, y) in (("b", augmented(images_at[r])), ("c", (images_at[r], syn_masks))):
+                curve[r][key].append(dice(predict(train_unet(x, y, unet_steps, seed), test_x),
+                                          test_y))
+    unet_seconds = time.perf_counter() - t_unet
     for name, vals in scores.items():
         log(f"{name:40s} Dice {np.mean(vals):.3f} +- {np.std(vals):.3f}  "
             f"(seeds: {', '.join(f'{v:.3f}' for v in vals)})")
     mean = {k: float(np.mean(v)) for k, v in scores.items()}
     keys = list(conditions)
+    real_board = checkerboard_score(test_x)
+    boards = {r: checkerboard_score(images_at[r]) for r in points}
+    log(f"checkerboard score (share of spectral power at the Nyquist row/column): maskgan "
+        f"synthetic {boards[last]:.4f}, held-out real {real_board:.4f} "
+        f"({boards[last] / real_board if real_board > 0 else float('nan'):.2f} x real)")
+    table = curve_table(points, local_steps, curve, boards, mean[keys[0]], mean[keys[3]],
+                        real_board, seeds)
+    for line in table:
+        log(line)
+    log(f"U-Nets: {unet_seconds:.0f} s for {seeds} seeds x ({len(conditions)} conditions + "
+        f"{2 * (len(points) - 1)} curve points)")
     gain = mean[keys[1]] - mean[keys[0]]
     ratio = mean[keys[2]] / mean[keys[3]] if mean[keys[3]] > 0 else float("nan")
     log(f"segmentation gain (b)-(a) {gain:+.3f} Dice; synthetic-only / pooled {ratio:.3f} "
         f"({seeds} seeds, {time.perf_counter() - t0:.0f} s in all)")
-    return {"scores": scores, "gain": gain, "ratio": ratio}
+    return {"scores": scores, "gain": gain, "ratio": ratio, "mean": mean,
+            "checkerboard": {"synthetic": boards[last], "real": real_board},
+            "curve": [{"round": r, "steps": r * local_steps, "b": curve[r]["b"],
+                       "c": curve[r]["c"], "checkerboard": boards[r]} for r in points],
+            "table": table}
+
+
+def curve_table(points: list[int], local_steps: int, curve: dict[int, dict[str, list[float]]],
+                boards: dict[int, float], small: float, pooled: float, real_board: float,
+                seeds: int) -> list[str]:
+    """The learning curve as Markdown: Dice of (b) and (c) by the maskgan's steps per hospital."""
+    out = [f"learning curve (maskgan global model along the run, aae at its final round; mean "
+           f"over {seeds} seeds; (a) {small:.3f}, (d) {pooled:.3f}; real checkerboard "
+           f"{real_board:.4f}):",
+           "| maskgan steps per hospital | (b) Dice | gain (b)-(a) | (c) Dice | (c) / (d) | "
+           "checkerboard |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in points:
+        b, c = float(np.mean(curve[r]["b"])), float(np.mean(curve[r]["c"]))
+        ratio = f"{c / pooled:.3f}" if pooled > 0 else "nan"
+        out.append(f"| {r * local_steps} | {b:.3f} | {b - small:+.3f} | {c:.3f} | {ratio} | "
+                   f"{boards[r]:.4f} |")
+    return out
+
+
+def plot_curve(path: Path, out: dict, title: str) -> Path:
+    from bench.plots import curve_png
+
+    series: dict[str, list[tuple[float, float]]] = {"(b) small real + synthetic": [],
+                                                     "(c) synthetic only": []}
+    for p in out["curve"]:
+        series["(b) small real + synthetic"] += [(p["steps"], v) for v in p["b"]]
+        series["(c) synthetic only"] += [(p["steps"], v) for v in p["c"]]
+    mean = out["mean"]
+    return curve_png(path, series, title=title, xlabel="maskgan optimiser steps per hospital",
+                     ylabel="Dice on held-out real slices",
+                     bars={"(a) small hospital real": mean["(a) small hospital real"],
+                           "(d) pooled real": mean["(d) all hospitals real, pooled"]})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,10 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="maskgan rounds")
     p.add_argument("--aae-rounds", type=int, default=10)
     p.add_argument("--unet-steps", type=int, default=150)
+    p.add_argument("--local-steps", type=int, default=20, help="maskgan local steps per round")
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--curve-points", type=int, default=4,
+                   help="maskgan rounds along the run scored for the learning curve")
+    p.add_argument("--plot", type=Path, default=Path("bench/results/segmentation-curve.png"),
+                   help="the learning curve's PNG")
     args = p.parse_args(argv)
-    run(seeds=args.seeds, rounds=args.rounds, unet_steps=args.unet_steps, size=args.size,
-        aae_rounds=args.aae_rounds)
+    print(f"learning curve PNG: {args.plot}")  # first: the last line stays the figures
+    out = run(seeds=args.seeds, rounds=args.rounds, local_steps=args.local_steps,
+              unet_steps=args.unet_steps, size=args.size, aae_rounds=args.aae_rounds,
+              curve_points=args.curve_points, log=lambda line: print(line, flush=True))
+    plot_curve(args.plot, out, f"maskgan synthetic data for segmentation along the federated "
+                               f"run ({args.seeds} seeds)")
     return 0
 
 

@@ -72,7 +72,9 @@ class MaskGan(FamilyBase):
 
     def build(self, cfg: ModelConfig) -> Nets:
         labels = max(cfg.num_classes, 1)
-        g = UNetGenerator(cfg.spatial_dims, labels + 1, cfg.channels, cfg.image_size, cfg.width)
+        # resize-convolution up path: the transposed one drew a checkerboard (translation_networks)
+        g = UNetGenerator(cfg.spatial_dims, labels + 1, cfg.channels, cfg.image_size, cfg.width,
+                          upsample="resize")
         d = PatchGAN(cfg.spatial_dims, labels + 1 + cfg.channels, cfg.image_size, cfg.width)
         init_normal(g)
         init_normal(d)

@@ -182,3 +182,25 @@ def prdc(feats_real: np.ndarray, feats_fake: np.ndarray, nearest_k: int = PRDC_K
         out = compute_prdc(np.asarray(feats_real, np.float64), np.asarray(feats_fake, np.float64),
                            k)
     return {m: float(out[m]) for m in ("precision", "recall", "density", "coverage")}
+
+
+def checkerboard_score(images: np.ndarray | torch.Tensor) -> float:
+    """Fraction of the images' spectral power (each image's mean removed) at the period-2
+    frequencies: the Nyquist row and column of a 2D spectrum, including the (N/2, N/2) bin (every
+    Nyquist plane of a 3D one). A stride-2 transposed convolution's uneven overlap (Odena et al.
+    2016) puts its checkerboard there; white noise has about 2/N of its power there, a smooth
+    image almost none. Pooled over the batch (power summed before the ratio), so constant images
+    count for nothing. ``images``: (N, C, *spatial); an odd axis has no Nyquist bin."""
+    x = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else \
+        np.asarray(images, dtype=np.float64)
+    axes = tuple(range(2, x.ndim))
+    x = x - x.mean(axis=axes, keepdims=True)
+    power = np.abs(np.fft.fftn(x, axes=axes)) ** 2
+    at = np.zeros(x.shape[2:], dtype=bool)
+    for i, n in enumerate(x.shape[2:]):
+        if n % 2 == 0:
+            index = [slice(None)] * len(axes)
+            index[i] = n // 2
+            at[tuple(index)] = True
+    total = float(power.sum())
+    return float(power[..., at].sum()) / total if total > 0 else 0.0

@@ -1,7 +1,9 @@
 """Image-to-image networks for pix2pix and CycleGAN, one class for 2D and 3D (``spatial_dims``).
 
 - ``UNetGenerator``: MONAI's ``UNet`` (skip connections, as in Isola et al. 2017, sec. 3.2.1) with a
-  tanh output, so translations live in [-1, 1] like the inputs.
+  tanh output, so translations live in [-1, 1] like the inputs. ``upsample="deconv"`` (pix2pix,
+  cascade: their measured figures are of this network) keeps MONAI's stride-2 transposed
+  convolutions; ``"resize"`` (maskgan) is ``ResizeUNet``: nearest upsampling then a convolution.
 - ``ResnetGenerator``: the CycleGAN generator of Zhu et al. 2017 (appendix 7.2, after Johnson et al.
   2016): c7s1-w, two stride-2 down-convolutions, ``n_blocks`` residual blocks, two up-convolutions,
   c7s1-C with tanh; instance norm. MONAI has no such network, so it is written here from MONAI
@@ -37,18 +39,55 @@ def unet_levels(image_size: int) -> int:
     return levels
 
 
+UPSAMPLE = ("deconv", "resize")
+
+
+def resize_unet(*args, **kwargs) -> nn.Module:  # type: ignore[no-untyped-def]
+    """MONAI's ``UNet`` with every up layer a resize-convolution (Odena et al. 2016, "Deconvolution
+    and checkerboard artifacts"): a stride-2 transposed convolution with kernel 3 overlaps its
+    output unevenly (kernel not divisible by the stride), so alternate pixels receive 1 or 2 taps
+    and the image carries a period-2 grid (the checkerboard of docs/img/maskgan-grid.png). Nearest
+    upsampling (MONAI ``UpSample``, ``mode="nontrainable"``) then a stride-1 convolution gives
+    every output pixel the same number of taps. Built by overriding ``UNet._get_up_layer`` so
+    the rest of MONAI's network (skips, down path, norm/act/dropout ordering) stays as tested;
+    the module is made here because MONAI is imported only where a network is built."""
+    from monai.networks.blocks import Convolution, UpSample
+    from monai.networks.nets import UNet
+
+    class ResizeUNet(UNet):
+        def _get_up_layer(self, in_channels: int, out_channels: int, strides: int,
+                          is_top: bool) -> nn.Module:
+            if self.num_res_units > 0:
+                raise ValueError("ResizeUNet is built with num_res_units = 0")
+            up = UpSample(self.dimensions, scale_factor=strides, mode="nontrainable",
+                          interp_mode="nearest", align_corners=None, pre_conv=None)
+            conv = Convolution(self.dimensions, in_channels, out_channels, strides=1,
+                               kernel_size=self.up_kernel_size, act=self.act, norm=self.norm,
+                               dropout=self.dropout, bias=self.bias, conv_only=is_top,
+                               adn_ordering=self.adn_ordering)
+            return nn.Sequential(up, conv)
+
+    return ResizeUNet(*args, **kwargs)
+
+
 class UNetGenerator(nn.Module):
-    """(B, C_in, S, S[, S]) -> (B, C_out, ...) in [-1, 1]; channels double per level up to 8w."""
+    """(B, C_in, S, S[, S]) -> (B, C_out, ...) in [-1, 1]; channels double per level up to 8w.
+    ``upsample``: ``"deconv"`` (MONAI's transposed convolutions) or ``"resize"`` (nearest
+    upsampling + convolution, no checkerboard: ``resize_unet``)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, image_size: int,
-                 width: int, dropout: float = 0.0) -> None:
+                 width: int, dropout: float = 0.0, upsample: str = "deconv") -> None:
         from monai.networks.nets import UNet
         super().__init__()
+        if upsample not in UPSAMPLE:
+            raise ValueError(f"upsample must be one of {UPSAMPLE}, not {upsample!r}")
         levels = unet_levels(image_size)
         channels = tuple(min(width * 2**i, width * 8) for i in range(levels + 1))
-        self.net = UNet(spatial_dims, in_channels, out_channels, channels=channels,
-                        strides=(2,) * levels, kernel_size=3, up_kernel_size=3, num_res_units=0,
-                        act=LEAKY, norm="INSTANCE", dropout=dropout)
+        build = UNet if upsample == "deconv" else resize_unet
+        self.upsample = upsample
+        self.net = build(spatial_dims, in_channels, out_channels, channels=channels,
+                         strides=(2,) * levels, kernel_size=3, up_kernel_size=3, num_res_units=0,
+                         act=LEAKY, norm="INSTANCE", dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(x))
