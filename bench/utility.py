@@ -87,6 +87,9 @@ class UtilityConfig:
     conditioning: str = "projection,multiscale,acgan,cbn"
     class_balanced: bool = True
     curve_points: int = 4  # checkpoints along the run scored for the learning curve
+    # class-weighted-aggregation: each class's parameter rows weighted by the hospitals' slices
+    # of that class (server/aggregation.py, class_weighted_mean); off = ordinary FedAvg
+    class_weighted: bool = False
 
     @property
     def steps(self) -> int:
@@ -168,7 +171,8 @@ def federated_gan(cfg: UtilityConfig
 
     family = get_family("cdcgan")
     fcfg = replace(federation_config(cfg.preset, cfg.model(), cfg.train_config(), cfg.rounds),
-                   data=data_config(), keep_checkpoints=cfg.rounds + 1)
+                   data=data_config(), keep_checkpoints=cfg.rounds + 1,
+                   class_weighted_aggregation=cfg.class_weighted)
     folder, _ = run_inprocess(fcfg, hospital_settings(cfg), app=KeptOptimizers())
     by_round = {int(p.stem.split("-")[1]): p for p in (folder / "checkpoints").glob("round-*.npz")}
     last = max(by_round)
@@ -293,7 +297,8 @@ def report(cfg: UtilityConfig, seeds: Sequence[int], rows: Mapping[str, Mapping[
     out = [f"cdcgan lesion utility: {len(LESION_SITES)} hospitals ({modalities}; "
            f"small = {LESION_SITES[small_index()].name}), {cfg.image_size}px, width {cfg.width}, "
            f"preset {cfg.preset}, augment {cfg.augment or 'off'}, conditioning "
-           f"{cfg.conditioning}{' + class-balanced batches' if cfg.class_balanced else ''}, "
+           f"{cfg.conditioning}{' + class-balanced batches' if cfg.class_balanced else ''}"
+           f"{', class-weighted aggregation' if cfg.class_weighted else ''}, "
            f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch "
            f"{cfg.batch}, lr {cfg.lr:g}; classifier {cfg.clf_steps} steps x {cfg.clf_batch}; "
            f"{cfg.synthetic_per_class} synthetic per class; seeds {list(seeds)} (mean ± sd), "
@@ -371,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="projection[,multiscale][,acgan][,cbn] (bench/conditioning.py)")
     parser.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,
                         default=d.class_balanced)
+    parser.add_argument("--class-weighted", action=argparse.BooleanOptionalAction,
+                        default=d.class_weighted,
+                        help="class-weighted-aggregation: per-class weights for the class rows")
     parser.add_argument("--curve-points", type=int, default=d.curve_points)
     parser.add_argument("--plot", type=Path, default=Path("bench/results/utility-curve.png"),
                         help="the learning curve's PNG")
@@ -385,11 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = UtilityConfig(**{k: getattr(args, k) for k in (
         "image_size", "width", "rounds", "local_steps", "batch", "synthetic_per_class",
         "clf_steps", "clf_batch", "lr", "scale", "clf_lr", "preset", "augment", "conditioning",
-        "class_balanced", "curve_points")})
+        "class_balanced", "curve_points", "class_weighted")})
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     rows, infos = run(cfg, args.seeds)
-    plot_curve(args.plot, infos, f"cdcgan utility along the federated run ({cfg.conditioning}, "
+    plot_curve(args.plot, infos, f"cdcgan utility along the federated run ({cfg.conditioning}"
+                                 f"{', class-weighted' if cfg.class_weighted else ''}, "
                                  f"{len(args.seeds)} seeds)")
     lines = report(cfg, args.seeds, rows, infos, time.perf_counter() - t0)
     lines.insert(1, f"load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at the end; "

@@ -282,8 +282,29 @@ def reply(r: Round) -> Message:
         from .wire import int8_reply
 
         arrays = int8_reply(arrays, r.msg, r.context)
-    return Message(protocol.train_reply(arrays, {**r.result.metrics, **r.evaluation}),
+    return Message(protocol.train_reply(arrays, {**r.result.metrics, **r.evaluation,
+                                                 **class_counts(r)}),
                    reply_to=r.msg)
+
+
+def class_counts(r: Round) -> dict[str, int]:
+    """The training slices per class, when the train message asks (class-weighted-aggregation)
+    and the hospital trained. They come from DICOM labels, not pixels, but they are a statistic
+    of the real data that the run's epsilon does not bound: a hospital that requires DP keeps
+    them home, as it keeps its evaluation figures (the coordinator weighs it as an even mix of
+    its examples). One that does not require DP sends them in a DP-SGD run too."""
+    asked = int(r.config.get(protocol.CLASS_EXAMPLES, 0)) if r.training else 0
+    if not asked or not r.usable:
+        return {}
+    if r.hospital.needs_dp:
+        log.info("round %d: per-class slice counts kept at this hospital (DP)", r.server_round)
+        return {}
+    counts = r.trainer.family.class_examples(r.data.train, r.model.num_classes)
+    if counts is None or asked != len(counts):
+        log.warning("round %d: the coordinator asked for %d class counts, this family has %s; "
+                    "none sent", r.server_round, asked, "none" if counts is None else len(counts))
+        return {}
+    return {protocol.class_examples_key(k): n for k, n in enumerate(counts)}
 
 
 def train_round(msg: Message, context: Context) -> Message:

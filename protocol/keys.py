@@ -24,6 +24,15 @@ def examples_key(component: str) -> str:
     return f"num-examples-{component}"
 
 
+def class_examples_key(label: int) -> str:
+    """Metric key: training slices of class index ``label`` at this hospital. Sent only when the
+    train message asks (``CLASS_EXAMPLES``) and never by a hospital that requires DP
+    (client/round.py); the coordinator checks them (server/validation.py)."""
+    return f"num-examples-class-{label}"
+
+
+CLASS_EXAMPLES_PREFIX = "num-examples-class-"
+
 # Scalar metrics a hospital may report; anything else in a reply is rejected by the coordinator.
 TRAIN_METRICS = ("loss-g", "loss-d", "d-real", "d-fake", "train-seconds", "steps",
                  "images-per-second", "data-seconds", "loss-gp", "w-distance", "loss-l1",
@@ -50,6 +59,9 @@ EVAL_KEPT_HOME = "eval-kept-home"
 # ConfigRecord entries the strategy writes so a hospital knows what to send back.
 REPLY_COMPONENTS = "reply-components"  # components whose arrays the reply must carry
 LOCAL_NORM_COMPONENTS = "local-norm-components"  # of those, norm-layer entries stay at home
+# In a train message of a class-weighted-aggregation run: the number of classes whose training
+# slice counts the reply should carry (``class_examples_key``).
+CLASS_EXAMPLES = "class-examples"
 # In a train message: evaluate the received global model (round N's aggregate) before training,
 # and report the eval-* metrics in the train reply (server/strategy.py, "folded" evaluation).
 EVALUATE_ROUND = "evaluate-round"

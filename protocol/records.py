@@ -16,8 +16,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from protocol.keys import (  # noqa: F401  re-exported: protocol is the one place callers look
-    ARRAYS, CONFIG, EVAL_KEPT_HOME, EVAL_METRICS, EVALUATE_ROUND, LOCAL_NORM_COMPONENTS, METRICS,
-    NUM_EXAMPLES, REPLY_COMPONENTS, SERVER_ROUND, TRAIN_METRICS, examples_key,
+    ARRAYS, CLASS_EXAMPLES, CLASS_EXAMPLES_PREFIX, CONFIG, EVAL_KEPT_HOME, EVAL_METRICS,
+    EVALUATE_ROUND, LOCAL_NORM_COMPONENTS, METRICS, NUM_EXAMPLES, REPLY_COMPONENTS, SERVER_ROUND,
+    TRAIN_METRICS, class_examples_key, examples_key,
 )
 from shared_models.config import DataConfig, ModelConfig, TrainConfig, from_flat, to_flat
 

@@ -35,6 +35,9 @@ class Update:
 
     arrays: Mapping[str, np.ndarray]
     examples: Mapping[str, float]  # component -> examples that trained it
+    # training slices per class (class-weighted-aggregation); None: not sent (a hospital that
+    # requires DP keeps them home), its class rows then weigh as an even mix of its examples
+    class_examples: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,33 @@ def trimmed_mean(arrays: Sequence[np.ndarray], beta: float) -> np.ndarray:
     return _cast_like(ordered[cut:n - cut].mean(axis=0), arrays[0].dtype)
 
 
+def class_shares(update: Update, num_classes: int) -> np.ndarray:
+    """The share of each class in ``update``'s training slices; an even split where it sent no
+    (or no usable) counts, so a hospital without counts weighs as under ordinary FedAvg."""
+    counts = update.class_examples
+    if counts is not None and len(counts) == num_classes and sum(counts) > 0:
+        c = np.asarray(counts, dtype=np.float64)
+        return c / c.sum()
+    return np.full(num_classes, 1.0 / num_classes)
+
+
+def class_weighted_mean(arrays: Sequence[np.ndarray], weights: Sequence[float],
+                        shares: Sequence[np.ndarray], where: tuple[int, int]) -> np.ndarray:
+    """The weighted mean, except class c's slice (index start + c along axis, ``where``), which
+    is weighted by each hospital's examples x its share of class c: a hospital that trained no
+    slice of class c leaves that class's rows to those that did. A class nobody trained keeps
+    the ordinary weights."""
+    axis, start = where
+    out = weighted_mean(arrays, weights).copy()
+    for c in range(len(shares[0])):
+        w = [wi * float(s[c]) for wi, s in zip(weights, shares)]
+        if sum(w) <= 0:
+            continue
+        index = tuple(start + c if d == axis else slice(None) for d in range(out.ndim))
+        out[index] = weighted_mean([a[index] for a in arrays], w)
+    return out
+
+
 def reduce(arrays: Sequence[np.ndarray], weights: Sequence[float],
            policy: ComponentPolicy) -> np.ndarray:
     """One key's aggregate under ``policy``'s reducer (weights matter for the mean only)."""
@@ -189,8 +219,13 @@ def aggregate(
     current: Mapping[str, np.ndarray] | None = None,
     state: ServerOptState | None = None,
     refused: list[str] | None = None,
+    class_slices: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per component, the reduced update over the replies that trained it (weight > 0).
+
+    ``class_slices`` (key -> (axis, start), the family's ``class_slices``): under an
+    example-weighted mean those keys' class slices are weighted per class
+    (``class_weighted_mean``, class-weighted-aggregation); every other key as before.
 
     ``policies`` defaults to FedGAN for every component; a server optimizer other than plain
     averaging needs ``current`` (the global arrays before the round) and a ``state``. A component
@@ -214,7 +249,14 @@ def aggregate(
         merged_c: dict[str, np.ndarray] = {}
         try:
             for key in keys:
-                merged = reduce([u.arrays[key] for u in carriers], weights, policy)
+                where = (class_slices or {}).get(key)
+                if (where is not None and policy.reducer == "mean"
+                        and policy.weighting == "examples"):
+                    k = carriers[0].arrays[key].shape[where[0]] - where[1]
+                    merged = class_weighted_mean([u.arrays[key] for u in carriers], weights,
+                                                 [class_shares(u, k) for u in carriers], where)
+                else:
+                    merged = reduce([u.arrays[key] for u in carriers], weights, policy)
                 if current is not None and key in current:
                     merged = server_step(key, current[key], merged, policy, trial)
                 merged_c[key] = merged

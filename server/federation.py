@@ -168,6 +168,9 @@ def describe_strategy(cfg: FederationConfig, strategy: Any) -> str:
         parts.append(f"{component}: {reducer}/{opt}{extra}")
     if not parts:
         parts.append(type(strategy).__name__)
+    if getattr(strategy, "class_slices", None):  # class-weighted-aggregation
+        parts.append(f"per-class weights on {len(strategy.class_slices)} class-indexed "
+                     f"parameter(s) of {strategy.num_classes} classes")
     if cfg.client_dp_noise_multiplier:  # server/client_dp.py: the mean is equal-weight, noised
         parts.append(f"client-level DP: clip {cfg.client_dp_clip:g}, noise multiplier "
                      f"{cfg.client_dp_noise_multiplier:g}, delta {cfg.client_dp_delta:g}")
@@ -299,6 +302,9 @@ def _run_federation(grid: Grid, cfg: FederationConfig,
                              max_update_norm=cfg.max_update_norm,
                              **({"client_dp": _client_dp(cfg, folder, start_round)}
                                 if cfg.client_dp_noise_multiplier else {}),
+                             **({"class_slices": family.class_slices(nets),
+                                 "num_classes": cfg.model.num_classes}
+                                if cfg.class_weighted_aggregation else {}),
                              **({"fake_batch": cfg.ua_fake_batch} if cfg.preset == "ua-gan"
                                 else {}))
     log.info("run %s (Flower run %s), %d rounds, %s", folder.root.name, run_id or "-",

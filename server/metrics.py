@@ -52,7 +52,8 @@ DEFAULT_HOST = "127.0.0.1"  # a metrics endpoint is opened to the network only o
 
 # RejectedReply.kind values of server/validation.py, plus "other" and "unclassified".
 REJECT_REASONS = ("decode", "missing-key", "extra-key", "shape", "dtype", "non-finite",
-                  "norm-stats", "norm", "metric", "no-record", "int8", "other", "unclassified")
+                  "norm-stats", "norm", "metric", "no-record", "int8", "class-counts", "other",
+                  "unclassified")
 
 ROUND_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 

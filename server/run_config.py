@@ -35,7 +35,8 @@ from shared_models.settings import Codec, Setting, check_choices, setting
 # torch- and flwr-free: `fedsynth launch` checks its run file with this module (issue 24 item 8)
 from .run_rules import (CLIENT_DP_DELTA, EXAMPLES_RATIO, MAX_EXAMPLES, NORM_FLOOR_RMS, PRESETS,
                         REDUCERS, SECAGG_CLIP, SECAGG_MAX_EXAMPLES, SERVER_OPTS,
-                        UPDATE_NORM_RATIO, check_client_dp_run, check_run_id, check_secure_run)
+                        UPDATE_NORM_RATIO, check_class_weighted_run, check_client_dp_run,
+                        check_run_id, check_secure_run)
 
 # Keys people write for a known one: refused, naming it (each setting has one key, the one
 # `fedsynth launch --help` lists; a silent alias was a second spelling nobody could look up).
@@ -115,6 +116,13 @@ class FederationConfig:
     client_dp_delta: float = setting(CLIENT_DP_DELTA, "client-level DP: the delta of the run's "
                                      "client-level epsilon")
 
+    # Per-class aggregation weights (server/aggregation.py, class_weighted_mean): each
+    # hospital's weight for class c's embedding rows, CBN scales and AC-GAN head rows is its
+    # training slices of class c; the other parameters keep the example-count weighting.
+    class_weighted_aggregation: bool = setting(
+        False, "conditional families: each class's parameter rows weighted by the hospitals' "
+        "training slices of that class (not with secure-aggregation or client-level DP)")
+
     def __post_init__(self) -> None:
         if self.run_id:
             check_run_id(self.run_id)
@@ -135,6 +143,8 @@ class FederationConfig:
             check_secure_run(self)
         # its declared traits, torch-free; an unknown family fails here, by name
         family = family_traits(self.model.family)
+        if self.class_weighted_aggregation:
+            check_class_weighted_run(self, family.data_layout)
         check_supported(family, self.train)  # augment, r1-gamma, loss settings the family ignores
         check_model(family, self.model, self.train)  # channels = 3 for the colour families only
         check_preset(self.preset, self.train)  # loss settings ua-gan cannot honour

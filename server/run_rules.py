@@ -79,6 +79,28 @@ def check_secure_run(cfg: Any) -> None:
         raise ValueError(f"secure-aggregation: {why}")
 
 
+def check_class_weighted_run(cfg: Any, data_layout: str) -> None:
+    """Refuse, at launch, a ``class-weighted-aggregation`` run it cannot apply to (one line):
+    per-class weights need each hospital's reply, its per-class slice counts and a mean."""
+    why = None
+    if data_layout != "labelled":
+        why = (f"family {cfg.model.family!r} is not class-conditional: it has no per-class "
+               "parameters")
+    elif cfg.preset not in POLICY_PRESET_NAMES:
+        why = (f"preset {cfg.preset!r} aggregates no model updates; use one of "
+               f"{', '.join(POLICY_PRESET_NAMES)}")
+    elif cfg.reducer in ("median", "trimmed-mean"):
+        why = f"reducer {cfg.reducer!r} ignores weights; per-class weights need the mean"
+    elif cfg.secure_aggregation:
+        why = ("with secure-aggregation the coordinator sees only the sum of the example-weighted "
+               "updates: it cannot re-weight one class's rows per hospital")
+    elif cfg.client_dp_noise_multiplier:
+        why = ("client-level DP takes the equal-weight mean its noise is calibrated to; "
+               "per-class weights would change that sensitivity")
+    if why is not None:
+        raise ValueError(f"class-weighted-aggregation: {why}")
+
+
 # client-level DP on the aggregate (server/client_dp.py)
 CLIENT_DP_DELTA = 1e-5
 

@@ -96,6 +96,11 @@ class GanStrategy(Strategy):
     ``client_dp`` (``server/client_dp.py``) makes each round's aggregate the noised, equal-weight
     mean of the updates clipped to its bound, accounted over rounds; the cross-hospital outlier
     test is then off (it would let one hospital decide another's inclusion).
+
+    ``class_slices`` (the family's, ``class-weighted-aggregation``) with ``num_classes``: train
+    messages ask hospitals for their per-class slice counts, and those keys' class slices are
+    weighted per class (``aggregation.class_weighted_mean``). A hospital that sends none (it
+    requires DP) weighs as an even mix of its examples, logged once per hospital.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class GanStrategy(Strategy):
         max_examples: float = MAX_EXAMPLES,
         max_update_norm: float = 0.0,
         client_dp: ClientDP | None = None,
+        class_slices: Mapping[str, tuple[int, int]] | None = None,
+        num_classes: int = 0,
     ) -> None:
         if not (update_norm_ratio > 0 and norm_floor_rms >= 0 and examples_ratio >= 1
                 and max_examples >= 1 and max_update_norm >= 0):
@@ -140,6 +147,11 @@ class GanStrategy(Strategy):
         self.max_examples = max_examples
         self.max_update_norm = max_update_norm
         self.client_dp = client_dp
+        if class_slices and num_classes < 2:
+            raise ValueError("class_slices need num_classes >= 2")
+        self.class_slices = dict(class_slices or {})
+        self.num_classes = num_classes if self.class_slices else 0
+        self._no_class_counts: set[str] = set()  # hospitals already logged as sending none
         self._available = 0  # hospitals connected when the round's trainers were sampled
         self._global: dict[str, np.ndarray] = {}
         self._opt_state = ServerOptState()
@@ -197,6 +209,8 @@ class GanStrategy(Strategy):
             c for c, p in self.policies.items() if p.collects(server_round))
         config[LOCAL_NORM_COMPONENTS] = ",".join(
             c for c, p in self.policies.items() if p.shared and p.local_norm)
+        if self.num_classes:
+            config[protocol.CLASS_EXAMPLES] = self.num_classes
         content = self._outgoing(self.sent_keys(server_round, self._global), config,
                                  MessageType.TRAIN)
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n)
@@ -217,7 +231,7 @@ class GanStrategy(Strategy):
         int8_base = self._int8_base(server_round)
         valid = self._validated(server_round, replies, lambda content: validate_train_reply(
             content, expected, self.components, norm_keys=self.norm_keys, notes=notes,
-            int8_base=int8_base))
+            int8_base=int8_base, num_classes=self.num_classes))
         report.dropped_metric_keys += notes[DROPPED_METRIC_KEYS]
         updates = {h: u for h, (u, _) in valid.items()}
         # Only replies that trained something are compared: a hospital holding nothing the
@@ -240,6 +254,7 @@ class GanStrategy(Strategy):
         if not valid:
             log.warning("round %d: no valid reply, the global model is kept", server_round)
             return None, None
+        self._note_missing_class_counts(server_round, valid)
         updates, clipped_norms = clip_updates({h: u for h, (u, _) in valid.items()}, expected,
                                               self.max_update_norm)
         for hospital, component, norm in clipped_norms:
@@ -274,6 +289,21 @@ class GanStrategy(Strategy):
                  notes["client-dp-epsilon"], self.client_dp.delta)
         return self._apply(server_round, [update], report)
 
+    def _note_missing_class_counts(self, server_round: int,
+                                   valid: Mapping[str, tuple[Update, dict[str, float]]]) -> None:
+        """Once per hospital: it trained but sent no per-class counts (a hospital that requires
+        DP keeps them home), so its class rows weigh as an even mix of its examples."""
+        if not self.num_classes:
+            return
+        for hospital, (update, _) in valid.items():
+            if (update.class_examples is None and hospital not in self._no_class_counts
+                    and any(n > 0 for n in update.examples.values())):
+                self._no_class_counts.add(hospital)
+                log.warning("round %d: hospital %s sent no per-class slice counts (a hospital "
+                            "that requires DP keeps them home); class-weighted-aggregation "
+                            "weighs its class rows by its example count, spread evenly over the "
+                            "classes", server_round, hospital)
+
     def aggregate_secure(self, server_round: int, update: Update, report: RoundReport
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """A round whose mean came from secure aggregation (``server/secure_aggregation.py``):
@@ -290,7 +320,8 @@ class GanStrategy(Strategy):
         refused: list[str] = []
         try:
             fresh = aggregate(updates, self.components, self.policies,
-                              current=self._global, state=self._opt_state, refused=refused)
+                              current=self._global, state=self._opt_state, refused=refused,
+                              class_slices=self.class_slices)
         except (ValueError, ArithmeticError) as exc:  # defensive: validation should prevent it
             log.error("round %d: aggregation failed (%s); the global model is kept",
                       server_round, exc)

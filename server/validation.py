@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
+from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -45,7 +46,8 @@ class RejectedReply(ValueError):
     """Why one hospital's reply was not aggregated (the message names the key or value).
 
     ``kind`` is a short fixed label (``decode``, ``missing-key``, ``extra-key``, ``shape``,
-    ``dtype``, ``non-finite``, ``norm-stats``, ``norm``, ``metric``, ``no-record``, ``int8``) for counters
+    ``dtype``, ``non-finite``, ``norm-stats``, ``norm``, ``metric``, ``no-record``, ``int8``,
+    ``class-counts``) for counters
     and metric labels: it never carries text from the reply itself.
     """
 
@@ -68,11 +70,42 @@ def number(value: Any) -> float | None:
     return None
 
 
-def train_metric_keys(components: Iterable[str]) -> frozenset[str]:
+def train_metric_keys(components: Iterable[str], num_classes: int = 0) -> frozenset[str]:
     """Metric keys a train reply may carry: the protocol's lists (a train reply also carries the
-    evaluation of the model it received, when the message asked for it) and the example counts."""
+    evaluation of the model it received, when the message asked for it), the example counts,
+    and with ``num_classes`` (a class-weighted run asked for them) the per-class counts."""
     return frozenset((*protocol.TRAIN_METRICS, *protocol.EVAL_METRICS, protocol.NUM_EXAMPLES,
-                      *(protocol.examples_key(c) for c in components)))
+                      *(protocol.examples_key(c) for c in components),
+                      *(protocol.class_examples_key(k) for k in range(num_classes))))
+
+
+def class_counts(record: Any, num_classes: int, total: float) -> tuple[float, ...] | None:
+    """A reply's per-class training-slice counts, checked; None when it sent none (a hospital
+    that requires DP keeps them home). ``RejectedReply("class-counts")`` for a key naming no
+    class of the run, a count that is not a whole number in [0, MAX_EXAMPLES], counts for only
+    some classes, or counts that do not add up to the reply's ``num-examples`` (``total``)."""
+    found: dict[int, float] = {}
+    for key, value in list(record.items()):
+        if not (isinstance(key, str) and key.startswith(protocol.CLASS_EXAMPLES_PREFIX)):
+            continue
+        suffix = key[len(protocol.CLASS_EXAMPLES_PREFIX):]
+        if not (suffix.isascii() and suffix.isdigit() and int(suffix) < num_classes):
+            raise RejectedReply("class-counts", f"class count key {key[:80]!r} names no class "
+                                                f"0..{num_classes - 1} of this run")
+        v = number(value)
+        if v is None or not math.isfinite(v) or v < 0 or v != int(v) or v > MAX_EXAMPLES:
+            raise RejectedReply("class-counts", f"metric {key!r}: {str(value)[:40]} is not a "
+                                                f"whole number in [0, {MAX_EXAMPLES:g}]")
+        found[int(suffix)] = v
+    if not found:
+        return None
+    if len(found) != num_classes:
+        raise RejectedReply("class-counts", f"class counts for {len(found)} of the run's "
+                                            f"{num_classes} classes")
+    if sum(found.values()) != total:
+        raise RejectedReply("class-counts", f"class counts add up to {sum(found.values()):g}, "
+                                            f"not the reply's num-examples {total:g}")
+    return tuple(found[k] for k in range(num_classes))
 
 
 EVAL_METRIC_KEYS = frozenset((*protocol.EVAL_METRICS, protocol.NUM_EXAMPLES))
@@ -135,6 +168,7 @@ def validate_train_reply(
     norm_keys: frozenset[str] = frozenset(),
     notes: Counter[str] | None = None,
     int8_base: Mapping[str, np.ndarray] | None = None,
+    num_classes: int = 0,
 ) -> tuple[Update, dict[str, float]]:
     """Check a train reply against the expected arrays; return the update and its metrics.
 
@@ -147,6 +181,7 @@ def validate_train_reply(
     ``expected`` maps each key the hospital must send to an array of the right shape and a float
     or integer dtype. Floating arrays may come as float32 or float16 (the wire format). Metric keys
     outside the protocol are dropped (counted in ``notes["dropped-metric-keys"]``).
+    ``num_classes`` > 0: the run asked for per-class slice counts (``class_counts``).
     """
     try:
         has_arrays = protocol.ARRAYS in content.array_records
@@ -191,7 +226,7 @@ def validate_train_reply(
             raise RejectedReply("dtype", f"key {key!r}: dtype {got.dtype} != {ref.dtype}")
     check_norm_stats({k: arrays[k] for k in expected}, norm_keys)
     metrics, dropped = known_metrics(content.metric_records[protocol.METRICS],
-                                     train_metric_keys(components))
+                                     train_metric_keys(components, num_classes))
     if notes is not None and dropped:
         notes[DROPPED_METRIC_KEYS] += dropped
     examples = {}
@@ -201,7 +236,9 @@ def validate_train_reply(
             raise RejectedReply("metric",
                                 f"metric {protocol.examples_key(component)!r}: bad value {n}")
         examples[component] = n
-    return Update(arrays=arrays, examples=examples), metrics
+    counts = (class_counts(content.metric_records[protocol.METRICS], num_classes,
+                           metrics.get(protocol.NUM_EXAMPLES, 0.0)) if num_classes else None)
+    return Update(arrays=arrays, examples=examples, class_examples=counts), metrics
 
 
 def component_norms(arrays: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
@@ -308,7 +345,7 @@ def clip_updates(
                         and np.issubdtype(ref.dtype, np.floating)):
                     base = ref.astype(np.float64)
                     arrays[key] = (base + scale * (arrays[key] - base)).astype(ref.dtype)
-        out[hospital] = Update(arrays=arrays, examples=update.examples)
+        out[hospital] = replace(update, arrays=arrays)
     return out, clipped
 
 
@@ -337,5 +374,5 @@ def cap_examples(
             claimed = float(updates[hospital].examples.get(component, 0.0))
             if kept < claimed:
                 clipped.append((hospital, component, claimed, kept))
-    return ({h: Update(arrays=u.arrays, examples=capped[h]) for h, u in updates.items()},
+    return ({h: replace(u, examples=capped[h]) for h, u in updates.items()},
             clipped)

@@ -13,6 +13,7 @@ import torch
 from .config import ModelConfig
 from .dcgan import DCGAN
 from .family import Nets
+from .networks import class_parameters
 
 
 class ConditionalDCGAN(DCGAN):
@@ -25,6 +26,12 @@ class ConditionalDCGAN(DCGAN):
         if cfg.num_classes < 2:
             raise ValueError(f"family 'cdcgan' needs model num_classes >= 2, got {cfg.num_classes}")
         return super().build(cfg)
+
+    def class_slices(self, nets: Nets) -> dict[str, tuple[int, int]]:
+        """Every per-class parameter its networks declare (``networks.class_parameters``): G's
+        one-hot input columns and CBN rows, D's projection embeddings and AC-GAN head rows."""
+        return {f"{c}.{name}": where for c, net in nets.items()
+                for name, where in class_parameters(net).items()}
 
     @torch.no_grad()
     def sample(self, nets: Nets, noise: torch.Tensor, labels: torch.Tensor | None = None

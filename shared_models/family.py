@@ -236,6 +236,21 @@ class FamilyBase:
         n = _length(data, self.batch_keys)
         return {c: n for c in self.components}
 
+    def class_slices(self, nets: Nets) -> dict[str, tuple[int, int]]:
+        """The per-class parameters, as codec keys -> (axis, start): class c's slice is index
+        start + c along axis (``class-weighted-aggregation`` weights it by the hospitals' slices
+        of class c). None by default: an unconditional family has no per-class parameters."""
+        return {}
+
+    def class_examples(self, data: Mapping[str, torch.Tensor], num_classes: int
+                       ) -> list[int] | None:
+        """Training slices per class (``label``), for per-class aggregation weights; None
+        where the data has no labels."""
+        labels = data.get("label")
+        if self.data_layout != "labelled" or labels is None or num_classes < 1:
+            return None
+        return [int(n) for n in torch.bincount(labels.long().cpu(), minlength=num_classes)]
+
     def draw(self, data: Mapping[str, torch.Tensor], batch_size: int,
              balanced: bool = False) -> dict[str, torch.Tensor]:
         """Paired keys: ONE index draw serves every key, so pairs and labels stay aligned.

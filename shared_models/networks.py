@@ -208,3 +208,31 @@ def init_dcgan_weights(module: nn.Module) -> None:
         if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+
+# (axis, start): class c's slice of a parameter is index start + c along axis
+ClassSlice = tuple[int, int]
+
+
+def class_parameters(module: nn.Module) -> dict[str, ClassSlice]:
+    """The parameters of ``module`` (state-dict names) that hold one slice per class, and where.
+
+    Per-class aggregation (``server.aggregation``, ``class-weighted-aggregation``) weights each
+    class's slice by the hospitals' slices of that class, so the networks that own these
+    parameters say which they are: a ``ClassConditionalNorm``'s scale and shift rows, a
+    projection discriminator's class embeddings (every stage's with ``multiscale``), an AC-GAN
+    head's rows, and the generator's one-hot input columns of its first linear layer."""
+    out: dict[str, ClassSlice] = {}
+    for prefix, m in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(m, ClassConditionalNorm):
+            out[f"{dot}scale.weight"] = out[f"{dot}shift.weight"] = (0, 0)
+        elif isinstance(m, DCGANGenerator) and m.num_classes:
+            out[f"{dot}project.0.weight"] = (1, m.latent_dim)  # (seed, latent + classes)
+        elif isinstance(m, DCGANDiscriminator):
+            if m.embed is not None:
+                out[f"{dot}embed.weight"] = (0, 0)
+            for i, _ in enumerate(m.stage_embeds or ()):
+                out[f"{dot}stage_embeds.{i}.weight"] = (0, 0)
+            if m.classifier is not None:
+                out[f"{dot}classifier.weight"] = out[f"{dot}classifier.bias"] = (0, 0)
+    return out

@@ -71,6 +71,8 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
         "secure-aggregation-max-examples": 500.0, "channels": 1,
         # client-level DP (server/client_dp.py) refuses median: its noise is in the third run
         "client-dp-noise-multiplier": 0.0, "client-dp-clip": 0.3, "client-dp-delta": 1e-6,
+        # the median refuses class-weighted-aggregation: it is on in the fifth run
+        "class-weighted-aggregation": False,
     }
     # DP-SGD excludes augment and R1 (shared_models.config): those two in a second, non-DP run
     small_data = {**values, "dp-noise-multiplier": 0.0, "augment": "translation,cutout",
@@ -83,15 +85,21 @@ def test_non_default_values_round_trip_through_the_flat_form() -> None:
              "lesion-cycle-weight": 3.0, "reducer": "mean", "client-dp-noise-multiplier": 1.2}
     # channels = 3 (colour) is 2D only: a fourth run
     colour = {**small_data, "spatial-dims": 2, "channels": 3}
+    # class-weighted-aggregation: a conditional family, the mean, no secure aggregation (a fifth)
+    conditional = {**small_data, "family": "cdcgan", "spatial-dims": 2, "cascade": 1,
+                   "gradient-loss": 0.0, "perceptual-loss": 0.0, "secure-aggregation": False,
+                   "class-weighted-aggregation": True}
     assert set(values) == {s.key for s in SETTINGS}, "a setting was added: add it here"
     for s in SETTINGS:
-        assert any(d[s.key] != s.default for d in (values, small_data, cycle, colour)), \
+        assert any(d[s.key] != s.default
+                   for d in (values, small_data, cycle, colour, conditional)), \
             f"{s.key}: pick a non-default value"
     cfg = from_flat(values)
     assert cfg.to_flat() == values
     assert from_flat(small_data).to_flat() == small_data
     assert from_flat(cycle).to_flat() == cycle
     assert from_flat(colour).to_flat() == colour
+    assert from_flat(conditional).to_flat() == conditional
     with pytest.raises(ValueError, match="not supported with DP-SGD"):
         from_flat({**small_data, "dp-noise-multiplier": 1.3})
     assert cfg.model.num_classes == 0  # pix2pix is not conditional
