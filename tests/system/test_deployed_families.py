@@ -125,7 +125,7 @@ def test_every_run_setting_reaches_the_serverapp(deployment) -> None:
         "secure_aggregation_max_examples": 500.0, "client_dp_noise_multiplier": 0.0,
         "client_dp_clip": 0.3, "client_dp_delta": 1e-6,
         # pix2pix has no per-class parameters and the median ignores weights: refused if on
-        # (tests/test_class_weighted.py runs it in-process)
+        # (tests/unit/server/test_class_weighted.py runs it in-process)
         "class_weighted_aggregation": False,
     }
     keys = {k.replace("_", "-") for k in given} | {"run-id", "run-dir", "signing-key"}
