@@ -19,7 +19,7 @@ from server.aggregation import Update, aggregate
 from server.run_config import from_flat
 from server.strategy import GanStrategy
 from shared_models import DataConfig, ModelConfig, TrainConfig, encode, get_family
-from tests.flower_helpers import client_context, server_message, task_identity
+from tests.harness.flower_helpers import client_context, server_message, task_identity
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
