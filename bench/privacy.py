@@ -222,8 +222,9 @@ def run_task(name: str, sigma: float, seed: int, data: dict[str, torch.Tensor],
 def _ratios(arm: dict[str, float], base: dict[str, float], real: dict[str, float]
             ) -> dict[str, float]:
     """TSTR (over the real-members classifier) and the two utility ratios to no DP."""
-    tstr, base_tstr = arm["tstr_bacc"] / real["bacc"], base["tstr_bacc"] / real["bacc"]
-    out = {"tstr": tstr, "tstr_ratio": tstr / base_tstr if base_tstr > 0 else math.nan,
+    out = {"tstr": arm["tstr_bacc"] / real["bacc"] if real["bacc"] > 0 else math.nan,
+           "tstr_ratio": (arm["tstr_bacc"] / base["tstr_bacc"] if base["tstr_bacc"] > 0
+                          else math.nan),
            "frd_ratio": base["frd"] / arm["frd"] if arm["frd"] > 0 else math.nan}
     return out | {"utility_ratio": min(out["tstr_ratio"], out["frd_ratio"])}
 
