@@ -58,7 +58,7 @@ from shared_models.phantoms import (
 log = logging.getLogger(__name__)
 
 __all__ = ["CLASSES", "LESION_SITES", "LesionSite", "LesionSlice", "build_lesion_hospitals",
-           "lesion_slice", "insert_lesion", "RUN_DATA_SETTINGS", "CLASS_ATTRIBUTE"]
+           "lesion_slice", "insert_lesion", "real_pool", "RUN_DATA_SETTINGS", "CLASS_ATTRIBUTE"]
 
 CLASSES: tuple[str, str, str] = ("cyst", "metastasis", "haemangioma")
 CLASS_ATTRIBUTE = "image_comments"  # the client.dicom meta key of ImageComments
@@ -228,6 +228,13 @@ def _real_pixels(name_slot: Sequence[str]) -> tuple[np.ndarray, str] | None:
     return None
 
 
+def real_pool(modality: str) -> list[tuple[np.ndarray, str]]:
+    """The packaged real slices of ``modality`` ("MR" or "CT") that ``lesion_slice`` may take as
+    backgrounds: (modality-unit pixels, file name), one per usable slot."""
+    slots = _REAL_CT if modality == "CT" else _REAL_MR
+    return [p for p in (_real_pixels(s) for s in slots) if p is not None]
+
+
 def _real_background(site: LesionSite, profile: ScannerProfile, matrix: int,
                      rng: np.random.Generator, pool: list[tuple[np.ndarray, str]]
                      ) -> tuple[np.ndarray, np.ndarray, float, str]:
@@ -356,10 +363,7 @@ def build_lesion_hospitals(out_dir: Path, *, seed: int = 0, matrix: int = 64,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profiles = default_profiles(3, seed)
-    pools = {"MR": [], "CT": []}
-    if include_real:
-        for modality, slots in (("MR", _REAL_MR), ("CT", _REAL_CT)):
-            pools[modality] = [p for p in (_real_pixels(s) for s in slots) if p is not None]
+    pools = {m: real_pool(m) if include_real else [] for m in ("MR", "CT")}
     entries, paths = [], []
     for i, site in enumerate(sites):
         profile = ScannerProfile(**{**asdict(profiles[site.archetype % len(profiles)]),
