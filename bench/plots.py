@@ -9,9 +9,10 @@ from typing import Mapping, Sequence
 
 def curve_png(path: Path, series: Mapping[str, Sequence[tuple[float, float]]], *, title: str,
               xlabel: str = "optimiser steps per hospital", ylabel: str = "",
-              bars: Mapping[str, float] | None = None) -> Path:
+              bars: Mapping[str, float] | None = None, logy: bool = False) -> Path:
     """One line per series (x, y points; several seeds of one name are averaged per x), each
-    ``bars`` value a dashed horizontal line."""
+    ``bars`` value a dashed horizontal line; ``logy`` for scores spanning decades (a Fréchet
+    factor from hundreds down to a bar of 5)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,6 +29,8 @@ def curve_png(path: Path, series: Mapping[str, Sequence[tuple[float, float]]], *
         ax.axhline(y, linestyle="--", linewidth=1, color="grey")
         ax.annotate(name, (ax.get_xlim()[0], y), textcoords="offset points", xytext=(4, 3),
                     fontsize=8, color="grey")
+    if logy:
+        ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

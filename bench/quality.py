@@ -95,6 +95,7 @@ class BenchConfig:
     lr: float = 1e-3
     keep_optimizers: bool = True  # hospitals keep their Adam state between rounds (federated())
     seed: int = 0
+    curve_points: int = 0  # rounds along the run scored for the learning curve (0: none)
 
     @property
     def steps(self) -> int:
@@ -103,6 +104,11 @@ class BenchConfig:
 
     def model(self) -> ModelConfig:
         return ModelConfig(family="pix2pix", image_size=self.image_size, width=self.width)
+
+    def curve_rounds(self) -> list[int]:
+        """``curve_points`` rounds spread evenly along the run, the last among them."""
+        n = self.curve_points
+        return sorted({max(1, round(self.rounds * (i + 1) / n)) for i in range(n)}) if n else []
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(local_steps=self.local_steps, batch_size=self.batch, lr_g=self.lr,
@@ -158,12 +164,23 @@ def hospital_data(cfg: BenchConfig
     return [t for t, _ in loaded], held
 
 
-def _train(family, nets, opts, data: Data, steps: int, batch: int) -> None:  # noqa: ANN001
+# A learning curve: (optimiser steps per hospital, SSIM/PSNR/MAE) points, appended to as a row trains
+Curve = list[tuple[int, dict[str, float]]]
+
+
+def _train(family, nets, opts, data: Data, steps: int, batch: int,  # noqa: ANN001
+           every: Sequence[int] = (), on_step: Callable[[int], None] | None = None) -> None:
+    """``steps`` steps; ``on_step(step)`` after each step in ``every`` (it must not draw from
+    torch's RNG, or the batches after it would differ from a run without the curve)."""
     ctx = StepContext()
     n = len(data["a"])
-    for _ in range(steps):
+    marks = set(every)
+    for step in range(1, steps + 1):
         idx = torch.randint(n, (min(batch, n),))
         family.train_step({k: v[idx] for k, v in data.items()}, nets, opts, ctx)
+        if on_step is not None and step in marks:
+            with torch.random.fork_rng(devices=[]):
+                on_step(step)
 
 
 def _metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -306,12 +323,20 @@ def hospital_nets(family: Any, model: ModelConfig, grid: InProcessGrid) -> list[
 
 
 def federated(preset: str, cfg: BenchConfig, train: Sequence[Data], held: Data,
-              overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+              overrides: Mapping[str, Any] | None = None, curve: Curve | None = None
+              ) -> dict[str, float]:
     """Train ``preset`` (with policy ``overrides``) through ``run_federation`` and the real
-    ClientApp; ``train`` is what the hospitals load themselves (``hospital_data``)."""
+    ClientApp; ``train`` is what the hospitals load themselves (``hospital_data``). With
+    ``curve`` (and ``cfg.curve_points``), the learning curve's points are appended to it."""
     family = get_family("pix2pix")
     model = cfg.model()
     fcfg = federation_config(preset, model, cfg.train_config(), cfg.rounds, overrides)
+    if curve is not None and cfg.curve_points:
+        from bench.quality_curve import federated_curve
+
+        final, points = federated_curve(family, cfg, fcfg, held, personal=preset == "fedbn")
+        curve.extend(points)
+        return final
     arrays, grid = run_federated(fcfg, hospital_settings(cfg), cfg.keep_optimizers)
     if preset == "fedbn":  # personalised norm layers: score every hospital's own model
         scores = [score(family, nets, held) for nets in hospital_nets(family, model, grid)]
@@ -321,46 +346,56 @@ def federated(preset: str, cfg: BenchConfig, train: Sequence[Data], held: Data,
     return score(family, nets, held)
 
 
-def _solo(cfg: BenchConfig, data: Data, batch: int, held: Data) -> dict[str, float]:
+def _solo(cfg: BenchConfig, data: Data, batch: int, held: Data, curve: Curve | None = None
+          ) -> dict[str, float]:
     family = get_family("pix2pix")
     torch.manual_seed(cfg.seed)
     nets = family.build(cfg.model())
     opts = family.optimizers(nets, cfg.train_config())
     torch.manual_seed(cfg.seed * 1009 + 7)
-    _train(family, nets, opts, data, cfg.steps, batch)
+    marks = [r * cfg.local_steps for r in cfg.curve_rounds()] if curve is not None else []
+    _train(family, nets, opts, data, cfg.steps, batch, marks,
+           lambda step: curve.append((step, score(family, nets, held))))  # type: ignore[union-attr]
     return score(family, nets, held)
 
 
-def centralized(cfg: BenchConfig, train: Sequence[Data], held: Data) -> dict[str, float]:
+def centralized(cfg: BenchConfig, train: Sequence[Data], held: Data, curve: Curve | None = None
+                ) -> dict[str, float]:
     """``steps`` steps on the pooled data at ``hospitals x batch`` images."""
     pooled = {k: torch.cat([t[k] for t in train]) for k in ("a", "b")}
-    return _solo(cfg, pooled, cfg.batch * cfg.hospitals, held)
+    return _solo(cfg, pooled, cfg.batch * cfg.hospitals, held, curve)
 
 
-def alone(i: int, cfg: BenchConfig, train: Sequence[Data], held: Data) -> dict[str, float]:
+def alone(i: int, cfg: BenchConfig, train: Sequence[Data], held: Data,
+          curve: Curve | None = None) -> dict[str, float]:
     """``steps`` steps on hospital ``i``'s own data at ``batch`` images."""
-    return _solo(cfg, train[i], cfg.batch, held)
+    return _solo(cfg, train[i], cfg.batch, held, curve)
 
 
 def alone_rows(cfg: BenchConfig) -> list[str]:
     return [f"hospital-{i + 1} alone" for i in range(cfg.hospitals)]
 
 
-def run_seed(cfg: BenchConfig, variants: Mapping[str, Variant] = VARIANTS
-             ) -> dict[str, dict[str, float]]:
-    """All rows of the table for ``cfg.seed``."""
+def run_seed(cfg: BenchConfig, variants: Mapping[str, Variant] = VARIANTS,
+             curves: dict[str, Curve] | None = None) -> dict[str, dict[str, float]]:
+    """All rows of the table for ``cfg.seed``; with ``curves``, each row's learning curve points
+    (``cfg.curve_points`` of them) are appended to ``curves[row]``."""
     train, held = hospital_data(cfg)
     rows = references(cfg, held)
     t0 = time.perf_counter()
-    rows["centralized"] = centralized(cfg, train, held)
+
+    def curve(name: str) -> Curve | None:
+        return None if curves is None else curves.setdefault(name, [])
+
+    rows["centralized"] = centralized(cfg, train, held, curve("centralized"))
     log.info("seed %d centralized %s (%.0f s)", cfg.seed, rows["centralized"],
              time.perf_counter() - t0)
     for i, name in enumerate(alone_rows(cfg)):
-        rows[name] = alone(i, cfg, train, held)
+        rows[name] = alone(i, cfg, train, held, curve(name))
     log.info("alone done (%.0f s)", time.perf_counter() - t0)
     for name, (preset, overrides, keep) in variants.items():
         rows[name] = federated(preset, replace(cfg, keep_optimizers=keep), train, held,
-                               overrides)
+                               overrides, curve(name))
         log.info("%s %s (%.0f s)", name, rows[name], time.perf_counter() - t0)
     return rows
 
@@ -381,10 +416,11 @@ def ratios(rows: Mapping[str, Mapping[str, float]], federated_rows: Sequence[str
 
 
 def run(cfg: BenchConfig, seeds: Sequence[int] | None = None,
-        variants: Mapping[str, Variant] = VARIANTS
+        variants: Mapping[str, Variant] = VARIANTS, curves: dict[str, Curve] | None = None
         ) -> tuple[dict[str, dict[str, float]], float, float]:
-    """Seed-averaged rows, plus (best federated / centralized, mean alone / centralized) SSIM."""
-    per_seed = [run_seed(replace(cfg, seed=s), variants) for s in (seeds or [cfg.seed])]
+    """Seed-averaged rows, plus (best federated / centralized, mean alone / centralized) SSIM;
+    ``curves`` collects every seed's learning-curve points by row."""
+    per_seed = [run_seed(replace(cfg, seed=s), variants, curves) for s in (seeds or [cfg.seed])]
     rows = mean_rows(per_seed)
     _, fed, solo = ratios(rows, list(variants), alone_rows(cfg))
     return rows, fed, solo
@@ -412,20 +448,34 @@ def main(argv: list[str] | None = None) -> None:
                         help="rows: fedgan without DP and with client-level DP at these epsilons")
     parser.add_argument("--client-dp-clip", type=float, default=0.5,
                         help="client-level DP: each hospital's update norm bound")
+    parser.add_argument("--curve-points", type=int, default=6,
+                        help="rounds along the run (and the same steps of the solo rows) scored "
+                             "for the learning curve; 0: none")
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/quality-curve.png"),
+                        help="the learning curve's PNG")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     torch.set_num_threads(args.threads)
     cfg = BenchConfig(rounds=args.rounds, local_steps=args.local_steps, width=args.width,
-                      batch=args.batch, lr=args.lr)
+                      batch=args.batch, lr=args.lr, curve_points=args.curve_points)
     t0 = time.perf_counter()
+    curves: dict[str, Curve] = {}
     variants = (client_dp_variants(args.client_dp_epsilon, cfg.rounds, args.client_dp_clip)
                 if args.client_dp_epsilon else VARIANTS)
-    rows, fed_ratio, alone_ratio = run(cfg, args.seeds, variants)
+    rows, fed_ratio, alone_ratio = run(cfg, args.seeds, variants, curves)
     best, _, _ = ratios(rows, list(variants), alone_rows(cfg))
     print(f"pix2pix T1w->T2w, {cfg.hospitals} hospitals, {cfg.image_size}px, width {cfg.width}, "
           f"{cfg.rounds} rounds x {cfg.local_steps} local steps, batch {cfg.batch}, lr {cfg.lr:g}, "
           f"seeds {args.seeds} (mean), {time.perf_counter() - t0:.0f} s")
     print(table(rows))
+    if cfg.curve_points:
+        from bench.quality_curve import curve_table, plot_curve
+
+        plot_curve(args.plot, curves, rows, f"pix2pix T1w->T2w SSIM along the run "
+                                            f"({len(args.seeds)} seeds)")
+        print(f"learning curve: held-out SSIM (mean over seeds) at steps per hospital; "
+              f"{args.plot}")
+        print(curve_table(curves))
     mean_alone = alone_ratio * rows["centralized"]["ssim"]
     met = fed_ratio >= 0.95 and rows[best]["ssim"] > mean_alone
     print(f"bar (best federated >= 0.95 x centralized and > mean alone): "
