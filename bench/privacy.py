@@ -39,8 +39,11 @@ Each arm's utility ratio is to no DP of the same seed: TSTR / no-DP TSTR and no-
 printed too. A reference row scores the members themselves (FRD members vs non-members).
 
 Budget: each (seed, arm) is one task on one thread; ``--jobs`` tasks run at once (default 2, one
-per core of the 2-core box). Default 3 seeds x 3 arms of 1,500 steps at width 16: per-step cost
-and the estimate for the default are in the task's report. The last line prints the attack AUCs
+per core of the 2-core box). Default 3 seeds x 3 arms of 1,500 steps at width 16, chosen from a
+40-step smoke run at the defaults on the 2-core box (load 0.7 -> 4): 0.07 s a step without DP,
+0.09-0.16 s with, ~30 s to score one curve point (FRD, TSTR classifier, attacks), ~20-25 minutes
+in all; every task prints its seconds a step, so a full run shows what it really cost.
+The last line prints the attack AUCs
 at epsilon 8 and the utility ratio to no DP; the line before it, the same at epsilon 1.
 """
 
